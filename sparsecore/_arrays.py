@@ -1,0 +1,107 @@
+"""Array interop: which library an array belongs to, where it lives, and zero-copy host views.
+
+sparsecore takes NumPy arrays, torch tensors, CuPy arrays and Numba device arrays, and returns the
+kind it was given. Host backends work on NumPy views of host inputs (zero-copy: DLPack for torch,
+``view`` tricks for bfloat16, which DLPack exchange with NumPy does not cover); device inputs never
+come back to the host here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+
+#: dtypes a value buffer may have (float64 only on host backends: gradcheck, oracle use).
+VALUE_DTYPES = ("float64", "float32", "float16", "bfloat16")
+
+
+def kind_of(x: Any) -> str:
+    """'numpy', 'torch', 'cupy', 'numba' or 'other' for anything that is not an array we know."""
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    mod = type(x).__module__ or ""
+    if mod.startswith("torch"):
+        return "torch"
+    if mod.startswith("cupy"):
+        return "cupy"
+    if mod.startswith("numba") and hasattr(x, "__cuda_array_interface__"):
+        return "numba"
+    return "other"
+
+
+def is_array(x: Any) -> bool:
+    return kind_of(x) != "other"
+
+
+def device_of(x: Any) -> str:
+    """'host' or 'cuda'."""
+    k = kind_of(x)
+    if k == "numpy":
+        return "host"
+    if k == "torch":
+        return "cuda" if x.device.type == "cuda" else ("host" if x.device.type == "cpu" else x.device.type)
+    if k in ("cupy", "numba"):
+        return "cuda"
+    return "host"
+
+
+def dtype_name(x: Any) -> str:
+    """Library-neutral dtype name: 'float32', 'bfloat16', 'int16', ..."""
+    dt = x.dtype
+    if kind_of(x) == "torch":
+        return str(dt).removeprefix("torch.")
+    return np.dtype(dt).name
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """Zero-copy NumPy view of a host array (NumPy or CPU torch tensor)."""
+    k = kind_of(x)
+    if k == "numpy":
+        return x
+    if k == "torch":
+        if x.device.type != "cpu":
+            raise ValueError(f"to_numpy: tensor is on {x.device}; device arrays never move to the host implicitly")
+        t = x.detach()
+        if t.dtype == _torch().bfloat16:
+            return np.from_dlpack(t.view(_torch().int16)).view(BFLOAT16)
+        if t.dtype == _torch().bool:
+            return t.numpy()
+        return np.from_dlpack(t)
+    raise TypeError(f"to_numpy: expected a NumPy array or a CPU torch tensor, got {type(x).__name__}")
+
+
+def from_numpy(a: np.ndarray, kind: str) -> Any:
+    """Wrap a NumPy array as ``kind`` without copying (host kinds only)."""
+    if kind == "numpy":
+        return a
+    if kind == "torch":
+        torch = _torch()
+        if not a.flags.writeable:  # torch.from_numpy wants writeable memory
+            a = a.copy()
+        if a.dtype == BFLOAT16:
+            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(a)
+    raise ValueError(f"from_numpy: cannot make a host array of kind {kind!r}")
+
+
+def _torch() -> Any:
+    import torch
+
+    return torch
+
+
+def to_host(x: Any) -> np.ndarray:
+    """A NumPy copy (or view, for host arrays) of any array: only for explicit calls such as
+    ``validate()`` and conversions that the user asked for, never inside an op."""
+    k = kind_of(x)
+    if k == "torch" and x.device.type != "cpu":
+        return to_numpy(x.detach().cpu())
+    if k == "cupy":
+        return x.get()
+    if k == "numba":
+        return x.copy_to_host()
+    return to_numpy(x)

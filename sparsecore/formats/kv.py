@@ -1,0 +1,126 @@
+"""KV caches for decode attention.
+
+``DenseKV`` buffers:
+
+- ``k[B, S, Hkv, D]``, ``v[B, S, Hkv, D]`` value dtype: token ``t`` of sequence ``b`` is ``k[b, t]``.
+- ``lengths[B]`` int32: ``0 <= lengths[b] <= S``; positions ``>= lengths[b]`` are never read.
+
+``PagedKV`` buffers (NHD, the layout of FlashInfer and vLLM, so their caches pass without a copy):
+
+- ``k_pages[P, page_size, Hkv, D]``, ``v_pages[P, page_size, Hkv, D]`` value dtype.
+- ``page_table[B, max_pages]`` int32: token ``t`` of sequence ``b`` lives in physical page
+  ``page_table[b, t // page_size]`` at row ``t % page_size``. Only the first
+  ``ceil(lengths[b] / page_size)`` entries of a row are read; they must be ``0 <= id < P``; the rest
+  are ignored (use -1). Pages may be shared between sequences.
+- ``lengths[B]`` int32: ``0 <= lengths[b] <= max_pages * page_size``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .._arrays import VALUE_DTYPES, dtype_name, to_host
+from .._checks import check_dtype, check_ndim, check_same_dtype, fail
+
+
+def _check_lengths(w: str, lengths: Any, batch: int) -> None:
+    check_ndim(w, "lengths", lengths, 1, "[B]")
+    check_dtype(w, "lengths", lengths, ("int32",))
+    if lengths.shape[0] != batch:
+        fail(w, f"lengths has shape {tuple(lengths.shape)}; expected ({batch},), one per sequence")
+
+
+def _validate_lengths(w: str, lengths: Any, hi: int, what: str) -> np.ndarray:
+    ln = to_host(lengths).astype(np.int64)
+    bad = (ln < 0) | (ln > hi)
+    if bad.any():
+        b = int(np.argmax(bad))
+        fail(w, f"lengths[{b}] = {ln[b]}; allowed 0 <= length <= {what} = {hi}")
+    return ln
+
+
+@dataclass(frozen=True, eq=False)
+class DenseKV:
+    k: Any
+    v: Any
+    lengths: Any
+
+    def __post_init__(self) -> None:
+        w = "DenseKV"
+        check_ndim(w, "k", self.k, 4, "[B, S, Hkv, D]")
+        check_ndim(w, "v", self.v, 4, "[B, S, Hkv, D]")
+        check_dtype(w, "k", self.k, VALUE_DTYPES)
+        if tuple(self.v.shape) != tuple(self.k.shape):
+            fail(w, f"v has shape {tuple(self.v.shape)}; expected {tuple(self.k.shape)} like k")
+        check_same_dtype(w, {"k": self.k, "v": self.v})
+        _check_lengths(w, self.lengths, int(self.k.shape[0]))
+
+    batch = property(lambda self: int(self.k.shape[0]))
+    max_len = property(lambda self: int(self.k.shape[1]))
+    num_kv_heads = property(lambda self: int(self.k.shape[2]))
+    head_dim = property(lambda self: int(self.k.shape[3]))
+    dtype = property(lambda self: dtype_name(self.k))
+
+    def map_arrays(self, fn: Callable[[Any], Any]) -> DenseKV:
+        return DenseKV(fn(self.k), fn(self.v), fn(self.lengths))
+
+    def arrays(self) -> dict[str, Any]:
+        return {"k": self.k, "v": self.v, "lengths": self.lengths}
+
+    def validate(self) -> DenseKV:
+        _validate_lengths("DenseKV.validate", self.lengths, self.max_len, "S")
+        return self
+
+
+@dataclass(frozen=True, eq=False)
+class PagedKV:
+    k_pages: Any
+    v_pages: Any
+    page_table: Any
+    lengths: Any
+
+    def __post_init__(self) -> None:
+        w = "PagedKV"
+        check_ndim(w, "k_pages", self.k_pages, 4, "[P, page_size, Hkv, D]")
+        check_ndim(w, "v_pages", self.v_pages, 4, "[P, page_size, Hkv, D]")
+        check_dtype(w, "k_pages", self.k_pages, VALUE_DTYPES)
+        if tuple(self.v_pages.shape) != tuple(self.k_pages.shape):
+            fail(w, f"v_pages has shape {tuple(self.v_pages.shape)}; expected {tuple(self.k_pages.shape)} "
+                    "like k_pages")
+        check_same_dtype(w, {"k_pages": self.k_pages, "v_pages": self.v_pages})
+        if self.k_pages.shape[1] < 1:
+            fail(w, f"page_size = {self.k_pages.shape[1]}; must be >= 1")
+        check_ndim(w, "page_table", self.page_table, 2, "[B, max_pages]")
+        check_dtype(w, "page_table", self.page_table, ("int32",))
+        _check_lengths(w, self.lengths, int(self.page_table.shape[0]))
+
+    batch = property(lambda self: int(self.page_table.shape[0]))
+    page_size = property(lambda self: int(self.k_pages.shape[1]))
+    num_pages = property(lambda self: int(self.k_pages.shape[0]))
+    max_len = property(lambda self: int(self.page_table.shape[1]) * int(self.k_pages.shape[1]))
+    num_kv_heads = property(lambda self: int(self.k_pages.shape[2]))
+    head_dim = property(lambda self: int(self.k_pages.shape[3]))
+    dtype = property(lambda self: dtype_name(self.k_pages))
+
+    def map_arrays(self, fn: Callable[[Any], Any]) -> PagedKV:
+        return PagedKV(fn(self.k_pages), fn(self.v_pages), fn(self.page_table), fn(self.lengths))
+
+    def arrays(self) -> dict[str, Any]:
+        return {"k_pages": self.k_pages, "v_pages": self.v_pages, "page_table": self.page_table,
+                "lengths": self.lengths}
+
+    def validate(self) -> PagedKV:
+        w = "PagedKV.validate"
+        ln = _validate_lengths(w, self.lengths, self.max_len, "max_pages * page_size")
+        pt = to_host(self.page_table).astype(np.int64)
+        used = np.arange(pt.shape[1])[None, :] < -(-ln // self.page_size)[:, None]
+        bad = used & ((pt < 0) | (pt >= self.num_pages))
+        if bad.any():
+            b, j = np.argwhere(bad)[0]
+            fail(w, f"page_table[{b}, {j}] = {pt[b, j]} is out of range for a page in use (lengths[{b}] = "
+                    f"{ln[b]}); allowed 0 <= page id < P = {self.num_pages}")
+        return self

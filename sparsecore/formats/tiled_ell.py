@@ -1,0 +1,166 @@
+"""TiledELL: packed unstructured-sparse rows (activations ``A[M, K]``), lossless.
+
+The K axis is cut into ``n_tiles = ceil(K / tile)`` tiles of ``tile`` columns (a power of two,
+2 <= tile <= 32768 so an in-tile offset fits int16). Every (row, tile) pair owns ``capacity`` slots.
+
+Buffers:
+
+- ``values[M, n_tiles, capacity]`` value dtype (float32, float16, bfloat16; float64 on the host).
+- ``cols[M, n_tiles, capacity]`` int16: column offset inside the tile; the global column of slot
+  ``s`` of tile ``t`` is ``t * tile + cols[m, t, s]`` and is ``< K``.
+- ``counts[M, n_tiles]`` int32: how many slots are filled, ``0 <= counts <= capacity``.
+- ``overflow``: a :class:`CSR` of shape ``(M, K)`` with the entries that did not fit their tile's
+  slots, or ``None``. An overflow entry's tile is full (``counts == capacity``) and no position is
+  held both in a slot and in the overflow.
+
+Slots past ``counts`` are padding: value 0 and offset 0, never read as data. Within a tile the filled
+slots hold distinct columns, in ascending order unless ``sorted=False``. Nothing is ever dropped: the
+matrix is exactly ``slots + overflow``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .._arrays import VALUE_DTYPES, dtype_name, to_host
+from .._checks import check_dtype, check_int, check_ndim, fail
+from .csr import CSR
+
+MAX_TILE = 32768
+
+
+def check_tile_capacity(where: str, tile: Any, capacity: Any) -> tuple[int, int]:
+    tile = check_int(where, "tile", tile, lo=2, hi=MAX_TILE)
+    if tile & (tile - 1):
+        fail(where, f"tile = {tile}; must be a power of two between 2 and {MAX_TILE}")
+    capacity = check_int(where, "capacity", capacity, lo=1)
+    if capacity > tile:
+        fail(where, f"capacity = {capacity}; must be <= tile = {tile}")
+    return tile, capacity
+
+
+@dataclass(frozen=True, eq=False)
+class TiledELL:
+    values: Any
+    cols: Any
+    counts: Any
+    shape: tuple[int, int]
+    tile: int
+    overflow: CSR | None = None
+    sorted: bool = field(default=True)
+
+    def __post_init__(self) -> None:
+        w = "TiledELL"
+        if not (isinstance(self.shape, tuple) and len(self.shape) == 2):
+            fail(w, f"shape = {self.shape!r}; expected a tuple (M, K)", TypeError)
+        m = check_int(w, "shape[0]", self.shape[0], lo=0)
+        k = check_int(w, "shape[1]", self.shape[1], lo=0)
+        object.__setattr__(self, "shape", (m, k))
+        check_ndim(w, "values", self.values, 3, "[M, n_tiles, capacity]")
+        cap = int(self.values.shape[2])
+        tile, _ = check_tile_capacity(w, self.tile, cap)
+        object.__setattr__(self, "tile", tile)
+        check_dtype(w, "values", self.values, VALUE_DTYPES)
+        check_dtype(w, "cols", self.cols, ("int16",))
+        check_dtype(w, "counts", self.counts, ("int32",))
+        nt = -(-k // tile)
+        if tuple(self.values.shape[:2]) != (m, nt):
+            fail(w, f"values has shape {tuple(self.values.shape)}; expected (M, n_tiles, capacity) with "
+                    f"M = {m}, n_tiles = ceil(K / tile) = ceil({k} / {tile}) = {nt}")
+        if tuple(self.cols.shape) != tuple(self.values.shape):
+            fail(w, f"cols has shape {tuple(self.cols.shape)}; expected {tuple(self.values.shape)} like values")
+        if tuple(self.counts.shape) != (m, nt):
+            fail(w, f"counts has shape {tuple(self.counts.shape)}; expected (M, n_tiles) = {(m, nt)}")
+        if self.overflow is not None:
+            if not isinstance(self.overflow, CSR):
+                fail(w, f"overflow must be a CSR or None, got {type(self.overflow).__name__}", TypeError)
+            if self.overflow.shape != (m, k):
+                fail(w, f"overflow has shape {self.overflow.shape}; expected {(m, k)} like the matrix")
+            if self.overflow.dtype != dtype_name(self.values):
+                fail(w, f"overflow has dtype {self.overflow.dtype} but values have {dtype_name(self.values)}; "
+                        "they must match", TypeError)
+
+    @property
+    def capacity(self) -> int:
+        return int(self.values.shape[2])
+
+    @property
+    def n_tiles(self) -> int:
+        return int(self.values.shape[1])
+
+    @property
+    def dtype(self) -> str:
+        return dtype_name(self.values)
+
+    def map_arrays(self, fn: Callable[[Any], Any]) -> TiledELL:
+        ov = None if self.overflow is None else self.overflow.map_arrays(fn)
+        return TiledELL(fn(self.values), fn(self.cols), fn(self.counts), self.shape, self.tile, ov, self.sorted)
+
+    def arrays(self) -> dict[str, Any]:
+        out = {"values": self.values, "cols": self.cols, "counts": self.counts}
+        if self.overflow is not None:
+            out.update({f"overflow.{n}": a for n, a in self.overflow.arrays().items()})
+        return out
+
+    def validate(self) -> TiledELL:
+        """Check every invariant (reads the data; copies device buffers to the host)."""
+        w = "TiledELL.validate"
+        m, k = self.shape
+        tile, cap = self.tile, self.capacity
+        counts = to_host(self.counts).astype(np.int64)
+        cols = to_host(self.cols).astype(np.int64)
+        vals = to_host(self.values)
+        bad = (counts < 0) | (counts > cap)
+        if bad.any():
+            r, t = np.argwhere(bad)[0]
+            fail(w, f"counts[{r}, {t}] = {counts[r, t]}; allowed 0 <= count <= capacity = {cap}")
+        filled = np.arange(cap)[None, None, :] < counts[:, :, None]
+        width = np.minimum(tile, k - np.arange(self.n_tiles) * tile)  # the last tile may be partial
+        bad = filled & ((cols < 0) | (cols >= width[None, :, None]))
+        if bad.any():
+            r, t, s = np.argwhere(bad)[0]
+            fail(w, f"cols[{r}, {t}, {s}] = {cols[r, t, s]} is out of range; tile {t} has columns "
+                    f"0 <= offset < {width[t]} (tile = {tile}, K = {k})")
+        pad = ~filled
+        bad = pad & ((cols != 0) | (vals.astype(np.float32) != 0))
+        if bad.any():
+            r, t, s = np.argwhere(bad)[0]
+            fail(w, f"padding slot [{r}, {t}, {s}] (past counts = {counts[r, t]}) holds offset "
+                    f"{cols[r, t, s]} and value {vals[r, t, s]}; padding must be offset 0 and value 0")
+        if cap > 1:
+            both = filled[:, :, 1:]
+            step = np.diff(cols, axis=2)
+            if self.sorted:
+                bad = both & (step <= 0)
+                if bad.any():
+                    r, t, s = np.argwhere(bad)[0]
+                    what = "duplicate" if step[r, t, s] == 0 else "descending"
+                    fail(w, f"tile [{r}, {t}] has {what} offsets {cols[r, t, s]}, {cols[r, t, s + 1]} in slots "
+                            f"{s}, {s + 1}; filled slots must be strictly ascending (or pass sorted=False)")
+            else:
+                srt = np.sort(np.where(filled, cols, -1 - np.arange(cap)), axis=2)
+                dup = (np.diff(srt, axis=2) == 0) & (srt[:, :, 1:] >= 0)
+                if dup.any():
+                    r, t, _ = np.argwhere(dup)[0]
+                    fail(w, f"tile [{r}, {t}] holds a column offset twice; filled slots must be distinct")
+        if self.overflow is not None:
+            ov = self.overflow.validate()
+            indptr = to_host(ov.indptr).astype(np.int64)
+            oc = to_host(ov.indices).astype(np.int64)
+            orow = np.repeat(np.arange(m), np.diff(indptr))
+            ot = oc // tile
+            notfull = counts[orow, ot] < cap
+            if notfull.any():
+                i = int(np.argmax(notfull))
+                fail(w, f"overflow entry (row {orow[i]}, column {oc[i]}) belongs to tile {ot[i]} which is not "
+                        f"full (counts = {counts[orow[i], ot[i]]} < capacity = {cap}); overflow holds only "
+                        "entries of full tiles")
+            held = (cols[orow, ot, :] == (oc % tile)[:, None]) & filled[orow, ot, :]
+            if held.any():
+                i = int(np.argmax(held.any(axis=1)))
+                fail(w, f"column {oc[i]} of row {orow[i]} is held both in a slot and in the overflow")
+        return self

@@ -1,0 +1,100 @@
+"""TopKIndex: the keys each decode query attends to.
+
+Buffers:
+
+- ``indices[B, G, k_max]`` int32: token positions (``granularity="token"``) or logical page numbers
+  of the sequence (``granularity="page"``: page ``j`` covers tokens ``j * page_size`` to
+  ``min((j + 1) * page_size, length) - 1``). The first ``counts[b, g]`` entries of a row are the
+  selection: unique, in any order, ``0 <= index < lengths[b]`` (tokens) or
+  ``< ceil(lengths[b] / page_size)`` (pages); the rest are padding, -1.
+- ``counts[B, G]`` int32: ``0 <= counts <= k_max`` (ragged k).
+
+``G`` is ``Hkv`` when one selection is shared by the query heads of a KV group (each selected KV row
+is read once for the group) or ``Hq`` when every query head selects its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .._arrays import to_host
+from .._checks import check_choice, check_dtype, check_int, check_ndim, fail
+
+
+@dataclass(frozen=True, eq=False)
+class TopKIndex:
+    indices: Any
+    counts: Any
+    granularity: str = "token"
+    page_size: int | None = None
+
+    def __post_init__(self) -> None:
+        w = "TopKIndex"
+        check_ndim(w, "indices", self.indices, 3, "[B, G, k_max]")
+        check_dtype(w, "indices", self.indices, ("int32",))
+        check_ndim(w, "counts", self.counts, 2, "[B, G]")
+        check_dtype(w, "counts", self.counts, ("int32",))
+        if tuple(self.counts.shape) != tuple(self.indices.shape[:2]):
+            fail(w, f"counts has shape {tuple(self.counts.shape)}; expected {tuple(self.indices.shape[:2])} "
+                    "= indices.shape[:2]")
+        check_choice(w, "granularity", self.granularity, ("token", "page"))
+        if self.granularity == "page":
+            if self.page_size is None:
+                fail(w, "granularity = 'page' needs page_size (tokens per page)")
+            object.__setattr__(self, "page_size", check_int(w, "page_size", self.page_size, lo=1))
+        elif self.page_size is not None:
+            fail(w, f"page_size = {self.page_size!r} is only meaningful with granularity = 'page'")
+
+    batch = property(lambda self: int(self.indices.shape[0]))
+    groups = property(lambda self: int(self.indices.shape[1]))
+    k_max = property(lambda self: int(self.indices.shape[2]))
+
+    def map_arrays(self, fn: Callable[[Any], Any]) -> TopKIndex:
+        return TopKIndex(fn(self.indices), fn(self.counts), self.granularity, self.page_size)
+
+    def arrays(self) -> dict[str, Any]:
+        return {"indices": self.indices, "counts": self.counts}
+
+    def validate(self, lengths: Any = None) -> TopKIndex:
+        """Check every invariant; with ``lengths[B]`` (or a KV cache) also the index ranges."""
+        w = "TopKIndex.validate"
+        idx = to_host(self.indices).astype(np.int64)
+        cnt = to_host(self.counts).astype(np.int64)
+        kmax = self.k_max
+        bad = (cnt < 0) | (cnt > kmax)
+        if bad.any():
+            b, g = np.argwhere(bad)[0]
+            fail(w, f"counts[{b}, {g}] = {cnt[b, g]}; allowed 0 <= count <= k_max = {kmax}")
+        filled = np.arange(kmax)[None, None, :] < cnt[:, :, None]
+        bad = ~filled & (idx != -1)
+        if bad.any():
+            b, g, j = np.argwhere(bad)[0]
+            fail(w, f"indices[{b}, {g}, {j}] = {idx[b, g, j]} is padding (past counts = {cnt[b, g]}); "
+                    "padding must be -1")
+        bad = filled & (idx < 0)
+        if bad.any():
+            b, g, j = np.argwhere(bad)[0]
+            fail(w, f"indices[{b}, {g}, {j}] = {idx[b, g, j]} is negative; selected indices are >= 0")
+        if lengths is not None:
+            ln = to_host(getattr(lengths, "lengths", lengths)).astype(np.int64)
+            if ln.shape != (self.batch,):
+                fail(w, f"lengths has shape {ln.shape}; expected ({self.batch},)")
+            unit = "length"
+            if self.granularity == "page":
+                ln = -(-ln // self.page_size)
+                unit = f"ceil(length / page_size = {self.page_size})"
+            bad = filled & (idx >= ln[:, None, None])
+            if bad.any():
+                b, g, j = np.argwhere(bad)[0]
+                fail(w, f"indices[{b}, {g}, {j}] = {idx[b, g, j]} is out of range; allowed 0 <= index < "
+                        f"{unit} = {ln[b]} for sequence {b}")
+        srt = np.sort(np.where(filled, idx, -1 - np.arange(kmax)), axis=2)
+        dup = (np.diff(srt, axis=2) == 0) & (srt[:, :, 1:] >= 0)
+        if dup.any():
+            b, g, j = np.argwhere(dup)[0]
+            fail(w, f"row [{b}, {g}] selects index {srt[b, g, j + 1]} twice; selected indices must be unique")
+        return self

@@ -1,0 +1,119 @@
+"""The public ops. Each builds its ``Inputs``, which the dispatcher validates and routes to the first
+backend that can run it (or to ``backend=``, a backend or variant name). Arrays come back as the
+kind that went in. The meaning of each op is NumPy code in :mod:`sparsecore.reference`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..formats.csr import CSR
+from ..formats.kv import DenseKV, PagedKV
+from ..formats.tiled_ell import TiledELL
+from ..formats.topk import TopKIndex
+from . import inputs as I
+from .dispatch import BACKEND_PRIORITY, OPS, BackendOp, dispatch, implementations, register, select
+
+__all__ = ["pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn", "select_topk", "sparse_decode",
+           "dense_decode", "merge_attention", "dispatch", "select", "implementations", "register",
+           "BackendOp", "BACKEND_PRIORITY", "OPS"]
+
+Sparse = TiledELL | CSR
+KV = DenseKV | PagedKV
+
+
+def pack(x: Any, *, threshold: float = 0.0, activation: str | None = None, tile: int = 256,
+         capacity: int | None = None, backend: str | None = None) -> TiledELL:
+    """Lossless TiledELL of the entries of ``act(x)`` with ``abs > threshold`` (NaN is kept)::
+
+        a = np.maximum(x, 0) if activation == "relu" else x
+        keep = ~(np.abs(a) <= threshold)
+
+    ``tile`` is a power of two (2..32768); ``capacity`` slots per (row, tile), default ``tile // 8``;
+    entries past a full tile go to the overflow CSR, never dropped.
+    """
+    return dispatch(I.PackInputs(x, threshold, activation, tile, capacity), backend)
+
+
+def unpack(a: TiledELL, *, backend: str | None = None) -> Any:
+    """The dense ``[M, K]`` matrix of ``a`` (slots and overflow)."""
+    return dispatch(I.UnpackInputs(a), backend)
+
+
+def spmm(a: Sparse, w: Any, *, backend: str | None = None) -> Any:
+    """``A @ W``: ``A[M, K]`` TiledELL or CSR, ``W[K, N]`` dense; gathers the rows of ``W``::
+
+        out[m] = sum over stored (m, k, v) of v * W[k]
+    """
+    return dispatch(I.SpmmInputs(a, w), backend)
+
+
+def sddmm(x: Any, w: Any, pattern: Sparse, *, backend: str | None = None) -> Sparse:
+    """``x @ W.T`` at ``pattern``'s positions only (``x[M, D]``, ``W[K, D]``); the result has the
+    pattern's layout and ``x``'s dtype::
+
+        value at stored (m, k) = x[m] @ W[k]
+    """
+    return dispatch(I.SddmmInputs(x, w, pattern), backend)
+
+
+def spmm_t(a: Sparse, dy: Any, *, backend: str | None = None) -> Any:
+    """``A.T @ dy``, ``[K, N]`` (the weight gradient of :func:`spmm`)::
+
+        out[k] = sum over stored (m, k, v) of v * dy[m]
+    """
+    return dispatch(I.SpmmTInputs(a, dy), backend)
+
+
+def gated_ffn(x: Any, gate: Sparse, w_up: Any, w_down: Any, *, backend: str | None = None) -> Any:
+    """Fused up+down projection of a gated FFN over the gate's non-zeros only::
+
+        out[m] = sum over stored (m, j, g) of g * (x[m] @ w_up[j]) * w_down[j]
+
+    ``x[M, D]``, ``gate[M, K]`` (already activated, e.g. ``pack(x @ w_gate.T, activation="relu")``),
+    ``w_up[K, D]``, ``w_down[K, N]`` (the transpose of a LLaMA ``down_proj.weight``).
+    """
+    return dispatch(I.GatedFfnInputs(x, gate, w_up, w_down), backend)
+
+
+def select_topk(q: Any, kv: KV, k: int, *, method: str = "exact", sink: int = 0, window: int = 0,
+                shared: bool = True, page_size: int | None = None, backend: str | None = None) -> TopKIndex:
+    """The keys each decode query attends to: the first ``sink`` and last ``window`` tokens always,
+    plus the ``k`` best others::
+
+        method="exact": score[t] = q[b, h] . K[b, t, h // group]                 (tokens)
+        method="quest": score[j] = sum_i max(q_i * kmin[j, i], q_i * kmax[j, i]) (pages of page_size)
+        shared=True: scores summed over the query heads of a KV group, G = Hkv; else G = Hq
+
+    ``k`` counts units chosen by score in addition to the forced ones (``0 <= k <=`` the cache's
+    capacity in units); ``page_size`` (quest only) defaults to the paged cache's, or 16.
+    """
+    return dispatch(I.SelectTopkInputs(q, kv, k, method, sink, window, shared, page_size), backend)
+
+
+def sparse_decode(q: Any, kv: KV, index: TopKIndex, *, scale: float | None = None,
+                  backend: str | None = None) -> tuple[Any, Any]:
+    """``(out[B, Hq, D], lse[B, Hq])``: softmax attention of each query head over its selected keys::
+
+        s = scale * K[b, sel, h // group] @ q[b, h]
+        out[b, h] = softmax(s) @ V[b, sel, h // group];  lse[b, h] = log(sum(exp(s)))
+
+    ``sel`` is row ``h // group`` of ``index`` when shared (``G == Hkv``), row ``h`` when per head.
+    An empty selection gives ``out = 0``, ``lse = -inf``. ``scale`` defaults to ``1 / sqrt(D)``.
+    """
+    return dispatch(I.SparseDecodeInputs(q, kv, index, scale), backend)
+
+
+def dense_decode(q: Any, kv: KV, *, scale: float | None = None, backend: str | None = None
+                 ) -> tuple[Any, Any]:
+    """:func:`sparse_decode` over every key ``t < lengths[b]``."""
+    return dispatch(I.DenseDecodeInputs(q, kv, scale), backend)
+
+
+def merge_attention(o1: Any, lse1: Any, o2: Any, lse2: Any, *, backend: str | None = None
+                    ) -> tuple[Any, Any]:
+    """Combine two partial attentions over disjoint key sets by their log-sum-exp::
+
+        lse = np.logaddexp(lse1, lse2)
+        out = o1 * exp(lse1 - lse)[..., None] + o2 * exp(lse2 - lse)[..., None]
+    """
+    return dispatch(I.MergeAttentionInputs(o1, lse1, o2, lse2), backend)

@@ -1,0 +1,354 @@
+"""The arguments of every op, as dataclasses whose ``validate()`` rejects what no backend could take.
+
+Messages start with the op's name, name the argument, show the bad value and say what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from .._arrays import VALUE_DTYPES, dtype_name
+from .._checks import (check_choice, check_dtype, check_int, check_ndim, check_same_dtype, fail)
+from ..formats.csr import CSR
+from ..formats.kv import DenseKV, PagedKV
+from ..formats.tiled_ell import TiledELL, check_tile_capacity
+from ..formats.topk import TopKIndex
+from .dispatch import OpInputs
+
+SPARSE = (TiledELL, CSR)
+
+
+def _check_sparse(op: str, name: str, a: Any) -> None:
+    if not isinstance(a, SPARSE):
+        fail(op, f"{name} must be a TiledELL or a CSR, got {type(a).__name__}; convert a dense matrix "
+                 "with sparsecore.pack", TypeError)
+
+
+def _check_kv(op: str, kv: Any) -> None:
+    if not isinstance(kv, (DenseKV, PagedKV)):
+        fail(op, f"kv must be a DenseKV or a PagedKV, got {type(kv).__name__}", TypeError)
+
+
+def _check_query(op: str, q: Any, kv: DenseKV | PagedKV) -> None:
+    check_ndim(op, "q", q, 3, "[B, Hq, D]")
+    check_dtype(op, "q", q, VALUE_DTYPES)
+    b, hq, d = (int(s) for s in q.shape)
+    if b != kv.batch:
+        fail(op, f"q has batch {b} but kv has batch {kv.batch}; they must match")
+    if d != kv.head_dim:
+        fail(op, f"q has head_dim {d} but kv has head_dim {kv.head_dim}; they must match")
+    if kv.num_kv_heads == 0 or hq % kv.num_kv_heads:
+        fail(op, f"q has Hq = {hq} query heads, kv has Hkv = {kv.num_kv_heads}; Hq must be a positive "
+                 "multiple of Hkv (GQA)")
+    if dtype_name(q) != kv.dtype:
+        fail(op, f"q has dtype {dtype_name(q)} but kv has {kv.dtype}; they must match", TypeError)
+
+
+def _check_scale(op: str, scale: Any) -> None:
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        fail(op, f"scale = {scale!r}; must be a finite float > 0 (or None for 1 / sqrt(D))")
+
+
+def _sparse_dtype(a: TiledELL | CSR) -> str:
+    return a.dtype
+
+
+@dataclass(frozen=True, eq=False)
+class PackInputs(OpInputs):
+    OP: ClassVar[str] = "pack"
+    x: Any
+    threshold: float = 0.0
+    activation: str | None = None
+    tile: int = 256
+    capacity: int | None = None
+
+    @property
+    def dtype(self) -> str:
+        return dtype_name(self.x)
+
+    def _validate(self) -> None:
+        check_ndim(self.OP, "x", self.x, 2, "[M, K]")
+        check_dtype(self.OP, "x", self.x, VALUE_DTYPES)
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            fail(self.OP, f"threshold = {t!r}; must be a finite number >= 0")
+        check_choice(self.OP, "activation", self.activation, (None, "relu"))
+        cap = self.capacity
+        if cap is None and isinstance(self.tile, int) and self.tile >= 2:
+            cap = max(self.tile // 8, 1)
+        tile, cap = check_tile_capacity(self.OP, self.tile, cap)
+        object.__setattr__(self, "capacity", cap)
+
+
+@dataclass(frozen=True, eq=False)
+class UnpackInputs(OpInputs):
+    OP: ClassVar[str] = "unpack"
+    a: Any
+
+    @property
+    def dtype(self) -> str:
+        return self.a.dtype
+
+    def _validate(self) -> None:
+        if not isinstance(self.a, TiledELL):
+            fail(self.OP, f"a must be a TiledELL, got {type(self.a).__name__}", TypeError)
+
+    def validate_data(self) -> None:
+        self.a.validate()
+
+
+@dataclass(frozen=True, eq=False)
+class SpmmInputs(OpInputs):
+    OP: ClassVar[str] = "spmm"
+    a: Any
+    w: Any
+
+    @property
+    def dtype(self) -> str:
+        return dtype_name(self.w)
+
+    def _validate(self) -> None:
+        _check_sparse(self.OP, "a", self.a)
+        check_ndim(self.OP, "w", self.w, 2, "[K, N]")
+        if self.w.shape[0] != self.a.shape[1]:
+            fail(self.OP, f"w has shape {tuple(self.w.shape)}; expected w.shape[0] == K = {self.a.shape[1]} "
+                          f"(a has shape {self.a.shape})")
+        check_dtype(self.OP, "w", self.w, VALUE_DTYPES)
+        if self.a.dtype != dtype_name(self.w):
+            fail(self.OP, f"a has dtype {self.a.dtype} but w has {dtype_name(self.w)}; they must match", TypeError)
+
+    def validate_data(self) -> None:
+        self.a.validate()
+
+
+@dataclass(frozen=True, eq=False)
+class SddmmInputs(OpInputs):
+    OP: ClassVar[str] = "sddmm"
+    x: Any
+    w: Any
+    pattern: Any
+
+    @property
+    def dtype(self) -> str:
+        return dtype_name(self.x)
+
+    def _validate(self) -> None:
+        _check_sparse(self.OP, "pattern", self.pattern)
+        check_ndim(self.OP, "x", self.x, 2, "[M, D]")
+        check_ndim(self.OP, "w", self.w, 2, "[K, D]")
+        m, k = self.pattern.shape
+        if self.x.shape[0] != m:
+            fail(self.OP, f"x has shape {tuple(self.x.shape)}; expected x.shape[0] == M = {m} (pattern has "
+                          f"shape {self.pattern.shape})")
+        if self.w.shape[0] != k:
+            fail(self.OP, f"w has shape {tuple(self.w.shape)}; expected w.shape[0] == K = {k} (pattern has "
+                          f"shape {self.pattern.shape})")
+        if self.w.shape[1] != self.x.shape[1]:
+            fail(self.OP, f"x has shape {tuple(self.x.shape)} and w has shape {tuple(self.w.shape)}; "
+                          "x.shape[1] must equal w.shape[1] (D)")
+        check_dtype(self.OP, "x", self.x, VALUE_DTYPES)
+        check_same_dtype(self.OP, {"x": self.x, "w": self.w})
+
+    def validate_data(self) -> None:
+        self.pattern.validate()
+
+
+@dataclass(frozen=True, eq=False)
+class SpmmTInputs(OpInputs):
+    OP: ClassVar[str] = "spmm_t"
+    a: Any
+    dy: Any
+
+    @property
+    def dtype(self) -> str:
+        return dtype_name(self.dy)
+
+    def _validate(self) -> None:
+        _check_sparse(self.OP, "a", self.a)
+        check_ndim(self.OP, "dy", self.dy, 2, "[M, N]")
+        if self.dy.shape[0] != self.a.shape[0]:
+            fail(self.OP, f"dy has shape {tuple(self.dy.shape)}; expected dy.shape[0] == M = {self.a.shape[0]} "
+                          f"(a has shape {self.a.shape})")
+        check_dtype(self.OP, "dy", self.dy, VALUE_DTYPES)
+        if self.a.dtype != dtype_name(self.dy):
+            fail(self.OP, f"a has dtype {self.a.dtype} but dy has {dtype_name(self.dy)}; they must match",
+                 TypeError)
+
+    def validate_data(self) -> None:
+        self.a.validate()
+
+
+@dataclass(frozen=True, eq=False)
+class GatedFfnInputs(OpInputs):
+    OP: ClassVar[str] = "gated_ffn"
+    x: Any
+    gate: Any
+    w_up: Any
+    w_down: Any
+
+    @property
+    def dtype(self) -> str:
+        return dtype_name(self.x)
+
+    def _validate(self) -> None:
+        _check_sparse(self.OP, "gate", self.gate)
+        check_ndim(self.OP, "x", self.x, 2, "[M, D]")
+        check_ndim(self.OP, "w_up", self.w_up, 2, "[K, D]")
+        check_ndim(self.OP, "w_down", self.w_down, 2, "[K, D]")
+        m, k = self.gate.shape
+        d = self.x.shape[1]
+        if self.x.shape[0] != m:
+            fail(self.OP, f"x has shape {tuple(self.x.shape)}; expected x.shape[0] == M = {m} (gate has "
+                          f"shape {self.gate.shape})")
+        if tuple(self.w_up.shape) != (k, d):
+            fail(self.OP, f"w_up has shape {tuple(self.w_up.shape)}; expected (K, D) = {(k, d)}")
+        if self.w_down.shape[0] != k:
+            fail(self.OP, f"w_down has shape {tuple(self.w_down.shape)}; expected w_down.shape[0] == K = {k}")
+        check_dtype(self.OP, "x", self.x, VALUE_DTYPES)
+        check_same_dtype(self.OP, {"x": self.x, "w_up": self.w_up, "w_down": self.w_down})
+        if self.gate.dtype != dtype_name(self.x):
+            fail(self.OP, f"gate has dtype {self.gate.dtype} but x has {dtype_name(self.x)}; they must match",
+                 TypeError)
+
+    def validate_data(self) -> None:
+        self.gate.validate()
+
+
+@dataclass(frozen=True, eq=False)
+class SelectTopkInputs(OpInputs):
+    OP: ClassVar[str] = "select_topk"
+    q: Any
+    kv: Any
+    k: int
+    method: str = "exact"
+    sink: int = 0
+    window: int = 0
+    shared: bool = True
+    page_size: int | None = None
+
+    @property
+    def dtype(self) -> str:
+        return dtype_name(self.q)
+
+    @property
+    def unit_page_size(self) -> int | None:
+        """Tokens per selected unit: None for tokens (exact), the Quest page size otherwise."""
+        if self.method != "quest":
+            return None
+        if self.page_size is not None:
+            return self.page_size
+        return self.kv.page_size if isinstance(self.kv, PagedKV) else 16
+
+    def _validate(self) -> None:
+        _check_kv(self.OP, self.kv)
+        _check_query(self.OP, self.q, self.kv)
+        check_choice(self.OP, "method", self.method, ("exact", "quest"))
+        if not isinstance(self.shared, bool):
+            fail(self.OP, f"shared = {self.shared!r}; must be True or False", TypeError)
+        k = check_int(self.OP, "k", self.k, lo=0)
+        check_int(self.OP, "sink", self.sink, lo=0)
+        check_int(self.OP, "window", self.window, lo=0)
+        if self.page_size is not None:
+            if self.method != "quest":
+                fail(self.OP, f"page_size = {self.page_size!r} is only used by method = 'quest'")
+            check_int(self.OP, "page_size", self.page_size, lo=1)
+        ps = self.unit_page_size
+        if ps is None and k > self.kv.max_len:
+            fail(self.OP, f"k = {k} exceeds the cache's capacity of {self.kv.max_len} tokens; "
+                          f"allowed 0 <= k <= {self.kv.max_len}")
+        if ps is not None and k > -(-self.kv.max_len // ps):
+            n = -(-self.kv.max_len // ps)
+            fail(self.OP, f"k = {k} exceeds the cache's capacity of {n} pages of {ps} tokens; "
+                          f"allowed 0 <= k <= {n}")
+
+    def validate_data(self) -> None:
+        self.kv.validate()
+
+
+@dataclass(frozen=True, eq=False)
+class SparseDecodeInputs(OpInputs):
+    OP: ClassVar[str] = "sparse_decode"
+    q: Any
+    kv: Any
+    index: Any
+    scale: float | None = None
+
+    @property
+    def dtype(self) -> str:
+        return dtype_name(self.q)
+
+    @property
+    def shared(self) -> bool:
+        """True when one selection serves all query heads of a KV group (G == Hkv)."""
+        return self.index.groups == self.kv.num_kv_heads
+
+    def _validate(self) -> None:
+        _check_kv(self.OP, self.kv)
+        _check_query(self.OP, self.q, self.kv)
+        if not isinstance(self.index, TopKIndex):
+            fail(self.OP, f"index must be a TopKIndex, got {type(self.index).__name__}", TypeError)
+        b, hq, _ = self.q.shape
+        if self.index.batch != b:
+            fail(self.OP, f"index has batch {self.index.batch} but q has batch {b}; they must match")
+        if self.index.groups not in (self.kv.num_kv_heads, hq):
+            fail(self.OP, f"index has G = {self.index.groups} selection rows per sequence; expected Hkv = "
+                          f"{self.kv.num_kv_heads} (shared per KV group) or Hq = {hq} (per query head)")
+        _check_scale(self.OP, self.scale)
+
+    def validate_data(self) -> None:
+        self.kv.validate()
+        self.index.validate(lengths=self.kv.lengths)
+
+
+@dataclass(frozen=True, eq=False)
+class DenseDecodeInputs(OpInputs):
+    OP: ClassVar[str] = "dense_decode"
+    q: Any
+    kv: Any
+    scale: float | None = None
+
+    @property
+    def dtype(self) -> str:
+        return dtype_name(self.q)
+
+    def _validate(self) -> None:
+        _check_kv(self.OP, self.kv)
+        _check_query(self.OP, self.q, self.kv)
+        _check_scale(self.OP, self.scale)
+
+    def validate_data(self) -> None:
+        self.kv.validate()
+
+
+@dataclass(frozen=True, eq=False)
+class MergeAttentionInputs(OpInputs):
+    OP: ClassVar[str] = "merge_attention"
+    o1: Any
+    lse1: Any
+    o2: Any
+    lse2: Any
+
+    @property
+    def dtype(self) -> str:
+        return dtype_name(self.o1)
+
+    def _validate(self) -> None:
+        for n in ("o1", "o2"):
+            o = getattr(self, n)
+            if len(getattr(o, "shape", ())) < 1:
+                fail(self.OP, f"{n} must be an array [..., D] with at least one dimension", TypeError)
+        if tuple(self.o2.shape) != tuple(self.o1.shape):
+            fail(self.OP, f"o2 has shape {tuple(self.o2.shape)}; expected {tuple(self.o1.shape)} like o1")
+        check_dtype(self.OP, "o1", self.o1, VALUE_DTYPES)
+        check_same_dtype(self.OP, {"o1": self.o1, "o2": self.o2})
+        want = tuple(self.o1.shape[:-1])
+        for n in ("lse1", "lse2"):
+            lse = getattr(self, n)
+            check_ndim(self.OP, n, lse, len(want), "[...] = o.shape[:-1]")
+            if tuple(lse.shape) != want:
+                fail(self.OP, f"{n} has shape {tuple(lse.shape)}; expected {want} = o1.shape[:-1]")
+            check_dtype(self.OP, n, lse, ("float32", "float64"))

@@ -1,0 +1,188 @@
+"""NumPy reference of the decode-attention ops: top-k selection, sparse and dense decode, merge.
+
+Shapes: ``q[B, Hq, D]``; a KV cache with ``Hkv`` heads, ``Hq % Hkv == 0``; query head ``h`` reads KV
+head ``h // (Hq // Hkv)``. Scores accumulate in float64. Attention over an empty set of keys is
+``out = 0``, ``lse = -inf`` (the identity of :func:`merge_attention`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..formats.kv import DenseKV, PagedKV
+from ..formats.topk import TopKIndex
+
+KV = DenseKV | PagedKV
+
+
+def sequence_kv(kv: KV, b: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(K, V)``, each ``[lengths[b], Hkv, D]``, of sequence ``b`` in token order::
+
+        dense: kv.k[b, :L]
+        paged: kv.k_pages[page_table[b, t // page_size], t % page_size] for t in range(L)
+    """
+    n = int(kv.lengths[b])
+    if isinstance(kv, DenseKV):
+        return kv.k[b, :n], kv.v[b, :n]
+    t = np.arange(n)
+    pages = kv.page_table[b, t // kv.page_size]
+    return kv.k_pages[pages, t % kv.page_size], kv.v_pages[pages, t % kv.page_size]
+
+
+def _group_size(q: np.ndarray, kv: KV) -> int:
+    return q.shape[1] // kv.num_kv_heads
+
+
+def head_scores(q: np.ndarray, keys: np.ndarray, group: int) -> np.ndarray:
+    """``s[h, t] = q[h] . keys[t, h // group]`` in float64, ``q[Hq, D]``, ``keys[T, Hkv, D]``."""
+    kh = keys.astype(np.float64)[:, np.arange(q.shape[0]) // group]  # [T, Hq, D]
+    return np.einsum("hd,thd->ht", q.astype(np.float64), kh)
+
+
+def page_key_bounds(keys: np.ndarray, page_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Quest metadata of one sequence: element-wise ``(min, max)`` of the keys of each page,
+    ``[n_pages, Hkv, D]`` each, over the valid tokens only (the last page may be partial)."""
+    n = keys.shape[0]
+    n_pages = -(-n // page_size)
+    k64 = keys.astype(np.float64)
+    lo = np.stack([k64[j * page_size:(j + 1) * page_size].min(axis=0) for j in range(n_pages)]) \
+        if n_pages else np.zeros((0,) + keys.shape[1:])
+    hi = np.stack([k64[j * page_size:(j + 1) * page_size].max(axis=0) for j in range(n_pages)]) \
+        if n_pages else np.zeros((0,) + keys.shape[1:])
+    return lo, hi
+
+
+def quest_bounds(q: np.ndarray, lo: np.ndarray, hi: np.ndarray, group: int) -> np.ndarray:
+    """``bound[h, j] = sum_i max(q[h, i] * lo[j, kvh, i], q[h, i] * hi[j, kvh, i])`` with
+    ``kvh = h // group``: at least ``q[h] . k`` for every key ``k`` of page ``j``."""
+    heads = np.arange(q.shape[0]) // group
+    q64 = q.astype(np.float64)[None]  # [1, Hq, D]
+    return np.maximum(q64 * lo[:, heads], q64 * hi[:, heads]).sum(axis=2).T  # [Hq, n_pages]
+
+
+def forced_positions(length: int, sink: int, window: int, page_size: int | None = None) -> np.ndarray:
+    """Token positions (or, with ``page_size``, the pages holding them) that are always kept: the
+    first ``sink`` tokens and the last ``window`` tokens of the sequence."""
+    t = np.union1d(np.arange(min(sink, length)), np.arange(max(length - window, 0), length))
+    return t if page_size is None else np.unique(t // page_size)
+
+
+def select_topk(q: np.ndarray, kv: KV, k: int, *, method: str = "exact", sink: int = 0, window: int = 0,
+                shared: bool = True, page_size: int | None = None) -> TopKIndex:
+    """Keys for each query: the ``sink`` first and ``window`` last tokens, plus the ``k`` best others::
+
+        s = q[b, h] . K[b, t, h // group]          # method="exact", tokens
+        s = quest_bounds(q, *page_key_bounds(K))    # method="quest", pages of page_size tokens
+        if shared: s = s summed over the query heads of each KV group   (G = Hkv, else G = Hq)
+        keep = forced | top-k of s over the non-forced candidates (ties broken arbitrarily)
+
+    ``counts[b, g] = min(n_candidates, n_forced + k)``; ``k_max`` depends on shapes only
+    (``min(k + sink + window, S)`` for tokens, in pages for quest); padding is -1.
+    """
+    bsz, hq, _ = q.shape
+    group = _group_size(q, kv)
+    n_groups = kv.num_kv_heads if shared else hq
+    if method == "quest":
+        ps = page_size if page_size is not None else (kv.page_size if isinstance(kv, PagedKV) else 16)
+        n_units = -(-kv.max_len // ps)
+        k_max = min(k + -(-sink // ps) + -(-window // ps) + (1 if window else 0), n_units)
+    else:
+        ps = None
+        k_max = min(k + sink + window, kv.max_len)
+    indices = np.full((bsz, n_groups, k_max), -1, dtype=np.int32)
+    counts = np.zeros((bsz, n_groups), dtype=np.int32)
+    for b in range(bsz):
+        keys, _ = sequence_kv(kv, b)
+        if method == "quest":
+            lo, hi = page_key_bounds(keys, ps)
+            s = quest_bounds(q[b], lo, hi, group)
+        else:
+            s = head_scores(q[b], keys, group)
+        if shared:
+            s = s.reshape(n_groups, group, -1).sum(axis=1)
+        forced = forced_positions(keys.shape[0], sink, window, ps)
+        free = np.ones(s.shape[1], dtype=bool)
+        free[forced] = False
+        cand = np.flatnonzero(free)
+        for g in range(n_groups):
+            best = cand[np.argsort(-s[g, cand], kind="stable")[:k]]
+            sel = np.sort(np.concatenate([forced, best]))
+            indices[b, g, :len(sel)] = sel
+            counts[b, g] = len(sel)
+    return TopKIndex(indices, counts, "token" if ps is None else "page", ps)
+
+
+def _attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, scale: float) -> tuple[np.ndarray, float]:
+    """Softmax attention of one query ``q[D]`` over ``keys, values[T, D]`` in float64."""
+    if keys.shape[0] == 0:
+        return np.zeros(values.shape[1]), -np.inf
+    s = scale * (keys.astype(np.float64) @ q.astype(np.float64))
+    m = s.max()
+    p = np.exp(s - m)
+    return (p @ values.astype(np.float64)) / p.sum(), float(m + np.log(p.sum()))
+
+
+def selected_tokens(index: TopKIndex, b: int, g: int, length: int) -> np.ndarray:
+    """Token positions of row ``(b, g)`` of ``index`` (pages expanded to their tokens < length)."""
+    sel = index.indices[b, g, :index.counts[b, g]].astype(np.int64)
+    if index.granularity == "page":
+        ps = index.page_size
+        sel = (sel[:, None] * ps + np.arange(ps)[None, :]).ravel()
+        sel = sel[sel < length]
+    return sel
+
+
+def sparse_decode(q: np.ndarray, kv: KV, index: TopKIndex, *, scale: float | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """``(out[B, Hq, D], lse[B, Hq])``: softmax attention of each query head over its selected keys::
+
+        g = h // group if index is shared (G == Hkv) else h
+        sel = tokens of index.indices[b, g, :index.counts[b, g]]
+        s = scale * K[b, sel, h // group] @ q[b, h]
+        out[b, h] = softmax(s) @ V[b, sel, h // group];  lse[b, h] = log(sum(exp(s)))
+
+    ``scale`` defaults to ``1 / sqrt(D)``; ``out`` has q's dtype, ``lse`` is float32.
+    """
+    bsz, hq, d = q.shape
+    group = _group_size(q, kv)
+    scale = 1.0 / np.sqrt(d) if scale is None else scale
+    shared = index.groups == kv.num_kv_heads
+    out = np.zeros((bsz, hq, d))
+    lse = np.zeros((bsz, hq))
+    for b in range(bsz):
+        keys, values = sequence_kv(kv, b)
+        for h in range(hq):
+            sel = selected_tokens(index, b, h // group if shared else h, keys.shape[0])
+            out[b, h], lse[b, h] = _attend(q[b, h], keys[sel, h // group], values[sel, h // group], scale)
+    return out.astype(q.dtype), lse.astype(np.float32)
+
+
+def dense_decode(q: np.ndarray, kv: KV, *, scale: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``sparse_decode`` over every key ``t < lengths[b]``: the baseline it must equal when the index
+    selects everything."""
+    bsz, hq, d = q.shape
+    group = _group_size(q, kv)
+    scale = 1.0 / np.sqrt(d) if scale is None else scale
+    out = np.zeros((bsz, hq, d))
+    lse = np.zeros((bsz, hq))
+    for b in range(bsz):
+        keys, values = sequence_kv(kv, b)
+        for h in range(hq):
+            out[b, h], lse[b, h] = _attend(q[b, h], keys[:, h // group], values[:, h // group], scale)
+    return out.astype(q.dtype), lse.astype(np.float32)
+
+
+def merge_attention(o1: np.ndarray, lse1: np.ndarray, o2: np.ndarray, lse2: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Attention over the union of two disjoint key sets from the two partial results::
+
+        lse = np.logaddexp(lse1, lse2)
+        out = o1 * exp(lse1 - lse) + o2 * exp(lse2 - lse)      # both empty: out = 0, lse = -inf
+    """
+    l1, l2 = lse1.astype(np.float64), lse2.astype(np.float64)
+    lse = np.logaddexp(l1, l2)
+    with np.errstate(invalid="ignore"):
+        w1 = np.where(np.isneginf(l1), 0.0, np.exp(l1 - lse))
+        w2 = np.where(np.isneginf(l2), 0.0, np.exp(l2 - lse))
+    out = o1.astype(np.float64) * w1[..., None] + o2.astype(np.float64) * w2[..., None]
+    return out.astype(o1.dtype), lse.astype(np.float32)

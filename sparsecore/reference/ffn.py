@@ -1,0 +1,135 @@
+"""NumPy reference of the activation-sparse FFN ops: the definition of what each op means.
+
+Everything accumulates in float64 and is cast to the output dtype once at the end. Inputs are NumPy
+arrays and formats holding NumPy arrays (the dispatcher hands them over zero-copy).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..formats.convert import tiled_ell_entries, tiled_ell_from_mask, csr_entries
+from ..formats.csr import CSR
+from ..formats.tiled_ell import TiledELL
+
+_TEMP = 1 << 22  # floats per vectorised step: bounds the temporaries to 32 MiB
+
+
+def pack(x: np.ndarray, *, threshold: float = 0.0, activation: str | None = None, tile: int = 256,
+         capacity: int | None = None) -> TiledELL:
+    """TiledELL of the entries of ``act(x)`` whose magnitude is above ``threshold``::
+
+        a = np.maximum(x, 0) if activation == "relu" else x
+        keep = ~(np.abs(a) <= threshold)          # NaN is kept: nothing is lost silently
+        # per (row, tile): the first `capacity` kept columns, ascending, fill the slots;
+        # the rest go to the overflow CSR
+    """
+    capacity = tile // 8 if capacity is None else capacity
+    a = np.maximum(x, np.zeros((), x.dtype)) if activation == "relu" else x
+    keep = ~(np.abs(a.astype(np.float64)) <= threshold)
+    return tiled_ell_from_mask(a, keep, tile, capacity)
+
+
+def unpack(a: TiledELL) -> np.ndarray:
+    """The dense matrix back: ``out = np.zeros(a.shape); out[rows, cols] = values`` over the filled
+    slots (``t * tile + cols[m, t, s]`` for ``s < counts[m, t]``) and the overflow entries."""
+    rows, cols, vals = tiled_ell_entries(a)
+    out = np.zeros(a.shape, dtype=vals.dtype if len(vals) else a.values.dtype)
+    out[rows, cols] = vals
+    return out
+
+
+def _entries(a: TiledELL | CSR) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, col, value as float64) of every stored entry."""
+    r, c, v = tiled_ell_entries(a) if isinstance(a, TiledELL) else csr_entries(a)
+    return r, c, v.astype(np.float64)
+
+
+def _chunks(n: int, width: int):
+    step = max(1, _TEMP // max(width, 1))
+    for s in range(0, n, step):
+        yield slice(s, min(s + step, n))
+
+
+def _scatter_add(out: np.ndarray, idx: np.ndarray, rows: np.ndarray) -> None:
+    """``out[idx[i]] += rows[i]`` for every i (a sorted segment sum; faster than np.add.at)."""
+    if len(idx) == 0:
+        return
+    order = np.argsort(idx, kind="stable")
+    idx, rows = idx[order], rows[order]
+    starts = np.flatnonzero(np.r_[True, idx[1:] != idx[:-1]])
+    out[idx[starts]] += np.add.reduceat(rows, starts, axis=0)
+
+
+def spmm(a: TiledELL | CSR, w: np.ndarray) -> np.ndarray:
+    """``A @ W`` by gathering the rows of ``W[K, N]``::
+
+        out = np.zeros((M, N))
+        for m, k, v in entries(a):
+            out[m] += v * W[k]
+    """
+    rows, cols, vals = _entries(a)
+    w64 = w.astype(np.float64)
+    out = np.zeros((a.shape[0], w.shape[1]))
+    for s in _chunks(len(rows), w.shape[1]):
+        _scatter_add(out, rows[s], vals[s, None] * w64[cols[s]])
+    return out.astype(w.dtype)
+
+
+def sddmm(x: np.ndarray, w: np.ndarray, pattern: TiledELL | CSR) -> TiledELL | CSR:
+    """``(x @ W.T)`` at ``pattern``'s positions only, ``x[M, D]``, ``W[K, D]``; the result has the
+    pattern's layout (same slots, counts and overflow structure) and ``x``'s dtype::
+
+        for each stored (m, k) of pattern:  value = x[m] @ W[k]
+    """
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+
+    def dots(r: np.ndarray, c: np.ndarray) -> np.ndarray:
+        out = np.empty(len(r))
+        for s in _chunks(len(r), x.shape[1]):
+            out[s] = np.einsum("ij,ij->i", x64[r[s]], w64[c[s]])
+        return out.astype(x.dtype)
+
+    if isinstance(pattern, CSR):
+        r, c, _ = csr_entries(pattern)
+        return CSR(pattern.indptr, pattern.indices, dots(r, c), pattern.shape, pattern.sorted)
+    filled = np.arange(pattern.capacity)[None, None, :] < pattern.counts[:, :, None]
+    m, t, s = np.nonzero(filled)
+    values = np.zeros(pattern.values.shape, dtype=x.dtype)
+    values[m, t, s] = dots(m.astype(np.int64), t.astype(np.int64) * pattern.tile + pattern.cols[m, t, s])
+    overflow = None if pattern.overflow is None else sddmm(x, w, pattern.overflow)
+    return TiledELL(values, pattern.cols, pattern.counts, pattern.shape, pattern.tile, overflow, pattern.sorted)
+
+
+def spmm_t(a: TiledELL | CSR, dy: np.ndarray) -> np.ndarray:
+    """``A.T @ dy``, ``[K, N]`` (the weight gradient of ``spmm``)::
+
+        out = np.zeros((K, N))
+        for m, k, v in entries(a):
+            out[k] += v * dy[m]
+    """
+    rows, cols, vals = _entries(a)
+    dy64 = dy.astype(np.float64)
+    out = np.zeros((a.shape[1], dy.shape[1]))
+    for s in _chunks(len(rows), dy.shape[1]):
+        _scatter_add(out, cols[s], vals[s, None] * dy64[rows[s]])
+    return out.astype(dy.dtype)
+
+
+def gated_ffn(x: np.ndarray, gate: TiledELL | CSR, w_up: np.ndarray, w_down: np.ndarray) -> np.ndarray:
+    """The fused up+down projection of a gated FFN, ``x[M, D]``, ``gate[M, K]``,
+    ``w_up[K, D]``, ``w_down[K, D]``::
+
+        out = np.zeros((M, D))
+        for m, j, g in entries(gate):
+            out[m] += g * (x[m] @ w_up[j]) * w_down[j]
+
+    i.e. ``((gate * (x @ w_up.T)) @ w_down)`` computed only at the gate's non-zeros.
+    """
+    rows, cols, vals = _entries(gate)
+    x64, up64, down64 = x.astype(np.float64), w_up.astype(np.float64), w_down.astype(np.float64)
+    out = np.zeros((x.shape[0], w_down.shape[1]))
+    for s in _chunks(len(rows), x.shape[1]):
+        h = vals[s] * np.einsum("ij,ij->i", x64[rows[s]], up64[cols[s]])
+        _scatter_add(out, rows[s], h[:, None] * down64[cols[s]])
+    return out.astype(x.dtype)
