@@ -1,0 +1,45 @@
+"""Comparison helpers: per-dtype tolerances, and failures that report the worst element."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from sparsecore._arrays import to_host
+
+#: (atol, rtol) per value dtype, for results accumulated in float32 or better and rounded once.
+TOLERANCES: dict[str, tuple[float, float]] = {
+    "float64": (1e-10, 1e-10),
+    "float32": (1e-5, 1e-5),
+    "float16": (2e-3, 2e-3),
+    "bfloat16": (1.6e-2, 1.6e-2),
+}
+
+
+def as_f64(x: Any) -> np.ndarray:
+    return np.asarray(to_host(x)).astype(np.float64)
+
+
+def assert_close(actual: Any, expected: Any, dtype: str, *, what: str = "", scale: Any = None) -> None:
+    """|actual - expected| <= atol * s + rtol * |expected| elementwise, where ``s`` is ``scale`` (an
+    array or number giving the magnitude of the terms summed, default 1). NaN must match NaN."""
+    a, e = as_f64(actual), as_f64(expected)
+    assert a.shape == e.shape, f"{what}: shape {a.shape} != expected {e.shape}"
+    atol, rtol = TOLERANCES[dtype]
+    s = 1.0 if scale is None else as_f64(scale)
+    nan_a, nan_e = np.isnan(a), np.isnan(e)
+    if (nan_a != nan_e).any():
+        i = np.unravel_index(np.argmax(nan_a != nan_e), a.shape)
+        raise AssertionError(f"{what}: NaN mismatch at {i}: actual {a[i]}, expected {e[i]}")
+    with np.errstate(invalid="ignore"):
+        same_inf = np.isinf(e) & (a == e)
+        err = np.where(nan_e | same_inf, 0.0, np.abs(a - e))
+        bound = atol * s + rtol * np.abs(np.where(np.isinf(e), 0.0, e))
+    bad = ~(err <= bound)
+    if bad.any():
+        ratio = np.where(bound > 0, err / np.maximum(bound, 1e-300), np.inf)
+        i = np.unravel_index(np.argmax(np.where(bad, ratio, -1)), a.shape)
+        raise AssertionError(
+            f"{what} ({dtype}): {int(bad.sum())} of {a.size} elements out of tolerance; worst at {i}: "
+            f"actual {a[i]!r}, expected {e[i]!r}, |diff| {err[i]:.3g} > bound {np.broadcast_to(bound, a.shape)[i]:.3g}")
