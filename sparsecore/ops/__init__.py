@@ -11,7 +11,7 @@ from ..formats.kv import DenseKV, PagedKV
 from ..formats.tiled_ell import TiledELL
 from ..formats.topk import TopKIndex
 from . import inputs as I
-from .dispatch import BACKEND_PRIORITY, OPS, BackendOp, dispatch, implementations, register, select
+from .dispatcher import BACKEND_PRIORITY, OPS, BackendOp, dispatch, implementations, register, select
 
 __all__ = ["pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn", "select_topk", "sparse_decode",
            "dense_decode", "merge_attention", "dispatch", "select", "implementations", "register",

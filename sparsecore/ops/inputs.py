@@ -15,7 +15,7 @@ from ..formats.csr import CSR
 from ..formats.kv import DenseKV, PagedKV
 from ..formats.tiled_ell import TiledELL, check_tile_capacity
 from ..formats.topk import TopKIndex
-from .dispatch import OpInputs
+from .dispatcher import OpInputs
 
 SPARSE = (TiledELL, CSR)
 

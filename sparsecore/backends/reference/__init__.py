@@ -9,7 +9,7 @@ import numpy as np
 
 from ... import reference as ref
 from ...ops import inputs as I
-from ...ops.dispatch import BackendOp, register
+from ...ops.dispatcher import BackendOp, register
 
 
 class _Reference(BackendOp):
