@@ -4,11 +4,24 @@ The public face: the formats and the ops. Everything else (backends, reference, 
 sub-packages.
 """
 
-from .formats import (CSR, DenseKV, PagedKV, TiledELL, TopKIndex, csr_from_dense, csr_from_scipy,
-                      csr_from_torch, csr_to_dense, csr_to_scipy, csr_to_tiled_ell, csr_to_torch,
-                      tiled_ell_from_dense, tiled_ell_to_csr, tiled_ell_to_dense)
-from .ops import (dense_decode, gated_ffn, merge_attention, pack, sddmm, select_topk, sparse_decode, spmm,
-                  spmm_t, unpack)
+from .formats import (
+                      CSR,
+                      DenseKV,
+                      PagedKV,
+                      TiledELL,
+                      TopKIndex,
+                      csr_from_dense,
+                      csr_from_scipy,
+                      csr_from_torch,
+                      csr_to_dense,
+                      csr_to_scipy,
+                      csr_to_tiled_ell,
+                      csr_to_torch,
+                      tiled_ell_from_dense,
+                      tiled_ell_to_csr,
+                      tiled_ell_to_dense,
+)
+from .ops import dense_decode, gated_ffn, merge_attention, pack, sddmm, select_topk, sparse_decode, spmm, spmm_t, unpack
 
 __version__ = "0.1.0"
 

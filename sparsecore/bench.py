@@ -182,7 +182,7 @@ def run(cases: list[Case], *, backends: list[str] | None = None, min_time: float
                 rows.append({**row, "skipped": "; ".join(reasons)})
                 continue
             # the whole public call: validation, dispatch, conversion and the kernel
-            t, out = timeit(lambda: ops.dispatch(case.inputs, cls.NAME), min_time=min_time)
+            t, out = timeit(lambda c=case, n=cls.NAME: ops.dispatch(c.inputs, n), min_time=min_time)
             err = max_error(out, ref_out) if cls.NAME != "reference" else 0.0
             rows.append({**row, "ms": t * 1e3, "speedup": base_t / t, "max_err": err,
                          "GB/s": case.bytes / t / 1e9 if case.bytes else None,

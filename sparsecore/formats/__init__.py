@@ -1,8 +1,17 @@
 """Data layouts: cheap constructors (shape and dtype checks) plus an explicit ``validate()``."""
 
-from .convert import (csr_from_dense, csr_from_scipy, csr_from_torch, csr_to_dense, csr_to_scipy,
-                      csr_to_tiled_ell, csr_to_torch, tiled_ell_from_dense, tiled_ell_to_csr,
-                      tiled_ell_to_dense)
+from .convert import (
+                      csr_from_dense,
+                      csr_from_scipy,
+                      csr_from_torch,
+                      csr_to_dense,
+                      csr_to_scipy,
+                      csr_to_tiled_ell,
+                      csr_to_torch,
+                      tiled_ell_from_dense,
+                      tiled_ell_to_csr,
+                      tiled_ell_to_dense,
+)
 from .csr import CSR
 from .kv import DenseKV, PagedKV
 from .tiled_ell import TiledELL

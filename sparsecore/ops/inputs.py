@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .._arrays import VALUE_DTYPES, dtype_name
-from .._checks import (check_choice, check_dtype, check_int, check_ndim, check_same_dtype, fail)
+from .._checks import check_choice, check_dtype, check_int, check_ndim, check_same_dtype, fail
 from ..formats.csr import CSR
 from ..formats.kv import DenseKV, PagedKV
 from ..formats.tiled_ell import TiledELL, check_tile_capacity

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..formats.convert import tiled_ell_entries, tiled_ell_from_mask, csr_entries
+from ..formats.convert import csr_entries, tiled_ell_entries, tiled_ell_from_mask
 from ..formats.csr import CSR
 from ..formats.tiled_ell import TiledELL
 
