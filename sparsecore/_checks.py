@@ -3,8 +3,12 @@ bad value and says what is allowed. Never ``assert`` on user input."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any
+
+import numpy as np
 
 from ._arrays import dtype_name, is_array, kind_of
 
@@ -22,7 +26,7 @@ def check_array(where: str, name: str, x: Any) -> None:
 def check_ndim(where: str, name: str, x: Any, ndim: int, layout: str) -> None:
     check_array(where, name, x)
     if len(x.shape) != ndim:
-        fail(where, f"{name} has shape {tuple(x.shape)}; expected {ndim} dimensions {layout}")
+        fail(where, f"{name} has shape {tuple(x.shape)}; expected {ndim} dimension{'s' * (ndim != 1)} {layout}")
 
 
 def check_dtype(where: str, name: str, x: Any, allowed: Sequence[str]) -> str:
@@ -68,7 +72,7 @@ def _device_label(x: Any) -> str:
 
 
 def check_int(where: str, name: str, v: Any, *, lo: int | None = None, hi: int | None = None) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int,)) and not _is_np_int(v):
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
         fail(where, f"{name} must be an int, got {v!r} ({type(v).__name__})", TypeError)
     v = int(v)
     if lo is not None and v < lo:
@@ -78,13 +82,18 @@ def check_int(where: str, name: str, v: Any, *, lo: int | None = None, hi: int |
     return v
 
 
+def check_real(where: str, name: str, v: Any, *, allowed: str, positive: bool = False) -> float:
+    """A finite real number (Python or NumPy scalar), ``>= 0`` or ``> 0``."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+        fail(where, f"{name} = {v!r} ({type(v).__name__}); must be {allowed}", TypeError)
+    f = float(v)
+    if not math.isfinite(f) or f < 0 or (positive and f == 0):
+        fail(where, f"{name} = {v!r}; must be {allowed}")
+    return f
+
+
 def check_choice(where: str, name: str, v: Any, choices: Iterable[Any]) -> None:
     choices = tuple(choices)
     if v not in choices:
         fail(where, f"{name} = {v!r}; allowed: {', '.join(repr(c) for c in choices)}")
 
-
-def _is_np_int(v: Any) -> bool:
-    import numpy as np
-
-    return isinstance(v, np.integer)

@@ -65,9 +65,10 @@ class CSR:
     def arrays(self) -> dict[str, Any]:
         return {"indptr": self.indptr, "indices": self.indices, "data": self.data}
 
-    def validate(self) -> CSR:
-        """Check every invariant (reads the data; copies device buffers to the host)."""
-        w = "CSR.validate"
+    def validate(self, where: str = "CSR.validate") -> CSR:
+        """Check every invariant (reads the data; copies device buffers to the host). ``where``
+        starts the error messages (a TiledELL names its overflow)."""
+        w = where
         indptr = to_host(self.indptr).astype(np.int64)
         indices = to_host(self.indices).astype(np.int64)
         m, k = self.shape

@@ -145,10 +145,13 @@ class TiledELL:
                 srt = np.sort(np.where(filled, cols, -1 - np.arange(cap)), axis=2)
                 dup = (np.diff(srt, axis=2) == 0) & (srt[:, :, 1:] >= 0)
                 if dup.any():
-                    r, t, _ = np.argwhere(dup)[0]
-                    fail(w, f"tile [{r}, {t}] holds a column offset twice; filled slots must be distinct")
+                    r, t, j = np.argwhere(dup)[0]
+                    off = srt[r, t, j]
+                    slots = np.flatnonzero(filled[r, t] & (cols[r, t] == off))
+                    fail(w, f"tile [{r}, {t}] holds offset {off} in slots {slots[0]} and {slots[1]}; filled slots "
+                            "must hold distinct offsets")
         if self.overflow is not None:
-            ov = self.overflow.validate()
+            ov = self.overflow.validate(where="TiledELL.validate: overflow")
             indptr = to_host(ov.indptr).astype(np.int64)
             oc = to_host(ov.indices).astype(np.int64)
             orow = np.repeat(np.arange(m), np.diff(indptr))

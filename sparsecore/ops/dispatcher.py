@@ -215,6 +215,7 @@ def _deep_validation(inp: OpInputs) -> bool:
 def dispatch(inp: OpInputs, backend: str | None = None) -> Any:
     """Validate ``inp``, pick a backend op class and run it."""
     inp.validate()
+    cls = select(inp, backend)
     if _deep_validation(inp):
         inp.validate_data()
-    return select(inp, backend).apply(inp)
+    return cls.apply(inp)

@@ -5,12 +5,13 @@ Messages start with the op's name, name the argument, show the bad value and say
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
+
 from .._arrays import VALUE_DTYPES, dtype_name
-from .._checks import check_choice, check_dtype, check_int, check_ndim, check_same_dtype, fail
+from .._checks import check_array, check_choice, check_dtype, check_int, check_ndim, check_real, check_same_dtype, fail
 from ..formats.csr import CSR
 from ..formats.kv import DenseKV, PagedKV
 from ..formats.tiled_ell import TiledELL, check_tile_capacity
@@ -46,11 +47,10 @@ def _check_query(op: str, q: Any, kv: DenseKV | PagedKV) -> None:
         fail(op, f"q has dtype {dtype_name(q)} but kv has {kv.dtype}; they must match", TypeError)
 
 
-def _check_scale(op: str, scale: Any) -> None:
+def _check_scale(op: str, scale: Any) -> float | None:
     if scale is None:
-        return
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        fail(op, f"scale = {scale!r}; must be a finite float > 0 (or None for 1 / sqrt(D))")
+        return None
+    return check_real(op, "scale", scale, allowed="a finite float > 0 (or None for 1 / sqrt(D))", positive=True)
 
 
 def _sparse_dtype(a: TiledELL | CSR) -> str:
@@ -73,14 +73,13 @@ class PackInputs(OpInputs):
     def _validate(self) -> None:
         check_ndim(self.OP, "x", self.x, 2, "[M, K]")
         check_dtype(self.OP, "x", self.x, VALUE_DTYPES)
-        t = self.threshold
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-            fail(self.OP, f"threshold = {t!r}; must be a finite number >= 0")
+        thr = check_real(self.OP, "threshold", self.threshold, allowed="a finite number >= 0")
         check_choice(self.OP, "activation", self.activation, (None, "relu"))
-        cap = self.capacity
-        if cap is None and isinstance(self.tile, int) and self.tile >= 2:
-            cap = max(self.tile // 8, 1)
-        tile, cap = check_tile_capacity(self.OP, self.tile, cap)
+        tile = check_int(self.OP, "tile", self.tile)
+        tile, cap = check_tile_capacity(self.OP, tile, max(tile // 8, 1) if self.capacity is None else self.capacity)
+        # normalised so that backends see plain Python numbers
+        object.__setattr__(self, "threshold", thr)
+        object.__setattr__(self, "tile", tile)
         object.__setattr__(self, "capacity", cap)
 
 
@@ -247,8 +246,9 @@ class SelectTopkInputs(OpInputs):
         _check_kv(self.OP, self.kv)
         _check_query(self.OP, self.q, self.kv)
         check_choice(self.OP, "method", self.method, ("exact", "quest"))
-        if not isinstance(self.shared, bool):
+        if not isinstance(self.shared, (bool, np.bool_)):
             fail(self.OP, f"shared = {self.shared!r}; must be True or False", TypeError)
+        object.__setattr__(self, "shared", bool(self.shared))
         k = check_int(self.OP, "k", self.k, lo=0)
         check_int(self.OP, "sink", self.sink, lo=0)
         check_int(self.OP, "window", self.window, lo=0)
@@ -262,7 +262,7 @@ class SelectTopkInputs(OpInputs):
                           f"allowed 0 <= k <= {self.kv.max_len}")
         if ps is not None and k > -(-self.kv.max_len // ps):
             n = -(-self.kv.max_len // ps)
-            fail(self.OP, f"k = {k} exceeds the cache's capacity of {n} pages of {ps} tokens; "
+            fail(self.OP, f"k = {k} exceeds the cache's capacity of {n} page{'s' * (n != 1)} of {ps} tokens; "
                           f"allowed 0 <= k <= {n}")
 
     def validate_data(self) -> None:
@@ -297,7 +297,7 @@ class SparseDecodeInputs(OpInputs):
         if self.index.groups not in (self.kv.num_kv_heads, hq):
             fail(self.OP, f"index has G = {self.index.groups} selection rows per sequence; expected Hkv = "
                           f"{self.kv.num_kv_heads} (shared per KV group) or Hq = {hq} (per query head)")
-        _check_scale(self.OP, self.scale)
+        object.__setattr__(self, "scale", _check_scale(self.OP, self.scale))
 
     def validate_data(self) -> None:
         self.kv.validate()
@@ -318,7 +318,7 @@ class DenseDecodeInputs(OpInputs):
     def _validate(self) -> None:
         _check_kv(self.OP, self.kv)
         _check_query(self.OP, self.q, self.kv)
-        _check_scale(self.OP, self.scale)
+        object.__setattr__(self, "scale", _check_scale(self.OP, self.scale))
 
     def validate_data(self) -> None:
         self.kv.validate()
@@ -339,8 +339,9 @@ class MergeAttentionInputs(OpInputs):
     def _validate(self) -> None:
         for n in ("o1", "o2"):
             o = getattr(self, n)
-            if len(getattr(o, "shape", ())) < 1:
-                fail(self.OP, f"{n} must be an array [..., D] with at least one dimension", TypeError)
+            check_array(self.OP, n, o)
+            if len(o.shape) < 1:
+                fail(self.OP, f"{n} has shape {tuple(o.shape)}; expected at least 1 dimension [..., D]")
         if tuple(self.o2.shape) != tuple(self.o1.shape):
             fail(self.OP, f"o2 has shape {tuple(self.o2.shape)}; expected {tuple(self.o1.shape)} like o1")
         check_dtype(self.OP, "o1", self.o1, VALUE_DTYPES)
