@@ -30,16 +30,16 @@ def assert_close(actual: Any, expected: Any, dtype: str, *, what: str = "", scal
     s = 1.0 if scale is None else as_f64(scale)
     nan_a, nan_e = np.isnan(a), np.isnan(e)
     if (nan_a != nan_e).any():
-        i = np.unravel_index(np.argmax(nan_a != nan_e), a.shape)
+        i = tuple(int(j) for j in np.unravel_index(np.argmax(nan_a != nan_e), a.shape))
         raise AssertionError(f"{what}: NaN mismatch at {i}: actual {a[i]}, expected {e[i]}")
     with np.errstate(invalid="ignore"):
         same_inf = np.isinf(e) & (a == e)
         err = np.where(nan_e | same_inf, 0.0, np.abs(a - e))
         bound = atol * s + rtol * np.abs(np.where(np.isinf(e), 0.0, e))
-    bad = ~(err <= bound)
+    bad = ~(err <= bound) & ~nan_e
     if bad.any():
         ratio = np.where(bound > 0, err / np.maximum(bound, 1e-300), np.inf)
-        i = np.unravel_index(np.argmax(np.where(bad, ratio, -1)), a.shape)
+        i = tuple(int(j) for j in np.unravel_index(np.argmax(np.where(bad, ratio, -1)), a.shape))
         raise AssertionError(
             f"{what} ({dtype}): {int(bad.sum())} of {a.size} elements out of tolerance; worst at {i}: "
             f"actual {a[i]!r}, expected {e[i]!r}, |diff| {err[i]:.3g} > bound {np.broadcast_to(bound, a.shape)[i]:.3g}")

@@ -302,7 +302,7 @@ CASES = [
          lambda: sc.gated_ffn(arr(1, 4), ell(), arr(10, 3), arr(10, 4))),
     case("gated_ffn-w_down-rows", V, lit("gated_ffn: w_down has shape (9, 5); expected w_down.shape[0] == K = 10"),
          lambda: sc.gated_ffn(arr(1, 4), ell(), arr(10, 4), arr(9, 5))),
-    case("gated_ffn-w_down-ndim", V, lit("gated_ffn: w_down has shape (10,); expected 2 dimensions [K, D]"),
+    case("gated_ffn-w_down-ndim", V, lit("gated_ffn: w_down has shape (10,); expected 2 dimensions [K, N]"),
          lambda: sc.gated_ffn(arr(1, 4), ell(), arr(10, 4), arr(10))),
     case("gated_ffn-w_down-float64", T, lit("gated_ffn: value dtypes must match: x is float32, w_up is float32, "
                                             "w_down is float64"),

@@ -149,8 +149,8 @@ def csr_to_scipy(c: CSR) -> Any:
     import scipy.sparse as sp
 
     data = to_host(c.data)
-    if data.dtype == BFLOAT16:
-        fail("csr_to_scipy", "data has dtype bfloat16, which scipy.sparse does not support; "
+    if data.dtype in (BFLOAT16, np.float16):
+        fail("csr_to_scipy", f"data has dtype {data.dtype}, which scipy.sparse does not support; "
                              "cast to float32 first", TypeError)
     return sp.csr_matrix((data, to_host(c.indices), to_host(c.indptr)), shape=c.shape)
 

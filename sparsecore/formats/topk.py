@@ -98,3 +98,14 @@ class TopKIndex:
             b, g, j = np.argwhere(dup)[0]
             fail(w, f"row [{b}, {g}] selects index {srt[b, g, j + 1]} twice; selected indices must be unique")
         return self
+
+
+def topk_capacity(k: int, sink: int, window: int, max_len: int, page_size: int | None = None) -> int:
+    """``k_max`` of the index that ``select_topk`` returns: from shapes only, so a device producer
+    can allocate it without reading ``lengths``. Tokens: ``min(k + sink + window, max_len)``; pages:
+    ``k`` plus the pages that can hold the sink and the window (a window not aligned to pages spans
+    one more), at most the cache's page count."""
+    if page_size is None:
+        return min(k + sink + window, max_len)
+    n_units = -(-max_len // page_size)
+    return min(k + -(-sink // page_size) + -(-window // page_size) + (1 if window else 0), n_units)

@@ -28,7 +28,8 @@ def pack(x: Any, *, threshold: float = 0.0, activation: str | None = None, tile:
         a = np.maximum(x, 0) if activation == "relu" else x
         keep = ~(np.abs(a) <= threshold)
 
-    ``tile`` is a power of two (2..32768); ``capacity`` slots per (row, tile), default ``tile // 8``;
+    ``tile`` is a power of two (2..32768); ``capacity`` slots per (row, tile), default
+    ``max(tile // 8, 1)``;
     entries past a full tile go to the overflow CSR, never dropped.
     """
     return dispatch(I.PackInputs(x, threshold, activation, tile, capacity), backend)

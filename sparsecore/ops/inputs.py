@@ -197,7 +197,7 @@ class GatedFfnInputs(OpInputs):
         _check_sparse(self.OP, "gate", self.gate)
         check_ndim(self.OP, "x", self.x, 2, "[M, D]")
         check_ndim(self.OP, "w_up", self.w_up, 2, "[K, D]")
-        check_ndim(self.OP, "w_down", self.w_down, 2, "[K, D]")
+        check_ndim(self.OP, "w_down", self.w_down, 2, "[K, N]")
         m, k = self.gate.shape
         d = self.x.shape[1]
         if self.x.shape[0] != m:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..formats.kv import DenseKV, PagedKV
-from ..formats.topk import TopKIndex
+from ..formats.topk import TopKIndex, topk_capacity
 
 KV = DenseKV | PagedKV
 
@@ -82,13 +82,10 @@ def select_topk(q: np.ndarray, kv: KV, k: int, *, method: str = "exact", sink: i
     bsz, hq, _ = q.shape
     group = _group_size(q, kv)
     n_groups = kv.num_kv_heads if shared else hq
+    ps = None
     if method == "quest":
         ps = page_size if page_size is not None else (kv.page_size if isinstance(kv, PagedKV) else 16)
-        n_units = -(-kv.max_len // ps)
-        k_max = min(k + -(-sink // ps) + -(-window // ps) + (1 if window else 0), n_units)
-    else:
-        ps = None
-        k_max = min(k + sink + window, kv.max_len)
+    k_max = topk_capacity(k, sink, window, kv.max_len, ps)
     indices = np.full((bsz, n_groups, k_max), -1, dtype=np.int32)
     counts = np.zeros((bsz, n_groups), dtype=np.int32)
     for b in range(bsz):
