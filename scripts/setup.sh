@@ -10,4 +10,8 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 else
   "$py" -m pip install -q -e ".[dev]" -c constraints-cpu.txt
 fi
+# numba (numba_cpu) and numba-cuda with NVVM and NVRTC, so numba.cuda.compile_ptx works without a GPU
+# (the compile tier); 13.0 matches the ptxas of the machine's CUDA 13.0 toolkit
+"$py" -m pip install -q "numba>=0.59" "numba-cuda==0.30.*" "cuda-bindings==13.*" "nvidia-cuda-nvrtc==13.0.*" \
+  "nvidia-nvvm==13.0.*"
 "$py" -c "import sparsecore, numpy, ml_dtypes, hypothesis, torch; print('sparsecore', sparsecore.__version__, 'ready')"

@@ -28,7 +28,8 @@ def kind_of(x: Any) -> str:
         return "torch"
     if mod.startswith("cupy"):
         return "cupy"
-    if mod.startswith("numba") and hasattr(x, "__cuda_array_interface__"):
+    # numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1) gives device arrays without the interface
+    if mod.startswith("numba") and (hasattr(x, "__cuda_array_interface__") or type(x).__name__ == "FakeCUDAArray"):
         return "numba"
     return "other"
 

@@ -43,3 +43,41 @@ def assert_close(actual: Any, expected: Any, dtype: str, *, what: str = "", scal
         raise AssertionError(
             f"{what} ({dtype}): {int(bad.sum())} of {a.size} elements out of tolerance; worst at {i}: "
             f"actual {a[i]!r}, expected {e[i]!r}, |diff| {err[i]:.3g} > bound {np.broadcast_to(bound, a.shape)[i]:.3g}")
+
+
+#: host backends that every property test runs against, in turn
+HOST_BACKENDS = ("reference", "numba_cpu")
+
+
+def host_backend_params() -> list[Any]:
+    """pytest params for HOST_BACKENDS; a backend whose library is missing is skipped, with the
+    reason its classes give (never silently)."""
+    import pytest
+
+    from sparsecore.ops.dispatcher import implementations
+
+    params = []
+    for name in HOST_BACKENDS:
+        cls = next((c for c in implementations("spmm") if c.BACKEND == name), None)
+        reasons = ["not registered"] if cls is None else cls.availability_reasons()
+        marks = [pytest.mark.skip(reason=f"{name}: {'; '.join(reasons)}")] if reasons else []
+        params.append(pytest.param(name, id=name, marks=marks))
+    return params
+
+
+def backend_takes(backend: str, dtype: str) -> str:
+    """``backend`` if it takes ``dtype``; otherwise this example or test is set aside with a stated
+    reason (hypothesis: rejected; pytest: skipped). The reference takes every dtype."""
+    from sparsecore.ops.dispatcher import implementations
+
+    cls = next(c for c in implementations("spmm") if c.BACKEND == backend)
+    if dtype not in cls.DTYPES:
+        from hypothesis import reject
+        from hypothesis.control import currently_in_test_context
+
+        if currently_in_test_context():
+            reject()
+        import pytest
+
+        pytest.skip(f"{backend} does not take {dtype} (supported: {', '.join(cls.DTYPES)})")
+    return backend

@@ -24,7 +24,8 @@ from .._checks import check_same_place, fail
 BACKEND_PRIORITY: tuple[str, ...] = ("cupy", "cuda_python", "numba_cuda", "numba_cpu", "reference")
 
 #: backend sub-packages imported (and so registered) on first dispatch.
-BACKEND_MODULES: tuple[str, ...] = ("sparsecore.backends.reference",)
+BACKEND_MODULES: tuple[str, ...] = ("sparsecore.backends.reference", "sparsecore.backends.numba_cpu",
+                                     "sparsecore.backends.numba_cuda")
 
 OPS: tuple[str, ...] = ("pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn", "select_topk",
                         "sparse_decode", "dense_decode", "merge_attention")
@@ -164,7 +165,7 @@ def load_backends() -> None:
     if not _loaded:
         _loaded = True
         for mod in BACKEND_MODULES:
-            importlib.import_module(mod)
+            importlib.import_module(mod)  # a backend imports without its library and says why it can't run
 
 
 def implementations(op: str) -> list[type[BackendOp]]:

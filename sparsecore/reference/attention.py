@@ -182,4 +182,4 @@ def merge_attention(o1: np.ndarray, lse1: np.ndarray, o2: np.ndarray, lse2: np.n
         w1 = np.where(np.isneginf(l1), 0.0, np.exp(l1 - lse))
         w2 = np.where(np.isneginf(l2), 0.0, np.exp(l2 - lse))
     out = o1.astype(np.float64) * w1[..., None] + o2.astype(np.float64) * w2[..., None]
-    return out.astype(o1.dtype), lse.astype(np.float32)
+    return np.asarray(out, o1.dtype), np.asarray(lse, np.float32)  # 0-d stays an array

@@ -1,0 +1,348 @@
+"""numba_cpu: ``@njit(parallel=True)`` host kernels, the fast path on a machine without a GPU.
+
+float32, float16 and bfloat16 values (16-bit values are read through a lookup table), float32
+accumulation. float64 stays with the reference. Compiled kernels are cached on disk in the user
+cache folder (``$XDG_CACHE_HOME/sparsecore/numba``, or ``NUMBA_CACHE_DIR`` when set), never inside
+the installed package.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from importlib import metadata
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..._arrays import BFLOAT16
+from ...formats.csr import CSR
+from ...formats.kv import DenseKV, PagedKV
+from ...formats.tiled_ell import TiledELL
+from ...formats.topk import TopKIndex, topk_capacity
+from ...ops import inputs as I
+from ...ops.dispatcher import BackendOp, register
+
+
+def _numba_version() -> str | None:
+    try:
+        return metadata.version("numba")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+@functools.cache
+def _k() -> Any:
+    """The compiled-kernel module (imports numba; sets its cache folder unless the user did)."""
+    if not os.environ.get("NUMBA_CACHE_DIR"):
+        import numba
+
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        numba.config.CACHE_DIR = os.path.join(base, "sparsecore", "numba")
+    from . import kernels as k
+
+    return k
+
+
+@functools.cache
+def _lut(dtype: str) -> np.ndarray:
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    return bits.view(np.float16 if dtype == "float16" else BFLOAT16).astype(np.float32)
+
+
+_NO_LUT = np.zeros(1, np.float32)
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    """float32 as is; 16-bit floats as their uint16 bit patterns (zero-copy)."""
+    return a.view(np.uint16) if a.dtype.itemsize == 2 else a
+
+
+def _lut_for(dtype: str) -> np.ndarray:
+    return _lut(dtype) if dtype in ("float16", "bfloat16") else _NO_LUT
+
+
+def _out_dtype(dtype: str) -> Any:
+    return BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype)
+
+
+def _overflow(a: TiledELL, value_dtype: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if a.overflow is None:
+        return np.zeros(a.shape[0] + 1, np.int64), np.zeros(0, np.int64), np.zeros(0, value_dtype)
+    return a.overflow.indptr, a.overflow.indices, a.overflow.data
+
+
+def _ell_args(a: TiledELL) -> tuple[Any, ...]:
+    o_ptr, o_idx, o_val = _overflow(a, a.values.dtype)
+    return _bits(a.values), a.cols, a.counts, a.tile, o_ptr, o_idx, _bits(o_val)
+
+
+def _as_pages(kv: DenseKV | PagedKV) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A dense cache seen as B pages of S tokens (zero-copy), so one kernel serves both layouts."""
+    if isinstance(kv, PagedKV):
+        return kv.k_pages, kv.v_pages, kv.page_table
+    return kv.k, kv.v, np.arange(kv.batch, dtype=np.int32)[:, None]
+
+
+class _NumbaCpu(BackendOp):
+    NAME: ClassVar[str] = "numba_cpu"
+    BACKEND: ClassVar[str] = "numba_cpu"
+    DEVICE: ClassVar[str] = "host"
+    DTYPES: ClassVar[tuple[str, ...]] = ("float32", "float16", "bfloat16")
+    VERSION: ClassVar[str] = f"numba {_numba_version()}"
+
+    @classmethod
+    def availability_reasons(cls) -> list[str]:
+        return [] if _numba_version() else ["numba is not installed (pip install 'sparsecore[numba]')"]
+
+
+@register
+class Pack(_NumbaCpu):
+    OP = "pack"
+
+    @classmethod
+    def run(cls, inp: I.PackInputs) -> TiledELL:
+        k = _k()
+        x = inp.x
+        m, kk = x.shape
+        tile, cap = inp.tile, inp.capacity
+        nt = -(-kk // tile)
+        lut = _lut_for(inp.dtype)
+        relu = inp.activation == "relu"
+        counts = np.empty((m, nt), np.int32)
+        row_over = np.empty(m, np.int64)
+        k.pack_count(_bits(x), np.float32(inp.threshold), relu, tile, cap, lut, counts, row_over)
+        values = np.zeros((m, nt, cap), x.dtype)
+        cols = np.zeros((m, nt, cap), np.int16)
+        o_ptr = np.zeros(m + 1, np.int64)
+        np.cumsum(row_over, out=o_ptr[1:])
+        n_over = int(o_ptr[-1])
+        o_idx = np.empty(n_over, np.int64)
+        o_val = np.empty(n_over, x.dtype)
+        k.pack_fill(_bits(x), np.float32(inp.threshold), relu, tile, cap, lut, _bits(values), cols, o_ptr, o_idx,
+                    _bits(o_val))
+        overflow = None
+        if n_over:
+            idx_t = np.int32 if max(kk, n_over) < 2**31 else np.int64
+            overflow = CSR(o_ptr.astype(idx_t), o_idx.astype(idx_t), o_val, (m, kk))
+        return TiledELL(values, cols, counts, (m, kk), tile, overflow)
+
+
+@register
+class Unpack(_NumbaCpu):
+    OP = "unpack"
+
+    @classmethod
+    def run(cls, inp: I.UnpackInputs) -> np.ndarray:
+        a = inp.a
+        out = np.empty(a.shape, a.values.dtype)
+        _k().unpack(*_ell_args(a), _bits(out))
+        return out
+
+
+#: bytes of one (row chunk x column block) output tile of the grouped products; it stays in cache
+OUT_TILE_BYTES = int(os.environ.get("SPARSECORE_CPU_TILE_BYTES", 512 << 10))
+MAX_CHUNK_ROWS = int(os.environ.get("SPARSECORE_CPU_CHUNK_ROWS", 512))
+
+
+def _finish(out32: np.ndarray, dtype: str) -> np.ndarray:
+    return out32 if dtype == "float32" else out32.astype(_out_dtype(dtype))
+
+
+def _group(a: TiledELL | CSR, chunk_rows: int, lut: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Entries grouped by (row chunk, column): see kernels.group_by_column."""
+    args = _ell_args(a) if isinstance(a, TiledELL) else _csr_as_ell_args(a)
+    return _k().group_by_column(*args, a.shape[1], chunk_rows, lut)
+
+
+def _csr_as_ell_args(a: CSR) -> tuple[Any, ...]:
+    """A CSR as a TiledELL without slots: every entry is 'overflow'."""
+    m = a.shape[0]
+    data = _bits(a.data)
+    return (np.zeros((m, 0, 1), data.dtype), np.zeros((m, 0, 1), np.int16), np.zeros((m, 0), np.int32), 1,
+            a.indptr, a.indices, data)
+
+
+def _tiles(m: int, n: int) -> tuple[int, int]:
+    """(rows per chunk, columns per block) for the grouped products: the output tile of a task
+    (rows x columns, float32) fits OUT_TILE_BYTES, a share of a core's L2, so the adds of all its
+    entries stay in cache; the weight block it streams is read from memory about once."""
+    chunk = max(1, min(m, MAX_CHUNK_ROWS))
+    block = OUT_TILE_BYTES // (4 * chunk)
+    block = max(64, min(1024, block // 16 * 16))
+    return chunk, max(1, min(n, block))
+
+
+def _threads() -> int:
+    import numba
+
+    return int(numba.get_num_threads())
+
+
+def _spmm_grouped(ptr: np.ndarray, rows: np.ndarray, vals: np.ndarray, w: np.ndarray, lut: np.ndarray,
+                  m: int, chunk: int, block: int) -> np.ndarray:
+    out = np.empty((m, w.shape[1]), np.float32)
+    _k().spmm_grouped(ptr, rows, vals, np.ascontiguousarray(_bits(w)), lut, chunk, block, out)
+    return out
+
+
+@register
+class Spmm(_NumbaCpu):
+    OP = "spmm"
+
+    @classmethod
+    def run(cls, inp: I.SpmmInputs) -> np.ndarray:
+        a, w = inp.a, inp.w
+        lut = _lut_for(inp.dtype)
+        chunk, block = _tiles(a.shape[0], w.shape[1])
+        ptr, rows, vals, _ = _group(a, chunk, lut)
+        return _finish(_spmm_grouped(ptr, rows, vals, w, lut, a.shape[0], chunk, block), inp.dtype)
+
+
+@register
+class Sddmm(_NumbaCpu):
+    OP = "sddmm"
+
+    @classmethod
+    def run(cls, inp: I.SddmmInputs) -> TiledELL | CSR:
+        p, x, w = inp.pattern, inp.x, inp.w
+        lut = _lut_for(inp.dtype)
+        chunk, _ = _tiles(p.shape[0], x.shape[1])
+        ptr, rows, _, pos = _group(p, chunk, lut)
+        dots = np.empty(rows.shape[0], np.float32)
+        _k().dots_grouped(ptr, rows, np.ascontiguousarray(_bits(x)), np.ascontiguousarray(_bits(w)), lut, dots)
+        if isinstance(p, CSR):
+            data = np.empty(p.nnz, np.float32)
+            _k().scatter_positions(pos, dots, np.empty(0, np.float32), data)
+            return CSR(p.indptr, p.indices, _finish(data, inp.dtype), p.shape, p.sorted)
+        slots = np.zeros(p.values.size, np.float32)
+        over = np.empty(0 if p.overflow is None else p.overflow.nnz, np.float32)
+        _k().scatter_positions(pos, dots, slots, over)
+        overflow = None
+        if p.overflow is not None:
+            o = p.overflow
+            overflow = CSR(o.indptr, o.indices, _finish(over, inp.dtype), o.shape, o.sorted)
+        values = _finish(slots.reshape(p.values.shape), inp.dtype)
+        return TiledELL(values, p.cols, p.counts, p.shape, p.tile, overflow, p.sorted)
+
+
+@register
+class SpmmT(_NumbaCpu):
+    OP = "spmm_t"
+
+    @classmethod
+    def run(cls, inp: I.SpmmTInputs) -> np.ndarray:
+        a, dy = inp.a, inp.dy
+        lut = _lut_for(inp.dtype)
+        ptr, rows, vals, _ = _group(a, max(a.shape[0], 1), lut)
+        out = np.empty((a.shape[1], dy.shape[1]), np.float32)
+        _k().spmm_t_grouped(ptr, rows, vals, np.ascontiguousarray(_bits(dy)), lut, out)
+        return _finish(out, inp.dtype)
+
+
+@register
+class GatedFfn(_NumbaCpu):
+    OP = "gated_ffn"
+
+    @classmethod
+    def run(cls, inp: I.GatedFfnInputs) -> np.ndarray:
+        g = inp.gate
+        m = g.shape[0]
+        lut = _lut_for(inp.dtype)
+        chunk, block = _tiles(m, inp.w_down.shape[1])
+        ptr, rows, vals, _ = _group(g, chunk, lut)
+        h = np.empty(rows.shape[0], np.float32)
+        _k().dots_grouped(ptr, rows, np.ascontiguousarray(_bits(inp.x)), np.ascontiguousarray(_bits(inp.w_up)),
+                          lut, h)
+        h *= vals  # h = g * (x[m] . w_up[j])
+        return _finish(_spmm_grouped(ptr, rows, h, inp.w_down, lut, m, chunk, block), inp.dtype)
+
+
+@register
+class SelectTopk(_NumbaCpu):
+    OP = "select_topk"
+
+    @classmethod
+    def run(cls, inp: I.SelectTopkInputs) -> TopKIndex:
+        kv = inp.kv
+        k_pages, _, page_table = _as_pages(kv)
+        ps = inp.unit_page_size
+        rows = kv.num_kv_heads if inp.shared else inp.q.shape[1]
+        k_max = topk_capacity(inp.k, inp.sink, inp.window, kv.max_len, ps)
+        indices = np.empty((kv.batch, rows, k_max), np.int32)
+        counts = np.empty((kv.batch, rows), np.int32)
+        _k().select_topk(_bits(inp.q), _bits(k_pages), page_table, kv.lengths, inp.k, inp.sink, inp.window,
+                              inp.shared, ps or 0, _lut_for(inp.dtype), indices, counts)
+        return TopKIndex(indices, counts, "token" if ps is None else "page", ps)
+
+
+def _n_split(tasks: int, work: int) -> int:
+    """Splits per row so that there are a few tasks per core, but each split has real work."""
+    cores = os.cpu_count() or 1
+    want = -(-4 * cores // max(tasks, 1))
+    return max(1, min(want, work // 256 if work >= 256 else 1))
+
+
+def _decode(q: np.ndarray, kv: DenseKV | PagedKV, index: TopKIndex | None, scale: float | None, dtype: str
+            ) -> tuple[np.ndarray, np.ndarray]:
+    k = _k()
+    bsz, hq, d = q.shape
+    k_pages, v_pages, page_table = _as_pages(kv)
+    scale = 1.0 / np.sqrt(d) if scale is None else scale
+    if index is None:
+        dense, shared, unit = True, True, 1
+        indices = np.zeros((bsz, kv.num_kv_heads, 0), np.int32)
+        counts = np.zeros((bsz, kv.num_kv_heads), np.int32)
+        rows, work = kv.num_kv_heads, kv.max_len
+    else:
+        dense = False
+        shared = index.groups == kv.num_kv_heads
+        unit = index.page_size if index.granularity == "page" else 1
+        indices, counts = index.indices, index.counts
+        rows, work = index.groups, index.k_max * unit
+    n_split = _n_split(bsz * rows, work)
+    o_part = np.empty((bsz, hq, n_split, d), np.float32)
+    lse_part = np.empty((bsz, hq, n_split), np.float32)
+    k.decode_partial(_bits(q), _bits(k_pages), _bits(v_pages), page_table, kv.lengths, indices, counts, unit, dense,
+                     shared, np.float32(scale), n_split, _lut_for(dtype), o_part, lse_part)
+    if n_split == 1:
+        return _finish(np.ascontiguousarray(o_part[:, :, 0]), dtype), np.ascontiguousarray(lse_part[:, :, 0])
+    out = np.empty((bsz, hq, d), np.float32)
+    lse = np.empty((bsz, hq), np.float32)
+    k.merge_splits(o_part, lse_part, out, lse)
+    return _finish(out, dtype), lse
+
+
+@register
+class SparseDecode(_NumbaCpu):
+    OP = "sparse_decode"
+
+    @classmethod
+    def run(cls, inp: I.SparseDecodeInputs) -> tuple[np.ndarray, np.ndarray]:
+        return _decode(inp.q, inp.kv, inp.index, inp.scale, inp.dtype)
+
+
+@register
+class DenseDecode(_NumbaCpu):
+    OP = "dense_decode"
+
+    @classmethod
+    def run(cls, inp: I.DenseDecodeInputs) -> tuple[np.ndarray, np.ndarray]:
+        return _decode(inp.q, inp.kv, None, inp.scale, inp.dtype)
+
+
+@register
+class MergeAttention(_NumbaCpu):
+    OP = "merge_attention"
+
+    @classmethod
+    def run(cls, inp: I.MergeAttentionInputs) -> tuple[np.ndarray, np.ndarray]:
+        shape = inp.o1.shape
+        d = shape[-1]
+        o1 = np.ascontiguousarray(inp.o1).reshape(-1, d)
+        o2 = np.ascontiguousarray(inp.o2).reshape(-1, d)
+        out = np.empty(o1.shape, np.float32)
+        lse = np.empty(o1.shape[0], np.float32)
+        _k().merge_pair(_bits(o1), np.ascontiguousarray(inp.lse1).reshape(-1),
+                             _bits(o2), np.ascontiguousarray(inp.lse2).reshape(-1), _lut_for(inp.dtype), out, lse)
+        return _finish(out, inp.dtype).reshape(shape), lse.reshape(shape[:-1])

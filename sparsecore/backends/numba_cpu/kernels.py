@@ -1,0 +1,424 @@
+"""Numba parallel CPU kernels. Imported only when numba is installed.
+
+Value buffers arrive as float32, or as uint16 bit patterns (float16 and bfloat16), which ``load``
+turns into float32 through a 65536-entry table; every kernel accumulates in float32 and writes
+float32 (the launcher rounds to the output dtype once). Formats are passed buffer by buffer; a
+TiledELL without overflow is given an empty CSR, so no kernel needs an optional argument.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+_OPTS = {"cache": True, "nogil": True}
+_PAR = {"cache": True, "nogil": True, "parallel": True, "fastmath": {"contract", "reassoc"}}
+
+
+def load(a, idx, lut):  # noqa: ARG001 - the overload below is what numba compiles
+    raise NotImplementedError
+
+
+@overload(load, inline="always")
+def _load(a, idx, lut):
+    if a.dtype == types.uint16:
+        return lambda a, idx, lut: lut[a[idx]]
+    return lambda a, idx, lut: np.float32(a[idx])
+
+
+# ---------------------------------------------------------------------------------------------
+# FFN: pack, unpack, spmm, sddmm, spmm_t, gated_ffn
+
+
+@njit(**_PAR)
+def pack_count(x, threshold, relu, tile, capacity, lut, counts, row_overflow):
+    """Pass 1: slots used per (row, tile) and overflow entries per row."""
+    m_rows, k = x.shape
+    n_tiles = counts.shape[1]
+    for m in prange(m_rows):
+        over = 0
+        for t in range(n_tiles):
+            c = 0
+            for j in range(t * tile, min((t + 1) * tile, k)):
+                a = load(x, (m, j), lut)
+                if relu and a < 0:
+                    a = np.float32(0)
+                if not abs(a) <= threshold:  # NaN is kept
+                    c += 1
+            counts[m, t] = min(c, capacity)
+            over += max(c - capacity, 0)
+        row_overflow[m] = over
+
+
+@njit(**_PAR)
+def pack_fill(x, threshold, relu, tile, capacity, lut, values, cols, o_ptr, o_idx, o_val):
+    """Pass 2: first ``capacity`` kept columns of a tile to its slots, the rest to the overflow."""
+    m_rows, k = x.shape
+    n_tiles = values.shape[1]
+    zero = x.dtype.type(0)
+    for m in prange(m_rows):
+        p = o_ptr[m]
+        for t in range(n_tiles):
+            c = 0
+            for j in range(t * tile, min((t + 1) * tile, k)):
+                a = load(x, (m, j), lut)
+                if relu and a < 0:
+                    raw = zero
+                    a = np.float32(0)
+                else:
+                    raw = x[m, j]
+                if not abs(a) <= threshold:
+                    if c < capacity:
+                        values[m, t, c] = raw
+                        cols[m, t, c] = j - t * tile
+                    else:
+                        o_idx[p] = j
+                        o_val[p] = raw
+                        p += 1
+                    c += 1
+
+
+@njit(**_PAR)
+def unpack(values, cols, counts, tile, o_ptr, o_idx, o_val, out):
+    m_rows, n_tiles, _ = values.shape
+    for m in prange(m_rows):
+        out[m, :] = 0
+        for t in range(n_tiles):
+            for s in range(counts[m, t]):
+                out[m, t * tile + cols[m, t, s]] = values[m, t, s]
+        for p in range(o_ptr[m], o_ptr[m + 1]):
+            out[m, o_idx[p]] = o_val[p]
+
+
+@njit(inline="always")
+def _dot(x, m, w, k, lut):
+    acc = np.float32(0)
+    for d in range(x.shape[1]):
+        acc += load(x, (m, d), lut) * load(w, (k, d), lut)
+    return acc
+
+
+@njit(**_OPTS)
+def group_by_column(values, cols, counts, tile, o_ptr, o_idx, o_val, k_cols, chunk_rows, lut):
+    """The stored entries in (row chunk, column, row) order, by a counting sort.
+
+    Returns ``ptr[n_chunks * K + 1]`` (entries of chunk c and column j are
+    ``ptr[c * K + j] : ptr[c * K + j + 1]``), their ``rows``, ``vals`` (float32) and ``pos``: where
+    each entry lives in the input (flat slot index, or ``M * n_tiles * capacity`` + overflow index).
+    Walking a column's entries together lets a kernel read each row of a weight once per chunk.
+    """
+    m_rows, n_tiles, cap = values.shape
+    n_chunks = max(1, -(-m_rows // chunk_rows))
+    ptr = np.zeros(n_chunks * k_cols + 1, np.int64)
+    for m in range(m_rows):
+        c0 = (m // chunk_rows) * k_cols + 1
+        for t in range(n_tiles):
+            for s in range(counts[m, t]):
+                ptr[c0 + t * tile + cols[m, t, s]] += 1
+        for p in range(o_ptr[m], o_ptr[m + 1]):
+            ptr[c0 + o_idx[p]] += 1
+    for j in range(n_chunks * k_cols):
+        ptr[j + 1] += ptr[j]
+    fill = ptr[:-1].copy()
+    n = ptr[-1]
+    rows = np.empty(n, np.int64)
+    vals = np.empty(n, np.float32)
+    pos = np.empty(n, np.int64)
+    n_slots = m_rows * n_tiles * cap
+    for m in range(m_rows):
+        c0 = (m // chunk_rows) * k_cols
+        for t in range(n_tiles):
+            for s in range(counts[m, t]):
+                q = fill[c0 + t * tile + cols[m, t, s]]
+                fill[c0 + t * tile + cols[m, t, s]] += 1
+                rows[q] = m
+                vals[q] = load(values, (m, t, s), lut)
+                pos[q] = (m * n_tiles + t) * cap + s
+        for p in range(o_ptr[m], o_ptr[m + 1]):
+            q = fill[c0 + o_idx[p]]
+            fill[c0 + o_idx[p]] += 1
+            rows[q] = m
+            vals[q] = load(o_val, p, lut)
+            pos[q] = n_slots + p
+    return ptr, rows, vals, pos
+
+
+@njit(**_PAR)
+def spmm_grouped(ptr, rows, vals, w, lut, chunk_rows, block, out):
+    """out = A @ W from column-grouped entries. A task is (row chunk, column block of W): it streams
+    its block of every needed W row once and adds it into the chunk's output rows, which stay in
+    cache; no two tasks write the same output element."""
+    k_cols = w.shape[0]
+    m_rows, n = out.shape
+    n_chunks = -(-m_rows // chunk_rows)
+    n_blocks = -(-n // block)
+    for task in prange(n_chunks * n_blocks):
+        c = task // n_blocks
+        n0 = np.uint64((task % n_blocks) * block)
+        n1 = np.uint64(min(n, (task % n_blocks + 1) * block))
+        for mi in range(c * chunk_rows, min((c + 1) * chunk_rows, m_rows)):
+            m = np.uint64(mi)
+            for nn in range(n0, n1):
+                out[m, nn] = 0
+        for j in range(k_cols):
+            jj = np.uint64(j)
+            for p in range(ptr[c * k_cols + j], ptr[c * k_cols + j + 1]):
+                m = np.uint64(rows[p])
+                v = vals[p]
+                for nn in range(n0, n1):
+                    out[m, nn] += v * load(w, (jj, nn), lut)
+
+
+@njit(**_PAR)
+def dots_grouped(ptr, rows, x, w, lut, out):
+    """out[p] = x[rows[p]] . w[j] for the entries p of column j: each w row is read once per chunk
+    while the rows of x it meets stay in cache."""
+    k_cols = w.shape[0]
+    n_chunks = (ptr.shape[0] - 1) // max(k_cols, 1)
+    for task in prange(n_chunks * k_cols):
+        for p in range(ptr[task], ptr[task + 1]):
+            out[p] = _dot(x, rows[p], w, task % k_cols, lut)
+
+
+@njit(**_PAR)
+def scatter_positions(pos, vals, slots, overflow):
+    """Put the grouped results back where their entries live (slots, then overflow)."""
+    n_slots = slots.shape[0]
+    for p in prange(pos.shape[0]):
+        if pos[p] < n_slots:
+            slots[pos[p]] = vals[p]
+        else:
+            overflow[pos[p] - n_slots] = vals[p]
+
+
+@njit(**_PAR)
+def spmm_t_grouped(ptr, rows, vals, dy, lut, out):
+    """out[j] = sum of v * dy[m] over the entries of column j (one chunk: all rows)."""
+    for j in prange(out.shape[0]):
+        row = out[j]
+        row[:] = 0
+        for p in range(ptr[j], ptr[j + 1]):
+            v = vals[p]
+            m = rows[p]
+            for n in range(row.shape[0]):
+                row[n] += v * load(dy, (m, n), lut)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode. A dense cache is passed as pages: k[B, S, Hkv, D] is k_pages with page_size S and
+# page_table[b, 0] = b, so one kernel serves both layouts.
+
+
+@njit(inline="always")
+def _kv_row(page_table, b, t, page_size):
+    return page_table[b, t // page_size], t % page_size
+
+
+@njit(**_PAR)
+def decode_partial(q, k_pages, v_pages, page_table, lengths, indices, counts, unit, dense, shared,
+                   scale, n_split, lut, o_part, lse_part):
+    """Softmax attention over one split of each selection row, with an online (running max) softmax.
+
+    A task is (sequence b, selection row u, split s). A shared row serves the ``group`` query heads
+    of KV head u, so every selected K and V row is read once for the whole group. ``unit`` is the
+    number of tokens per index entry (1 for tokens, page_size for page granularity); ``dense``
+    means every token < length, without an index.
+    """
+    bsz, hq, d = q.shape
+    page_size = k_pages.shape[1]
+    hkv = k_pages.shape[2]
+    group = hq // hkv
+    rows = hkv if (dense or shared) else hq
+    nh = group if (dense or shared) else 1
+    for task in prange(bsz * rows * n_split):
+        b = task // (rows * n_split)
+        u = (task // n_split) % rows
+        s = task % n_split
+        h0 = u * nh
+        kvh = h0 // group
+        length = lengths[b]
+        n_entries = -(-length // unit) if dense else counts[b, u]
+        chunk = -(-n_entries // n_split)
+        e0 = s * chunk
+        e1 = min(e0 + chunk, n_entries)
+        qv = np.empty((nh, d), np.float32)
+        for i in range(nh):
+            for j in range(d):
+                qv[i, j] = load(q, (b, h0 + i, j), lut) * scale
+        acc = np.zeros((nh, d), np.float32)
+        mx = np.full(nh, -np.inf, np.float32)
+        den = np.zeros(nh, np.float32)
+        for e in range(e0, e1):
+            first = e * unit if dense else indices[b, u, e] * unit
+            for t in range(first, min(first + unit, length)):
+                pg, r = _kv_row(page_table, b, t, page_size)
+                for i in range(nh):
+                    sc = np.float32(0)
+                    for j in range(d):
+                        sc += qv[i, j] * load(k_pages, (pg, r, kvh, j), lut)
+                    if sc > mx[i]:
+                        corr = np.float32(math.exp(mx[i] - sc))
+                        mx[i] = sc
+                        den[i] = den[i] * corr + 1
+                        for j in range(d):
+                            acc[i, j] = acc[i, j] * corr + load(v_pages, (pg, r, kvh, j), lut)
+                    else:
+                        p = np.float32(math.exp(sc - mx[i]))
+                        den[i] += p
+                        for j in range(d):
+                            acc[i, j] += p * load(v_pages, (pg, r, kvh, j), lut)
+        for i in range(nh):
+            if den[i] > 0:
+                for j in range(d):
+                    o_part[b, h0 + i, s, j] = acc[i, j] / den[i]
+                lse_part[b, h0 + i, s] = mx[i] + math.log(den[i])
+            else:
+                o_part[b, h0 + i, s, :] = 0
+                lse_part[b, h0 + i, s] = -np.inf
+
+
+@njit(**_PAR)
+def merge_splits(o_part, lse_part, out, lse):
+    """Log-sum-exp merge of the splits of each (b, h)."""
+    bsz, hq, n_split, d = o_part.shape
+    for bh in prange(bsz * hq):
+        b = bh // hq
+        h = bh % hq
+        m = -np.inf
+        for s in range(n_split):
+            m = max(m, lse_part[b, h, s])
+        if m == -np.inf:
+            out[b, h, :] = 0
+            lse[b, h] = -np.inf
+            continue
+        tot = np.float32(0)
+        for j in range(d):
+            out[b, h, j] = 0
+        for s in range(n_split):
+            w = math.exp(lse_part[b, h, s] - m) if lse_part[b, h, s] != -np.inf else 0.0
+            tot += w
+            for j in range(d):
+                out[b, h, j] += w * o_part[b, h, s, j]
+        for j in range(d):
+            out[b, h, j] /= tot
+        lse[b, h] = m + math.log(tot)
+
+
+@njit(**_PAR)
+def merge_pair(o1, lse1, o2, lse2, lut, out, lse):
+    for r in prange(o1.shape[0]):
+        a = np.float32(lse1[r])
+        c = np.float32(lse2[r])
+        m = max(a, c)
+        if m == -np.inf:
+            out[r, :] = 0
+            lse[r] = -np.inf
+            continue
+        w1 = math.exp(a - m) if a != -np.inf else 0.0
+        w2 = math.exp(c - m) if c != -np.inf else 0.0
+        tot = w1 + w2
+        for j in range(o1.shape[1]):
+            out[r, j] = (w1 * load(o1, (r, j), lut) + w2 * load(o2, (r, j), lut)) / tot
+        lse[r] = m + math.log(tot)
+
+
+@njit(**_OPTS)
+def _take_top(score, free, k, chosen):
+    """Mark in ``chosen`` the ``k`` free positions of highest score (NaN counts as -inf)."""
+    n = score.shape[0]
+    cand = np.empty(n, np.float32)
+    pos = np.empty(n, np.int64)
+    c = 0
+    for i in range(n):
+        if free[i]:
+            v = score[i]
+            cand[c] = v if v == v else -np.inf
+            pos[c] = i
+            c += 1
+    if k >= c:
+        for i in range(c):
+            chosen[pos[i]] = True
+        return
+    if k == 0:
+        return
+    thr = -np.partition(-cand[:c], k - 1)[k - 1]  # the k-th largest
+    taken = 0
+    for i in range(c):
+        if cand[i] > thr:
+            chosen[pos[i]] = True
+            taken += 1
+    for i in range(c):
+        if taken == k:
+            break
+        if cand[i] == thr:
+            chosen[pos[i]] = True
+            taken += 1
+
+
+@njit(**_PAR)
+def select_topk(q, k_pages, page_table, lengths, k, sink, window, shared, quest_page, lut, indices, counts):
+    """Exact (``quest_page == 0``: token scores) or Quest (page upper bounds) top-k per row, plus the
+    forced sink and window; rows written in ascending order, padded with -1."""
+    bsz, hq, d = q.shape
+    page_size = k_pages.shape[1]
+    hkv = k_pages.shape[2]
+    group = hq // hkv
+    rows = counts.shape[1]
+    nh = group if shared else 1
+    for task in prange(bsz * rows):
+        b = task // rows
+        u = task % rows
+        h0 = u * nh
+        kvh = h0 // group
+        length = lengths[b]
+        unit = quest_page if quest_page > 0 else 1
+        n_units = -(-length // unit)
+        score = np.zeros(n_units, np.float32)
+        if quest_page == 0:
+            qs = np.zeros(d, np.float32)  # summed over the group: sum_h q_h . k = (sum_h q_h) . k
+            for i in range(nh):
+                for j in range(d):
+                    qs[j] += load(q, (b, h0 + i, j), lut)
+            for t in range(length):
+                pg, r = _kv_row(page_table, b, t, page_size)
+                sc = np.float32(0)
+                for j in range(d):
+                    sc += qs[j] * load(k_pages, (pg, r, kvh, j), lut)
+                score[t] = sc
+        else:
+            lo = np.empty(d, np.float32)
+            hi = np.empty(d, np.float32)
+            for p in range(n_units):
+                lo[:] = np.inf
+                hi[:] = -np.inf
+                for t in range(p * unit, min((p + 1) * unit, length)):
+                    pg, r = _kv_row(page_table, b, t, page_size)
+                    for j in range(d):
+                        kv_ = load(k_pages, (pg, r, kvh, j), lut)
+                        lo[j] = min(lo[j], kv_)
+                        hi[j] = max(hi[j], kv_)
+                bound = np.float32(0)
+                for i in range(nh):
+                    for j in range(d):
+                        qj = load(q, (b, h0 + i, j), lut)
+                        bound += max(qj * lo[j], qj * hi[j])
+                score[p] = bound
+        free = np.ones(n_units, np.bool_)
+        chosen = np.zeros(n_units, np.bool_)
+        for t in range(min(sink, length)):
+            chosen[t // unit] = True
+        for t in range(max(length - window, 0), length):
+            chosen[t // unit] = True
+        for p in range(n_units):
+            free[p] = not chosen[p]
+        _take_top(score, free, k, chosen)
+        c = 0
+        for p in range(n_units):
+            if chosen[p]:
+                indices[b, u, c] = p
+                c += 1
+        counts[b, u] = c
+        indices[b, u, c:] = -1

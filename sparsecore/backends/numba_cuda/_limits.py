@@ -1,0 +1,7 @@
+"""Limits of the numba_cuda kernels, importable without numba (the op classes report them)."""
+
+#: head_dim of decode and select_topk: the query heads of a group are staged in shared memory.
+MAX_HEAD_DIM = 256
+#: query heads per KV head (Hq / Hkv) staged together by select_topk, dense_decode and a shared
+#: sparse_decode.
+MAX_GROUP = 16

@@ -1,0 +1,370 @@
+"""numba_cuda against the reference under the CUDA simulator, through the public ops: Numba device
+arrays in (``cuda.to_device``), so the dispatcher picks numba_cuda; tiny shapes, few hypothesis
+examples plus the named edge cases, all three value dtypes. Top-k is checked by set and threshold,
+never by index equality (ties may be broken either way)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+import sparsecore as sc
+from sparsecore import CSR, TiledELL, TopKIndex
+from sparsecore import reference as ref
+from sparsecore.ops import inputs as I
+from sparsecore.ops.dispatcher import select
+from sparsecore.reference.attention import forced_positions, head_scores, page_key_bounds, quest_bounds, sequence_kv
+from tests._util import assert_close
+
+from ._cases import DTYPES, NP, cdiv, dev, f64, host, kv_cache, random_index, sparse_dense, sparse_format, values
+from .conftest import SIM, SKIP_REASON
+
+pytestmark = [pytest.mark.simulator, pytest.mark.skipif(not SIM, reason=SKIP_REASON)]
+
+FEW = settings(max_examples=5, deadline=None, derandomize=True, database=None)
+dtypes = pytest.mark.parametrize("dtype", DTYPES)
+
+
+def _same_bits(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
+    """Exact equality of values (NaN equal to NaN): pack/unpack only move entries."""
+    a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert a.shape == e.shape, f"{what}: shape {a.shape} != {e.shape}"
+    bad = ~((a == e) | (np.isnan(a) & np.isnan(e)))
+    assert not bad.any(), f"{what}: {int(bad.sum())} differ; first at {np.argwhere(bad)[0]}: {a[bad][0]} != {e[bad][0]}"
+
+
+def _abs(f: TiledELL | CSR) -> TiledELL | CSR:
+    """The same pattern with |values| (for the magnitude scale of tolerances)."""
+    if isinstance(f, CSR):
+        return dataclasses.replace(f, data=np.abs(f.data))
+    return dataclasses.replace(f, values=np.abs(f.values), overflow=None if f.overflow is None else _abs(f.overflow))
+
+
+def _check_format(actual: TiledELL | CSR, expected: TiledELL | CSR, dtype: str, scale: TiledELL | CSR | None,
+                  what: str) -> None:
+    """A TiledELL or CSR result: the pattern exactly, the values within tolerance (or exactly)."""
+    assert type(actual) is type(expected), what
+    if isinstance(expected, CSR):
+        np.testing.assert_array_equal(host(actual.indptr), expected.indptr, err_msg=f"{what}: indptr")
+        np.testing.assert_array_equal(host(actual.indices), expected.indices, err_msg=f"{what}: indices")
+        if scale is None:
+            _same_bits(f64(actual.data), expected.data.astype(np.float64), f"{what}: data")
+        else:
+            assert_close(actual.data, expected.data, dtype, what=f"{what}: data", scale=f64(scale.data))
+        return
+    assert actual.tile == expected.tile and actual.shape == expected.shape, what
+    np.testing.assert_array_equal(host(actual.counts), expected.counts, err_msg=f"{what}: counts")
+    np.testing.assert_array_equal(host(actual.cols), expected.cols, err_msg=f"{what}: cols")
+    if scale is None:
+        _same_bits(f64(actual.values), expected.values.astype(np.float64), f"{what}: values")
+    else:
+        assert_close(actual.values, expected.values, dtype, what=f"{what}: values", scale=f64(scale.values))
+    assert (actual.overflow is None) == (expected.overflow is None), f"{what}: overflow presence"
+    if expected.overflow is not None:
+        _check_format(actual.overflow, expected.overflow, dtype, None if scale is None else scale.overflow,
+                      f"{what}: overflow")
+
+
+# ---- dispatch -----------------------------------------------------------------------------------
+
+def test_device_inputs_dispatch_to_numba_cuda_and_come_back_as_numba_arrays():
+    rng = np.random.default_rng(0)
+    x = sparse_dense(rng, 2, 8, 0.5, "float32")
+    a, w = dev(sparse_format(x, "ell", 4, 1)), dev(values(rng, (8, 3), "float32"))
+    assert select(I.SpmmInputs(a, w)).NAME == "numba_cuda"
+    out = sc.spmm(a, w)
+    assert type(out).__module__.startswith("numba") and out.shape == (2, 3)
+
+
+def test_host_inputs_are_refused_with_a_reason():
+    rng = np.random.default_rng(0)
+    x = sparse_dense(rng, 2, 8, 0.5, "float32")
+    with pytest.raises(ValueError, match="numba_cuda: runs on cuda arrays, the inputs are on host"):
+        sc.spmm(sparse_format(x, "ell", 4, 1), values(rng, (8, 3), "float32"), backend="numba_cuda")
+
+
+# ---- pack / unpack ------------------------------------------------------------------------------
+
+@dtypes
+@FEW
+@given(m=st.integers(0, 3), k=st.integers(0, 40), tile=st.sampled_from([4, 8, 16]), cap=st.integers(1, 4),
+       density=st.floats(0.0, 1.0), threshold=st.sampled_from([0.0, 0.9]), relu=st.booleans(),
+       seed=st.integers(0, 2**16))
+@example(m=0, k=0, tile=8, cap=1, density=0.5, threshold=0.0, relu=False, seed=0)      # empty matrix
+@example(m=3, k=20, tile=8, cap=2, density=0.0, threshold=0.0, relu=False, seed=1)     # all rows empty
+@example(m=2, k=33, tile=16, cap=2, density=0.9, threshold=0.0, relu=True, seed=2)     # tiles over capacity
+def test_pack_and_unpack_match_the_reference(dtype, m, k, tile, cap, density, threshold, relu, seed):
+    cap = min(cap, tile)
+    rng = np.random.default_rng(seed)
+    x = sparse_dense(rng, m, k, density, dtype, full_row=True)
+    if m * k:
+        x[rng.random((m, k)) < 0.2] *= -1  # negative entries for relu to drop
+    act = "relu" if relu else None
+    got = sc.pack(dev(x), threshold=threshold, activation=act, tile=tile, capacity=cap)
+    want = ref.pack(x, threshold=threshold, activation=act, tile=tile, capacity=cap)
+    _check_format(got, want, dtype, None, "pack")
+    got.map_arrays(host).validate()
+    _same_bits(f64(sc.unpack(got)), ref.unpack(want).astype(np.float64), "unpack")
+
+
+@dtypes
+def test_pack_keeps_nan_and_spills_a_full_tile_in_column_order(dtype):
+    x = np.zeros((2, 12), NP[dtype])
+    x[0, [0, 2, 3, 5, 7, 9, 11]] = [1, -2, np.nan, 4, -5, 6, 7]
+    x[1, 4] = np.nan
+    got = sc.pack(dev(x), tile=8, capacity=2, threshold=0.5)
+    want = ref.pack(x, tile=8, capacity=2, threshold=0.5)
+    assert want.overflow is not None and want.overflow.nnz == 3
+    _check_format(got, want, dtype, None, "pack")
+    _same_bits(f64(sc.unpack(got)), x.astype(np.float64), "unpack")
+
+
+# ---- spmm, sddmm, spmm_t, gated_ffn -------------------------------------------------------------
+
+_sparse_args = dict(m=st.integers(0, 3), k=st.integers(1, 24), n=st.integers(1, 6), fmt=st.sampled_from(["ell", "csr"]),
+                    tile=st.sampled_from([4, 8]), cap=st.integers(1, 3), density=st.floats(0.0, 1.0),
+                    seed=st.integers(0, 2**16))
+_edge_empty = dict(m=2, k=9, n=3, fmt="csr", tile=4, cap=1, density=0.0, seed=0)      # empty CSR (nnz = 0)
+_edge_overflow = dict(m=3, k=17, n=5, fmt="ell", tile=8, cap=1, density=0.8, seed=3)  # full tiles -> overflow
+_edge_no_rows = dict(m=0, k=8, n=3, fmt="ell", tile=4, cap=2, density=0.5, seed=0)
+
+
+def _sparse_case(dtype, m, k, fmt, tile, cap, density, seed):
+    rng = np.random.default_rng(seed)
+    x = sparse_dense(rng, m, k, density, dtype, full_row=m > 1)
+    return rng, sparse_format(x, fmt, tile, min(cap, tile))
+
+
+@dtypes
+@FEW
+@given(**_sparse_args)
+@example(**_edge_empty)
+@example(**_edge_overflow)
+@example(**_edge_no_rows)
+def test_spmm(dtype, m, k, n, fmt, tile, cap, density, seed):
+    rng, a = _sparse_case(dtype, m, k, fmt, tile, cap, density, seed)
+    w = values(rng, (k, n), dtype)
+    got = sc.spmm(dev(a), dev(w))
+    dense = ref.unpack(a) if isinstance(a, TiledELL) else sc.csr_to_dense(a)
+    want = dense.astype(np.float64) @ w.astype(np.float64)  # A @ W, overflow included
+    assert_close(got, want.astype(NP[dtype]), dtype, what="spmm",
+                 scale=np.abs(dense.astype(np.float64)) @ np.abs(w.astype(np.float64)))
+
+
+@dtypes
+@FEW
+@given(**_sparse_args)
+@example(**_edge_empty)
+@example(**_edge_overflow)
+def test_sddmm(dtype, m, k, n, fmt, tile, cap, density, seed):
+    rng, pattern = _sparse_case(dtype, m, k, fmt, tile, cap, density, seed)
+    x, w = values(rng, (m, n), dtype), values(rng, (k, n), dtype)
+    got = sc.sddmm(dev(x), dev(w), dev(pattern))
+    want = ref.sddmm(x, w, pattern)
+    scale = ref.sddmm(np.abs(x.astype(np.float64)), np.abs(w.astype(np.float64)), _abs(pattern))
+    _check_format(got, want, dtype, scale, "sddmm")
+
+
+@dtypes
+@FEW
+@given(**_sparse_args)
+@example(**_edge_empty)
+@example(**_edge_overflow)
+def test_spmm_t(dtype, m, k, n, fmt, tile, cap, density, seed):
+    rng, a = _sparse_case(dtype, m, k, fmt, tile, cap, density, seed)
+    dy = values(rng, (m, n), dtype)
+    got = sc.spmm_t(dev(a), dev(dy))
+    want = ref.spmm_t(a, dy)
+    scale = ref.spmm_t(_abs(a).map_arrays(lambda v: v.astype(np.float64) if v.dtype == NP[dtype] else v),
+                       np.abs(dy.astype(np.float64)))
+    assert_close(got, want, dtype, what="spmm_t", scale=scale)
+
+
+@dtypes
+@FEW
+@given(**_sparse_args)
+@example(**_edge_empty)
+@example(**_edge_overflow)
+def test_gated_ffn(dtype, m, k, n, fmt, tile, cap, density, seed):
+    rng, gate = _sparse_case(dtype, m, k, fmt, tile, cap, density, seed)
+    d = 5
+    x, w_up, w_down = values(rng, (m, d), dtype), values(rng, (k, d), dtype), values(rng, (k, n), dtype)
+    got = sc.gated_ffn(dev(x), dev(gate), dev(w_up), dev(w_down))
+    want = ref.gated_ffn(x, gate, w_up, w_down)
+    a64 = lambda v: np.abs(v.astype(np.float64))  # noqa: E731
+    scale = ref.gated_ffn(a64(x), _abs(gate).map_arrays(lambda v: v.astype(np.float64) if v.dtype == NP[dtype] else v),
+                          a64(w_up), a64(w_down))
+    assert_close(got, want, dtype, what="gated_ffn", scale=scale)
+
+
+# ---- select_topk --------------------------------------------------------------------------------
+
+def _unit_scores(q: np.ndarray, kv, b: int, group: int, shared: bool, ps: int | None) -> np.ndarray:
+    """The reference's float64 scores of sequence b, [G, units]."""
+    keys, _ = sequence_kv(kv, b)
+    s = head_scores(q[b], keys, group) if ps is None else quest_bounds(q[b], *page_key_bounds(keys, ps), group)
+    if shared:
+        s = s.reshape(s.shape[0] // group, group, s.shape[1]).sum(axis=1)
+    return s
+
+
+def _check_topk(got: TopKIndex, q, kv, k, method, sink, window, shared, ps_arg) -> None:
+    want = ref.select_topk(q, kv, k, method=method, sink=sink, window=window, shared=shared, page_size=ps_arg)
+    assert (got.granularity, got.page_size) == (want.granularity, want.page_size)
+    ind, cnt = host(got.indices), host(got.counts)
+    assert ind.shape == want.indices.shape, f"k_max: {ind.shape} != {want.indices.shape}"
+    np.testing.assert_array_equal(cnt, want.counts, err_msg="counts")
+    got.map_arrays(host).validate(lengths=kv.lengths)
+    group = q.shape[1] // kv.num_kv_heads
+    ps = want.page_size
+    for b in range(q.shape[0]):
+        n = int(kv.lengths[b])
+        units = n if ps is None else cdiv(n, ps)
+        forced = set(forced_positions(n, sink, window, ps).tolist())
+        s = _unit_scores(q, kv, b, group, shared, ps)
+        tol = 1e-4 * (1.0 + np.abs(s).max()) if s.size else 0.0
+        for g in range(ind.shape[1]):
+            sel = set(ind[b, g, :cnt[b, g]].tolist())
+            assert forced <= sel, f"row ({b}, {g}) lacks forced units {sorted(forced - sel)}"
+            chosen = sorted(sel - forced)
+            left = sorted(set(range(units)) - sel)
+            if chosen and left:  # every chosen unit scores at least as high as every unchosen one
+                lo, hi = s[g, chosen].min(), s[g, left].max()
+                assert lo >= hi - tol, f"row ({b}, {g}): chose a unit scoring {lo} over one scoring {hi}"
+
+
+_topk_args = dict(b=st.integers(1, 2), hkv=st.integers(1, 2), group=st.sampled_from([1, 2, 3]), d=st.integers(1, 6),
+                  s=st.integers(1, 24), k=st.integers(0, 8), sink=st.integers(0, 3), window=st.integers(0, 4),
+                  shared=st.booleans(), paged=st.booleans(), seed=st.integers(0, 2**16))
+
+
+def _topk_case(dtype, b, hkv, group, d, s, paged, seed, lengths=None):
+    rng = np.random.default_rng(seed)
+    lengths = lengths if lengths is not None else [int(rng.integers(0 if i else 1, s + 1)) for i in range(b)]
+    kv = kv_cache(rng, dtype, b, s, hkv, d, lengths, paged, page_size=3)
+    q = values(rng, (b, hkv * group, d), dtype)
+    return q, kv
+
+
+@dtypes
+@FEW
+@given(**_topk_args)
+@example(b=1, hkv=1, group=2, d=3, s=10, k=0, sink=2, window=2, shared=True, paged=False, seed=0)   # k = 0
+@example(b=2, hkv=1, group=1, d=2, s=9, k=9, sink=0, window=0, shared=False, paged=True, seed=1)    # k = length
+@example(b=1, hkv=2, group=2, d=4, s=1, k=1, sink=1, window=1, shared=True, paged=True, seed=2)     # length 1
+@example(b=1, hkv=1, group=3, d=4, s=20, k=4, sink=0, window=0, shared=True, paged=False, seed=3)   # plain top-k
+def test_select_topk_exact(dtype, b, hkv, group, d, s, k, sink, window, shared, paged, seed):
+    q, kv = _topk_case(dtype, b, hkv, group, d, s, paged, seed)
+    k = min(k, kv.max_len)
+    got = sc.select_topk(dev(q), dev(kv), k, method="exact", sink=sink, window=window, shared=shared)
+    _check_topk(got, q, kv, k, "exact", sink, window, shared, None)
+
+
+@dtypes
+@FEW
+@given(**_topk_args, page_size=st.sampled_from([None, 2, 4]))
+@example(b=1, hkv=1, group=2, d=3, s=3, k=1, sink=0, window=0, shared=True, paged=True, seed=0,
+         page_size=None)                                                                            # one page
+@example(b=2, hkv=2, group=1, d=2, s=17, k=2, sink=3, window=5, shared=False, paged=False, seed=1,
+         page_size=4)                                                                              # window spans pages
+@example(b=1, hkv=1, group=2, d=4, s=12, k=6, sink=0, window=0, shared=True, paged=True, seed=2,
+         page_size=None)                                                                            # k = every page
+def test_select_topk_quest(dtype, b, hkv, group, d, s, k, sink, window, shared, paged, seed, page_size):
+    q, kv = _topk_case(dtype, b, hkv, group, d, s, paged, seed)
+    ps = page_size if page_size is not None else (3 if paged else 16)
+    k = min(k, cdiv(kv.max_len, ps))
+    got = sc.select_topk(dev(q), dev(kv), k, method="quest", sink=sink, window=window, shared=shared,
+                         page_size=page_size)
+    _check_topk(got, q, kv, k, "quest", sink, window, shared, page_size)
+
+
+# ---- decode -------------------------------------------------------------------------------------
+
+def _check_attention(got, want, dtype, kv, what):
+    out, lse = got
+    vmax = 1.0 + max((np.nanmax(np.abs(sequence_kv(kv, b)[1].astype(np.float64)), initial=0.0)
+                      for b in range(kv.batch)), default=0.0)
+    assert_close(out, want[0], dtype, what=f"{what}: out", scale=np.asarray(vmax))
+    assert host(lse).dtype == np.float32, f"{what}: lse dtype"
+    assert_close(lse, want[1], "float32", what=f"{what}: lse", scale=np.asarray(10.0))
+
+
+_decode_args = dict(b=st.integers(1, 2), hkv=st.integers(1, 2), group=st.sampled_from([1, 2]), d=st.integers(1, 8),
+                    s=st.integers(1, 40), paged=st.booleans(), seed=st.integers(0, 2**16))
+
+
+@dtypes
+@FEW
+@given(**_decode_args, shared=st.booleans(), pages=st.booleans(), k_max=st.integers(0, 24))
+@example(b=2, hkv=1, group=2, d=4, s=12, paged=False, seed=0, shared=True, pages=False, k_max=5)   # an empty row
+@example(b=1, hkv=2, group=2, d=3, s=40, paged=True, seed=1, shared=False, pages=False, k_max=24)  # split-K
+@example(b=2, hkv=1, group=2, d=4, s=30, paged=True, seed=2, shared=True, pages=True, k_max=6)     # pages, split-K
+def test_sparse_decode(dtype, b, hkv, group, d, s, paged, seed, shared, pages, k_max):
+    q, kv = _topk_case(dtype, b, hkv, group, d, s, paged, seed)
+    rng = np.random.default_rng(seed + 1)
+    g_rows = hkv if shared else hkv * group
+    index = random_index(rng, [int(n) for n in kv.lengths], g_rows, k_max, page_size=3 if pages else None,
+                         empty_row=True)
+    got = sc.sparse_decode(dev(q), dev(kv), dev(index), scale=0.7)
+    want = ref.sparse_decode(q, kv, index, scale=0.7)
+    _check_attention(got, want, dtype, kv, "sparse_decode")
+    empty = np.argwhere(index.counts == 0)
+    if len(empty):  # an empty selection: out = 0, lse = -inf
+        bb, gg = empty[0]
+        h = gg * group if shared else gg
+        assert np.isneginf(host(got[1])[bb, h]) and not host(got[0])[bb, h].astype(np.float64).any()
+
+
+@dtypes
+@FEW
+@given(**_decode_args)
+@example(b=2, hkv=1, group=2, d=4, s=37, paged=False, seed=0)    # split-K over a long row, NaN past lengths
+@example(b=1, hkv=2, group=1, d=8, s=1, paged=True, seed=1)      # length 1, one page
+def test_dense_decode(dtype, b, hkv, group, d, s, paged, seed):
+    q, kv = _topk_case(dtype, b, hkv, group, d, s, paged, seed)
+    _check_attention(sc.dense_decode(dev(q), dev(kv)), ref.dense_decode(q, kv), dtype, kv, "dense_decode")
+
+
+@dtypes
+def test_dense_decode_of_an_empty_sequence_is_zero_and_minus_inf(dtype):
+    q, kv = _topk_case(dtype, 2, 1, 2, 4, 6, False, 0, lengths=[0, 6])
+    out, lse = sc.dense_decode(dev(q), dev(kv))
+    assert np.isneginf(host(lse)[0]).all() and not f64(out)[0].any()
+    _check_attention((out, lse), ref.dense_decode(q, kv), dtype, kv, "dense_decode")
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_sparse_decode_selecting_everything_equals_dense_decode(paged):
+    q, kv = _topk_case("float32", 2, 2, 2, 4, 21, paged, 5)
+    index = sc.select_topk(dev(q), dev(kv), kv.max_len, shared=True)
+    sparse = sc.sparse_decode(dev(q), dev(kv), index)
+    dense = sc.dense_decode(dev(q), dev(kv))
+    assert_close(sparse[0], host(dense[0]), "float32", what="out")
+    assert_close(sparse[1], host(dense[1]), "float32", what="lse")
+
+
+# ---- merge_attention ----------------------------------------------------------------------------
+
+@dtypes
+@FEW
+@given(shape=st.sampled_from([(3, 4), (2, 3, 5), (1, 1), (4,)]), lse64=st.booleans(), seed=st.integers(0, 2**16))
+@example(shape=(2, 3, 5), lse64=False, seed=0)
+@example(shape=(4,), lse64=True, seed=1)   # one vector: a 0-d lse
+def test_merge_attention(dtype, shape, lse64, seed):
+    rng = np.random.default_rng(seed)
+    o1, o2 = values(rng, shape, dtype), values(rng, shape, dtype)
+    ldt = np.float64 if lse64 else np.float32
+    l1 = np.asarray(rng.standard_normal(shape[:-1]), dtype=ldt).reshape(shape[:-1])
+    l2 = np.asarray(rng.standard_normal(shape[:-1]), dtype=ldt).reshape(shape[:-1])
+    l1.flat[0] = -np.inf                 # one side empty
+    if l1.size > 1:
+        l1.flat[1] = l2.flat[1] = -np.inf  # both sides empty: out 0, lse -inf
+    out, lse = sc.merge_attention(dev(o1), dev(l1), dev(o2), dev(l2))
+    want = ref.merge_attention(o1, l1, o2, l2)
+    assert_close(out, want[0], dtype, what="out", scale=np.asarray(4.0))
+    assert_close(lse, np.asarray(want[1]), "float32", what="lse")  # the reference gives a scalar for 1-d o
+    assert tuple(out.shape) == shape and tuple(lse.shape) == shape[:-1] and type(lse).__module__.startswith("numba")

@@ -1,0 +1,543 @@
+"""Host tier: the decode ops (select_topk, sparse_decode, dense_decode, merge_attention) against plain
+NumPy written here, in float64 from the rounded stored inputs. ``sparsecore.reference`` is under test
+and never used as the oracle.
+
+Top-k is checked by set and threshold, never by index equality (ties). Caches are NaN past every
+length, so a read out of bounds shows up as NaN.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import sparsecore as sc
+from sparsecore import TopKIndex
+from tests._util import as_f64, assert_close, backend_takes, host_backend_params
+from tests.strategies_decode import (
+    EDGE_CASES,
+    PAGE_SIZES,
+    DecodeCase,
+    cdiv,
+    decode_cases,
+    expand_pages,
+    full_rows,
+    index_from_rows,
+    random_rows,
+    scales,
+)
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+Rows = list[list[np.ndarray]]
+
+
+@pytest.fixture(scope="module", autouse=True, params=host_backend_params())
+def _host_backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test runs once per host backend, forced through SPARSECORE_BACKEND (so the ops are
+    called exactly as users call them)."""
+    before = os.environ.get("SPARSECORE_BACKEND")
+    os.environ["SPARSECORE_BACKEND"] = request.param
+    yield request.param
+    if before is None:
+        del os.environ["SPARSECORE_BACKEND"]
+    else:
+        os.environ["SPARSECORE_BACKEND"] = before
+
+
+def needs(dtype: str) -> None:
+    """Set this example aside (with its reason) when the backend under test does not take ``dtype``."""
+    backend_takes(os.environ["SPARSECORE_BACKEND"], dtype)
+
+
+# --- the oracle: plain float64 softmax attention --------------------------------------------------------
+
+def plain_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, scale: float) -> tuple[np.ndarray, float]:
+    """``q[D]``, ``keys, values[T, D]`` float64; attention over nothing is (0, -inf)."""
+    if keys.shape[0] == 0:
+        return np.zeros(q.shape[0]), -np.inf
+    s = np.array([scale * float(np.dot(kt, q)) for kt in keys])
+    m = s.max()
+    w = np.exp(s - m)
+    return (w[:, None] * values).sum(axis=0) / w.sum(), m + np.log(w.sum())
+
+
+def expected_decode(case: DecodeCase, tokens: Callable[[int, int], np.ndarray], scale: float | None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """``tokens(b, h)``: the positions query head ``h`` of sequence ``b`` attends to."""
+    sc_ = 1.0 / np.sqrt(case.head_dim) if scale is None else scale
+    out = np.zeros((case.batch, case.hq, case.head_dim))
+    lse = np.zeros((case.batch, case.hq))
+    for b in range(case.batch):
+        for h in range(case.hq):
+            kvh = h // case.group  # GQA: query head h reads KV head h // (Hq / Hkv)
+            t = np.asarray(tokens(b, h), dtype=np.int64)
+            out[b, h], lse[b, h] = plain_attention(case.q64[b, h], case.keys[b][t, kvh], case.values[b][t, kvh], sc_)
+    return out, lse
+
+
+def rows_tokens(case: DecodeCase, rows: Rows, page_size: int | None) -> Callable[[int, int], np.ndarray]:
+    groups = len(rows[0])
+
+    def tokens(b: int, h: int) -> np.ndarray:
+        g = h // case.group if groups == case.hkv else h
+        return expand_pages(rows[b][g], page_size, int(case.lengths[b]))
+
+    return tokens
+
+
+def lse_dtype(dtype: str) -> str:
+    """lse is float32 whatever the value dtype; compare it at float32 precision or the value dtype's."""
+    return "float32" if dtype in ("float64", "float32") else dtype
+
+
+def assert_attention(actual: tuple, expected: tuple, dtype: str, what: str, scale: object = None) -> None:
+    out, lse = actual
+    assert as_f64(out).shape == expected[0].shape, what
+    assert_close(out, expected[0], dtype, what=f"{what}: out", scale=scale)
+    assert_close(lse, expected[1], lse_dtype(dtype), what=f"{what}: lse")
+
+
+def check_outputs_types(case: DecodeCase, res: tuple) -> None:
+    out, lse = res
+    assert isinstance(out, np.ndarray) and out.dtype == case.q.dtype, (type(out), getattr(out, "dtype", None))
+    assert out.shape == case.q.shape
+    assert isinstance(lse, np.ndarray) and lse.dtype == np.float32 and lse.shape == case.q.shape[:2]
+
+
+def make_index(case: DecodeCase, rows: Rows, page_size: int | None, k_max: int | None = None) -> TopKIndex:
+    return index_from_rows(rows, k_max=k_max, granularity="token" if page_size is None else "page",
+                           page_size=page_size)
+
+
+def index_page_size(case: DecodeCase, rng: np.random.Generator, granularity: str) -> int | None:
+    """Page-granular selections use the paged cache's page size, or any size over a dense cache."""
+    if granularity == "token":
+        return None
+    return case.kv.page_size if case.paged else int(rng.choice(PAGE_SIZES))
+
+
+# --- properties (shared by the drawn and the named cases) -----------------------------------------------
+
+def check_dense(case: DecodeCase, scale: float | None) -> None:
+    needs(case.dtype)
+    exp = expected_decode(case, lambda b, h: np.arange(case.lengths[b]), scale)
+    res = sc.dense_decode(case.q, case.kv, scale=scale)
+    check_outputs_types(case, res)
+    assert_attention(res, exp, case.dtype, f"dense_decode {case!r}")
+    res_dense = sc.dense_decode(case.q, case.dense, scale=scale)
+    assert_attention(res_dense, exp, case.dtype, f"dense_decode (dense copy) {case!r}")
+    # paged and dense versions of one cache agree with each other
+    assert_attention(res, (as_f64(res_dense[0]), as_f64(res_dense[1])), case.dtype, f"paged vs dense {case!r}")
+    empty = case.lengths == 0
+    assert (as_f64(res[0])[empty] == 0).all() and np.isneginf(res[1][empty]).all()
+
+
+def check_sparse_full(case: DecodeCase, rng: np.random.Generator, scale: float | None) -> None:
+    needs(case.dtype)
+    dense = sc.dense_decode(case.q, case.kv, scale=scale)
+    dense64 = (as_f64(dense[0]), as_f64(dense[1]))
+    for granularity in ("token", "page"):
+        ps = index_page_size(case, rng, granularity)
+        for groups in (case.hkv, case.hq):
+            rows = [[rng.permutation(r) for r in rr] for rr in full_rows(case, groups=groups, page_size=ps)]
+            idx = make_index(case, rows, ps, k_max=int(rng.integers(0, 3)) + max(len(r) for r in rows[0]))
+            for kv in (case.kv, case.dense):
+                res = sc.sparse_decode(case.q, kv, idx, scale=scale)
+                check_outputs_types(case, res)
+                assert_attention(res, dense64, case.dtype,
+                                 f"sparse_decode all {granularity}s G={groups} page_size={ps} {case!r}")
+
+
+def check_sparse_subset(case: DecodeCase, rng: np.random.Generator, scale: float | None, p: float) -> None:
+    needs(case.dtype)
+    for granularity in ("token", "page"):
+        ps = index_page_size(case, rng, granularity)
+        for groups in (case.hkv, case.hq):
+            rows = random_rows(case, rng, groups=groups, page_size=ps, p=p)
+            idx = make_index(case, rows, ps, k_max=int(rng.integers(0, 3)) + max(len(r) for rr in rows for r in rr))
+            exp = expected_decode(case, rows_tokens(case, rows, ps), scale)
+            what = f"sparse_decode subset {granularity} G={groups} page_size={ps} rows={rows} {case!r}"
+            res = sc.sparse_decode(case.q, case.kv, idx, scale=scale)
+            check_outputs_types(case, res)
+            assert_attention(res, exp, case.dtype, what)
+            # the order of indices within a row does not matter
+            perm = [[rng.permutation(r) for r in rr] for rr in rows]
+            res_p = sc.sparse_decode(case.q, case.dense, make_index(case, perm, ps), scale=scale)
+            assert_attention(res_p, exp, case.dtype, f"permuted {what}")
+
+
+def check_shared_vs_per_head(case: DecodeCase, rng: np.random.Generator, scale: float | None) -> None:
+    needs(case.dtype)
+    for granularity in ("token", "page"):
+        ps = index_page_size(case, rng, granularity)
+        rows = random_rows(case, rng, groups=case.hkv, page_size=ps, p=0.5)
+        per_head = [[rr[h // case.group] for h in range(case.hq)] for rr in rows]
+        shared = sc.sparse_decode(case.q, case.kv, make_index(case, rows, ps), scale=scale)
+        each = sc.sparse_decode(case.q, case.kv, make_index(case, per_head, ps), scale=scale)
+        what = f"shared vs per-head {granularity} page_size={ps} rows={rows} {case!r}"
+        assert_attention(each, (as_f64(shared[0]), as_f64(shared[1])), case.dtype, what)
+        assert_attention(shared, expected_decode(case, rows_tokens(case, rows, ps), scale), case.dtype, what)
+
+
+def merge_dtype(dtype: str) -> str:
+    """Partials carry a float32 lse, so a merge is at best float32-accurate."""
+    return lse_dtype(dtype)
+
+
+def check_merge_halves(case: DecodeCase, rng: np.random.Generator, scale: float | None) -> None:
+    needs(case.dtype)
+    for groups in (case.hkv, case.hq):
+        ps = index_page_size(case, rng, str(rng.choice(["token", "page"])))
+        rows = random_rows(case, rng, groups=groups, page_size=ps, p=0.7)
+        masks = [[rng.random(len(r)) < 0.5 for r in rr] for rr in rows]
+        rows_a = [[r[m] for r, m in zip(rr, mm)] for rr, mm in zip(rows, masks)]
+        rows_b = [[r[~m] for r, m in zip(rr, mm)] for rr, mm in zip(rows, masks)]
+        o1, l1 = sc.sparse_decode(case.q, case.kv, make_index(case, rows_a, ps), scale=scale)
+        o2, l2 = sc.sparse_decode(case.q, case.kv, make_index(case, rows_b, ps), scale=scale)
+        whole = sc.sparse_decode(case.q, case.kv, make_index(case, rows, ps), scale=scale)
+        merged = sc.merge_attention(o1, l1, o2, l2)
+        assert merged[0].dtype == o1.dtype and merged[1].dtype == np.float32
+        mag = np.maximum(np.abs(as_f64(o1)), np.abs(as_f64(o2)))
+        what = f"merge of halves G={groups} page_size={ps} {case!r}"
+        assert_attention(merged, (as_f64(whole[0]), as_f64(whole[1])), merge_dtype(case.dtype), what, scale=mag)
+        exp = expected_decode(case, rows_tokens(case, rows, ps), scale)
+        assert_attention(merged, exp, merge_dtype(case.dtype), f"{what} vs plain", scale=np.maximum(mag, 1.0))
+        # merging with an empty partial is the identity, on either side
+        zero, ninf = np.zeros_like(o1), np.full_like(l1, -np.inf)
+        for res in (sc.merge_attention(o1, l1, zero, ninf), sc.merge_attention(zero, ninf, o1, l1)):
+            assert np.array_equal(as_f64(res[0]), as_f64(o1)), what
+            assert np.array_equal(res[1], l1), what
+
+
+# --- select_topk: set and threshold --------------------------------------------------------------------
+
+def forced_tokens(length: int, sink: int, window: int) -> set[int]:
+    return set(range(min(sink, length))) | set(range(max(length - window, 0), length))
+
+
+def unit_scores(case: DecodeCase, b: int, page_size: int | None) -> np.ndarray:
+    """``[Hq, units]``: q . k per token (exact), or the Quest bound per page, in float64. For Quest also
+    checks that the bound really bounds every score of its page."""
+    keys, q = case.keys[b], case.q64[b]
+    n = keys.shape[0]
+    tok = np.array([[float(np.dot(q[h], keys[t, h // case.group])) for t in range(n)] for h in range(case.hq)])
+    tok = tok.reshape(case.hq, n)
+    if page_size is None:
+        return tok
+    n_pages = cdiv(n, page_size)
+    bound = np.zeros((case.hq, n_pages))
+    for j in range(n_pages):
+        page = keys[j * page_size:(j + 1) * page_size]
+        lo, hi = page.min(axis=0), page.max(axis=0)  # [Hkv, D]
+        for h in range(case.hq):
+            kvh = h // case.group
+            bound[h, j] = np.maximum(q[h] * lo[kvh], q[h] * hi[kvh]).sum()
+            true_max = tok[h, j * page_size:(j + 1) * page_size].max()
+            assert bound[h, j] >= true_max - 1e-9 * (1 + abs(true_max)), (h, j, bound[h, j], true_max)
+    return bound
+
+
+def check_topk(case: DecodeCase, idx: TopKIndex, *, k: int, method: str, sink: int, window: int, shared: bool,
+               page_size: int | None, kv_name: str = "kv") -> None:
+    what = (f"select_topk(k={k}, method={method!r}, sink={sink}, window={window}, shared={shared}, "
+            f"page_size={page_size}) on {kv_name} of {case!r}")
+    assert isinstance(idx, TopKIndex), what
+    ind, cnt = np.asarray(as_f64(idx.indices)).astype(np.int64), np.asarray(as_f64(idx.counts)).astype(np.int64)
+    groups = case.hkv if shared else case.hq
+    assert ind.shape[:2] == (case.batch, groups) and cnt.shape == (case.batch, groups), (ind.shape, what)
+    if method == "quest":
+        ps = page_size if page_size is not None else (case.kv.page_size if case.paged else 16)
+        assert idx.granularity == "page" and idx.page_size == ps, (idx.granularity, idx.page_size, what)
+    else:
+        ps = None
+        assert idx.granularity == "token", what
+    for b in range(case.batch):
+        n = int(case.lengths[b])
+        units = n if ps is None else cdiv(n, ps)
+        forced = forced_tokens(n, sink, window)
+        forced = forced if ps is None else {t // ps for t in forced}
+        s = unit_scores(case, b, ps)
+        if shared:
+            s = s.reshape(case.hkv, case.group, units).sum(axis=1)
+        tol = 1e-9 * (1 + (np.abs(s).max() if s.size else 0.0))
+        for g in range(groups):
+            c = int(cnt[b, g])
+            row = ind[b, g, :c].tolist()
+            at = f"row [{b}, {g}] = {row} (length {n}, {units} units): {what}"
+            assert (ind[b, g, c:] == -1).all(), f"padding not -1 in {at}"
+            assert c == min(units, len(forced) + k), f"count {c} != min({units}, {len(forced)} + {k}) in {at}"
+            assert len(set(row)) == c, f"duplicates in {at}"
+            assert all(0 <= i < units for i in row), f"index out of range in {at}"
+            chosen = set(row)
+            assert forced <= chosen, f"forced {sorted(forced - chosen)} missing in {at}"
+            free = sorted(chosen - forced)
+            left = sorted(set(range(units)) - chosen)
+            if free and left:
+                worst_in, best_out = s[g, free].min(), s[g, left].max()
+                assert worst_in >= best_out - tol, (f"chosen score {worst_in} < unchosen {best_out} in {at}; "
+                                                    f"scores {s[g].tolist()}")
+
+
+@st.composite
+def topk_args(draw: st.DrawFn, case: DecodeCase, method: str) -> dict:
+    if method == "quest":
+        # mostly small pages: several candidate pages per sequence, so the ranking is really tested
+        page_size = draw(st.sampled_from([None, 1, 2, 2, 3, 4, 8]))
+        ps = page_size if page_size is not None else (case.kv.page_size if case.paged else 16)
+        cap = cdiv(case.kv.max_len, ps)
+    else:
+        page_size, cap = None, case.kv.max_len
+    # mostly a k well below the candidate count (where a wrong ranking shows), sometimes anything
+    k = draw(st.one_of(st.integers(0, min(cap, 4)), st.integers(0, cap),
+                       st.sampled_from([0, min(cap, int(case.lengths.max()))])))
+    return dict(k=k, method=method, sink=draw(st.integers(0, 4)), window=draw(st.integers(0, 6)),
+                shared=draw(st.booleans()), page_size=page_size)
+
+
+def run_topk(case: DecodeCase, args: dict) -> None:
+    needs(case.dtype)
+    idx = sc.select_topk(case.q, case.kv, **args)
+    check_topk(case, idx, **args)
+    if case.paged:  # the dense copy of the cache, told the paged cache's page size for Quest
+        dargs = dict(args)
+        if args["method"] == "quest" and args["page_size"] is None:
+            dargs["page_size"] = case.kv.page_size
+        check_topk(case, sc.select_topk(case.q, case.dense, **dargs), **dargs, kv_name="dense copy")
+
+
+# --- drawn cases ---------------------------------------------------------------------------------------
+
+@given(case=decode_cases(), scale=scales())
+def test_dense_decode_matches_plain_softmax(case: DecodeCase, scale: float | None) -> None:
+    check_dense(case, scale)
+
+
+@given(case=decode_cases(), scale=scales(), seed=st.integers(0, 2**32 - 1))
+def test_sparse_decode_every_key_equals_dense(case: DecodeCase, scale: float | None, seed: int) -> None:
+    check_sparse_full(case, np.random.default_rng(seed), scale)
+
+
+@given(case=decode_cases(), scale=scales(), seed=st.integers(0, 2**32 - 1), p=st.sampled_from([0.1, 0.5, 0.9]))
+def test_sparse_decode_subset_matches_plain_softmax(case: DecodeCase, scale: float | None, seed: int,
+                                                    p: float) -> None:
+    check_sparse_subset(case, np.random.default_rng(seed), scale, p)
+
+
+@given(case=decode_cases(), scale=scales(), seed=st.integers(0, 2**32 - 1))
+def test_sparse_decode_shared_equals_per_head(case: DecodeCase, scale: float | None, seed: int) -> None:
+    check_shared_vs_per_head(case, np.random.default_rng(seed), scale)
+
+
+@given(case=decode_cases(), scale=scales(), seed=st.integers(0, 2**32 - 1))
+def test_merge_of_disjoint_halves_equals_whole(case: DecodeCase, scale: float | None, seed: int) -> None:
+    check_merge_halves(case, np.random.default_rng(seed), scale)
+
+
+@given(case=decode_cases(), data=st.data())
+def test_select_topk_exact(case: DecodeCase, data: st.DataObject) -> None:
+    run_topk(case, data.draw(topk_args(case, "exact")))
+
+
+@given(case=decode_cases(), data=st.data())
+def test_select_topk_quest(case: DecodeCase, data: st.DataObject) -> None:
+    run_topk(case, data.draw(topk_args(case, "quest")))
+
+
+@given(case=decode_cases(grid=True), data=st.data())
+def test_select_topk_ties(case: DecodeCase, data: st.DataObject) -> None:
+    """Grid values: exact float64 scores and many ties; any tie break is right."""
+    run_topk(case, data.draw(topk_args(case, data.draw(st.sampled_from(["exact", "quest"])))))
+
+
+@given(case=decode_cases(), method=st.sampled_from(["exact", "quest"]), shared=st.booleans(),
+       sink=st.integers(0, 3), window=st.integers(0, 3))
+def test_select_topk_k_at_capacity_selects_everything(case: DecodeCase, method: str, shared: bool, sink: int,
+                                                     window: int) -> None:
+    needs(case.dtype)
+    ps = (case.kv.page_size if case.paged else 16) if method == "quest" else None
+    k = case.kv.max_len if ps is None else cdiv(case.kv.max_len, ps)
+    idx = sc.select_topk(case.q, case.kv, k, method=method, shared=shared, sink=sink, window=window)
+    ind, cnt = np.asarray(idx.indices), np.asarray(idx.counts)
+    for b, n in enumerate(case.lengths):
+        units = int(n) if ps is None else cdiv(int(n), ps)
+        for g in range(ind.shape[1]):
+            assert sorted(ind[b, g, :cnt[b, g]].tolist()) == list(range(units)), (b, g, ind[b, g], case)
+    # and attending over that selection is dense attention
+    res = sc.sparse_decode(case.q, case.kv, idx)
+    exp = expected_decode(case, lambda b, h: np.arange(case.lengths[b]), None)
+    assert_attention(res, exp, case.dtype, f"sparse_decode over select_topk(k=capacity) {case!r}")
+
+
+@given(o_shape=st.sampled_from([(1, 3), (2, 5), (2, 3, 4), (1, 1, 1, 2)]), dtype=st.sampled_from(
+    ["float64", "float32", "float16", "bfloat16"]), lse64=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_merge_attention_matches_formula(o_shape: tuple, dtype: str, lse64: bool, seed: int) -> None:
+    """Any partials: the lse-weighted mean, with -inf (empty) partials weighing nothing."""
+    needs(dtype)
+    rng = np.random.default_rng(seed)
+    npd = BF16 if dtype == "bfloat16" else np.dtype(dtype)
+    o1 = rng.standard_normal(o_shape).astype(npd)
+    o2 = rng.standard_normal(o_shape).astype(npd)
+    ldt = np.float64 if lse64 else np.float32
+    l1 = np.asarray(rng.standard_normal(o_shape[:-1]) * 4).astype(ldt)
+    l2 = np.asarray(rng.standard_normal(o_shape[:-1]) * 4).astype(ldt)
+    l1[rng.random(l1.shape) < 0.25] = -np.inf
+    l2[rng.random(l2.shape) < 0.25] = -np.inf
+    out, lse = sc.merge_attention(o1, l1, o2, l2)
+    a, b = as_f64(o1), as_f64(o2)
+    x, y = l1.astype(np.float64), l2.astype(np.float64)
+    m = np.maximum(x, y)
+    m0 = np.where(np.isneginf(m), 0.0, m)
+    with np.errstate(divide="ignore"):  # log(0) = -inf when both partials are empty
+        exp_lse = m0 + np.log(np.exp(x - m0) + np.exp(y - m0))
+    with np.errstate(invalid="ignore"):
+        w1 = np.where(np.isneginf(x), 0.0, np.exp(x - exp_lse))
+        w2 = np.where(np.isneginf(y), 0.0, np.exp(y - exp_lse))
+    exp_out = a * w1[..., None] + b * w2[..., None]
+    assert out.dtype == npd and out.shape == o_shape and lse.shape == o_shape[:-1]
+    assert_close(lse, exp_lse, lse_dtype(dtype), what="merge lse")
+    assert_close(out, exp_out, merge_dtype(dtype), what="merge out", scale=np.maximum(np.abs(a), np.abs(b)))
+    both_empty = np.isneginf(x) & np.isneginf(y)
+    assert (as_f64(out)[both_empty] == 0).all() and np.isneginf(lse[both_empty]).all()
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_merge_attention_single_vector_keeps_array_kind(kind: str) -> None:
+    o, lse = np.array([1.0, -2.0, 0.5], np.float32), np.array(0.25, np.float32)
+    if kind == "torch":
+        o, lse = torch.from_numpy(o), torch.from_numpy(lse)
+    out, lse_m = sc.merge_attention(o, lse, o, np.full_like(lse, -np.inf) if kind == "numpy" else -torch.inf + lse)
+    want = np.ndarray if kind == "numpy" else torch.Tensor
+    assert isinstance(out, want) and isinstance(lse_m, want), (type(out), type(lse_m))
+    assert tuple(lse_m.shape) == () and float(lse_m) == 0.25
+
+
+# --- named edge cases, always run ----------------------------------------------------------------------
+
+EDGE_DTYPES = ("float32", "bfloat16", "float64", "float16")
+
+
+@pytest.mark.parametrize("dtype", EDGE_DTYPES)
+@pytest.mark.parametrize("name", sorted(EDGE_CASES))
+def test_decode_edge_cases(name: str, dtype: str) -> None:
+    case = EDGE_CASES[name](dtype)
+    rng = np.random.default_rng(7)
+    for scale in (None, 0.5):
+        check_dense(case, scale)
+        check_sparse_full(case, rng, scale)
+        check_sparse_subset(case, rng, scale, 0.5)
+        check_shared_vs_per_head(case, rng, scale)
+        check_merge_halves(case, rng, scale)
+
+
+@pytest.mark.parametrize("name", sorted(EDGE_CASES))
+def test_select_topk_edge_cases(name: str) -> None:
+    case = EDGE_CASES[name]("float32")
+    longest = int(case.lengths.max())
+    for method in ("exact", "quest"):
+        page_sizes = [None] + ([] if case.paged or method == "exact" else [4])
+        for page_size in page_sizes:
+            ps = (case.kv.page_size if case.paged else 16) if method == "quest" else None
+            ps = page_size if page_size is not None else ps
+            length_k = longest if ps is None else cdiv(longest, ps)
+            for k in sorted({0, 1, length_k}):  # k = 0, k = length (in units)
+                for sink, window in ((0, 0), (1, 2), (2, 5), (0, 3)):
+                    for shared in (True, False):
+                        args = dict(k=k, method=method, sink=sink, window=window, shared=shared,
+                                    page_size=page_size)
+                        run_topk(case, args)
+
+
+def test_empty_sequence_gives_zero_and_minus_inf() -> None:
+    case = EDGE_CASES["all_empty"]("float32")
+    out, lse = sc.dense_decode(case.q, case.kv)
+    assert (out == 0).all() and np.isneginf(lse).all()
+    idx = sc.select_topk(case.q, case.kv, 2, sink=1, window=1)
+    assert (np.asarray(idx.counts) == 0).all()
+    out, lse = sc.sparse_decode(case.q, case.kv, idx)
+    assert (out == 0).all() and np.isneginf(lse).all()
+
+
+def test_sparse_decode_rejects_out_of_range_index_on_host() -> None:
+    """An index past a length is caught before any NaN row is read."""
+    case = EDGE_CASES["empty_sequence"]("float32")
+    idx = index_from_rows([[np.array([0])] * case.hkv, [np.array([4, 5])] * case.hkv])
+    with pytest.raises(ValueError, match="out of range"):
+        sc.sparse_decode(case.q, case.kv, idx)
+
+
+# --- torch CPU tensors in, torch tensors out -----------------------------------------------------------
+
+def to_torch(a: np.ndarray) -> torch.Tensor:
+    if a.dtype == BF16:
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def assert_torch(x: object, dtype: torch.dtype, shape: tuple) -> None:
+    assert isinstance(x, torch.Tensor), type(x)
+    assert x.dtype == dtype and tuple(x.shape) == tuple(shape) and x.device.type == "cpu", (x.dtype, x.shape)
+
+
+def check_torch(case: DecodeCase, rng: np.random.Generator, method: str, shared: bool) -> None:
+    needs(case.dtype)
+    tdt = TORCH_DTYPES[case.dtype]
+    q, kv = to_torch(case.q), case.kv.map_arrays(to_torch)
+    res_np = sc.dense_decode(case.q, case.kv)
+    res_t = sc.dense_decode(q, kv)
+    assert_torch(res_t[0], tdt, case.q.shape)
+    assert_torch(res_t[1], torch.float32, case.q.shape[:2])
+    assert_attention(res_t, (as_f64(res_np[0]), as_f64(res_np[1])), case.dtype, f"torch dense_decode {case!r}")
+
+    cap = case.kv.max_len if method == "exact" else cdiv(case.kv.max_len, case.page_size or 16)
+    args = dict(k=int(rng.integers(0, min(cap, 3) + 1)), method=method, sink=1, window=2, shared=shared, page_size=None)
+    idx_t = sc.select_topk(q, kv, **args)
+    assert isinstance(idx_t.indices, torch.Tensor) and idx_t.indices.dtype == torch.int32
+    assert isinstance(idx_t.counts, torch.Tensor) and idx_t.counts.dtype == torch.int32
+    check_topk(case, idx_t, **args, kv_name="torch kv")
+    idx_np = sc.select_topk(case.q, case.kv, **args)
+    assert torch.equal(idx_t.counts, torch.from_numpy(np.asarray(idx_np.counts)))
+
+    res_t = sc.sparse_decode(q, kv, idx_t)
+    assert_torch(res_t[0], tdt, case.q.shape)
+    assert_torch(res_t[1], torch.float32, case.q.shape[:2])
+    idx_back = idx_t.map_arrays(lambda t: t.numpy())
+    exp = expected_decode(case, rows_tokens(case, [[idx_back.indices[b, g, :idx_back.counts[b, g]]
+                                                    for g in range(idx_back.groups)]
+                                                   for b in range(case.batch)], idx_back.page_size), None)
+    assert_attention(res_t, exp, case.dtype, f"torch sparse_decode {case!r}")
+    res_np = sc.sparse_decode(case.q, case.kv, idx_back)
+    assert_attention(res_t, (as_f64(res_np[0]), as_f64(res_np[1])), case.dtype, f"torch vs numpy {case!r}")
+
+    o1, l1 = res_t
+    o2, l2 = sc.dense_decode(q, kv)
+    merged = sc.merge_attention(o1, l1, o2, l2)
+    assert_torch(merged[0], tdt, case.q.shape)
+    assert_torch(merged[1], torch.float32, case.q.shape[:2])
+    merged_np = sc.merge_attention(*(t.view(torch.int16).numpy().view(BF16) if t.dtype == torch.bfloat16
+                                     else t.numpy() for t in (o1, l1, o2, l2)))
+    assert_close(merged[0], merged_np[0], case.dtype, what="torch merge out")
+    assert_close(merged[1], merged_np[1], "float32", what="torch merge lse")
+
+
+@given(case=decode_cases(dtypes=("float32", "bfloat16")), seed=st.integers(0, 2**32 - 1),
+       method=st.sampled_from(["exact", "quest"]), shared=st.booleans())
+def test_torch_tensors_in_torch_tensors_out(case: DecodeCase, seed: int, method: str, shared: bool) -> None:
+    check_torch(case, np.random.default_rng(seed), method, shared)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", ["empty_sequence", "shared_prefix", "not_multiple", "length_1"])
+def test_torch_edge_cases(name: str, dtype: str) -> None:
+    for method in ("exact", "quest"):
+        for shared in (True, False):
+            check_torch(EDGE_CASES[name](dtype), np.random.default_rng(3), method, shared)
