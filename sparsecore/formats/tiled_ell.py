@@ -111,8 +111,8 @@ class TiledELL:
         w = "TiledELL.validate"
         m, k = self.shape
         tile, cap = self.tile, self.capacity
-        counts = to_host(self.counts).astype(np.int64)
-        cols = to_host(self.cols).astype(np.int64)
+        counts = to_host(self.counts)
+        cols = to_host(self.cols).astype(np.int32)  # int32: the widest tile, 32768, overflows int16
         vals = to_host(self.values)
         bad = (counts < 0) | (counts > cap)
         if bad.any():
@@ -126,7 +126,7 @@ class TiledELL:
             fail(w, f"cols[{r}, {t}, {s}] = {cols[r, t, s]} is out of range; tile {t} has columns "
                     f"0 <= offset < {width[t]} (tile = {tile}, K = {k})")
         pad = ~filled
-        bad = pad & ((cols != 0) | (vals.astype(np.float32) != 0))
+        bad = pad & ((cols != 0) | (vals != 0))
         if bad.any():
             r, t, s = np.argwhere(bad)[0]
             fail(w, f"padding slot [{r}, {t}, {s}] (past counts = {counts[r, t]}) holds offset "

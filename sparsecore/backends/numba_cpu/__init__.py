@@ -24,6 +24,7 @@ from ...ops import inputs as I
 from ...ops.dispatcher import BackendOp, register
 
 
+@functools.cache
 def _numba_version() -> str | None:
     try:
         return metadata.version("numba")
@@ -141,7 +142,7 @@ class Unpack(_NumbaCpu):
 
 
 #: bytes of one (row chunk x column block) output tile of the grouped products; it stays in cache
-OUT_TILE_BYTES = int(os.environ.get("SPARSECORE_CPU_TILE_BYTES", 512 << 10))
+OUT_TILE_BYTES = int(os.environ.get("SPARSECORE_CPU_TILE_BYTES", 2 << 20))
 MAX_CHUNK_ROWS = int(os.environ.get("SPARSECORE_CPU_CHUNK_ROWS", 512))
 
 
