@@ -63,7 +63,7 @@ def test_spmm_density_sweep(benchmark, rng, ffn, density):
     benchmark.extra_info.update(op="spmm", impl="numba_cpu", density=density, nnz=int((x != 0).sum()))
     fn = lambda: sc.spmm(a, w, backend="numba_cpu")
     _check(fn(), x @ w)
-    benchmark.pedantic(fn, rounds=7, warmup_rounds=1)
+    benchmark.pedantic(fn, rounds=21, warmup_rounds=2)
 
 
 B, HQ, HKV, D, S = 4, 32, 8, 128, 32768

@@ -175,6 +175,8 @@ def run(cases: list[Case], *, backends: list[str] | None = None, min_time: float
         for cls in ops.implementations(case.op):
             if backends and cls.NAME not in backends and cls.BACKEND not in backends:
                 continue
+            if cls.DEVICE != case.inputs.device:
+                continue  # a device backend on host inputs (or the reverse) is not a comparison
             reasons = cls.not_supported_reasons(case.inputs)
             row = {"op": case.op, "shape": case.shape, "backend": cls.NAME, "baseline": case.baseline_name,
                    "baseline_ms": base_t * 1e3, "default": cls.NAME == default}
