@@ -1,0 +1,614 @@
+"""Every public op as a ``torch.library`` custom op in the namespace ``sparsecore``.
+
+Formats cross the op boundary as their tensors plus plain ints (``torch.library`` ops take tensors,
+scalars and strings only):
+
+- a sparse operand (TiledELL or CSR) is ``values, cols, counts, ov_indptr?, ov_indices?, ov_data?,
+  m, k, tile, sorted``. A TiledELL without overflow passes ``None`` for the three ``ov_`` buffers.
+  A CSR passes ``tile = 0`` and its ``indptr, indices, data`` as the ``ov_`` buffers; its
+  ``values, cols, counts`` are empty placeholders (see :meth:`TorchCSR.op_args`).
+- a TopKIndex is ``indices, counts`` plus ``index_page_size`` (``None``: token granularity).
+- a KV cache is ``k, v, lengths, page_table?`` (``page_table`` given: a PagedKV, ``k, v`` are pages).
+
+The bodies rebuild the :mod:`sparsecore` formats around the tensors (zero-copy) and call the public
+ops, so the dispatcher picks numba_cpu / reference for CPU tensors and the GPU backends for CUDA
+tensors. The fake (meta) implementations derive output shapes from input shapes only, after running
+the same cheap ``Inputs.validate()`` as the real op (so bad input raises the same message under
+``torch.compile``). ``pack``'s overflow size depends on the data: its fake gives the overflow an
+unbacked size from ``torch.library.get_ctx().new_dynamic_size()``; the overflow ``indptr`` is always
+``[M + 1]`` int64 and an empty overflow is a zero-length CSR, never ``None``, so the outputs have
+one fixed schema.
+
+Users hold one object per format: :class:`TorchTiledELL`, :class:`TorchCSR`, :class:`TorchTopKIndex`
+(NamedTuples of tensors, so ``torch.compile`` passes them in and out of a graph without a break).
+The Python functions at the bottom take those (or :mod:`sparsecore` formats holding tensors) and call
+the custom ops; their gradients are registered in :mod:`sparsecore.torch.functional`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from .. import ops as _ops
+from ..formats.csr import CSR
+from ..formats.kv import DenseKV, PagedKV
+from ..formats.tiled_ell import TiledELL
+from ..formats.topk import TopKIndex, topk_capacity
+from ..ops import inputs as _I
+
+__all__ = ["TorchTiledELL", "TorchCSR", "TorchTopKIndex", "as_torch_sparse", "as_torch_index",
+           "pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn", "relu_gate",
+           "select_topk", "sparse_decode", "dense_decode", "merge_attention", "OP_NAMES"]
+
+NS = "sparsecore"
+Tensor = torch.Tensor
+
+#: the qualified names of the custom ops, ``torch.ops.sparsecore.<name>``.
+OP_NAMES: tuple[str, ...] = ("pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn", "relu_gate",
+                             "select_topk", "sparse_decode", "dense_decode", "merge_attention")
+
+
+# --------------------------------------------------------------------------------------------------
+# torch-side holders of the formats
+# --------------------------------------------------------------------------------------------------
+
+class TorchCSR(NamedTuple):
+    """A :class:`sparsecore.CSR` as tensors: ``indptr[M + 1]``, ``indices[nnz]``, ``data[nnz]``."""
+
+    indptr: Tensor
+    indices: Tensor
+    data: Tensor
+    shape: tuple[int, int]
+    sorted: bool = True
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def to_format(self) -> CSR:
+        return CSR(self.indptr, self.indices, self.data, tuple(self.shape), self.sorted)
+
+    @classmethod
+    def from_format(cls, a: CSR) -> TorchCSR:
+        return cls(_as_tensor(a.indptr), _as_tensor(a.indices), _as_tensor(a.data), tuple(a.shape), a.sorted)
+
+    def with_values(self, data: Tensor) -> TorchCSR:
+        return self._replace(data=data)
+
+    def nnz(self) -> int:
+        return int(self.indices.shape[0])
+
+    def op_args(self) -> tuple[Any, ...]:
+        """The sparse-operand arguments of the custom ops (``tile = 0`` marks a CSR)."""
+        return (_placeholder(self.data, 3), _placeholder(self.indices, 3, torch.int16),
+                _placeholder(self.indices, 2, torch.int32), self.indptr, self.indices, self.data,
+                self.shape[0], self.shape[1], 0, bool(self.sorted))
+
+
+class TorchTiledELL(NamedTuple):
+    """A :class:`sparsecore.TiledELL` as tensors (the buffers of ``docs/formats.md``).
+
+    ``overflow_*`` are the overflow CSR's ``indptr[M + 1]``, ``indices[n]``, ``data[n]``, or all
+    ``None``. What :func:`pack` returns always has them (an empty overflow has ``n = 0``).
+    """
+
+    values: Tensor
+    cols: Tensor
+    counts: Tensor
+    shape: tuple[int, int]
+    tile: int
+    overflow_indptr: Tensor | None = None
+    overflow_indices: Tensor | None = None
+    overflow_data: Tensor | None = None
+    sorted: bool = True
+
+    @property
+    def capacity(self) -> int:
+        return self.values.shape[2]  # int, or a SymInt while torch.compile traces
+
+    @property
+    def n_tiles(self) -> int:
+        return self.values.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def overflow(self) -> TorchCSR | None:
+        if self.overflow_indptr is None:
+            return None
+        return TorchCSR(self.overflow_indptr, self.overflow_indices, self.overflow_data, tuple(self.shape),
+                        self.sorted)
+
+    def filled(self) -> Tensor:
+        """Bool ``[M, n_tiles, capacity]``: which slots hold data (the rest are padding)."""
+        return torch.arange(self.capacity, device=self.counts.device) < self.counts.unsqueeze(-1)
+
+    def nnz(self) -> Tensor:
+        """Stored entries (slots and overflow) as a 0-d int64 tensor (no host sync)."""
+        n = self.counts.sum(dtype=torch.int64)
+        if self.overflow_indices is not None:
+            n = n + self.overflow_indices.shape[0]
+        return n
+
+    def nnz_per_row(self) -> Tensor:
+        """Stored entries per row, ``[M]`` int64."""
+        n = self.counts.sum(dim=1, dtype=torch.int64)
+        if self.overflow_indptr is not None:
+            n = n + self.overflow_indptr.diff().to(torch.int64)
+        return n
+
+    def density(self) -> Tensor:
+        """Fraction of the ``M * K`` entries that are stored, a 0-d float32 tensor."""
+        m, k = self.shape
+        return self.nnz().to(torch.float32) / torch.sym_max(m * k, 1)
+
+    def with_values(self, values: Tensor, overflow_data: Tensor | None = None) -> TorchTiledELL:
+        """The same structure with other values (``overflow_data`` required iff there is an overflow)."""
+        return self._replace(values=values, overflow_data=overflow_data)
+
+    def to_format(self) -> TiledELL:
+        ov = self.overflow
+        return TiledELL(self.values, self.cols, self.counts, tuple(self.shape), int(self.tile),
+                        None if ov is None else ov.to_format(), self.sorted)
+
+    @classmethod
+    def from_format(cls, a: TiledELL) -> TorchTiledELL:
+        ov = a.overflow
+        return cls(_as_tensor(a.values), _as_tensor(a.cols), _as_tensor(a.counts), tuple(a.shape), int(a.tile),
+                   None if ov is None else _as_tensor(ov.indptr), None if ov is None else _as_tensor(ov.indices),
+                   None if ov is None else _as_tensor(ov.data), a.sorted)
+
+    def to_dense(self) -> Tensor:
+        return unpack(self)
+
+    def op_args(self) -> tuple[Any, ...]:
+        """The sparse-operand arguments of the custom ops."""
+        return (self.values, self.cols, self.counts, self.overflow_indptr, self.overflow_indices,
+                self.overflow_data, self.shape[0], self.shape[1], self.tile, bool(self.sorted))
+
+
+class TorchTopKIndex(NamedTuple):
+    """A :class:`sparsecore.TopKIndex` as tensors: ``indices[B, G, k_max]``, ``counts[B, G]`` int32."""
+
+    indices: Tensor
+    counts: Tensor
+    granularity: str = "token"
+    page_size: int | None = None
+
+    def to_format(self) -> TopKIndex:
+        return TopKIndex(self.indices, self.counts, self.granularity, self.page_size)
+
+    @classmethod
+    def from_format(cls, index: TopKIndex) -> TorchTopKIndex:
+        return cls(_as_tensor(index.indices), _as_tensor(index.counts), index.granularity, index.page_size)
+
+
+SparseLike = TorchTiledELL | TorchCSR | TiledELL | CSR
+
+
+def _as_tensor(x: Any) -> Tensor:
+    if isinstance(x, Tensor):
+        return x
+    from .._arrays import to_numpy
+
+    return torch.from_numpy(to_numpy(x))  # NumPy (host) buffers: zero-copy
+
+
+def _placeholder(like: Tensor, ndim: int, dtype: torch.dtype | None = None) -> Tensor:
+    return like.new_zeros((0,) * ndim, dtype=dtype or like.dtype)
+
+
+def as_torch_sparse(a: Any, where: str = "sparsecore.torch", name: str = "a") -> TorchTiledELL | TorchCSR:
+    """``a`` as a :class:`TorchTiledELL` or :class:`TorchCSR` (a sparsecore format holding tensors,
+    or one holding NumPy arrays, which is wrapped zero-copy)."""
+    if isinstance(a, (TorchTiledELL, TorchCSR)):
+        return a
+    if isinstance(a, TiledELL):
+        return TorchTiledELL.from_format(a)
+    if isinstance(a, CSR):
+        return TorchCSR.from_format(a)
+    raise TypeError(f"{where}: {name} must be a TorchTiledELL, TorchCSR, sparsecore.TiledELL or sparsecore.CSR, "
+                    f"got {type(a).__name__}; convert a dense tensor with sparsecore.torch.pack")
+
+
+def as_torch_index(index: Any, where: str = "sparse_decode") -> TorchTopKIndex:
+    if isinstance(index, TorchTopKIndex):
+        return index
+    if isinstance(index, TopKIndex):
+        return TorchTopKIndex.from_format(index)
+    raise TypeError(f"{where}: index must be a TorchTopKIndex or a sparsecore.TopKIndex, got {type(index).__name__}")
+
+
+def _like(a: TorchTiledELL | TorchCSR, values: Tensor, ov_data: Tensor) -> TorchTiledELL | TorchCSR:
+    """``a``'s structure with the values an op returned in the sparse-operand layout."""
+    if isinstance(a, TorchCSR):
+        return a._replace(data=ov_data)
+    return a._replace(values=values, overflow_data=None if a.overflow_indptr is None else ov_data)
+
+
+# --------------------------------------------------------------------------------------------------
+# inside the ops: tensors <-> formats
+# --------------------------------------------------------------------------------------------------
+
+def _sparse(values: Tensor, cols: Tensor, counts: Tensor, ov_indptr: Tensor | None, ov_indices: Tensor | None,
+            ov_data: Tensor | None, m: int, k: int, tile: int, sorted: bool) -> TiledELL | CSR:
+    if tile == 0:
+        return CSR(ov_indptr, ov_indices, ov_data, (m, k), sorted)
+    ov = None
+    if ov_indptr is not None or ov_indices is not None or ov_data is not None:
+        if ov_indptr is None or ov_indices is None or ov_data is None:
+            raise ValueError("sparsecore: a TiledELL's overflow needs all of indptr, indices and data (or none)")
+        ov = CSR(ov_indptr, ov_indices, ov_data, (m, k), sorted)
+    return TiledELL(values, cols, counts, (m, k), tile, ov, sorted)
+
+
+def _kv(k: Tensor, v: Tensor, lengths: Tensor, page_table: Tensor | None) -> DenseKV | PagedKV:
+    return DenseKV(k, v, lengths) if page_table is None else PagedKV(k, v, page_table, lengths)
+
+
+def _index(indices: Tensor, counts: Tensor, page_size: int | None) -> TopKIndex:
+    return TopKIndex(indices, counts, "token" if page_size is None else "page", page_size)
+
+
+def _concrete(*vals: Any) -> bool:
+    """True when no int argument is symbolic: the sparsecore formats and ``Inputs`` take Python ints,
+    so the fake implementations run their cheap validation only then (under dynamic shapes the real
+    op still validates when it runs)."""
+    return not any(isinstance(v, torch.SymInt) for v in vals)
+
+
+def _fresh(out: Tensor, *inputs: Any) -> Tensor:
+    """A custom op's output may not alias an input: copy in the rare case a backend returned a view."""
+    out = out.contiguous()
+    if out.numel() == 0:
+        return out.clone()
+    p = out.untyped_storage().data_ptr()
+    for t in inputs:
+        if isinstance(t, Tensor) and t.numel() and t.untyped_storage().data_ptr() == p:
+            return out.clone()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# the custom ops
+# --------------------------------------------------------------------------------------------------
+
+_SPARSE_ARGS = ("values", "cols", "counts", "ov_indptr", "ov_indices", "ov_data", "m", "k", "tile", "sorted")
+
+
+@torch.library.custom_op(f"{NS}::pack", mutates_args=())
+def _pack(x: Tensor, threshold: float, activation: str | None, tile: int, capacity: int | None,
+          backend: str | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    a = _ops.pack(x, threshold=threshold, activation=activation, tile=tile, capacity=capacity, backend=backend)
+    return _pack_outputs(a, x)
+
+
+def _pack_outputs(a: TiledELL, *inputs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    values, cols, counts = (_fresh(_as_tensor(t), *inputs) for t in (a.values, a.cols, a.counts))
+    m = a.shape[0]
+    if a.overflow is None:
+        ip = torch.zeros(m + 1, dtype=torch.int64, device=values.device)
+        ix = torch.zeros(0, dtype=torch.int64, device=values.device)
+        dt = values.new_zeros(0)
+    else:
+        ip = _as_tensor(a.overflow.indptr).to(torch.int64)
+        ix = _as_tensor(a.overflow.indices).to(torch.int64)
+        dt = _fresh(_as_tensor(a.overflow.data), *inputs)
+        ip, ix = _fresh(ip, *inputs), _fresh(ix, *inputs)
+    return values, cols, counts, ip, ix, dt
+
+
+def _pack_fake_outputs(x: Tensor, tile: int, capacity: int) -> tuple[Tensor, ...]:
+    m, k = x.shape
+    nt = (k + tile - 1) // tile
+    nnz = torch.library.get_ctx().new_dynamic_size()
+    return (x.new_empty((m, nt, capacity)), x.new_empty((m, nt, capacity), dtype=torch.int16),
+            x.new_empty((m, nt), dtype=torch.int32), x.new_empty((m + 1,), dtype=torch.int64),
+            x.new_empty((nnz,), dtype=torch.int64), x.new_empty((nnz,)))
+
+
+@_pack.register_fake
+def _(x, threshold, activation, tile, capacity, backend):
+    if not _concrete(tile, capacity):
+        return _pack_fake_outputs(x, tile, capacity if capacity is not None else torch.sym_max(tile // 8, 1))
+    inp = _I.PackInputs(x, threshold, activation, tile, capacity)
+    inp.validate()
+    return _pack_fake_outputs(x, inp.tile, inp.capacity)
+
+
+@torch.library.custom_op(f"{NS}::relu_gate", mutates_args=())
+def _relu_gate(x: Tensor, w_gate: Tensor, threshold: float, tile: int, capacity: int | None,
+               backend: str | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _check_gate(x, w_gate)
+    a = _ops.pack(x @ w_gate.T, threshold=threshold, activation="relu", tile=tile, capacity=capacity,
+                  backend=backend)
+    return _pack_outputs(a, x, w_gate)
+
+
+def _check_gate(x: Tensor, w_gate: Tensor) -> None:
+    w = "relu_gate"
+    if x.dim() != 2 or w_gate.dim() != 2:
+        raise ValueError(f"{w}: x has shape {tuple(x.shape)} and w_gate has shape {tuple(w_gate.shape)}; expected "
+                         "2 dimensions each, x[M, D] and w_gate[K, D]")
+    if x.shape[1] != w_gate.shape[1]:
+        raise ValueError(f"{w}: x has shape {tuple(x.shape)} and w_gate has shape {tuple(w_gate.shape)}; "
+                         "x.shape[1] must equal w_gate.shape[1] (D)")
+    if x.dtype != w_gate.dtype:
+        raise TypeError(f"{w}: x has dtype {x.dtype} but w_gate has {w_gate.dtype}; they must match")
+
+
+@_relu_gate.register_fake
+def _(x, w_gate, threshold, tile, capacity, backend):
+    _check_gate(x, w_gate)
+    g = x.new_empty((x.shape[0], w_gate.shape[0]))
+    if not _concrete(tile, capacity):
+        return _pack_fake_outputs(g, tile, capacity if capacity is not None else torch.sym_max(tile // 8, 1))
+    inp = _I.PackInputs(g, threshold, "relu", tile, capacity)
+    inp.validate()
+    return _pack_fake_outputs(g, inp.tile, inp.capacity)
+
+
+@torch.library.custom_op(f"{NS}::unpack", mutates_args=())
+def _unpack(values: Tensor, cols: Tensor, counts: Tensor, ov_indptr: Tensor | None, ov_indices: Tensor | None,
+            ov_data: Tensor | None, m: int, k: int, tile: int, sorted: bool, backend: str | None) -> Tensor:
+    a = _sparse(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted)
+    return _fresh(_ops.unpack(a, backend=backend), values, ov_data)
+
+
+@_unpack.register_fake
+def _(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted, backend):
+    if _concrete(m, k, tile):
+        a = _sparse(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted)
+        _I.UnpackInputs(a).validate()
+    return values.new_empty((m, k))
+
+
+@torch.library.custom_op(f"{NS}::spmm", mutates_args=())
+def _spmm(values: Tensor, cols: Tensor, counts: Tensor, ov_indptr: Tensor | None, ov_indices: Tensor | None,
+          ov_data: Tensor | None, m: int, k: int, tile: int, sorted: bool, w: Tensor, backend: str | None) -> Tensor:
+    a = _sparse(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted)
+    return _fresh(_ops.spmm(a, w, backend=backend), w)
+
+
+@_spmm.register_fake
+def _(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted, w, backend):
+    if _concrete(m, k, tile):
+        a = _sparse(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted)
+        _I.SpmmInputs(a, w).validate()
+    return w.new_empty((m, w.shape[1]))
+
+
+@torch.library.custom_op(f"{NS}::sddmm", mutates_args=())
+def _sddmm(x: Tensor, w: Tensor, values: Tensor, cols: Tensor, counts: Tensor, ov_indptr: Tensor | None,
+           ov_indices: Tensor | None, ov_data: Tensor | None, m: int, k: int, tile: int, sorted: bool,
+           backend: str | None) -> tuple[Tensor, Tensor]:
+    """Returns ``(values, ov_data)`` in the pattern's layout (``ov_data`` empty without an overflow;
+    for a CSR pattern ``values`` is the empty placeholder and ``ov_data`` the CSR's data)."""
+    a = _sparse(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted)
+    r = _ops.sddmm(x, w, a, backend=backend)
+    if isinstance(r, CSR):
+        return x.new_zeros(values.shape), _fresh(_as_tensor(r.data), x, w, ov_data)
+    vals = _fresh(_as_tensor(r.values), x, w, values)
+    ov = x.new_zeros(0) if r.overflow is None else _fresh(_as_tensor(r.overflow.data), x, w, ov_data)
+    return vals, ov
+
+
+@_sddmm.register_fake
+def _(x, w, values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted, backend):
+    if _concrete(m, k, tile):
+        a = _sparse(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted)
+        _I.SddmmInputs(x, w, a).validate()
+    ov = x.new_empty((0,)) if ov_data is None else x.new_empty(ov_data.shape)
+    return x.new_empty(values.shape), ov
+
+
+@torch.library.custom_op(f"{NS}::spmm_t", mutates_args=())
+def _spmm_t(values: Tensor, cols: Tensor, counts: Tensor, ov_indptr: Tensor | None, ov_indices: Tensor | None,
+            ov_data: Tensor | None, m: int, k: int, tile: int, sorted: bool, dy: Tensor,
+            backend: str | None) -> Tensor:
+    a = _sparse(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted)
+    return _fresh(_ops.spmm_t(a, dy, backend=backend), dy)
+
+
+@_spmm_t.register_fake
+def _(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted, dy, backend):
+    if _concrete(m, k, tile):
+        a = _sparse(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted)
+        _I.SpmmTInputs(a, dy).validate()
+    return dy.new_empty((k, dy.shape[1]))
+
+
+@torch.library.custom_op(f"{NS}::gated_ffn", mutates_args=())
+def _gated_ffn(x: Tensor, values: Tensor, cols: Tensor, counts: Tensor, ov_indptr: Tensor | None,
+               ov_indices: Tensor | None, ov_data: Tensor | None, m: int, k: int, tile: int, sorted: bool,
+               w_up: Tensor, w_down: Tensor, backend: str | None) -> Tensor:
+    g = _sparse(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted)
+    return _fresh(_ops.gated_ffn(x, g, w_up, w_down, backend=backend), x, w_up, w_down)
+
+
+@_gated_ffn.register_fake
+def _(x, values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted, w_up, w_down, backend):
+    if _concrete(m, k, tile):
+        g = _sparse(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted)
+        _I.GatedFfnInputs(x, g, w_up, w_down).validate()
+    return x.new_empty((m, w_down.shape[1]))
+
+
+@torch.library.custom_op(f"{NS}::select_topk", mutates_args=())
+def _select_topk(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, page_table: Tensor | None, k: int,
+                 method: str, sink: int, window: int, shared: bool, page_size: int | None,
+                 backend: str | None) -> tuple[Tensor, Tensor]:
+    kv = _kv(k_cache, v_cache, lengths, page_table)
+    r = _ops.select_topk(q, kv, k, method=method, sink=sink, window=window, shared=shared, page_size=page_size,
+                         backend=backend)
+    return _fresh(_as_tensor(r.indices), q, lengths), _fresh(_as_tensor(r.counts), q, lengths)
+
+
+@_select_topk.register_fake
+def _(q, k_cache, v_cache, lengths, page_table, k, method, sink, window, shared, page_size, backend):
+    inp = _I.SelectTopkInputs(q, _kv(k_cache, v_cache, lengths, page_table), k, method, sink, window, shared,
+                              page_size)
+    if _concrete(k, sink, window, page_size):
+        inp.validate()
+    g = k_cache.shape[2] if shared else q.shape[1]
+    max_len = k_cache.shape[1] if page_table is None else page_table.shape[1] * k_cache.shape[1]
+    kmax = topk_capacity(k, sink, window, max_len, inp.unit_page_size)
+    b = q.shape[0]
+    return q.new_empty((b, g, kmax), dtype=torch.int32), q.new_empty((b, g), dtype=torch.int32)
+
+
+@torch.library.custom_op(f"{NS}::sparse_decode", mutates_args=())
+def _sparse_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, page_table: Tensor | None,
+                   indices: Tensor, counts: Tensor, index_page_size: int | None, scale: float | None,
+                   backend: str | None) -> tuple[Tensor, Tensor]:
+    kv = _kv(k_cache, v_cache, lengths, page_table)
+    out, lse = _ops.sparse_decode(q, kv, _index(indices, counts, index_page_size), scale=scale, backend=backend)
+    return _fresh(out, q), _fresh(lse, q)
+
+
+@_sparse_decode.register_fake
+def _(q, k_cache, v_cache, lengths, page_table, indices, counts, index_page_size, scale, backend):
+    kv = _kv(k_cache, v_cache, lengths, page_table)
+    if _concrete(index_page_size):
+        _I.SparseDecodeInputs(q, kv, _index(indices, counts, index_page_size), scale).validate()
+    return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{NS}::dense_decode", mutates_args=())
+def _dense_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, page_table: Tensor | None,
+                  scale: float | None, backend: str | None) -> tuple[Tensor, Tensor]:
+    out, lse = _ops.dense_decode(q, _kv(k_cache, v_cache, lengths, page_table), scale=scale, backend=backend)
+    return _fresh(out, q), _fresh(lse, q)
+
+
+@_dense_decode.register_fake
+def _(q, k_cache, v_cache, lengths, page_table, scale, backend):
+    _I.DenseDecodeInputs(q, _kv(k_cache, v_cache, lengths, page_table), scale).validate()
+    return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{NS}::merge_attention", mutates_args=())
+def _merge_attention(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor,
+                     backend: str | None) -> tuple[Tensor, Tensor]:
+    out, lse = _ops.merge_attention(o1, lse1, o2, lse2, backend=backend)
+    return _fresh(_as_tensor(out), o1, o2), _fresh(_as_tensor(lse), lse1, lse2)
+
+
+@_merge_attention.register_fake
+def _(o1, lse1, o2, lse2, backend):
+    _I.MergeAttentionInputs(o1, lse1, o2, lse2).validate()
+    return o1.new_empty(o1.shape), lse1.new_empty(lse1.shape, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# the Python face: formats in, formats out
+# --------------------------------------------------------------------------------------------------
+
+def _ell_from_outputs(outs: Sequence[Tensor], shape: tuple[int, int], tile: int) -> TorchTiledELL:
+    values, cols, counts, ip, ix, dt = outs
+    # no int(): under torch.compile with dynamic shapes M stays symbolic instead of being specialised
+    return TorchTiledELL(values, cols, counts, (shape[0], shape[1]), tile, ip, ix, dt, True)
+
+
+def pack(x: Tensor, *, threshold: float = 0.0, activation: str | None = None, tile: int = 256,
+         capacity: int | None = None, backend: str | None = None) -> TorchTiledELL:
+    """:func:`sparsecore.pack` as a custom op; differentiable w.r.t. ``x`` (the gradient reaches the
+    kept entries only; with ``activation="relu"`` the ReLU is fused)."""
+    outs = torch.ops.sparsecore.pack(x, threshold, activation, tile, capacity, backend)
+    return _ell_from_outputs(outs, tuple(x.shape), tile)
+
+
+def relu_gate(x: Tensor, w_gate: Tensor, *, threshold: float = 0.0, tile: int = 256, capacity: int | None = None,
+              backend: str | None = None) -> TorchTiledELL:
+    """``pack(x @ w_gate.T, activation="relu")`` as one op whose backward is sparse:
+    ``dx = spmm(dH, w_gate)``, ``dw_gate = spmm_t(dH, x)`` (the hidden gradient stays packed)."""
+    outs = torch.ops.sparsecore.relu_gate(x, w_gate, threshold, tile, capacity, backend)
+    return _ell_from_outputs(outs, (x.shape[0], w_gate.shape[0]), tile)
+
+
+def unpack(a: TorchTiledELL | TiledELL, *, backend: str | None = None) -> Tensor:
+    """The dense ``[M, K]`` tensor of ``a``."""
+    a = as_torch_sparse(a, "unpack")
+    if isinstance(a, TorchCSR):
+        raise TypeError("unpack: a must be a TiledELL, got TorchCSR")
+    return torch.ops.sparsecore.unpack(*a.op_args(), backend)
+
+
+def spmm(a: SparseLike, w: Tensor, *, backend: str | None = None) -> Tensor:
+    """``A @ W`` (:func:`sparsecore.spmm`); differentiable w.r.t. ``a``'s values and ``w``."""
+    a = as_torch_sparse(a, "spmm")
+    return torch.ops.sparsecore.spmm(*a.op_args(), w, backend)
+
+
+def sddmm(x: Tensor, w: Tensor, pattern: SparseLike, *, backend: str | None = None) -> TorchTiledELL | TorchCSR:
+    """``x @ W.T`` at ``pattern``'s positions (:func:`sparsecore.sddmm`); differentiable w.r.t. ``x``, ``w``."""
+    p = as_torch_sparse(pattern, "sddmm", "pattern")
+    values, ov = torch.ops.sparsecore.sddmm(x, w, *p.op_args(), backend)
+    return _like(p, values, ov)
+
+
+def spmm_t(a: SparseLike, dy: Tensor, *, backend: str | None = None) -> Tensor:
+    """``A.T @ dy`` (:func:`sparsecore.spmm_t`); differentiable w.r.t. ``a``'s values and ``dy``."""
+    a = as_torch_sparse(a, "spmm_t")
+    return torch.ops.sparsecore.spmm_t(*a.op_args(), dy, backend)
+
+
+def gated_ffn(x: Tensor, gate: SparseLike, w_up: Tensor, w_down: Tensor, *, backend: str | None = None) -> Tensor:
+    """:func:`sparsecore.gated_ffn`; differentiable w.r.t. ``x``, the gate's values, ``w_up``, ``w_down``."""
+    g = as_torch_sparse(gate, "gated_ffn", "gate")
+    return torch.ops.sparsecore.gated_ffn(x, *g.op_args(), w_up, w_down, backend)
+
+
+def _kv_args(kv: Any, where: str) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    if isinstance(kv, DenseKV):
+        return kv.k, kv.v, kv.lengths, None
+    if isinstance(kv, PagedKV):
+        return kv.k_pages, kv.v_pages, kv.lengths, kv.page_table
+    raise TypeError(f"{where}: kv must be a DenseKV or a PagedKV, got {type(kv).__name__}")
+
+
+def select_topk(q: Tensor, kv: DenseKV | PagedKV, k: int, *, method: str = "exact", sink: int = 0, window: int = 0,
+                shared: bool = True, page_size: int | None = None, backend: str | None = None) -> TorchTopKIndex:
+    """:func:`sparsecore.select_topk` as a custom op (``kv`` a DenseKV / PagedKV holding tensors)."""
+    kc, vc, ln, pt = _kv_args(kv, "select_topk")
+    indices, counts = torch.ops.sparsecore.select_topk(q, kc, vc, ln, pt, k, method, sink, window, shared,
+                                                       page_size, backend)
+    if method != "quest":
+        return TorchTopKIndex(indices, counts)
+    ps = page_size if page_size is not None else (int(kc.shape[1]) if pt is not None else 16)
+    return TorchTopKIndex(indices, counts, "page", ps)
+
+
+def sparse_decode(q: Tensor, kv: DenseKV | PagedKV, index: TorchTopKIndex | TopKIndex, *, scale: float | None = None,
+                  backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`sparsecore.sparse_decode` as a custom op: ``(out[B, Hq, D], lse[B, Hq] float32)``."""
+    kc, vc, ln, pt = _kv_args(kv, "sparse_decode")
+    ix = as_torch_index(index)
+    ps = ix.page_size if ix.granularity == "page" else None
+    return torch.ops.sparsecore.sparse_decode(q, kc, vc, ln, pt, ix.indices, ix.counts, ps, scale, backend)
+
+
+def dense_decode(q: Tensor, kv: DenseKV | PagedKV, *, scale: float | None = None,
+                 backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`sparsecore.dense_decode` as a custom op."""
+    kc, vc, ln, pt = _kv_args(kv, "dense_decode")
+    return torch.ops.sparsecore.dense_decode(q, kc, vc, ln, pt, scale, backend)
+
+
+def merge_attention(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor, *,
+                    backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`sparsecore.merge_attention` as a custom op."""
+    return torch.ops.sparsecore.merge_attention(o1, lse1, o2, lse2, backend)

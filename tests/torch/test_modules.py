@@ -1,0 +1,312 @@
+"""SparseGatedMLP and TopKDecodeAttention against transformers' dense LLaMA layers (CPU, tiny shapes)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from transformers import LlamaConfig  # noqa: E402
+from transformers.cache_utils import DynamicCache  # noqa: E402
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRotaryEmbedding  # noqa: E402
+
+import sparsecore as sc  # noqa: E402
+from sparsecore.torch.modules import SparseGatedMLP, TopKDecodeAttention, ffn_sparsity_stats, total_l1  # noqa: E402
+
+
+def _config(**kw) -> LlamaConfig:
+    base = dict(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, hidden_act="relu")
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+def _dense_mlp(seed: int = 0, **kw) -> LlamaMLP:
+    torch.manual_seed(seed)
+    mlp = LlamaMLP(_config(**kw))
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.normal_(0, 0.2)
+    return mlp
+
+
+# ---------------------------------------------------------------- SparseGatedMLP
+
+
+def test_state_dict_matches_llama_mlp() -> None:
+    dense = _dense_mlp()
+    sparse = SparseGatedMLP(64, 160)
+    assert {k: tuple(v.shape) for k, v in sparse.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in dense.state_dict().items()}
+    sparse.load_state_dict(dense.state_dict())
+    x = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), dense(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tile, capacity", [(256, None), (16, 1)], ids=["default", "overflowing"])
+def test_forward_matches_dense_relu_mlp(tile: int, capacity: int | None) -> None:
+    dense = _dense_mlp()
+    sparse = SparseGatedMLP.from_dense(dense, tile=tile, capacity=capacity)
+    assert sparse.gate_proj is dense.gate_proj  # shared, not copied
+    x = torch.randn(2, 7, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), dense(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sparse(x[0, 0]), dense(x[0, 0]), atol=1e-5, rtol=1e-5)  # [D] input
+
+
+def test_backward_matches_dense_autograd() -> None:
+    dense = _dense_mlp(1)
+    sparse = SparseGatedMLP(64, 160)
+    sparse.load_state_dict(dense.state_dict())
+    x1 = torch.randn(6, 64, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    dy = torch.randn(6, 64)
+    (dense(x1) * dy).sum().backward()
+    (sparse(x2) * dy).sum().backward()
+    torch.testing.assert_close(x2.grad, x1.grad, atol=1e-4, rtol=1e-4)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        torch.testing.assert_close(getattr(sparse, name).weight.grad, getattr(dense, name).weight.grad,
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_l1_penalty_is_exposed_and_differentiable() -> None:
+    sparse = SparseGatedMLP.from_dense(_dense_mlp(2))
+    x = torch.randn(4, 64)
+    assert sparse.last_l1 is None
+    sparse(x)
+    l1 = sparse.last_l1
+    assert l1.requires_grad and l1.dim() == 0 and float(l1.detach()) > 0
+    total_l1(sparse).backward()
+    g = sparse.gate_proj.weight.grad
+    assert g is not None and float(g.abs().sum()) > 0
+    # the penalty pushes the pre-activations of active units down: d l1 / d gate.weight has the sign of x
+    h = x @ sparse.gate_proj.weight.detach().T
+    dead = (h <= 0).all(0)
+    assert torch.all(g[dead] == 0)
+
+
+def test_sparsity_statistics() -> None:
+    sparse = SparseGatedMLP.from_dense(_dense_mlp(3), tile=16, capacity=2)
+    xa, xb = torch.randn(3, 64), torch.randn(5, 2, 64)
+    with torch.no_grad():
+        sparse(xa)
+        da = (xa @ sparse.gate_proj.weight.T > 0).double().mean()
+        assert float(sparse.last_density) == pytest.approx(float(da))
+        sparse(xb)
+        db = (xb.reshape(-1, 64) @ sparse.gate_proj.weight.T > 0).double().mean()
+        assert float(sparse.last_density) == pytest.approx(float(db))
+        assert float(sparse.density) == pytest.approx(float((3 * da + 10 * db) / 13))
+        assert float(sparse.sparsity) == pytest.approx(1 - float(sparse.density))
+    stats = ffn_sparsity_stats(torch.nn.Sequential(sparse))
+    assert list(stats) == ["0"] and stats["0"]["density"] == pytest.approx(float(sparse.density))
+    sparse.reset_stats()
+    assert float(sparse.density) == 0 and sparse.last_density is None
+
+
+def test_threshold_drops_small_activations() -> None:
+    dense = _dense_mlp(4)
+    sparse = SparseGatedMLP.from_dense(dense, threshold=0.5)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        g = torch.relu(x @ dense.gate_proj.weight.T)
+        g = torch.where(g > 0.5, g, 0)
+        want = (g * (x @ dense.up_proj.weight.T)) @ dense.down_proj.weight.T
+        torch.testing.assert_close(sparse(x), want, atol=1e-5, rtol=1e-5)
+        assert float(sparse.last_density) == pytest.approx(float((g > 0).double().mean()))
+
+
+def test_cached_down_weight_follows_updates() -> None:
+    dense = _dense_mlp(5)
+    sparse = SparseGatedMLP.from_dense(dense)
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        sparse(x)
+        dense.down_proj.weight.mul_(2)  # an optimizer step in place
+        torch.testing.assert_close(sparse(x), dense(x), atol=1e-5, rtol=1e-5)
+
+
+def test_from_dense_rejects_bias_and_non_mlps() -> None:
+    with pytest.raises(ValueError, match=r"^SparseGatedMLP.from_dense: mlp.gate_proj has a bias"):
+        SparseGatedMLP.from_dense(LlamaMLP(_config(mlp_bias=True)))
+    with pytest.raises(TypeError, match=r"^SparseGatedMLP.from_dense: mlp.gate_proj is NoneType"):
+        SparseGatedMLP.from_dense(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"^SparseGatedMLP: x has shape \(2, 3\); expected \[..., 64\]"):
+        SparseGatedMLP(64, 32)(torch.randn(2, 3))
+
+
+def test_total_l1_needs_a_forward() -> None:
+    with pytest.raises(ValueError, match="^total_l1: the model has no SparseGatedMLP with a forward behind it"):
+        total_l1(SparseGatedMLP(8, 8))
+
+
+# ---------------------------------------------------------------- TopKDecodeAttention
+
+
+def _attention(seed: int = 0) -> tuple[LlamaAttention, LlamaRotaryEmbedding]:
+    torch.manual_seed(seed)
+    cfg = _config()
+    attn = LlamaAttention(cfg, layer_idx=0).eval()
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_(0, 0.3)  # peaked attention, so the choice of keys matters
+    return attn, LlamaRotaryEmbedding(cfg)
+
+
+def _run(attn: torch.nn.Module, rope: LlamaRotaryEmbedding, xs: torch.Tensor, prefill: int) -> list[torch.Tensor]:
+    """Prefill ``xs[:, :prefill]`` then decode the rest one token at a time; the outputs of each call."""
+    cache = DynamicCache()
+    outs = []
+    pos = torch.arange(xs.shape[1])[None]
+    with torch.no_grad():
+        for lo, hi in [(0, prefill)] + [(t, t + 1) for t in range(prefill, xs.shape[1])]:
+            cos, sin = rope(xs, pos[:, lo:hi])
+            out, _ = attn(xs[:, lo:hi], position_embeddings=(cos, sin), attention_mask=None, past_key_values=cache)
+            outs.append(out)
+    return outs
+
+
+def _reference_topk(attn: LlamaAttention, rope: LlamaRotaryEmbedding, xs: torch.Tensor, sel_fn) -> torch.Tensor:
+    """Output of the last token of ``xs`` attending to the keys ``sel_fn(q, kv)`` picks, in plain torch."""
+    b, s, _ = xs.shape
+    hd, hq, hkv = attn.head_dim, 4, 2
+    with torch.no_grad():
+        q = attn.q_proj(xs).view(b, s, hq, hd).transpose(1, 2)
+        k = attn.k_proj(xs).view(b, s, hkv, hd).transpose(1, 2)
+        v = attn.v_proj(xs).view(b, s, hkv, hd).transpose(1, 2)
+        cos, sin = rope(xs, torch.arange(s)[None])
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q_last = q[:, :, -1].contiguous()
+        kv = sc.DenseKV(k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(),
+                        torch.full((b,), s, dtype=torch.int32))
+        idx = sel_fn(q_last, kv)
+        out = torch.empty(b, hq, hd)
+        for bi in range(b):
+            for h in range(hq):
+                g = h // 2 if idx.groups == hkv else h
+                rows = idx.indices[bi, g, : idx.counts[bi, g]].long()
+                if idx.granularity == "page":
+                    ps = idx.page_size
+                    rows = (rows[:, None] * ps + torch.arange(ps)[None]).reshape(-1)
+                    rows = rows[rows < s]
+                sc_ = (k[bi, h // 2, rows] @ q_last[bi, h]) * attn.scaling
+                out[bi, h] = torch.softmax(sc_, 0) @ v[bi, h // 2, rows]
+        return attn.o_proj(out.reshape(b, 1, -1))
+
+
+def test_attention_keeps_state_dict_and_prefill() -> None:
+    attn, rope = _attention()
+    wrapped = TopKDecodeAttention(attn, k=4)
+    assert list(wrapped.state_dict()) == list(attn.state_dict())
+    assert wrapped.q_proj is attn.q_proj and wrapped.layer_idx == 0 and not wrapped.training
+    xs = torch.randn(2, 9, 64)
+    for a, b in zip(_run(attn, rope, xs, 9), _run(wrapped, rope, xs, 9)):
+        torch.testing.assert_close(a, b)  # prefill runs the original layer
+    assert wrapped.decode_steps == 0
+
+
+@pytest.mark.parametrize("method, shared", [("exact", True), ("exact", False), ("quest", True)])
+def test_decode_with_every_key_equals_dense(method: str, shared: bool) -> None:
+    attn, rope = _attention(1)
+    wrapped = TopKDecodeAttention(attn, k=10_000, method=method, shared=shared, page_size=4)
+    xs = torch.randn(2, 14, 64)
+    dense, sparse = _run(attn, rope, xs, 6), _run(wrapped, rope, xs, 6)
+    for a, b in zip(dense, sparse):
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=2e-5)
+    assert wrapped.decode_steps == 8 and wrapped.read_fraction == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("method, k, sink, window, shared", [
+    ("exact", 3, 1, 2, True), ("exact", 2, 0, 0, False), ("quest", 1, 1, 3, True)])
+def test_decode_with_few_keys_matches_topk_reference(method: str, k: int, sink: int, window: int,
+                                                     shared: bool) -> None:
+    attn, rope = _attention(2)
+    opts = dict(method=method, sink=sink, window=window, shared=shared)
+    if method == "quest":
+        opts["page_size"] = 4
+    wrapped = TopKDecodeAttention(attn, k=k, **opts)
+    xs = torch.randn(2, 17, 64)
+    got = _run(wrapped, rope, xs, 16)[-1]
+    want = _reference_topk(attn, rope, xs, lambda q, kv: sc.select_topk(q, kv, k, backend="reference", **opts))
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    dense = _run(attn, rope, xs, 16)[-1]
+    assert not torch.allclose(got, dense, atol=1e-3)  # few keys: really sparse
+    assert wrapped.read_fraction < 1
+
+
+def test_decode_falls_back_to_dense_for_masked_keys() -> None:
+    attn, rope = _attention(3)
+    wrapped = TopKDecodeAttention(attn, k=1)
+    xs = torch.randn(1, 6, 64)
+    outs = []
+    for layer in (attn, wrapped):
+        cache = DynamicCache()
+        with torch.no_grad():
+            pos = torch.arange(6)[None]
+            layer(xs[:, :5], position_embeddings=rope(xs, pos[:, :5]), attention_mask=None, past_key_values=cache)
+            mask = torch.zeros(1, 1, 1, 6)
+            mask[..., 0] = torch.finfo(torch.float32).min  # left padding hides key 0
+            outs.append(layer(xs[:, 5:], position_embeddings=rope(xs, pos[:, 5:]), attention_mask=mask,
+                              past_key_values=cache)[0])
+    torch.testing.assert_close(outs[1], outs[0])
+    assert wrapped.dense_fallbacks == 1 and wrapped.decode_steps == 0
+
+
+def test_attention_argument_errors() -> None:
+    attn, _ = _attention()
+    with pytest.raises(ValueError, match=r"^TopKDecodeAttention: method = 'topp'; allowed: exact, quest"):
+        TopKDecodeAttention(attn, k=4, method="topp")
+    with pytest.raises(ValueError, match=r"^TopKDecodeAttention: k = -1; must be an int >= 0"):
+        TopKDecodeAttention(attn, k=-1)
+    with pytest.raises(TypeError, match=r"^TopKDecodeAttention: attn \(Linear\) has no 'q_proj'"):
+        TopKDecodeAttention(torch.nn.Linear(2, 2), k=4)
+
+
+@pytest.mark.parametrize("backend", ["numba_cpu", "reference"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_host_backends_read_a_transposed_cache(backend: str, dtype: str) -> None:
+    """transformers' cache is [B, Hkv, S, D]; DenseKV wants [B, S, Hkv, D]: a transposed view, no copy."""
+    if backend == "numba_cpu":
+        pytest.importorskip("numba")
+    dt = getattr(torch, dtype)
+    torch.manual_seed(0)
+    k, v = torch.randn(2, 2, 24, 16, dtype=dt), torch.randn(2, 2, 24, 16, dtype=dt)
+    q = torch.randn(2, 4, 16, dtype=dt)
+    lengths = torch.tensor([24, 19], dtype=torch.int32)
+    view = sc.DenseKV(k.transpose(1, 2), v.transpose(1, 2), lengths)
+    copy = sc.DenseKV(k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(), lengths)
+    assert not view.k.is_contiguous()
+    iv = sc.select_topk(q, view, 5, sink=1, window=2, backend=backend)
+    ic = sc.select_topk(q, copy, 5, sink=1, window=2, backend=backend)
+    assert torch.equal(iv.counts, ic.counts)
+    for b in range(2):
+        for g in range(2):
+            n = int(iv.counts[b, g])
+            assert set(iv.indices[b, g, :n].tolist()) == set(ic.indices[b, g, :n].tolist())
+    tol = dict(atol=1e-2, rtol=1e-2) if dtype == "bfloat16" else dict(atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(sc.sparse_decode(q, view, ic, backend=backend)[0],
+                               sc.sparse_decode(q, copy, ic, backend=backend)[0], **tol)
+    torch.testing.assert_close(sc.dense_decode(q, view, backend=backend)[0],
+                               sc.dense_decode(q, copy, backend=backend)[0], **tol)
+
+
+@pytest.mark.parametrize("method, shared", [("exact", True), ("exact", False), ("quest", True)])
+def test_attend_reads_contiguous_and_strided_caches_alike(method: str, shared: bool) -> None:
+    """A contiguous cache is read as B * Hkv one-head sequences, any other through the [B, S, Hkv, D]
+    view; both mean the same selection and the same output."""
+    attn, _ = _attention()
+    wrapped = TopKDecodeAttention(attn, k=2, method=method, sink=1, window=2, shared=shared, page_size=4)
+    torch.manual_seed(1)
+    nhd_k, nhd_v = torch.randn(2, 21, 2, 16), torch.randn(2, 21, 2, 16)  # [B, S, Hkv, D]
+    q = torch.randn(2, 4, 16) * 3
+    strided = wrapped.attend(q, nhd_k.transpose(1, 2), nhd_v.transpose(1, 2), 19)
+    contiguous = wrapped.attend(q, nhd_k.transpose(1, 2).contiguous(), nhd_v.transpose(1, 2).contiguous(), 19)
+    torch.testing.assert_close(contiguous, strided, atol=1e-5, rtol=1e-5)
+    kv = sc.DenseKV(nhd_k, nhd_v, torch.tensor([19, 19], dtype=torch.int32))
+    opts = dict(method=method, sink=1, window=2, shared=shared, **({"page_size": 4} if method == "quest" else {}))
+    want, _ = sc.sparse_decode(q, kv, sc.select_topk(q, kv, 2, backend="reference", **opts), backend="reference")
+    torch.testing.assert_close(contiguous, want, atol=1e-5, rtol=1e-5)
+    assert wrapped.decode_steps == 2 and wrapped.read_fraction < 1
