@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import os
 from collections.abc import Callable
@@ -25,7 +26,8 @@ BACKEND_PRIORITY: tuple[str, ...] = ("cupy", "cuda_python", "numba_cuda", "numba
 
 #: backend sub-packages imported (and so registered) on first dispatch.
 BACKEND_MODULES: tuple[str, ...] = ("sparsecore.backends.reference", "sparsecore.backends.numba_cpu",
-                                     "sparsecore.backends.numba_cuda")
+                                     "sparsecore.backends.numba_cuda", "sparsecore.backends.cupy",
+                                     "sparsecore.backends.cuda_python")
 
 OPS: tuple[str, ...] = ("pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn", "select_topk",
                         "sparse_decode", "dense_decode", "merge_attention")
@@ -55,8 +57,8 @@ class OpInputs:
 
     OP: ClassVar[str] = ""
 
-    def named_arrays(self) -> dict[str, Any]:
-        """Every array buffer of the call by a readable name (``a.values``, ``kv.lengths``)."""
+    @functools.cached_property
+    def _arrays(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
@@ -66,16 +68,20 @@ class OpInputs:
                 out.update({f"{f.name}.{n}": a for n, a in v.arrays().items()})
         return out
 
+    def named_arrays(self) -> dict[str, Any]:
+        """Every array buffer of the call by a readable name (``a.values``, ``kv.lengths``)."""
+        return self._arrays
+
     def map_arrays(self, fn: Callable[[Any], Any]) -> OpInputs:
         changes = {f.name: map_arrays(fn, getattr(self, f.name)) for f in dataclasses.fields(self)}
         return dataclasses.replace(self, **changes)
 
-    @property
+    @functools.cached_property
     def device(self) -> str:
         arrs = self.named_arrays()
         return device_of(next(iter(arrs.values()))) if arrs else "host"
 
-    @property
+    @functools.cached_property
     def kind(self) -> str:
         arrs = self.named_arrays()
         return kind_of(next(iter(arrs.values()))) if arrs else "numpy"

@@ -85,6 +85,16 @@ def _as_pages(kv: DenseKV | PagedKV) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return kv.k, kv.v, np.arange(kv.batch, dtype=np.int32)[:, None]
 
 
+#: below this many multiply-adds a call runs on one thread: waking the pool costs more than it saves,
+#: and with more runnable threads than cores (torch's pool, other processes) a parallel region
+#: waits milliseconds for a descheduled thread
+PARALLEL_MIN_WORK = int(os.environ.get("SPARSECORE_CPU_PARALLEL_MIN_WORK", 1 << 20))
+
+
+def _elements(*arrays: Any) -> int:
+    return sum(int(np.prod(a.shape)) for a in arrays)
+
+
 class _NumbaCpu(BackendOp):
     NAME: ClassVar[str] = "numba_cpu"
     BACKEND: ClassVar[str] = "numba_cpu"
@@ -95,6 +105,31 @@ class _NumbaCpu(BackendOp):
     @classmethod
     def availability_reasons(cls) -> list[str]:
         return [] if _numba_version() else ["numba is not installed (pip install 'sparsecore[numba]')"]
+
+    @classmethod
+    def work(cls, inp: Any) -> int:
+        """A rough count of the call's multiply-adds (default: the elements it reads)."""
+        return _elements(*inp.named_arrays().values())
+
+    @classmethod
+    def apply(cls, inp: Any) -> Any:
+        if cls.work(inp) >= PARALLEL_MIN_WORK:
+            return super().apply(inp)
+        import numba
+
+        threads = numba.get_num_threads()
+        numba.set_num_threads(1)
+        try:
+            return super().apply(inp)
+        finally:
+            numba.set_num_threads(threads)
+
+
+def _stored(a: TiledELL | CSR) -> int:
+    """Stored entries of a sparse operand, counted from shapes (slots, padding included)."""
+    if isinstance(a, CSR):
+        return a.nnz
+    return int(np.prod(a.values.shape)) + (a.overflow.nnz if a.overflow is not None else 0)
 
 
 @register
@@ -192,6 +227,10 @@ class Spmm(_NumbaCpu):
     OP = "spmm"
 
     @classmethod
+    def work(cls, inp: I.SpmmInputs) -> int:
+        return _stored(inp.a) * int(inp.w.shape[1])
+
+    @classmethod
     def run(cls, inp: I.SpmmInputs) -> np.ndarray:
         a, w = inp.a, inp.w
         lut = _lut_for(inp.dtype)
@@ -203,6 +242,10 @@ class Spmm(_NumbaCpu):
 @register
 class Sddmm(_NumbaCpu):
     OP = "sddmm"
+
+    @classmethod
+    def work(cls, inp: I.SddmmInputs) -> int:
+        return _stored(inp.pattern) * int(inp.x.shape[1])
 
     @classmethod
     def run(cls, inp: I.SddmmInputs) -> TiledELL | CSR:
@@ -232,6 +275,10 @@ class SpmmT(_NumbaCpu):
     OP = "spmm_t"
 
     @classmethod
+    def work(cls, inp: I.SpmmTInputs) -> int:
+        return _stored(inp.a) * int(inp.dy.shape[1])
+
+    @classmethod
     def run(cls, inp: I.SpmmTInputs) -> np.ndarray:
         a, dy = inp.a, inp.dy
         lut = _lut_for(inp.dtype)
@@ -244,6 +291,10 @@ class SpmmT(_NumbaCpu):
 @register
 class GatedFfn(_NumbaCpu):
     OP = "gated_ffn"
+
+    @classmethod
+    def work(cls, inp: I.GatedFfnInputs) -> int:
+        return _stored(inp.gate) * int(inp.x.shape[1] + inp.w_down.shape[1])
 
     @classmethod
     def run(cls, inp: I.GatedFfnInputs) -> np.ndarray:
@@ -319,6 +370,11 @@ class SparseDecode(_NumbaCpu):
     OP = "sparse_decode"
 
     @classmethod
+    def work(cls, inp: I.SparseDecodeInputs) -> int:
+        unit = inp.index.page_size if inp.index.granularity == "page" else 1
+        return int(np.prod(inp.q.shape)) * inp.index.k_max * unit * 2
+
+    @classmethod
     def run(cls, inp: I.SparseDecodeInputs) -> tuple[np.ndarray, np.ndarray]:
         return _decode(inp.q, inp.kv, inp.index, inp.scale, inp.dtype)
 
@@ -326,6 +382,10 @@ class SparseDecode(_NumbaCpu):
 @register
 class DenseDecode(_NumbaCpu):
     OP = "dense_decode"
+
+    @classmethod
+    def work(cls, inp: I.DenseDecodeInputs) -> int:
+        return int(np.prod(inp.q.shape)) * inp.kv.max_len * 2
 
     @classmethod
     def run(cls, inp: I.DenseDecodeInputs) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,369 @@
+// sparsecore CUDA C: decode attention (dense and sparse split-K decode, merge) and top-k selection.
+//
+// Buffers (C-contiguous):
+//   q[B, Hq, D] value T; query head h reads KV head h / group (group = Hq / Hkv).
+//   dense cache (paged == 0): k, v[B, S, Hkv, D] T, `S` = max_len.
+//   paged cache (paged == 1): k, v[P, page_size, Hkv, D] T; page_table[B, max_pages] int32.
+//   lengths[B] int32.
+//   index (sparse decode): indices[B, G, k_max] int32, counts[B, G] int32; G = Hkv (shared: one
+//   block serves the whole group and reads every selected KV row once) or Hq (per head).
+//   mode: 0 dense (every token < length), 1 token indices, 2 page indices of `ipage` tokens.
+//   o_part[splits, B, Hq, D] float32 and lse_part[splits, B, Hq] float32: split-K partials.
+// Empty attention is out 0, lse -inf (the identity of the merge), so empty splits need no care.
+#include "common.cuh"
+
+using sc::i64;
+
+struct KvView {
+    const void* k;
+    const void* v;
+    const int* page_table;
+    const int* lengths;
+    int paged, S, page_size, max_pages, Hkv, D;
+};
+
+template <typename T>
+__device__ __forceinline__ i64 kv_row(const KvView& kv, int b, int t, int kvh) {
+    if (kv.paged) {
+        const int page = kv.page_table[(i64)b * kv.max_pages + t / kv.page_size];
+        return (((i64)page * kv.page_size + t % kv.page_size) * kv.Hkv + kvh) * kv.D;
+    }
+    return (((i64)b * kv.S + t) * kv.Hkv + kvh) * kv.D;
+}
+
+// Token of key number `i` of a row, or -1 when it is past the sequence (a partial last page).
+__device__ __forceinline__ int key_token(int mode, const int* __restrict__ sel, int ipage, int i, int length) {
+    if (mode == 0) return i;
+    if (mode == 1) return sel[i];
+    const int t = sel[i / ipage] * ipage + i % ipage;
+    return t < length ? t : -1;
+}
+
+__device__ __forceinline__ int row_keys(int mode, int count, int ipage, int length) {
+    return mode == 0 ? length : (mode == 1 ? count : count * ipage);
+}
+
+// ---- split-K decode ------------------------------------------------------------------------------
+// Grid (splits, rows, B) with rows = Hkv when the block serves a whole GQA group (dense decode and
+// shared selections) or Hq (per-head selections). NT threads = NT/32 warps. Lane l holds elements
+// [l*VPL, l*VPL + VPL) of D (D <= 32 * VPL), so a K or V row is one coalesced 32 * VPL * sizeof(T)
+// read. Each warp runs an online softmax over keys i = split_lo + warp, + NT/32, ... for up to GMAX
+// query heads at once (the K and V rows are loaded once for all of them), then the warps' states
+// are merged through shared memory and the split's partial (or, with one split, the result) is
+// written.
+#define SC_KV_PARAMS                                                                                     \
+    const void *kv_k, const void *kv_v, const int *kv_page_table, const int *kv_lengths, int kv_paged, int kv_S, \
+        int kv_page_size, int kv_max_pages, int kv_Hkv, int kv_D
+#define SC_KV_MAKE                                                                                   \
+    const KvView kv = {kv_k, kv_v, kv_page_table, kv_lengths, kv_paged, kv_S, kv_page_size, kv_max_pages, \
+                       kv_Hkv, kv_D}
+
+// One key into the online softmax of up to GMAX heads: s = q . k (q pre-scaled), rescale, add p * v.
+template <int VPL, int GMAX>
+__device__ __forceinline__ void online_update(int nh, const float (&qr)[GMAX][VPL], const float (&kr)[VPL],
+                                              const float (&vr)[VPL], float (&m)[GMAX], float (&l)[GMAX],
+                                              float (&acc)[GMAX][VPL]) {
+#pragma unroll
+    for (int h = 0; h < GMAX; ++h) {
+        if (h < nh) {
+            float s = 0.0f;
+#pragma unroll
+            for (int j = 0; j < VPL; ++j) s = fmaf(qr[h][j], kr[j], s);
+            s = sc::warp_sum(s);
+            const float mn = fmaxf(m[h], s);
+            const float corr = expf(m[h] - mn);  // m = -inf at first: exp(-inf) = 0
+            const float p = expf(s - mn);
+            l[h] = l[h] * corr + p;
+#pragma unroll
+            for (int j = 0; j < VPL; ++j) acc[h][j] = fmaf(acc[h][j], corr, p * vr[j]);
+            m[h] = mn;
+        }
+    }
+}
+
+template <typename T, int NT, int VPL, int GMAX>
+__global__ void SC_BOUNDS(NT) decode_split(const T* __restrict__ q, int Hq, SC_KV_PARAMS, int group, int per_head,
+                                                   int mode, const int* __restrict__ indices,
+                                                   const int* __restrict__ counts, int G, int k_max, int ipage,
+                                                   int chunk, float scale, int aligned, float* __restrict__ o_part,
+                                                   float* __restrict__ lse_part, T* __restrict__ out,
+                                                   float* __restrict__ lse_out) {
+    SC_KV_MAKE;
+    constexpr int NW = NT / 32;
+    __shared__ float sm_m[NW][GMAX], sm_l[NW][GMAX];
+    __shared__ float sm_o[NW][GMAX][32 * VPL];
+    const int split = blockIdx.x, r = blockIdx.y, b = blockIdx.z, B = gridDim.z, splits = gridDim.x;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int D = kv.D;
+    const int kvh = per_head ? r / group : r;
+    const int h0 = per_head ? r : r * group;
+    const int nh = per_head ? 1 : group;  // <= GMAX (host guarantees)
+    const int length = kv.lengths[b];
+    const int ir = per_head ? (G == Hq ? r : r / group) : r;  // the index row this block reads
+    const int* sel = mode == 0 ? nullptr : indices + ((i64)b * G + ir) * k_max;
+    const int n_keys = row_keys(mode, mode == 0 ? 0 : counts[(i64)b * G + ir], ipage, length);
+    const int lo = split * chunk, hi = min(n_keys, lo + chunk);
+    const int d0 = lane * VPL, dn = min(VPL, D - d0);
+    const T* K = static_cast<const T*>(kv.k);
+    const T* Vv = static_cast<const T*>(kv.v);
+
+    float qr[GMAX][VPL], acc[GMAX][VPL], m[GMAX], l[GMAX];
+#pragma unroll
+    for (int h = 0; h < GMAX; ++h) {
+        m[h] = -INFINITY;
+        l[h] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < VPL; ++i) { acc[h][i] = 0.0f; qr[h][i] = 0.0f; }
+        if (h < nh && dn > 0) {
+            sc::load_vec_n<T, VPL>(q + ((i64)b * Hq + h0 + h) * D + d0, dn, aligned, qr[h]);
+#pragma unroll
+            for (int i = 0; i < VPL; ++i) qr[h][i] *= scale;
+        }
+    }
+    // Two keys per iteration: both K/V row pairs are loaded before either is used, so each warp keeps
+    // four row loads in flight (decode is latency-bound at the occupancy the registers allow).
+    for (int i = lo + warp; i < hi; i += 2 * NW) {
+        const int t1 = key_token(mode, sel, ipage, i, length);  // uniform over the warp
+        const int t2 = i + NW < hi ? key_token(mode, sel, ipage, i + NW, length) : -1;
+        float k1[VPL], v1[VPL], k2[VPL], v2[VPL];
+        if (t1 >= 0) {
+            const i64 off = kv_row<T>(kv, b, t1, kvh);
+            sc::load_vec_n<T, VPL>(K + off + d0, max(dn, 0), aligned, k1);
+            sc::load_vec_n<T, VPL>(Vv + off + d0, max(dn, 0), aligned, v1);
+        }
+        if (t2 >= 0) {
+            const i64 off = kv_row<T>(kv, b, t2, kvh);
+            sc::load_vec_n<T, VPL>(K + off + d0, max(dn, 0), aligned, k2);
+            sc::load_vec_n<T, VPL>(Vv + off + d0, max(dn, 0), aligned, v2);
+        }
+        if (t1 >= 0) online_update<VPL, GMAX>(nh, qr, k1, v1, m, l, acc);
+        if (t2 >= 0) online_update<VPL, GMAX>(nh, qr, k2, v2, m, l, acc);
+    }
+    // merge the warps' states
+#pragma unroll
+    for (int h = 0; h < GMAX; ++h) {
+        if (lane == 0) { sm_m[warp][h] = m[h]; sm_l[warp][h] = l[h]; }
+#pragma unroll
+        for (int j = 0; j < VPL; ++j) sm_o[warp][h][d0 + j] = acc[h][j];
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < nh * D; e += NT) {
+        const int h = e / D, d = e - h * D;
+        float mx = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) mx = fmaxf(mx, sm_m[w][h]);
+        float ls = 0.0f, os = 0.0f;
+        if (mx != -INFINITY) {
+#pragma unroll
+            for (int w = 0; w < NW; ++w) {
+                const float c = expf(sm_m[w][h] - mx);
+                ls += sm_l[w][h] * c;
+                os += sm_o[w][h][d] * c;
+            }
+        }
+        const float o = ls > 0.0f ? os / ls : 0.0f;
+        const float lse = ls > 0.0f ? mx + logf(ls) : -INFINITY;
+        const i64 bh = (i64)b * Hq + h0 + h;
+        if (splits == 1) {
+            out[bh * D + d] = sc::from_f<T>(o);
+            if (d == 0) lse_out[bh] = lse;
+        } else {
+            o_part[((i64)split * B * Hq + bh) * D + d] = o;
+            if (d == 0) lse_part[(i64)split * B * Hq + bh] = lse;
+        }
+    }
+}
+
+// Grid (B * Hq), NT threads: merge the splits' partials by their log-sum-exp.
+template <typename T, int NT>
+__global__ void SC_BOUNDS(NT) decode_merge(const float* __restrict__ o_part, const float* __restrict__ lse_part,
+                                                   int splits, i64 BH, int D, T* __restrict__ out,
+                                                   float* __restrict__ lse_out) {
+    const i64 bh = blockIdx.x;
+    float mx = -INFINITY;
+    for (int s = 0; s < splits; ++s) mx = fmaxf(mx, lse_part[s * BH + bh]);
+    float den = 0.0f;
+    if (mx != -INFINITY)
+        for (int s = 0; s < splits; ++s) den += expf(lse_part[s * BH + bh] - mx);
+    for (int d = threadIdx.x; d < D; d += NT) {
+        float o = 0.0f;
+        if (den > 0.0f)
+            for (int s = 0; s < splits; ++s) o += expf(lse_part[s * BH + bh] - mx) * o_part[(s * BH + bh) * D + d];
+        out[bh * D + d] = sc::from_f<T>(den > 0.0f ? o / den : 0.0f);
+    }
+    if (threadIdx.x == 0) lse_out[bh] = den > 0.0f ? mx + logf(den) : -INFINITY;
+}
+
+// ---- merge_attention: elementwise over rows of D --------------------------------------------------
+// Grid-stride over rows * D elements. L is float or double (lse dtype); the output lse is float32.
+template <typename T, typename L>
+__global__ void merge_attention(const T* __restrict__ o1, const L* __restrict__ lse1, const T* __restrict__ o2,
+                                const L* __restrict__ lse2, i64 rows, int D, T* __restrict__ out,
+                                float* __restrict__ lse_out) {
+    const int Dm = D > 0 ? D : 1;  // D == 0 still writes every row's lse
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < rows * Dm; i += (i64)gridDim.x * blockDim.x) {
+        const i64 r = i / Dm;
+        const double l1 = (double)lse1[r], l2 = (double)lse2[r];
+        const double mx = fmax(l1, l2);
+        double lse, w1 = 0.0, w2 = 0.0;
+        if (mx == -INFINITY) {
+            lse = -INFINITY;
+        } else {
+            // log-add-exp in double so lse agrees with the reference's to float32 rounding
+            const double e1 = exp(l1 - mx), e2 = exp(l2 - mx);
+            lse = mx + log(e1 + e2);
+            w1 = l1 == -INFINITY ? 0.0 : exp(l1 - lse);
+            w2 = l2 == -INFINITY ? 0.0 : exp(l2 - lse);
+        }
+        if (D > 0) out[i] = sc::from_f<T>((float)(sc::to_f(o1[i]) * w1 + sc::to_f(o2[i]) * w2));
+        if (i % Dm == 0) lse_out[r] = (float)lse;
+    }
+}
+
+// ---- select_topk ---------------------------------------------------------------------------------
+// Scores of every unit (token or page) for each selection row g: scores[B, G, n_units] float32.
+// Exact (quest == 0): q . k summed over the heads of the row. Quest (quest == 1, unit = `ipage`
+// tokens): sum_i max(q_i * min_i, q_i * max_i) over the page's valid tokens, summed over the heads.
+// Grid (ceil(n_units / NW), G, B), NT threads: one warp per unit, lanes over D.
+template <typename T, int NT, int VPL>
+__global__ void SC_BOUNDS(NT) topk_scores(const T* __restrict__ q, int Hq, SC_KV_PARAMS, int group, int per_head,
+                                                  int quest, int ipage, int n_units, int aligned,
+                                                  float* __restrict__ scores) {
+    SC_KV_MAKE;
+    constexpr int NW = NT / 32;
+    const int g = blockIdx.y, b = blockIdx.z, G = gridDim.y;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int u = blockIdx.x * NW + warp;
+    if (u >= n_units) return;  // whole warp
+    const int D = kv.D;
+    const int kvh = per_head ? g / group : g;
+    const int h0 = per_head ? g : g * group;
+    const int nh = per_head ? 1 : group;
+    const int length = kv.lengths[b];
+    const int d0 = lane * VPL, dn = max(min(VPL, D - d0), 0);
+    const T* K = static_cast<const T*>(kv.k);
+    float s = -INFINITY;  // units past the sequence: never candidates (the select kernel skips them)
+    const int n_valid = quest ? (length + ipage - 1) / ipage : length;
+    if (u < n_valid) {
+        float kr[VPL], lo[VPL], hi[VPL];
+        if (!quest) {
+            sc::load_vec_n<T, VPL>(K + kv_row<T>(kv, b, u, kvh) + d0, dn, aligned, kr);
+        } else {
+#pragma unroll
+            for (int j = 0; j < VPL; ++j) { lo[j] = INFINITY; hi[j] = -INFINITY; }
+            const int t1 = min(length, (u + 1) * ipage);
+            for (int t = u * ipage; t < t1; ++t) {
+                sc::load_vec_n<T, VPL>(K + kv_row<T>(kv, b, t, kvh) + d0, dn, aligned, kr);
+#pragma unroll
+                for (int j = 0; j < VPL; ++j) { lo[j] = fminf(lo[j], kr[j]); hi[j] = fmaxf(hi[j], kr[j]); }
+            }
+        }
+        float part = 0.0f;
+        for (int h = 0; h < nh; ++h) {  // q rows re-read per unit: L1 hits
+            float qv[VPL];
+#pragma unroll
+            for (int j = 0; j < VPL; ++j) qv[j] = 0.0f;
+            if (dn > 0) sc::load_vec_n<T, VPL>(q + ((i64)b * Hq + h0 + h) * D + d0, dn, aligned, qv);
+#pragma unroll
+            for (int j = 0; j < VPL; ++j) {
+                if (j < dn) part += quest ? fmaxf(qv[j] * lo[j], qv[j] * hi[j]) : qv[j] * kr[j];
+            }
+        }
+        s = sc::warp_sum(part);
+    }
+    if (lane == 0) scores[((i64)b * G + g) * n_units + u] = s;
+}
+
+// Is unit u (token, or page of ipage tokens) of a sequence of `length` tokens forced (sink/window)?
+__device__ __forceinline__ bool is_forced(int u, int quest, int ipage, int length, int sink, int window) {
+    if (!quest) return u < sink || (window > 0 && u >= length - window);
+    const int first = u * ipage, last = min((u + 1) * ipage, length) - 1;
+    return first < sink || (window > 0 && last >= max(length - window, 0));
+}
+
+// Grid (G, B), NT threads: one selection row. Exact top-k of the non-forced candidates by a 4-pass
+// radix select (8 bits a pass, shared histogram) for the k-th largest key, then an ordered block
+// compaction that writes the forced units, the keys above the threshold and the first ties at it,
+// in ascending unit order. counts = n_forced + min(k, n_candidates); the rest of the row is -1.
+template <int NT>
+__global__ void SC_BOUNDS(NT) topk_select(const float* __restrict__ scores, int n_units,
+                                                  const int* __restrict__ lengths, int quest, int ipage, int k,
+                                                  int sink, int window, int k_max, int* __restrict__ indices,
+                                                  int* __restrict__ counts) {
+    __shared__ unsigned hist[256];
+    __shared__ int scratch[NT / 32];
+    __shared__ unsigned s_prefix;
+    __shared__ int s_need;
+    const int g = blockIdx.x, b = blockIdx.y, G = gridDim.x;
+    const i64 row = (i64)b * G + g;
+    const float* sr = scores + row * n_units;
+    int* out = indices + row * k_max;
+    const int length = lengths[b];
+    const int n_valid = min(n_units, quest ? (length + ipage - 1) / ipage : length);
+    // number of non-forced candidates
+    int n_cand = 0;
+    for (int c0 = 0; c0 < n_valid; c0 += NT) {
+        const int u = c0 + threadIdx.x;
+        const int tot =
+            sc::block_prefix<NT>(u < n_valid && !is_forced(u, quest, ipage, length, sink, window), scratch).y;
+        n_cand += tot;
+    }
+    const int take = min(k, n_cand);
+    // radix select: the take-th largest key among candidates (prefix narrows 8 bits a pass)
+    unsigned prefix = 0u;
+    int need = take;  // how many still to find at or below the current prefix
+    if (take > 0) {
+        for (int pass = 0; pass < 4; ++pass) {
+            const int shift = 24 - 8 * pass;
+            const unsigned hmask = pass == 0 ? 0u : (0xffffffffu << (shift + 8));
+            for (int i = threadIdx.x; i < 256; i += NT) hist[i] = 0u;
+            __syncthreads();
+            for (int u = threadIdx.x; u < n_valid; u += NT) {
+                if (is_forced(u, quest, ipage, length, sink, window)) continue;
+                const unsigned key = sc::order_key(sr[u]);
+                if ((key & hmask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+            }
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                int acc = 0, bin = 255;
+                for (; bin > 0; --bin) {  // from the top: the bin where the running count reaches need
+                    if (acc + (int)hist[bin] >= need) break;
+                    acc += (int)hist[bin];
+                }
+                s_prefix = prefix | ((unsigned)bin << shift);
+                s_need = need - acc;
+            }
+            __syncthreads();
+            prefix = s_prefix;
+            need = s_need;
+            __syncthreads();
+        }
+    }
+    // prefix is the threshold key; take every candidate above it and the first `need` equal to it
+    int written = 0, ties = 0;
+    for (int c0 = 0; c0 < n_valid; c0 += NT) {
+        const int u = c0 + threadIdx.x;
+        int pick = 0, tie = 0;
+        if (u < n_valid) {
+            if (is_forced(u, quest, ipage, length, sink, window)) {
+                pick = 1;
+            } else if (take > 0) {
+                const unsigned key = sc::order_key(sr[u]);
+                pick = key > prefix;
+                tie = key == prefix;
+            }
+        }
+        const int2 bp_tie_rank = sc::block_prefix<NT>(tie, scratch);
+        const int tie_total = bp_tie_rank.y;
+        const int tie_rank = ties + bp_tie_rank.x;
+        if (tie && tie_rank < need) pick = 1;
+        ties += tie_total;
+        const int2 bp_pos = sc::block_prefix<NT>(pick, scratch);
+        const int total = bp_pos.y;
+        const int pos = written + bp_pos.x;
+        if (pick && pos < k_max) out[pos] = u;
+        written += total;
+    }
+    for (int j = written + threadIdx.x; j < k_max; j += NT) out[j] = -1;
+    if (threadIdx.x == 0) counts[row] = min(written, k_max);
+}
