@@ -1,0 +1,444 @@
+"""GPU tier for the CUDA C kernels (``-m gpu``): every op x launcher (``cupy``, ``cuda_python``) x value
+dtype against the reference on a real GPU, with torch CUDA tensors and CuPy arrays (when CuPy is
+installed), dense and paged caches, shared and per-head selections; outputs come back as the library
+that went in; the ops run under CUDA-graph capture; and the kernels run under compute-sanitizer
+memcheck and racecheck. Every test forces its launcher with ``SPARSECORE_BACKEND``.
+
+Run on a GPU machine: ``python3 -m pytest -m gpu tests/gpu/test_cuda_c_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import sparsecore as sc
+from sparsecore import CSR, DenseKV, PagedKV, TiledELL, TopKIndex
+from sparsecore import reference as ref
+from sparsecore._arrays import to_host
+from sparsecore.formats.convert import csr_from_dense, tiled_ell_from_dense
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = ("float32", "float16", "bfloat16")
+NP = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+#: (atol, rtol) of results accumulated in float32 and rounded once, relative to the magnitude scale.
+TOL = {"float32": (1e-5, 1e-5), "float16": (2e-3, 2e-3), "bfloat16": (1.6e-2, 1.6e-2)}
+
+
+def _gpu_reason() -> str | None:
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return "NUMBA_ENABLE_CUDASIM=1: the simulator is not a GPU"
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU (torch.cuda.is_available() is False)"
+    return None
+
+
+def _launcher_reason(name: str) -> str | None:
+    from sparsecore.ops.dispatcher import implementations
+
+    cls = next(c for c in implementations("pack") if c.NAME == name)
+    reasons = cls.availability_reasons()
+    return "; ".join(reasons) if reasons else None
+
+
+_REASON = _gpu_reason()
+requires_gpu = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
+
+
+def _cupy() -> Any:
+    try:
+        import cupy
+    except ImportError:
+        return None
+    return cupy
+
+
+LIBS = ["torch", pytest.param("cupy", marks=pytest.mark.skipif(_cupy() is None, reason="cupy is not installed"))]
+LAUNCHERS = ["cupy", "cuda_python"]
+
+
+@pytest.fixture(params=LAUNCHERS)
+def launcher(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Forces one launcher for the whole test (every op call goes to it or raises with its reasons)."""
+    if _REASON is None:
+        why = _launcher_reason(request.param)
+        if why:
+            pytest.skip(f"{request.param}: {why}")
+    monkeypatch.setenv("SPARSECORE_BACKEND", request.param)
+    return request.param
+
+
+# ---- moving arrays ------------------------------------------------------------------------------
+
+def to_lib(x: Any, lib: str) -> Any:
+    """A device copy of a host array (or of every array of a format) in ``lib``."""
+    if hasattr(x, "map_arrays"):
+        return x.map_arrays(lambda a: to_lib(a, lib))
+    x = np.ascontiguousarray(x)
+    if lib == "torch":
+        import torch
+
+        if x.dtype == NP["bfloat16"]:
+            return torch.from_numpy(x.view(np.int16)).cuda().view(torch.bfloat16)
+        return torch.from_numpy(x).cuda()
+    cupy = _cupy()
+    if x.dtype == NP["bfloat16"]:
+        try:
+            return cupy.asarray(x.view(np.uint16)).view(NP["bfloat16"])
+        except (TypeError, ValueError) as e:
+            pytest.skip(f"this CuPy has no bfloat16 arrays: {e}")
+    return cupy.asarray(x)
+
+
+def host(x: Any) -> np.ndarray:
+    return np.asarray(to_host(x))
+
+
+def check_kind(x: Any, lib: str) -> None:
+    if lib == "torch":
+        import torch
+
+        assert isinstance(x, torch.Tensor) and x.is_cuda, type(x)
+    else:
+        assert type(x).__module__.startswith("cupy"), type(x)
+
+
+def close(actual: Any, expected: np.ndarray, dtype: str, scale: Any = 1.0, what: str = "") -> None:
+    a = host(actual).astype(np.float64)
+    e = np.asarray(expected).astype(np.float64)
+    assert a.shape == e.shape, f"{what}: {a.shape} != {e.shape}"
+    atol, rtol = TOL[dtype]
+    with np.errstate(invalid="ignore"):
+        same = (a == e) | (np.isnan(a) & np.isnan(e))
+        bad = ~same & ~(np.abs(a - e) <= atol * np.asarray(scale, np.float64) + rtol * np.abs(e))
+    if bad.any():
+        i = tuple(np.argwhere(bad)[0])
+        raise AssertionError(f"{what} ({dtype}): {int(bad.sum())} of {a.size} out of tolerance; first at {i}: "
+                             f"{a[i]} vs {e[i]}")
+
+
+def exact(actual: Any, expected: np.ndarray, what: str) -> None:
+    close(actual, expected, "float32", 0.0, what) if np.asarray(expected).dtype.kind == "f" else \
+        np.testing.assert_array_equal(host(actual), expected, err_msg=what)
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+def sparse_dense(rng: np.random.Generator, m: int, k: int, density: float, dtype: str) -> np.ndarray:
+    x = rng.uniform(0.5, 2.0, (m, k)) * rng.choice([-1.0, 1.0], (m, k))
+    x[rng.random((m, k)) >= density] = 0.0
+    x[0, :300] = rng.uniform(0.5, 2.0, min(300, k))  # one dense stretch: full tiles spill to the overflow
+    if m > 2:
+        x[2] = 0.0  # an empty row
+    return x.astype(NP[dtype])
+
+
+def kv_cache(rng: np.random.Generator, dtype: str, lengths: list[int], s: int, hkv: int, d: int, paged: bool,
+             page_size: int = 16) -> DenseKV | PagedKV:
+    b = len(lengths)
+    k = rng.standard_normal((b, s, hkv, d)).astype(NP[dtype])
+    v = rng.standard_normal((b, s, hkv, d)).astype(NP[dtype])
+    for i, n in enumerate(lengths):
+        k[i, n:] = np.nan
+        v[i, n:] = np.nan
+    if not paged:
+        return DenseKV(k, v, np.asarray(lengths, np.int32))
+    mp = -(-s // page_size)
+    perm = rng.permutation(b * mp + 1)
+    kp = np.full((b * mp + 1, page_size, hkv, d), np.nan, NP[dtype])
+    vp = np.full_like(kp, np.nan)
+    table = np.full((b, mp), -1, np.int32)
+    for i, n in enumerate(lengths):
+        for j in range(-(-n // page_size)):
+            p, rows = perm[i * mp + j], min(page_size, n - j * page_size)
+            table[i, j] = p
+            kp[p, :rows] = k[i, j * page_size:j * page_size + rows]
+            vp[p, :rows] = v[i, j * page_size:j * page_size + rows]
+    return PagedKV(kp, vp, table, np.asarray(lengths, np.int32))
+
+
+def _abs_fmt(f: TiledELL | CSR) -> TiledELL | CSR:
+    import dataclasses
+
+    if isinstance(f, CSR):
+        return dataclasses.replace(f, data=np.abs(f.data.astype(np.float64)))
+    return dataclasses.replace(f, values=np.abs(f.values.astype(np.float64)),
+                               overflow=None if f.overflow is None else _abs_fmt(f.overflow))
+
+
+# ---- FFN ops ------------------------------------------------------------------------------------
+
+@requires_gpu
+@pytest.mark.parametrize("lib", LIBS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pack_unpack(launcher, dtype, lib):
+    rng = np.random.default_rng(0)
+    x = sparse_dense(rng, 37, 1000, 0.05, dtype)
+    x[5, 7] = np.nan  # kept
+    x[1] *= -1        # dropped by the relu
+    for act in (None, "relu"):
+        got = sc.pack(to_lib(x, lib), threshold=0.6, activation=act, tile=256, capacity=32)
+        want = ref.pack(x, threshold=0.6, activation=act, tile=256, capacity=32)
+        check_kind(got.values, lib)
+        exact(got.counts, want.counts, "counts")
+        exact(got.cols, want.cols, "cols")
+        exact(got.values, want.values.astype(np.float32), "values")
+        assert want.overflow is not None and got.overflow is not None
+        exact(got.overflow.indptr, want.overflow.indptr, "overflow.indptr")
+        exact(got.overflow.indices, want.overflow.indices, "overflow.indices")
+        exact(got.overflow.data, want.overflow.data.astype(np.float32), "overflow.data")
+        got.validate()
+        dense = sc.unpack(got)
+        check_kind(dense, lib)
+        exact(dense, ref.unpack(want).astype(np.float32), "unpack")
+
+
+def _ffn_inputs(dtype: str, fmt: str, seed: int = 1) -> tuple[np.random.Generator, TiledELL | CSR, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = sparse_dense(rng, 33, 700, 0.03, dtype)
+    a = tiled_ell_from_dense(x, tile=256, capacity=16) if fmt == "ell" else csr_from_dense(x)
+    return rng, a, x
+
+
+@requires_gpu
+@pytest.mark.parametrize("lib", LIBS)
+@pytest.mark.parametrize("fmt", ["ell", "csr"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_spmm_sddmm_spmm_t_gated(launcher, dtype, fmt, lib):
+    rng, a, x = _ffn_inputs(dtype, fmt)
+    n, d = 300, 96
+    w = rng.standard_normal((700, n)).astype(NP[dtype])
+    ad, wd = to_lib(a, lib), to_lib(w, lib)
+    x64 = x.astype(np.float64)
+
+    out = sc.spmm(ad, wd)
+    check_kind(out, lib)
+    close(out, ref.spmm(a, w) if fmt == "csr" else x64 @ w.astype(np.float64), dtype,
+          np.abs(x64) @ np.abs(w.astype(np.float64)), "spmm")
+
+    xx, ww = rng.standard_normal((33, d)).astype(NP[dtype]), rng.standard_normal((700, d)).astype(NP[dtype])
+    got = sc.sddmm(to_lib(xx, lib), to_lib(ww, lib), ad)
+    want = ref.sddmm(xx, ww, a)
+    scale = ref.sddmm(np.abs(xx.astype(np.float64)), np.abs(ww.astype(np.float64)), _abs_fmt(a))
+    if fmt == "csr":
+        close(got.data, want.data, dtype, scale.data, "sddmm")
+    else:
+        close(got.values, want.values, dtype, scale.values, "sddmm")
+        close(got.overflow.data, want.overflow.data, dtype, scale.overflow.data, "sddmm overflow")
+
+    dy = rng.standard_normal((33, n)).astype(NP[dtype])
+    got = sc.spmm_t(ad, to_lib(dy, lib))
+    check_kind(got, lib)
+    close(got, ref.spmm_t(a, dy), dtype, ref.spmm_t(_abs_fmt(a), np.abs(dy.astype(np.float64))), "spmm_t")
+
+    w_down = rng.standard_normal((700, n)).astype(NP[dtype])
+    got = sc.gated_ffn(to_lib(xx, lib), ad, to_lib(ww, lib), to_lib(w_down, lib))
+    check_kind(got, lib)
+    a64 = lambda v: np.abs(v.astype(np.float64))  # noqa: E731
+    close(got, ref.gated_ffn(xx, a, ww, w_down), dtype,
+          ref.gated_ffn(a64(xx), _abs_fmt(a), a64(ww), a64(w_down)), "gated_ffn")
+
+
+# ---- decode ops ---------------------------------------------------------------------------------
+
+def _decode_inputs(dtype: str, paged: bool, seed: int = 2) -> tuple[np.random.Generator, np.ndarray, Any]:
+    rng = np.random.default_rng(seed)
+    lengths = [700, 1, 0, 333]
+    kv = kv_cache(rng, dtype, lengths, 720, 2, 128, paged)
+    q = rng.standard_normal((4, 8, 128)).astype(NP[dtype])
+    return rng, q, kv
+
+
+def _vmax(kv: Any) -> float:
+    return 1.0 + max(float(np.nanmax(np.abs(ref.sequence_kv(kv, b)[1].astype(np.float64)), initial=0.0))
+                     for b in range(kv.batch))
+
+
+def _check_topk(got: TopKIndex, want: TopKIndex, q: np.ndarray, kv: Any, shared: bool) -> None:
+    """Same counts; forced units in; every chosen unit scores at least every unchosen one."""
+    from sparsecore.reference.attention import forced_positions, head_scores, page_key_bounds, quest_bounds
+
+    assert host(got.indices).shape == want.indices.shape
+    np.testing.assert_array_equal(host(got.counts), want.counts)
+    got.validate(lengths=kv.lengths)
+    ind, cnt = host(got.indices), host(got.counts)
+    group = q.shape[1] // kv.num_kv_heads
+    ps = want.page_size
+    for b in range(q.shape[0]):
+        keys, _ = ref.sequence_kv(kv, b)
+        s = head_scores(q[b], keys, group) if ps is None else quest_bounds(q[b], *page_key_bounds(keys, ps), group)
+        if shared:
+            s = s.reshape(s.shape[0] // group, group, s.shape[1]).sum(axis=1)
+        n = int(kv.lengths[b])
+        units = n if ps is None else -(-n // ps)
+        forced = set(forced_positions(n, 4, 16, ps).tolist())
+        tol = 1e-3 * (1.0 + np.abs(s).max()) if s.size else 0.0
+        for g in range(ind.shape[1]):
+            sel = set(ind[b, g, :cnt[b, g]].tolist())
+            assert forced <= sel
+            chosen, left = sorted(sel - forced), sorted(set(range(units)) - sel)
+            if chosen and left:
+                assert s[g, chosen].min() >= s[g, left].max() - tol
+
+
+@requires_gpu
+@pytest.mark.parametrize("lib", LIBS)
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_head"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_select_topk_and_sparse_decode(launcher, dtype, shared, paged, lib):
+    rng, q, kv = _decode_inputs(dtype, paged)
+    qd, kvd = to_lib(q, lib), to_lib(kv, lib)
+    for method, k in (("exact", 50), ("quest", 5)):
+        got = sc.select_topk(qd, kvd, k, method=method, sink=4, window=16, shared=shared)
+        check_kind(got.indices, lib)
+        want = ref.select_topk(q, kv, k, method=method, sink=4, window=16, shared=shared,
+                               page_size=None if method == "exact" else (16 if not paged else kv.page_size))
+        _check_topk(got, want, q, kv, shared)
+        out, lse = sc.sparse_decode(qd, kvd, want.map_arrays(lambda a: to_lib(a, lib)))
+        check_kind(out, lib)
+        w_out, w_lse = ref.sparse_decode(q, kv, want)
+        close(out, w_out, dtype, _vmax(kv), f"sparse_decode {method}")
+        close(lse, w_lse, "float32", 10.0, f"sparse_decode {method} lse")
+    assert np.isneginf(host(lse)[2]).all() and not host(out).astype(np.float64)[2].any()  # length 0
+
+
+@requires_gpu
+@pytest.mark.parametrize("lib", LIBS)
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_decode_and_merge(launcher, dtype, paged, lib):
+    rng, q, kv = _decode_inputs(dtype, paged)
+    out, lse = sc.dense_decode(to_lib(q, lib), to_lib(kv, lib), scale=0.1)
+    check_kind(out, lib)
+    w_out, w_lse = ref.dense_decode(q, kv, scale=0.1)
+    close(out, w_out, dtype, _vmax(kv), "dense_decode")
+    close(lse, w_lse, "float32", 10.0, "dense_decode lse")
+    o2 = rng.standard_normal(w_out.shape).astype(NP[dtype])
+    l2 = rng.standard_normal(w_lse.shape).astype(np.float32)
+    mo, ml = sc.merge_attention(out, lse, to_lib(o2, lib), to_lib(l2, lib))
+    check_kind(mo, lib)
+    r_out, r_lse = ref.merge_attention(host(out), host(lse), o2, l2)
+    close(mo, r_out, dtype, 4.0, "merge_attention")
+    close(ml, r_lse, "float32", 1.0, "merge_attention lse")
+
+
+@requires_gpu
+@pytest.mark.parametrize("hq,hkv,d", [(32, 2, 256), (8, 8, 40), (6, 3, 64)], ids=["group16-d256", "mha-d40", "g2-d64"])
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+def test_decode_variants(launcher, hq, hkv, d, paged):
+    """The per-head fallback for groups above 8, head_dim 256 (8 values per lane), odd head_dim (scalar
+    loads), one split and many splits."""
+    rng = np.random.default_rng(5)
+    lengths = [1500, 3, 64]
+    kv = kv_cache(rng, "bfloat16", lengths, 1504, hkv, d, paged)
+    q = rng.standard_normal((3, hq, d)).astype(NP["bfloat16"])
+    qd, kvd = to_lib(q, "torch"), to_lib(kv, "torch")
+    out, lse = sc.dense_decode(qd, kvd)
+    w_out, w_lse = ref.dense_decode(q, kv)
+    close(out, w_out, "bfloat16", _vmax(kv), "dense_decode")
+    close(lse, w_lse, "float32", 10.0, "dense_decode lse")
+    for shared in (True, False):
+        want = ref.select_topk(q, kv, 100, sink=4, window=16, shared=shared)
+        got = sc.select_topk(qd, kvd, 100, sink=4, window=16, shared=shared)
+        _check_topk(got, want, q, kv, shared)
+        out, lse = sc.sparse_decode(qd, kvd, want.map_arrays(lambda a: to_lib(a, "torch")))
+        w_out, w_lse = ref.sparse_decode(q, kv, want)
+        close(out, w_out, "bfloat16", _vmax(kv), "sparse_decode")
+        close(lse, w_lse, "float32", 10.0, "sparse_decode lse")
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int64_csr_and_odd_widths(launcher, dtype):
+    """int64 CSR indices, N and D that are not multiples of the vector width (scalar fallback)."""
+    rng = np.random.default_rng(9)
+    x = sparse_dense(rng, 17, 301, 0.05, dtype)
+    a = csr_from_dense(x)
+    import dataclasses
+
+    a = dataclasses.replace(a, indptr=a.indptr.astype(np.int64), indices=a.indices.astype(np.int64))
+    w = rng.standard_normal((301, 37)).astype(NP[dtype])
+    out = sc.spmm(to_lib(a, "torch"), to_lib(w, "torch"))
+    x64 = x.astype(np.float64)
+    close(out, x64 @ w.astype(np.float64), dtype, np.abs(x64) @ np.abs(w.astype(np.float64)), "spmm int64")
+    xx = rng.standard_normal((17, 13)).astype(NP[dtype])
+    wu = rng.standard_normal((301, 13)).astype(NP[dtype])
+    got = sc.gated_ffn(to_lib(xx, "torch"), to_lib(a, "torch"), to_lib(wu, "torch"), to_lib(w, "torch"))
+    a64 = lambda v: np.abs(v.astype(np.float64))  # noqa: E731
+    close(got, ref.gated_ffn(xx, a, wu, w), dtype, ref.gated_ffn(a64(xx), _abs_fmt(a), a64(wu), a64(w)), "gated")
+
+
+@requires_gpu
+def test_torch_inputs_stay_on_their_stream_and_graph_capture_works(launcher):
+    """No host synchronisation inside spmm or sparse_decode: both run under CUDA-graph capture on a
+    side stream (torch raises if anything synchronises while capturing), and replays match."""
+    import torch
+
+    rng, a, x = _ffn_inputs("float16", "ell")
+    w = torch.from_numpy(rng.standard_normal((700, 64)).astype(np.float16)).cuda()
+    ad = to_lib(a, "torch")
+    _, q, kv = _decode_inputs("float16", True)
+    qd, kvd = to_lib(q, "torch"), to_lib(kv, "torch")
+    index = sc.select_topk(qd, kvd, 40, shared=True)
+    first = (sc.spmm(ad, w), *sc.sparse_decode(qd, kvd, index))  # compile and load outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = (sc.spmm(ad, w), *sc.sparse_decode(qd, kvd, index))
+    graph.replay()
+    torch.cuda.synchronize()
+    for c, f in zip(captured, first):
+        assert torch.equal(c, f)
+
+
+_SANITIZE = textwrap.dedent("""
+    import numpy as np, torch, sparsecore as sc
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((9, 300)).astype(np.float32); x[np.abs(x) < 1.2] = 0; x[0] = 1.0
+    xd = torch.from_numpy(x).cuda()
+    a = sc.pack(xd, tile=64, capacity=4)
+    w = torch.randn(300, 40, device="cuda")
+    sc.unpack(a); sc.spmm(a, w); sc.spmm_t(a, torch.randn(9, 40, device="cuda"))
+    xx = torch.randn(9, 32, device="cuda"); wu = torch.randn(300, 32, device="cuda")
+    sc.sddmm(xx, wu, a); sc.gated_ffn(xx, a, wu, torch.randn(300, 40, device="cuda"))
+    q = torch.randn(2, 4, 64, device="cuda")
+    k = torch.randn(2, 300, 2, 64, device="cuda"); v = torch.randn(2, 300, 2, 64, device="cuda")
+    kv = sc.DenseKV(k, v, torch.tensor([300, 17], dtype=torch.int32, device="cuda"))
+    for shared in (True, False):
+        for method in ("exact", "quest"):
+            idx = sc.select_topk(q, kv, 20, method=method, sink=2, window=8, shared=shared)
+            sc.sparse_decode(q, kv, idx)
+    o, l = sc.dense_decode(q, kv)
+    sc.merge_attention(o, l, o, l)
+    torch.cuda.synchronize()
+    print("ok")
+""")
+
+
+@requires_gpu
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+def test_kernels_under_compute_sanitizer(launcher, tool, tmp_path):
+    exe = shutil.which("compute-sanitizer") or next(
+        (p for p in ("/usr/local/cuda/bin/compute-sanitizer",) if os.path.exists(p)), None)
+    if exe is None:
+        pytest.skip("compute-sanitizer not found (PATH, /usr/local/cuda/bin)")
+    script = tmp_path / f"sanitize_{launcher}.py"
+    script.write_text(_SANITIZE)
+    env = dict(os.environ, SPARSECORE_BACKEND=launcher)
+    res = subprocess.run([exe, f"--tool={tool}", "--error-exitcode=1", sys.executable, str(script)],
+                         capture_output=True, text=True, timeout=900, env=env)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stdout[-4000:] + res.stderr[-4000:]
