@@ -1,10 +1,11 @@
-"""GPU tier for the CUDA C kernels (``-m gpu``): every op x launcher (``cupy``, ``cuda_python``) x value
+"""GPU tier (``-m gpu``): every op x GPU backend (``numba_cuda``, ``cupy``, ``cuda_python``) x value
 dtype against the reference on a real GPU, with torch CUDA tensors and CuPy arrays (when CuPy is
 installed), dense and paged caches, shared and per-head selections; outputs come back as the library
 that went in; the ops run under CUDA-graph capture; and the kernels run under compute-sanitizer
-memcheck and racecheck. Every test forces its launcher with ``SPARSECORE_BACKEND``.
+memcheck and racecheck. Every test forces its backend with ``SPARSECORE_BACKEND`` (the ``launcher``
+fixture), so a faster backend never stands in for the one under test.
 
-Run on a GPU machine: ``python3 -m pytest -m gpu tests/gpu/test_cuda_c_gpu.py``.
+Run on a GPU machine: ``python3 -m pytest -m gpu tests/gpu`` (or ``bash scripts/gpu.sh``).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def _launcher_reason(name: str) -> str | None:
     return "; ".join(reasons) if reasons else None
 
 
-LAUNCHERS = ["cupy", "cuda_python"]
+LAUNCHERS = ["numba_cuda", "cupy", "cuda_python"]
 
 
 @pytest.fixture(params=LAUNCHERS)
