@@ -28,11 +28,11 @@ def _runtime(like: Any) -> Any:
 
 
 def _version() -> str:
-    try:
-        from importlib import metadata
+    from importlib import metadata
 
+    try:
         return f"cuda-bindings {metadata.version('cuda-bindings')}"
-    except Exception:  # noqa: BLE001
+    except metadata.PackageNotFoundError:
         return "cuda-bindings (not installed)"
 
 

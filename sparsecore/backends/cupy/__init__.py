@@ -28,17 +28,14 @@ def _runtime(like: Any) -> Any:
 
 
 def _version() -> str:
-    try:
-        from importlib import metadata
+    from importlib import metadata
 
-        return f"cupy {metadata.version('cupy-cuda12x')}"
-    except Exception:  # noqa: BLE001
+    for dist in ("cupy-cuda13x", "cupy-cuda12x", "cupy"):
         try:
-            from importlib import metadata
-
-            return f"cupy {metadata.version('cupy-cuda13x')}"
-        except Exception:  # noqa: BLE001
-            return "cupy (not installed)"
+            return f"cupy {metadata.version(dist)}"
+        except metadata.PackageNotFoundError:
+            continue
+    return "cupy (not installed)"
 
 
 CLASSES = [register(c) for c in make_classes("cupy", _availability, _runtime, _version(), ("cupy", "torch"))]
