@@ -347,6 +347,23 @@ __device__ __forceinline__ void gated_batch(GatedStage<BATCH>& st, int nb, const
     __syncthreads();  // the stage is refilled next
 }
 
+// The CSR entries lo..hi of one row (a CSR operand, or a TiledELL's overflow), staged BATCH at a time.
+template <typename T, typename I, int NT, int V, int BATCH>
+__device__ __forceinline__ void gated_csr_row(GatedStage<BATCH>& st, i64 lo, i64 hi, const I* __restrict__ indices,
+                                              const T* __restrict__ data, const T* __restrict__ xr,
+                                              const T* __restrict__ w_up, int D, int aligned_d,
+                                              const T* __restrict__ w_down, int N, int n0, int nv, int aligned_n,
+                                              float (&acc)[V]) {
+    for (i64 e0 = lo; e0 < hi; e0 += BATCH) {
+        const int nb = (int)min((i64)BATCH, hi - e0);
+        if (threadIdx.x < nb) {
+            st.col[threadIdx.x] = (int)indices[e0 + threadIdx.x];
+            st.gate[threadIdx.x] = sc::to_f(data[e0 + threadIdx.x]);
+        }
+        gated_batch<T, NT, V, BATCH>(st, nb, xr, w_up, D, aligned_d, w_down, N, n0, nv, aligned_n, acc);
+    }
+}
+
 template <typename T, typename P, typename I, int NT, int V>
 __global__ void SC_BOUNDS(NT) gated_ell(const T* __restrict__ x, int D, int aligned_d,
                                                 const T* __restrict__ values, const short* __restrict__ cols,
@@ -376,17 +393,9 @@ __global__ void SC_BOUNDS(NT) gated_ell(const T* __restrict__ x, int D, int alig
             gated_batch<T, NT, V, BATCH>(st, nb, xr, w_up, D, aligned_d, w_down, N, n0, nv, aligned_n, acc);
         }
     }
-    if (has_ovf) {
-        const i64 lo = indptr[row], hi = indptr[row + 1];
-        for (i64 e0 = lo; e0 < hi; e0 += BATCH) {
-            const int nb = (int)min((i64)BATCH, hi - e0);
-            if (threadIdx.x < nb) {
-                st.col[threadIdx.x] = (int)indices[e0 + threadIdx.x];
-                st.gate[threadIdx.x] = sc::to_f(data[e0 + threadIdx.x]);
-            }
-            gated_batch<T, NT, V, BATCH>(st, nb, xr, w_up, D, aligned_d, w_down, N, n0, nv, aligned_n, acc);
-        }
-    }
+    if (has_ovf)
+        gated_csr_row<T, I, NT, V, BATCH>(st, indptr[row], indptr[row + 1], indices, data, xr, w_up, D,
+                                             aligned_d, w_down, N, n0, nv, aligned_n, acc);
     if (nv > 0) sc::store_vec_n<T, V>(out + (i64)row * N + n0, nv, acc);
 }
 
@@ -405,14 +414,7 @@ __global__ void SC_BOUNDS(NT) gated_csr(const T* __restrict__ x, int D, int alig
     float acc[V];
 #pragma unroll
     for (int i = 0; i < V; ++i) acc[i] = 0.0f;
-    const i64 lo = indptr[row], hi = indptr[row + 1];
-    for (i64 e0 = lo; e0 < hi; e0 += BATCH) {
-        const int nb = (int)min((i64)BATCH, hi - e0);
-        if (threadIdx.x < nb) {
-            st.col[threadIdx.x] = (int)indices[e0 + threadIdx.x];
-            st.gate[threadIdx.x] = sc::to_f(data[e0 + threadIdx.x]);
-        }
-        gated_batch<T, NT, V, BATCH>(st, nb, xr, w_up, D, aligned_d, w_down, N, n0, nv, aligned_n, acc);
-    }
+    gated_csr_row<T, I, NT, V, BATCH>(st, indptr[row], indptr[row + 1], indices, data, xr, w_up, D, aligned_d,
+                                         w_down, N, n0, nv, aligned_n, acc);
     if (nv > 0) sc::store_vec_n<T, V>(out + (i64)row * N + n0, nv, acc);
 }

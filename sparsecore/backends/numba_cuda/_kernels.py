@@ -199,6 +199,21 @@ def build(dtype: str) -> SimpleNamespace:
             red[r * NT + tid] = acc[r]
         _reduce_rows(red, tid)
 
+    @cuda.jit(device=True, inline="always")
+    def gated_batch(x, m, w_up, w_down, js, hs, nj, red, tid, n0, acc):
+        """One batch of nj gate entries (columns js, gate values hs): acc[cc] += hs[r] *
+        (x[m] . w_up[js[r]]) * w_down[js[r], n] for the thread's columns n; ends on a barrier
+        because the batch's shared reduction slots are refilled next."""
+        dots(x, m, w_up, js, nj, red, tid)
+        n_out = w_down.shape[1]
+        for r in range(nj):
+            h = hs[r] * red[r * NT]
+            for cc in range(CPT):
+                n = n0 + tid + cc * NT
+                if n < n_out:
+                    acc[cc] += h * ld(w_down[js[r], n])
+        cuda.syncthreads()
+
     # ---- pack ------------------------------------------------------------------------------
     def pack_tiles(x, thr, relu, tile, values, cols, counts, ovc):
         """Grid (M, n_tiles), one block per (row, tile).
@@ -416,7 +431,6 @@ def build(dtype: str) -> SimpleNamespace:
         acc = cuda.local.array(CPT, nt.float32)
         for cc in range(CPT):
             acc[cc] = F0
-        n_out = w_down.shape[1]
         for t in range(counts.shape[1]):
             c = counts[m, t]
             for s0 in range(0, c, R):
@@ -424,14 +438,7 @@ def build(dtype: str) -> SimpleNamespace:
                 for r in range(nj):
                     js[r] = t * tile + cols[m, t, s0 + r]
                     hs[r] = ld(values[m, t, s0 + r])
-                dots(x, m, w_up, js, nj, red, tid)
-                for r in range(nj):
-                    h = hs[r] * red[r * NT]
-                    for cc in range(CPT):
-                        n = n0 + tid + cc * NT
-                        if n < n_out:
-                            acc[cc] += h * ld(w_down[js[r], n])
-                cuda.syncthreads()
+                gated_batch(x, m, w_up, w_down, js, hs, nj, red, tid, n0, acc)
         if has_ovf != 0:
             e1 = indptr[m + 1]
             for s0 in range(indptr[m], e1, R):
@@ -439,14 +446,8 @@ def build(dtype: str) -> SimpleNamespace:
                 for r in range(nj):
                     js[r] = indices[s0 + r]
                     hs[r] = ld(data[s0 + r])
-                dots(x, m, w_up, js, nj, red, tid)
-                for r in range(nj):
-                    h = hs[r] * red[r * NT]
-                    for cc in range(CPT):
-                        n = n0 + tid + cc * NT
-                        if n < n_out:
-                            acc[cc] += h * ld(w_down[js[r], n])
-                cuda.syncthreads()
+                gated_batch(x, m, w_up, w_down, js, hs, nj, red, tid, n0, acc)
+        n_out = w_down.shape[1]
         for cc in range(CPT):
             n = n0 + tid + cc * NT
             if n < n_out:
@@ -463,21 +464,14 @@ def build(dtype: str) -> SimpleNamespace:
         acc = cuda.local.array(CPT, nt.float32)
         for cc in range(CPT):
             acc[cc] = F0
-        n_out = w_down.shape[1]
         e1 = indptr[m + 1]
         for s0 in range(indptr[m], e1, R):
             nj = min(R, e1 - s0)
             for r in range(nj):
                 js[r] = indices[s0 + r]
                 hs[r] = ld(data[s0 + r])
-            dots(x, m, w_up, js, nj, red, tid)
-            for r in range(nj):
-                h = hs[r] * red[r * NT]
-                for cc in range(CPT):
-                    n = n0 + tid + cc * NT
-                    if n < n_out:
-                        acc[cc] += h * ld(w_down[js[r], n])
-            cuda.syncthreads()
+            gated_batch(x, m, w_up, w_down, js, hs, nj, red, tid, n0, acc)
+        n_out = w_down.shape[1]
         for cc in range(CPT):
             n = n0 + tid + cc * NT
             if n < n_out:
