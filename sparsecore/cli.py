@@ -1,4 +1,4 @@
-"""``python -m sparsecore info | bench``."""
+"""``python -m sparsecore info | bench | analyze``."""
 
 from __future__ import annotations
 
@@ -42,9 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--backend", action="append", help="only this backend or variant (repeatable)")
     b.add_argument("--json", help="write the rows and the environment to this file")
     b.add_argument("--min-time", type=float, default=0.2, help="seconds to spend timing each call")
+    from .analysis.cli import add_parser as add_analyze
+
+    add_analyze(sub)
     args = p.parse_args(argv)
     if args.cmd == "info":
         return info()
+    if args.cmd == "analyze":
+        from .analysis.cli import main as analyze_main
+
+        return analyze_main(args)
     from .bench import main as bench_main
 
     return bench_main(args.scale, args.json, args.backend, args.min_time)

@@ -151,6 +151,10 @@ class Tracer:
     @torch.no_grad()
     def run(self, input_ids: torch.Tensor, iv: Intervention | None = None) -> torch.Tensor:
         """Logits [B, T, vocab] (float32) of one forward under ``iv``; the record is refreshed."""
+        return self.forward(input_ids, iv)
+
+    def forward(self, input_ids: torch.Tensor, iv: Intervention | None = None) -> torch.Tensor:
+        """:meth:`run` with autograd on: gradients flow to the multipliers of ``iv`` (and the weights)."""
         if input_ids.ndim != 2:
             fail("Tracer", f"input_ids: expected [batch, tokens], got shape {tuple(input_ids.shape)}")
         if iv is not None and iv.ffn_block is not None and not all(hasattr(l.mlp, "down_proj") for l in self.layers):

@@ -1,0 +1,181 @@
+"""``python -m sparsecore analyze``: s-Trace, computation density and the compressed-sensing probe of one or
+two LLaMA-family causal LMs on a text file; JSON and PNG plots into ``--out``.
+
+Models are ``transformers`` directories (``save_pretrained``), loaded offline; ``--random`` builds a tiny
+random byte-level LLaMA instead (a smoke run). A model directory with a tokenizer is read with
+``AutoTokenizer``; without one the text's bytes are the token ids (byte-level models, vocab >= 256).
+
+Writes ``density.json`` (:func:`sparsecore.analysis.density.density_study`), ``probe.json`` (synthetic
+recovery, recovery versus m on the first model, and per probed input the recovered units, the execution
+plan built from them and its output error and times), ``summary.json`` and the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def add_parser(sub: Any) -> None:
+    a = sub.add_parser("analyze", help="s-Trace, computation density and the compressed-sensing probe of a model "
+                       "on a text file (JSON + plots)", description=__doc__)
+    a.add_argument("text", help="a text file (UTF-8 or bytes)")
+    a.add_argument("--model", action="append", default=[], help="a transformers model directory (repeat for a "
+                   "second model: cross-model correlation)")
+    a.add_argument("--random", action="store_true", help="use a tiny random byte-level LLaMA (two seeds) instead")
+    a.add_argument("--out", required=True, help="output directory")
+    a.add_argument("--inputs", type=int, default=32, help="number of evenly spaced windows of the text")
+    a.add_argument("--length", type=int, default=128, help="tokens per window")
+    a.add_argument("--context-lengths", default="16,32,64,128", help="comma-separated; <= --length")
+    a.add_argument("--key", choices=("flow", "local"), default="flow", help="s-Trace heap key")
+    a.add_argument("--probe-inputs", type=int, default=4, help="windows probed with the compressed-sensing probe")
+    a.add_argument("--probe-m", default="16,32,64,128,256", help="measurement counts for recovery versus m")
+    a.add_argument("--probe-keep", type=float, default=0.9, help="execution plan: keep per unit kind the fewest "
+                   "units holding this share of |x|")
+    a.add_argument("--ffn-block", type=int, default=64, help="FFN channels per probe gate")
+    a.add_argument("--synthetic-p", type=int, default=256)
+    a.add_argument("--synthetic-k", type=int, default=8)
+    a.add_argument("--threads", type=int, default=None)
+    a.add_argument("--seed", type=int, default=0)
+
+
+def _ints(s: str, name: str) -> list[int]:
+    try:
+        vals = [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"analyze: --{name} must be comma-separated integers, got {s!r}") from None
+    if not vals or min(vals) < 1:
+        raise SystemExit(f"analyze: --{name} must list positive integers, got {s!r}")
+    return vals
+
+
+def random_model(seed: int) -> Any:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, hidden_act="relu", max_position_embeddings=512)
+    m = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.3)
+    return m.eval()
+
+
+def load(path: str) -> tuple[Any, Any]:
+    """(model in eval mode, float32; tokenizer or None) from a transformers directory, offline."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise SystemExit(f"analyze: --model {path!r} is not a transformers model directory (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype="float32").eval()
+    tok = None
+    if any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    return model, tok
+
+
+def token_ids(data: bytes, tok: Any, vocab: int) -> np.ndarray:
+    if tok is not None:
+        return np.asarray(tok(data.decode("utf-8", errors="replace"))["input_ids"], dtype=np.int64)
+    if vocab < 256:
+        raise SystemExit(f"analyze: the model has no tokenizer and a vocabulary of {vocab} < 256, so the text's "
+                         "bytes cannot be its tokens")
+    return np.frombuffer(data, dtype=np.uint8).astype(np.int64)
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from .density import density_study
+    from .plan import ExecutionPlan, run_plan
+    from .plots import plot_all
+    from .plots_probe import plot_model_recovery, plot_probe_vs_truth, plot_synthetic_recovery
+    from .probe import probe_model, recovery_vs_m, synthetic_recovery
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = Path(args.text).read_bytes()
+    if args.random == bool(args.model):
+        raise SystemExit("analyze: give either --model (once or twice) or --random")
+    if len(args.model) > 2:
+        raise SystemExit(f"analyze: at most two --model, got {len(args.model)}")
+    if args.random:
+        models = {"random_seed0": random_model(args.seed), "random_seed1": random_model(args.seed + 1)}
+        toks: dict[str, Any] = {k: None for k in models}
+    else:
+        models, toks = {}, {}
+        for i, path in enumerate(args.model):
+            name = f"{i}:{Path(path).name}"
+            models[name], toks[name] = load(path)
+    first = next(iter(models))
+    ids = token_ids(data, toks[first], int(models[first].config.vocab_size))
+    for name in models:
+        if toks[name] is not None and toks[name].get_vocab() != (toks[first].get_vocab() if toks[first] else None):
+            raise SystemExit("analyze: the two models tokenize differently; compare models with one tokenizer")
+    ctx = [c for c in _ints(args.context_lengths, "context-lengths") if c <= args.length]
+    need = args.length + args.inputs
+    if ids.size < need:
+        raise SystemExit(f"analyze: {args.text} has {ids.size} tokens; --inputs {args.inputs} windows of --length "
+                         f"{args.length} need at least {need}")
+    starts = np.round(np.linspace(0, ids.size - args.length, args.inputs)).astype(np.int64)
+    windows = torch.from_numpy(np.stack([ids[s:s + args.length] for s in starts]))
+    counts = np.bincount(ids, minlength=int(models[first].config.vocab_size)).astype(np.float64)
+
+    t0 = time.perf_counter()
+    study = density_study(models, windows, corpus_counts=counts, context_lengths=ctx, key=args.key, seed=args.seed)
+    (out / "density.json").write_text(json.dumps(study, indent=1) + "\n")
+    figures = {k: str(v) for k, v in plot_all(study, out).items()}
+    print(f"density study: {len(models)} model(s) x {args.inputs} inputs in {time.perf_counter() - t0:.1f} s",
+          file=sys.stderr)
+
+    probe: dict[str, Any] = {"synthetic": synthetic_recovery(args.synthetic_p, args.synthetic_k,
+                                                             _ints(args.probe_m, "probe-m"), trials=20,
+                                                             seed=args.seed)}
+    figures["synthetic_recovery"] = str(plot_synthetic_recovery(probe["synthetic"], out / "probe_synthetic.png"))
+    model = models[first]
+    n_probe = min(args.probe_inputs, args.inputs)
+    if n_probe:
+        ms = _ints(args.probe_m, "probe-m")
+        probe["recovery_vs_m"] = recovery_vs_m(model, windows[0], ms, ffn_block_size=args.ffn_block, seeds=(0, 1))
+        figures["probe_recovery"] = str(plot_model_recovery(probe["recovery_vs_m"], out / "probe_recovery.png"))
+        probe["inputs"] = []
+        for j in range(n_probe):
+            w = windows[int(j * (args.inputs // n_probe))]
+            res = probe_model(model, w, m=max(ms), ffn_block_size=args.ffn_block, seed=args.seed + j)
+            plan = ExecutionPlan.from_probe(res, mass=args.probe_keep)
+            probe["inputs"].append({"probe": res.to_json(), "plan": plan.to_json(), "run": run_plan(model, w, plan)})
+            if j == 0:
+                figures["probe_vs_truth"] = str(plot_probe_vs_truth(res, out / "probe_vs_truth.png"))
+    (out / "probe.json").write_text(json.dumps(probe, indent=1, default=_json_default) + "\n")
+
+    summary = {"models": list(models), "inputs": args.inputs, "length": args.length, "figures": figures,
+               "density": {k: v["density"] for k, v in study["models"].items()},
+               "correlations": {k: v["correlations"] for k, v in study["models"].items()},
+               "cross_model": study.get("cross_model"),
+               "plans": [{k: p["run"][k] for k in ("tv", "top1", "time_hf_s", "time_full_s", "time_plan_s")
+                          if k in p["run"]} | {"kept": p["plan"].get("fractions")} for p in probe.get("inputs", [])]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default) + "\n")
+    print(json.dumps(summary, indent=1, default=_json_default))
+    return 0
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON-able: {type(o).__name__}")
