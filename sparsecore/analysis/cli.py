@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,8 +37,13 @@ def add_parser(sub: Any) -> None:
     a.add_argument("--key", choices=("flow", "local"), default="flow", help="s-Trace heap key")
     a.add_argument("--probe-inputs", type=int, default=4, help="windows probed with the compressed-sensing probe")
     a.add_argument("--probe-m", default="16,32,64,128,256", help="measurement counts for recovery versus m")
+    a.add_argument("--probe-plan-m", type=int, default=64, help="measurements of the probe behind each execution "
+                   "plan (fewer than the number of units: the compressed-sensing regime)")
     a.add_argument("--probe-keep", type=float, default=0.9, help="execution plan: keep per unit kind the fewest "
                    "units holding this share of |x|")
+    a.add_argument("--probe-delta", type=float, default=1e-3, help="gate perturbation size")
+    a.add_argument("--probe-scheme", choices=("central", "forward"), default="central",
+                   help="central differences (two forwards per measurement, second-order terms cancel) or forward")
     a.add_argument("--ffn-block", type=int, default=64, help="FFN channels per probe gate")
     a.add_argument("--synthetic-p", type=int, default=256)
     a.add_argument("--synthetic-k", type=int, default=8)
@@ -94,6 +100,11 @@ def token_ids(data: bytes, tok: Any, vocab: int) -> np.ndarray:
 
 
 def main(args: argparse.Namespace) -> int:
+    # numba's OpenMP workers busy-wait after each parallel kernel and steal the cores from torch, which
+    # distorts the execution-plan timings several-fold on small machines (docs/analysis.md); must be set
+    # before torch and numba load their OpenMP runtimes
+    if "torch" not in sys.modules and "numba" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     from .density import density_study
@@ -148,12 +159,14 @@ def main(args: argparse.Namespace) -> int:
     n_probe = min(args.probe_inputs, args.inputs)
     if n_probe:
         ms = _ints(args.probe_m, "probe-m")
-        probe["recovery_vs_m"] = recovery_vs_m(model, windows[0], ms, ffn_block_size=args.ffn_block, seeds=(0, 1))
+        probe["recovery_vs_m"] = recovery_vs_m(model, windows[0], ms, ffn_block_size=args.ffn_block, seeds=(0, 1),
+                                                delta=args.probe_delta, scheme=args.probe_scheme)
         figures["probe_recovery"] = str(plot_model_recovery(probe["recovery_vs_m"], out / "probe_recovery.png"))
         probe["inputs"] = []
         for j in range(n_probe):
             w = windows[int(j * (args.inputs // n_probe))]
-            res = probe_model(model, w, m=max(ms), ffn_block_size=args.ffn_block, seed=args.seed + j)
+            res = probe_model(model, w, m=args.probe_plan_m, ffn_block_size=args.ffn_block, seed=args.seed + j,
+                              delta=args.probe_delta, scheme=args.probe_scheme)
             plan = ExecutionPlan.from_probe(res, mass=args.probe_keep)
             probe["inputs"].append({"probe": res.to_json(), "plan": plan.to_json(), "run": run_plan(model, w, plan)})
             if j == 0:
