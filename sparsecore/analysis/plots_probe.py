@@ -23,19 +23,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .._checks import fail  # noqa: E402
+from .plots import _save  # noqa: E402
 from .probe import ProbeResult  # noqa: E402
 
 __all__ = ["plot_synthetic_recovery", "plot_model_recovery", "plot_probe_vs_truth"]
 
 _KIND_COLOURS = {"head": "tab:blue", "ffn_block": "tab:orange", "token": "tab:green"}
-
-
-def _save(fig: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
 
 
 def plot_synthetic_recovery(result: dict[str, Any], path: str | Path) -> Path:

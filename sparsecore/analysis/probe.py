@@ -478,6 +478,14 @@ def _model_fn(tr: Tracer, ids: torch.Tensor, lay: _Layout, target: int, batch: i
     return fn
 
 
+def _baseline(tr: Tracer, ids: torch.Tensor, lay: _Layout, batch: int
+              ) -> tuple[int, float, Callable[[np.ndarray], np.ndarray]]:
+    """(the full model's top-1 next token, its log-probability ``f(1)``, ``f`` of a batch of gate rows)."""
+    logp = torch.log_softmax(tr.run(ids)[0, -1].double(), -1)
+    target = int(logp.argmax())
+    return target, float(logp[target]), _model_fn(tr, ids, lay, target, batch)
+
+
 def _autograd_gradient(tr: Tracer, ids: torch.Tensor, lay: _Layout, target: int) -> np.ndarray:
     """d f / d g at g = 1 through the same Tracer multipliers (one forward and backward)."""
     g = torch.ones(1, lay.p, dtype=torch.float32, device=ids.device, requires_grad=True)
@@ -513,11 +521,7 @@ def probe_model(model: Any, input_ids: torch.Tensor, *, m: int, delta: float = 0
     model.eval()
     try:
         with Tracer(model, record=False) as tr:
-            base = tr.run(ids)
-            logp = torch.log_softmax(base[0, -1].double(), -1)
-            target = int(logp.argmax())
-            f0 = float(logp[target])
-            fn = _model_fn(tr, ids, lay, target, batch)
+            target, f0, fn = _baseline(tr, ids, lay, batch)
             x, _, _ = probe_function(fn, p, m=m, delta=delta, solver=solver, k=k, seed=seed, scheme=scheme, f0=f0)
             grad = knock = None
             if ground_truth:
@@ -573,11 +577,7 @@ def recovery_vs_m(model: Any, input_ids: torch.Tensor, ms: Sequence[int], *, del
     per_seed: list[tuple[np.ndarray, np.ndarray]] = []
     try:
         with Tracer(model, record=False) as tr:
-            base = tr.run(ids)
-            logp = torch.log_softmax(base[0, -1].double(), -1)
-            target = int(logp.argmax())
-            f0 = float(logp[target])
-            fn = _model_fn(tr, ids, lay, target, batch)
+            target, f0, fn = _baseline(tr, ids, lay, batch)
             grad = _autograd_gradient(tr, ids, lay, target)
             knock = fn(1.0 - np.eye(p)) - f0
             for s in seeds:
