@@ -191,12 +191,63 @@ def l1_at(step: int, args: argparse.Namespace) -> float:
     return args.l1 * min(1.0, (step + 1) / ramp)
 
 
+@torch.no_grad()
+def reinit_dead_units(model: LlamaForCausalLM, opt: torch.optim.Optimizer, recent: list[torch.Tensor],
+                      threshold: float, gen: torch.Generator) -> list[int]:
+    """Re-initialise the FFN units that fired on none of the ``recent`` batches (per layer): fresh
+    ``gate_proj``/``up_proj`` rows (the model's init scale), a zero ``down_proj`` column (the model's
+    function does not change) and fresh AdamW state for those entries. Returns the count per layer."""
+    mlps = [m for m in model.modules() if isinstance(m, SparseGatedMLP)]
+    fired = [torch.zeros(m.intermediate_size, dtype=torch.bool) for m in mlps]
+
+    def mark(i: int) -> Any:
+        def hook(mod: SparseGatedMLP, args: tuple) -> None:
+            x = args[0].reshape(-1, mod.hidden_size)
+            fired[i] |= (x @ mod.gate_proj.weight.t() > threshold).any(0)
+        return hook
+
+    hooks = [m.register_forward_pre_hook(mark(i)) for i, m in enumerate(mlps)]
+    was = model.training
+    model.eval()
+    for win in recent:
+        model(input_ids=win[:, :-1])
+    model.train(was)
+    for h in hooks:
+        h.remove()
+    std = model.config.initializer_range
+    counts = []
+    for m, f in zip(mlps, fired):
+        dead = (~f).nonzero().flatten()
+        counts.append(int(dead.numel()))
+        if not dead.numel():
+            continue
+        for lin in (m.gate_proj, m.up_proj):
+            lin.weight[dead] = torch.randn(int(dead.numel()), lin.weight.shape[1], generator=gen) * std
+        m.down_proj.weight[:, dead] = 0.0
+        for p, rows in ((m.gate_proj.weight, True), (m.up_proj.weight, True), (m.down_proj.weight, False)):
+            st = opt.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in st:
+                    if rows:
+                        st[key][dead] = 0.0
+                    else:
+                        st[key][:, dead] = 0.0
+    return counts
+
+
 def train(model: LlamaForCausalLM, data: list[torch.Tensor], args: argparse.Namespace, *, l1: bool,
           heldout: torch.Tensor, label: str) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     model.train()
     times, log = [], []
+    gen = torch.Generator().manual_seed(args.seed + 7)
+    reinit_log: list[dict] = []
     for step, win in enumerate(data):
+        if (l1 and args.reinit_every and step and step % args.reinit_every == 0
+                and step <= args.reinit_until * len(data)):
+            counts = reinit_dead_units(model, opt, data[max(0, step - args.reinit_window):step], args.threshold, gen)
+            reinit_log.append({"step": step, "reinitialised_per_layer": counts})
+            print(f"[{label}] " + json.dumps(reinit_log[-1]), file=sys.stderr, flush=True)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
         t0 = time.perf_counter()
@@ -216,7 +267,7 @@ def train(model: LlamaForCausalLM, data: list[torch.Tensor], args: argparse.Name
             log.append(rec)
             print(f"[{label}] " + json.dumps(rec), file=sys.stderr, flush=True)
     tail = times[len(times) // 2:]  # the second half: the sparse model's sparsity has settled by then
-    return {"log": log, "step_s_median_second_half": statistics.median(tail),
+    return {"log": log, "reinit_log": reinit_log, "step_s_median_second_half": statistics.median(tail),
             "step_s_median_all": statistics.median(times), "train_s": sum(times)}
 
 
@@ -244,16 +295,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=2500)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--ffn-mult", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--l1", type=float, default=6e-3, help="final L1 coefficient (on the per-token L1, summed "
+    ap.add_argument("--l1", type=float, default=5e-4, help="final L1 coefficient (on the per-token L1, summed "
                     "over layers)")
     ap.add_argument("--l1-warmup", type=float, default=0.3, help="fraction of the steps over which coef ramps up")
-    ap.add_argument("--threshold", type=float, default=0.0, help="gate values <= threshold are dropped (sparse)")
+    ap.add_argument("--threshold", type=float, default=0.1, help="gate values <= threshold are dropped (sparse)")
     ap.add_argument("--tile", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -262,6 +313,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-windows", type=int, default=128)
     ap.add_argument("--time-steps", type=int, default=12, help="extra steps timed at the final weights")
     ap.add_argument("--log-every", type=int, default=250)
+    ap.add_argument("--reinit-every", type=int, default=0, help="every N steps, re-initialise the FFN units of "
+                    "the L1 model that fired on none of the last --reinit-window batches (0: never)")
+    ap.add_argument("--reinit-window", type=int, default=50)
+    ap.add_argument("--reinit-until", type=float, default=0.7, help="last re-initialisation at this fraction of "
+                    "the steps")
+    ap.add_argument("--save", type=str, default=None, help="directory: save the trained models there "
+                    "(transformers save_pretrained, plain LlamaForCausalLM; sparse/ and dense/)")
+    ap.add_argument("--dump-heldout", type=str, default=None, help="write the held-out text to this file and "
+                    "stop (the text docs/analysis.md analyses)")
     ap.add_argument("--only", choices=("both", "sparse", "dense"), default="both")
     ap.add_argument("--out", type=str, default=None)
     args = ap.parse_args(argv)
@@ -271,6 +331,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     numba_threads = numba.get_num_threads()
     train_b, held_b, corpus = stdlib_corpus(args.max_train_bytes, args.max_heldout_bytes)
+    if args.dump_heldout:
+        Path(args.dump_heldout).write_bytes(held_b)
+        return {"corpus": corpus, "heldout_file": args.dump_heldout}
     train_t = torch.frombuffer(bytearray(train_b), dtype=torch.uint8)
     held_t = torch.frombuffer(bytearray(held_b), dtype=torch.uint8)
     data = batches(train_t, args.steps, args.batch, args.seq, args.seed + 1)
@@ -300,6 +363,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["dense"] = {**ev, **{k: v for k, v in tr.items() if k != "log"}, "log": tr["log"],
                            "step_s_final_weights": time_steps(dense, timing, args, l1=False),
                            **unit_stats(dense, heldout, args.batch)}
+        if args.save:
+            dense.save_pretrained(Path(args.save) / "dense")
     if args.only in ("both", "sparse"):
         sparse = patch_model(copy.deepcopy(base), ffn=dict(tile=args.tile, threshold=args.threshold))
         tr = train(sparse, data, args, l1=True, heldout=heldout, label="sparse")
@@ -315,8 +380,13 @@ def main(argv: list[str] | None = None) -> dict:
         unpatched = build(args)
         unpatched.load_state_dict(sparse.state_dict())
         result["sparse"]["step_s_final_weights_dense_path"] = time_steps(unpatched, timing, args, l1=False)
-        result["sparse"]["heldout_loss_dense_path"] = evaluate(unpatched, heldout, args.batch)["loss"]
+        ev_plain = evaluate(unpatched, heldout, args.batch)
+        result["sparse"]["heldout_loss_dense_path"] = ev_plain["loss"]
+        # plain ReLU (no gate threshold): the zeros the model makes without the threshold
+        result["sparse"]["sparsity_per_layer_plain_relu"] = ev_plain["sparsity_per_layer"]
         result["sparse"].update(unit_stats(unpatched, heldout, args.batch))
+        if args.save:
+            unpatched.save_pretrained(Path(args.save) / "sparse")
         ffn = args.ffn_mult * args.hidden
         result["sparse"]["active_units_per_token_per_layer"] = [(1 - s) * ffn for s in ev["sparsity_per_layer"]]
     if "dense" in result and "sparse" in result:

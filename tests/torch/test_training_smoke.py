@@ -42,7 +42,7 @@ def test_sparsity_rises_and_loss_falls(tmp_path):
     out = tmp_path / "smoke.json"
     try:
         res = ex.main(["--steps", "40", "--batch", "8", "--seq", "32", "--hidden", "32", "--layers", "2",
-                       "--heads", "2", "--lr", "5e-3", "--l1", "5e-3", "--l1-warmup", "0.5",
+                       "--heads", "2", "--lr", "5e-3", "--l1", "5e-3", "--l1-warmup", "0.5", "--threshold", "0.0",
                        "--max-train-bytes", "6000", "--max-heldout-bytes", "3000", "--eval-windows", "8",
                        "--time-steps", "2", "--log-every", "1", "--threads", "1", "--only", "sparse",
                        "--out", str(out)])
