@@ -153,7 +153,7 @@ def main(args: argparse.Namespace) -> int:
 
     probe: dict[str, Any] = {"synthetic": synthetic_recovery(args.synthetic_p, args.synthetic_k,
                                                              _ints(args.probe_m, "probe-m"), trials=20,
-                                                             seed=args.seed)}
+                                                             seed=args.seed, solver="all")}
     figures["synthetic_recovery"] = str(plot_synthetic_recovery(probe["synthetic"], out / "probe_synthetic.png"))
     model = models[first]
     n_probe = min(args.probe_inputs, args.inputs)
