@@ -52,3 +52,18 @@ def test_analyze_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="context-lengths"):
         main(["analyze", str(text), "--random", "--out", str(tmp_path / "o"), "--inputs", "2", "--length", "8",
               "--context-lengths", "a,b"])
+
+
+def test_package_names_resolve_lazily() -> None:
+    import subprocess
+    import sys
+
+    import sparsecore.analysis as analysis
+
+    for name in analysis.__all__:
+        assert getattr(analysis, name).__name__ == name
+    # the CLI parser imports sparsecore.analysis.cli; that must not load torch (info/bench stay light, and
+    # analyze sets OMP_WAIT_POLICY before torch loads its OpenMP runtime)
+    code = "import sys, sparsecore.cli, sparsecore.analysis.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
