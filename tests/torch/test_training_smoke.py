@@ -62,3 +62,29 @@ def test_sparsity_rises_and_loss_falls(tmp_path):
     assert res["sparse"]["loss"] < res["initial_heldout_loss"] - 1.0
     assert len(res["sparse"]["sparsity_per_layer"]) == 2
     assert json.loads(out.read_text())["sparse"]["loss"] == pytest.approx(res["sparse"]["loss"])
+
+
+def test_reinit_dead_units_keeps_the_function_and_revives_units():
+    ex = _example()
+    args = ex.argparse.Namespace(seed=0, hidden=32, ffn_mult=4, layers=2, heads=2, seq=16)
+    model = ex.patch_model(ex.build(args), ffn=dict(tile=128, threshold=0.0))
+    mlps = [m for m in model.modules() if isinstance(m, ex.SparseGatedMLP)]
+    dead = torch.tensor([3, 40, 77])
+    with torch.no_grad():
+        mlps[1].gate_proj.weight[dead] = 0.0          # relu(0) never fires: these units are dead
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batches = [torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    model(input_ids=batches[0][:, :-1]).logits.sum().backward()
+    opt.step()                                          # AdamW state exists for every weight
+    with torch.no_grad():
+        before = model(input_ids=batches[1][:, :-1]).logits
+    counts = ex.reinit_dead_units(model, opt, batches, 0.0, torch.Generator().manual_seed(1))
+    assert counts[0] == 0 and counts[1] == 3
+    w = mlps[1]
+    assert (w.gate_proj.weight[dead].abs().sum(1) > 0).all()                 # fresh gate rows
+    assert (w.down_proj.weight[:, dead] == 0).all()                          # ... that add nothing yet
+    assert (opt.state[w.gate_proj.weight]["exp_avg_sq"][dead] == 0).all()
+    assert (opt.state[w.down_proj.weight]["exp_avg"][:, dead] == 0).all()
+    with torch.no_grad():
+        after = model(input_ids=batches[1][:, :-1]).logits
+    torch.testing.assert_close(after, before)          # the function is unchanged by the re-initialisation
