@@ -419,6 +419,26 @@ def build(dtype: str) -> SimpleNamespace:
             cuda.atomic.add(acc, (indices[e], n), ld(data[e]) * g)
 
     # ---- gated_ffn -------------------------------------------------------------------------
+    @cuda.jit(device=True, inline="always")
+    def gated_csr_row(x, m, indptr, indices, data, w_up, w_down, js, hs, red, tid, n0, acc):
+        """Row m of a CSR gate (gated_ell's overflow, every row of gated_csr), R entries per batch."""
+        e1 = indptr[m + 1]
+        for s0 in range(indptr[m], e1, R):
+            nj = min(R, e1 - s0)
+            for r in range(nj):
+                js[r] = indices[s0 + r]
+                hs[r] = ld(data[s0 + r])
+            gated_batch(x, m, w_up, w_down, js, hs, nj, red, tid, n0, acc)
+
+    @cuda.jit(device=True, inline="always")
+    def gated_store(out, m, n0, tid, acc):
+        """out[m, n] = acc for the thread's CPT columns n inside the matrix."""
+        n_out = out.shape[1]
+        for cc in range(CPT):
+            n = n0 + tid + cc * NT
+            if n < n_out:
+                out[m, n] = st(acc[cc])
+
     def gated_ell(x, values, cols, counts, tile, has_ovf, indptr, indices, data, w_up, w_down, out):
         """Grid (M, ceil(N / (NT * CPT))). For each stored (m, j, g): h = g * (x[m] . w_up[j])
         (R dots per shared reduction), then out[m, n] += h * w_down[j, n] for the block's columns."""
@@ -440,18 +460,8 @@ def build(dtype: str) -> SimpleNamespace:
                     hs[r] = ld(values[m, t, s0 + r])
                 gated_batch(x, m, w_up, w_down, js, hs, nj, red, tid, n0, acc)
         if has_ovf != 0:
-            e1 = indptr[m + 1]
-            for s0 in range(indptr[m], e1, R):
-                nj = min(R, e1 - s0)
-                for r in range(nj):
-                    js[r] = indices[s0 + r]
-                    hs[r] = ld(data[s0 + r])
-                gated_batch(x, m, w_up, w_down, js, hs, nj, red, tid, n0, acc)
-        n_out = w_down.shape[1]
-        for cc in range(CPT):
-            n = n0 + tid + cc * NT
-            if n < n_out:
-                out[m, n] = st(acc[cc])
+            gated_csr_row(x, m, indptr, indices, data, w_up, w_down, js, hs, red, tid, n0, acc)
+        gated_store(out, m, n0, tid, acc)
 
     def gated_csr(x, indptr, indices, data, w_up, w_down, out):
         """Grid (M, ceil(N / (NT * CPT))): the CSR rows, as gated_ell."""
@@ -464,18 +474,8 @@ def build(dtype: str) -> SimpleNamespace:
         acc = cuda.local.array(CPT, nt.float32)
         for cc in range(CPT):
             acc[cc] = F0
-        e1 = indptr[m + 1]
-        for s0 in range(indptr[m], e1, R):
-            nj = min(R, e1 - s0)
-            for r in range(nj):
-                js[r] = indices[s0 + r]
-                hs[r] = ld(data[s0 + r])
-            gated_batch(x, m, w_up, w_down, js, hs, nj, red, tid, n0, acc)
-        n_out = w_down.shape[1]
-        for cc in range(CPT):
-            n = n0 + tid + cc * NT
-            if n < n_out:
-                out[m, n] = st(acc[cc])
+        gated_csr_row(x, m, indptr, indices, data, w_up, w_down, js, hs, red, tid, n0, acc)
+        gated_store(out, m, n0, tid, acc)
 
     # ---- select_topk -----------------------------------------------------------------------
     def topk_scores_exact(q, k, page_table, lengths, ps, dense, group, shared, scores):
