@@ -93,3 +93,22 @@ def empty(like: Any, shape: tuple[int, ...], dtype: str, stream: int = 0) -> Any
 def itemsize(x: Any) -> int:
     return {"float32": 4, "float16": 2, "bfloat16": 2, "int16": 2, "int32": 4, "int64": 8,
             "float64": 8}[dtype_name(x)]
+
+
+class ArrayMethods:
+    """The array half of a launcher's ``Runtime`` (see :class:`sparsecore.backends.cuda._ops.Runtime`), for a
+    launcher that keeps the caller's array in ``self.like``: outputs on its device, raw pointers, contiguity."""
+
+    like: Any
+
+    def empty(self, shape: tuple[int, ...], dtype: str) -> Any:
+        return empty(self.like, shape, dtype)
+
+    def ptr(self, x: Any) -> int:
+        return ptr(x)
+
+    def contig(self, x: Any) -> Any:
+        return contig(x)
+
+    def reshape(self, x: Any, shape: tuple[int, ...]) -> Any:
+        return x.reshape(shape)

@@ -109,7 +109,7 @@ def _function(index: int, src: str, dtype: str, name: str) -> Any:
     return funcs[name]
 
 
-class Runtime:
+class Runtime(A.ArrayMethods):
     """One call: the caller's library, device and stream (see :class:`sparsecore.backends.cuda._ops.Runtime`)."""
 
     def __init__(self, like: Any) -> None:
@@ -125,18 +125,6 @@ class Runtime:
 
     def __exit__(self, *exc: Any) -> None:
         _ok(_driver().cuCtxPopCurrent(), "cuCtxPopCurrent")
-
-    def empty(self, shape: tuple[int, ...], dtype: str) -> Any:
-        return A.empty(self.like, shape, dtype)
-
-    def ptr(self, x: Any) -> int:
-        return A.ptr(x)
-
-    def contig(self, x: Any) -> Any:
-        return A.contig(x)
-
-    def reshape(self, x: Any, shape: tuple[int, ...]) -> Any:
-        return x.reshape(shape)
 
     def launch(self, src: str, dtype: str, name: str, grid: tuple[int, int, int], block: int, args: list[Any]) -> None:
         drv = _driver()

@@ -57,7 +57,7 @@ def _sm_count(index: int) -> int:
     return int(cupy.cuda.runtime.getDeviceProperties(index)["multiProcessorCount"])
 
 
-class Runtime:
+class Runtime(A.ArrayMethods):
     """One call: the caller's library, device and stream (see :class:`sparsecore.backends.cuda._ops.Runtime`)."""
 
     def __init__(self, like: Any) -> None:
@@ -83,18 +83,6 @@ class Runtime:
         if self._stream is not None:
             self._stream.__exit__(*exc)
         self._dev.__exit__(*exc)
-
-    def empty(self, shape: tuple[int, ...], dtype: str) -> Any:
-        return A.empty(self.like, shape, dtype)
-
-    def ptr(self, x: Any) -> int:
-        return A.ptr(x)
-
-    def contig(self, x: Any) -> Any:
-        return A.contig(x)
-
-    def reshape(self, x: Any, shape: tuple[int, ...]) -> Any:
-        return x.reshape(shape)
 
     def launch(self, src: str, dtype: str, name: str, grid: tuple[int, int, int], block: int, args: list[Any]) -> None:
         kern = _module(self.index, src, dtype).get_function(name)
