@@ -81,3 +81,35 @@ def backend_takes(backend: str, dtype: str) -> str:
 
         pytest.skip(f"{backend} does not take {dtype} (supported: {', '.join(cls.DTYPES)})")
     return backend
+
+
+def check_topk_against_reference(got: Any, want: Any, q: np.ndarray, kv: Any, *, shared: bool, sink: int,
+                                 window: int, rel_tol: float) -> None:
+    """A device ``select_topk`` result ``got`` (any array kind) against the reference's ``want`` on the same
+    host inputs: same index shape and counts, valid, the forced (sink/window) units kept, and every freely
+    chosen unit scoring at least every unchosen one, up to ``rel_tol * (1 + max |score|)`` (ties may break
+    either way, so indices are never compared)."""
+    from sparsecore.reference.attention import forced_positions, head_scores, page_key_bounds, quest_bounds, sequence_kv
+
+    ind, cnt = to_host(got.indices), to_host(got.counts)
+    assert ind.shape == want.indices.shape, f"k_max: {ind.shape} != {want.indices.shape}"
+    np.testing.assert_array_equal(cnt, want.counts, err_msg="counts")
+    got.map_arrays(to_host).validate(lengths=kv.lengths)
+    group = q.shape[1] // kv.num_kv_heads
+    ps = want.page_size
+    for b in range(q.shape[0]):
+        keys, _ = sequence_kv(kv, b)
+        s = head_scores(q[b], keys, group) if ps is None else quest_bounds(q[b], *page_key_bounds(keys, ps), group)
+        if shared:
+            s = s.reshape(s.shape[0] // group, group, s.shape[1]).sum(axis=1)
+        n = int(kv.lengths[b])
+        units = n if ps is None else -(-n // ps)
+        forced = set(forced_positions(n, sink, window, ps).tolist())
+        tol = rel_tol * (1.0 + np.abs(s).max()) if s.size else 0.0
+        for g in range(ind.shape[1]):
+            sel = set(ind[b, g, :cnt[b, g]].tolist())
+            assert forced <= sel, f"row ({b}, {g}) lacks forced units {sorted(forced - sel)}"
+            chosen, left = sorted(sel - forced), sorted(set(range(units)) - sel)
+            if chosen and left:
+                lo, hi = s[g, chosen].min(), s[g, left].max()
+                assert lo >= hi - tol, f"row ({b}, {g}): chose a unit scoring {lo} over one scoring {hi}"

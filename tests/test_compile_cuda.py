@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from sparsecore.backends import cuda as C
+from tests._util import check_topk_against_reference
 
 pytestmark = pytest.mark.compile
 
@@ -542,32 +543,6 @@ def _kv_cache(rng: np.random.Generator, npdt: np.dtype, lengths: list[int], s: i
     return PagedKV(kp, vp, table, np.asarray(lengths, np.int32))
 
 
-def _check_topk(got: Any, want: Any, q: np.ndarray, kv: Any, shared: bool, sink: int, window: int) -> None:
-    """Same counts, forced units kept, every chosen unit scores at least every unchosen one (ties)."""
-    from sparsecore import reference as ref
-    from sparsecore.reference.attention import forced_positions, head_scores, page_key_bounds, quest_bounds
-
-    np.testing.assert_array_equal(got.counts, want.counts)
-    got.validate(lengths=kv.lengths)
-    group = q.shape[1] // kv.num_kv_heads
-    ps = want.page_size
-    for b in range(q.shape[0]):
-        keys, _ = ref.sequence_kv(kv, b)
-        s = head_scores(q[b], keys, group) if ps is None else quest_bounds(q[b], *page_key_bounds(keys, ps), group)
-        if shared:
-            s = s.reshape(s.shape[0] // group, group, s.shape[1]).sum(axis=1)
-        n = int(kv.lengths[b])
-        units = n if ps is None else -(-n // ps)
-        forced = set(forced_positions(n, sink, window, ps).tolist())
-        tol = 1e-2 * (1.0 + np.abs(s).max()) if s.size else 0.0
-        for g in range(got.indices.shape[1]):
-            sel = set(got.indices[b, g, :got.counts[b, g]].tolist())
-            assert forced <= sel, (b, g)
-            chosen, left = sorted(sel - forced), sorted(set(range(units)) - sel)
-            if chosen and left:
-                assert s[g, chosen].min() >= s[g, left].max() - tol, (b, g)
-
-
 @pytest.mark.parametrize("dtype,hq,hkv,d", [("float32", 8, 2, 64), ("bfloat16", 4, 4, 40), ("float16", 16, 1, 16)],
                          ids=["f32-gqa4-d64", "bf16-mha-d40", "f16-group16-d16"])
 def test_emulated_topk_and_decode(dtype: str, hq: int, hkv: int, d: int) -> None:
@@ -592,7 +567,7 @@ def test_emulated_topk_and_decode(dtype: str, hq: int, hkv: int, d: int) -> None
             inp.validate()
             got = _ops.select_topk(rt, inp)
             want = ref.select_topk(q, kv, k, method=method, sink=3, window=8, shared=shared)
-            _check_topk(got, want, q, kv, shared, 3, 8)
+            check_topk_against_reference(got, want, q, kv, shared=shared, sink=3, window=8, rel_tol=1e-2)
             o, lse = _ops.sparse_decode(rt, I.SparseDecodeInputs(q, kv, want))
             wo, wl = ref.sparse_decode(q, kv, want)
             _close(o, wo, tol, f"sparse_decode {method} shared={shared}")

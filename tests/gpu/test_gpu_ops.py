@@ -21,12 +21,13 @@ import numpy as np
 import pytest
 
 import sparsecore as sc
-from sparsecore import CSR, TiledELL, TopKIndex
+from sparsecore import CSR, TiledELL
 from sparsecore import reference as ref
 from sparsecore.formats.convert import csr_from_dense, tiled_ell_from_dense
 
 pytestmark = pytest.mark.gpu
 
+from tests._util import check_topk_against_reference  # noqa: E402
 from tests.gpu._common import (  # noqa: E402
     DTYPES,
     LIBS,
@@ -154,33 +155,6 @@ def _vmax(kv: Any) -> float:
                      for b in range(kv.batch))
 
 
-def _check_topk(got: TopKIndex, want: TopKIndex, q: np.ndarray, kv: Any, shared: bool) -> None:
-    """Same counts; forced units in; every chosen unit scores at least every unchosen one."""
-    from sparsecore.reference.attention import forced_positions, head_scores, page_key_bounds, quest_bounds
-
-    assert host(got.indices).shape == want.indices.shape
-    np.testing.assert_array_equal(host(got.counts), want.counts)
-    got.validate(lengths=kv.lengths)
-    ind, cnt = host(got.indices), host(got.counts)
-    group = q.shape[1] // kv.num_kv_heads
-    ps = want.page_size
-    for b in range(q.shape[0]):
-        keys, _ = ref.sequence_kv(kv, b)
-        s = head_scores(q[b], keys, group) if ps is None else quest_bounds(q[b], *page_key_bounds(keys, ps), group)
-        if shared:
-            s = s.reshape(s.shape[0] // group, group, s.shape[1]).sum(axis=1)
-        n = int(kv.lengths[b])
-        units = n if ps is None else -(-n // ps)
-        forced = set(forced_positions(n, 4, 16, ps).tolist())
-        tol = 1e-3 * (1.0 + np.abs(s).max()) if s.size else 0.0
-        for g in range(ind.shape[1]):
-            sel = set(ind[b, g, :cnt[b, g]].tolist())
-            assert forced <= sel
-            chosen, left = sorted(sel - forced), sorted(set(range(units)) - sel)
-            if chosen and left:
-                assert s[g, chosen].min() >= s[g, left].max() - tol
-
-
 @requires_gpu
 @pytest.mark.parametrize("lib", LIBS)
 @pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
@@ -194,7 +168,7 @@ def test_select_topk_and_sparse_decode(launcher, dtype, shared, paged, lib):
         check_kind(got.indices, lib)
         want = ref.select_topk(q, kv, k, method=method, sink=4, window=16, shared=shared,
                                page_size=None if method == "exact" else (16 if not paged else kv.page_size))
-        _check_topk(got, want, q, kv, shared)
+        check_topk_against_reference(got, want, q, kv, shared=shared, sink=4, window=16, rel_tol=1e-3)
         out, lse = sc.sparse_decode(qd, kvd, want.map_arrays(lambda a: to_lib(a, lib)))
         check_kind(out, lib)
         w_out, w_lse = ref.sparse_decode(q, kv, want)
@@ -241,7 +215,7 @@ def test_decode_variants(launcher, hq, hkv, d, paged):
     for shared in (True, False):
         want = ref.select_topk(q, kv, 100, sink=4, window=16, shared=shared)
         got = sc.select_topk(qd, kvd, 100, sink=4, window=16, shared=shared)
-        _check_topk(got, want, q, kv, shared)
+        check_topk_against_reference(got, want, q, kv, shared=shared, sink=4, window=16, rel_tol=1e-3)
         out, lse = sc.sparse_decode(qd, kvd, want.map_arrays(lambda a: to_lib(a, "torch")))
         w_out, w_lse = ref.sparse_decode(q, kv, want)
         close(out, w_out, "bfloat16", _vmax(kv), "sparse_decode")

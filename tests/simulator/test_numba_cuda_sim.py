@@ -17,8 +17,8 @@ from sparsecore import CSR, TiledELL, TopKIndex
 from sparsecore import reference as ref
 from sparsecore.ops import inputs as I
 from sparsecore.ops.dispatcher import select
-from sparsecore.reference.attention import forced_positions, head_scores, page_key_bounds, quest_bounds, sequence_kv
-from tests._util import assert_close
+from sparsecore.reference.attention import sequence_kv
+from tests._util import assert_close, check_topk_against_reference
 
 from ._cases import DTYPES, NP, cdiv, dev, f64, host, kv_cache, random_index, sparse_dense, sparse_format, values
 from .conftest import SIM, SKIP_REASON
@@ -203,38 +203,10 @@ def test_gated_ffn(dtype, m, k, n, fmt, tile, cap, density, seed):
 
 # ---- select_topk --------------------------------------------------------------------------------
 
-def _unit_scores(q: np.ndarray, kv, b: int, group: int, shared: bool, ps: int | None) -> np.ndarray:
-    """The reference's float64 scores of sequence b, [G, units]."""
-    keys, _ = sequence_kv(kv, b)
-    s = head_scores(q[b], keys, group) if ps is None else quest_bounds(q[b], *page_key_bounds(keys, ps), group)
-    if shared:
-        s = s.reshape(s.shape[0] // group, group, s.shape[1]).sum(axis=1)
-    return s
-
-
 def _check_topk(got: TopKIndex, q, kv, k, method, sink, window, shared, ps_arg) -> None:
     want = ref.select_topk(q, kv, k, method=method, sink=sink, window=window, shared=shared, page_size=ps_arg)
     assert (got.granularity, got.page_size) == (want.granularity, want.page_size)
-    ind, cnt = host(got.indices), host(got.counts)
-    assert ind.shape == want.indices.shape, f"k_max: {ind.shape} != {want.indices.shape}"
-    np.testing.assert_array_equal(cnt, want.counts, err_msg="counts")
-    got.map_arrays(host).validate(lengths=kv.lengths)
-    group = q.shape[1] // kv.num_kv_heads
-    ps = want.page_size
-    for b in range(q.shape[0]):
-        n = int(kv.lengths[b])
-        units = n if ps is None else cdiv(n, ps)
-        forced = set(forced_positions(n, sink, window, ps).tolist())
-        s = _unit_scores(q, kv, b, group, shared, ps)
-        tol = 1e-4 * (1.0 + np.abs(s).max()) if s.size else 0.0
-        for g in range(ind.shape[1]):
-            sel = set(ind[b, g, :cnt[b, g]].tolist())
-            assert forced <= sel, f"row ({b}, {g}) lacks forced units {sorted(forced - sel)}"
-            chosen = sorted(sel - forced)
-            left = sorted(set(range(units)) - sel)
-            if chosen and left:  # every chosen unit scores at least as high as every unchosen one
-                lo, hi = s[g, chosen].min(), s[g, left].max()
-                assert lo >= hi - tol, f"row ({b}, {g}): chose a unit scoring {lo} over one scoring {hi}"
+    check_topk_against_reference(got, want, q, kv, shared=shared, sink=sink, window=window, rel_tol=1e-4)
 
 
 _topk_args = dict(b=st.integers(1, 2), hkv=st.integers(1, 2), group=st.sampled_from([1, 2, 3]), d=st.integers(1, 6),
