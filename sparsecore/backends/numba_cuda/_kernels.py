@@ -215,6 +215,14 @@ def build(dtype: str) -> SimpleNamespace:
         cuda.syncthreads()
 
     # ---- pack ------------------------------------------------------------------------------
+    @cuda.jit(device=True, inline="always")
+    def packed_value(x, m, c, relu):
+        """x[m, c] as float32, through the ReLU when relu != 0 (what pack stores, before the threshold)."""
+        a = ld(x[m, c])
+        if relu != 0 and a <= F0:
+            a = F0
+        return a
+
     def pack_tiles(x, thr, relu, tile, values, cols, counts, ovc):
         """Grid (M, n_tiles), one block per (row, tile).
         x[M, K] value; thr float32 (an entry is kept iff not |a| <= thr); relu 0/1;
@@ -232,9 +240,7 @@ def build(dtype: str) -> SimpleNamespace:
             off = o0 + tid
             keep = 0
             if off < width:
-                a = ld(x[m, c0 + off])
-                if relu != 0 and a <= F0:
-                    a = F0
+                a = packed_value(x, m, c0 + off, relu)
                 if not (abs(a) <= thr):  # NaN is kept
                     keep = 1
             rank, tot = _scan(buf, tid, keep)
@@ -294,10 +300,8 @@ def build(dtype: str) -> SimpleNamespace:
             off = o0 + tid
             keep = 0
             if off < width:
-                a = ld(x[m, c0 + off])
-                if relu != 0 and a <= F0:
-                    a = F0
-                if not (abs(a) <= thr):
+                a = packed_value(x, m, c0 + off, relu)
+                if not (abs(a) <= thr):  # NaN is kept
                     keep = 1
             rank, tot = _scan(buf, tid, keep)
             rank += base
