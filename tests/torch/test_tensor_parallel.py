@@ -1,10 +1,11 @@
-"""Tensor parallelism on CPU: 2 processes (torch.multiprocessing) joined by torch.distributed gloo on
-localhost. FFN hidden units and attention heads are split across the ranks; each rank runs the ops on
-its shard and the joined result must match the unsharded one."""
+"""Tensor parallelism on CPU: 2 processes (torch.multiprocessing) joined by torch.distributed gloo
+(rendezvous through a file: no port to race for). FFN hidden units and attention heads are split
+across the ranks; each rank runs the ops on its shard and the joined result must match the unsharded
+one."""
 
 from __future__ import annotations
 
-import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,12 +30,6 @@ from sparsecore.torch.modules import SparseGatedMLP  # noqa: E402
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ffn_data() -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(0)
     m, d, k, n = 7, 32, 96, 24
@@ -52,9 +47,9 @@ def _decode_data() -> tuple[torch.Tensor, sc.DenseKV]:
     return q, sc.DenseKV(k.transpose(1, 2), v.transpose(1, 2), torch.tensor([40, 29], dtype=torch.int32))
 
 
-def _worker(rank: int, port: int, results: Any) -> None:
+def _worker(rank: int, store: str, results: Any) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         out: dict[str, float] = {}
         # FFN: hidden units split, all_reduce of the partial outputs
@@ -96,10 +91,11 @@ def _worker(rank: int, port: int, results: Any) -> None:
 
 
 @pytest.fixture(scope="module")
-def results() -> dict[int, dict[str, float]]:
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, float]]:
+    store: Path = tmp_path_factory.mktemp("gloo") / "store"  # must not exist yet
     with mp.Manager() as manager:
         shared = manager.dict()
-        mp.spawn(_worker, args=(_free_port(), shared), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(str(store), shared), nprocs=WORLD, join=True)
         return {int(r): dict(v) for r, v in shared.items()}
 
 
