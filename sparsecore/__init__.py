@@ -7,6 +7,7 @@ sub-packages.
 from .formats import (
                       CSR,
                       DenseKV,
+                      PageBounds,
                       PagedKV,
                       TiledELL,
                       TopKIndex,
@@ -21,14 +22,26 @@ from .formats import (
                       tiled_ell_to_csr,
                       tiled_ell_to_dense,
 )
-from .ops import dense_decode, gated_ffn, merge_attention, pack, sddmm, select_topk, sparse_decode, spmm, spmm_t, unpack
+from .ops import (
+    dense_decode,
+    gated_ffn,
+    merge_attention,
+    pack,
+    page_bounds,
+    sddmm,
+    select_topk,
+    sparse_decode,
+    spmm,
+    spmm_t,
+    unpack,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CSR", "TiledELL", "DenseKV", "PagedKV", "TopKIndex",
+    "CSR", "TiledELL", "DenseKV", "PagedKV", "PageBounds", "TopKIndex",
     "tiled_ell_from_dense", "tiled_ell_to_dense", "tiled_ell_to_csr", "csr_to_tiled_ell",
     "csr_from_dense", "csr_to_dense", "csr_to_scipy", "csr_from_scipy", "csr_to_torch", "csr_from_torch",
     "pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn",
-    "select_topk", "sparse_decode", "dense_decode", "merge_attention",
+    "page_bounds", "select_topk", "sparse_decode", "dense_decode", "merge_attention",
 ]

@@ -13,6 +13,16 @@
   ``ceil(lengths[b] / page_size)`` entries of a row are read; they must be ``0 <= id < P``; the rest
   are ignored (use -1). Pages may be shared between sequences.
 - ``lengths[B]`` int32: ``0 <= lengths[b] <= max_pages * page_size``.
+
+``PageBounds`` buffers (Quest metadata of a cache: what ``select_topk(method="quest")`` reads instead
+of the keys; built and kept up to date by :func:`sparsecore.page_bounds`):
+
+- ``kmin[B, P, Hkv, D]``, ``kmax[B, P, Hkv, D]`` the keys' dtype: ``kmin[b, j, h, i]`` is the smallest
+  (``kmax``: the largest) ``K[b, t, h, i]`` over the tokens ``j * page_size <= t < min((j + 1) *
+  page_size, lengths[b])`` of logical page ``j`` of sequence ``b`` (min and max of stored values are
+  exact in the stored dtype). ``P >= ceil(max_len / page_size)``; pages at or past
+  ``ceil(lengths[b] / page_size)`` are never read. 2 / page_size of the keys' bytes.
+- ``page_size`` int >= 1: tokens per logical page (the Quest unit; need not equal a PagedKV's).
 """
 
 from __future__ import annotations
@@ -124,3 +134,45 @@ class PagedKV:
             fail(w, f"page_table[{b}, {j}] = {pt[b, j]} is out of range for a page in use (lengths[{b}] = "
                     f"{ln[b]}); allowed 0 <= page id < P = {self.num_pages}")
         return self
+
+
+@dataclass(frozen=True, eq=False)
+class PageBounds:
+    kmin: Any
+    kmax: Any
+    page_size: int
+
+    def __post_init__(self) -> None:
+        w = "PageBounds"
+        check_ndim(w, "kmin", self.kmin, 4, "[B, P, Hkv, D]")
+        check_ndim(w, "kmax", self.kmax, 4, "[B, P, Hkv, D]")
+        check_dtype(w, "kmin", self.kmin, VALUE_DTYPES)
+        if tuple(self.kmax.shape) != tuple(self.kmin.shape):
+            fail(w, f"kmax has shape {tuple(self.kmax.shape)}; expected {tuple(self.kmin.shape)} like kmin")
+        check_same_dtype(w, {"kmin": self.kmin, "kmax": self.kmax})
+        if isinstance(self.page_size, (bool, np.bool_)) or not isinstance(self.page_size, (int, np.integer)) \
+                or self.page_size < 1:
+            fail(w, f"page_size = {self.page_size!r}; must be an int >= 1")
+        object.__setattr__(self, "page_size", int(self.page_size))
+
+    batch = property(lambda self: int(self.kmin.shape[0]))
+    num_pages = property(lambda self: int(self.kmin.shape[1]))
+    num_kv_heads = property(lambda self: int(self.kmin.shape[2]))
+    head_dim = property(lambda self: int(self.kmin.shape[3]))
+    dtype = property(lambda self: dtype_name(self.kmin))
+
+    def map_arrays(self, fn: Callable[[Any], Any]) -> PageBounds:
+        return PageBounds(fn(self.kmin), fn(self.kmax), self.page_size)
+
+    def arrays(self) -> dict[str, Any]:
+        return {"kmin": self.kmin, "kmax": self.kmax}
+
+    def check_matches(self, w: str, name: str, kv: DenseKV | PagedKV) -> None:
+        """Raise unless these bounds can describe ``kv``: batch, heads, head_dim, dtype, enough pages."""
+        need = (kv.batch, -(-kv.max_len // self.page_size), kv.num_kv_heads, kv.head_dim)
+        got = tuple(int(s) for s in self.kmin.shape)
+        if got[0] != need[0] or got[1] < need[1] or got[2:] != need[2:]:
+            fail(w, f"{name} has kmin/kmax of shape {got}; for this kv and page_size {self.page_size} expected "
+                    f"(B, P, Hkv, D) = ({need[0]}, >= {need[1]}, {need[2]}, {need[3]})")
+        if self.dtype != kv.dtype:
+            fail(w, f"{name} has dtype {self.dtype} but kv has {kv.dtype}; they must match", TypeError)

@@ -7,13 +7,13 @@ from __future__ import annotations
 from typing import Any
 
 from ..formats.csr import CSR
-from ..formats.kv import DenseKV, PagedKV
+from ..formats.kv import DenseKV, PageBounds, PagedKV
 from ..formats.tiled_ell import TiledELL
 from ..formats.topk import TopKIndex
 from . import inputs as I
 from .dispatcher import BACKEND_PRIORITY, OPS, BackendOp, dispatch, implementations, register, select
 
-__all__ = ["pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn", "select_topk", "sparse_decode",
+__all__ = ["pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn", "page_bounds", "select_topk", "sparse_decode",
            "dense_decode", "merge_attention", "dispatch", "select", "implementations", "register",
            "BackendOp", "BACKEND_PRIORITY", "OPS"]
 
@@ -76,8 +76,27 @@ def gated_ffn(x: Any, gate: Sparse, w_up: Any, w_down: Any, *, backend: str | No
     return dispatch(I.GatedFfnInputs(x, gate, w_up, w_down), backend)
 
 
+def page_bounds(kv: KV, page_size: int | None = None, *, out: PageBounds | None = None, start: Any = None,
+                backend: str | None = None) -> PageBounds:
+    """Quest metadata of ``kv``: per logical page of ``page_size`` tokens, the element-wise min and
+    max of its keys (see :class:`PageBounds`)::
+
+        kmin[b, j] = K[b, j * ps : min((j + 1) * ps, lengths[b])].min(axis=0)   # [Hkv, D]
+        kmax[b, j] = K[b, j * ps : min((j + 1) * ps, lengths[b])].max(axis=0)
+
+    Without ``out``: new buffers with ``P = ceil(max_len / ps)`` pages, pages past a sequence's
+    length 0. With ``out`` (bounds of this cache from an earlier call, ``out.page_size`` is used):
+    updated in place and returned; ``start[B]`` int32 (``0 <= start[b] <= lengths[b]``: the tokens
+    before ``start[b]`` are unchanged since ``out`` was computed, e.g. the lengths before a decode
+    step appended tokens) limits the work to pages ``start[b] // ps`` to ``ceil(lengths[b] / ps) - 1``;
+    pages past the length are left as they are. ``page_size`` defaults to the paged cache's, or 16.
+    """
+    return dispatch(I.PageBoundsInputs(kv, page_size, out, start), backend)
+
+
 def select_topk(q: Any, kv: KV, k: int, *, method: str = "exact", sink: int = 0, window: int = 0,
-                shared: bool = True, page_size: int | None = None, backend: str | None = None) -> TopKIndex:
+                shared: bool = True, page_size: int | None = None, bounds: PageBounds | None = None,
+                backend: str | None = None) -> TopKIndex:
     """The keys each decode query attends to: the first ``sink`` and last ``window`` tokens always,
     plus the ``k`` best others::
 
@@ -86,9 +105,12 @@ def select_topk(q: Any, kv: KV, k: int, *, method: str = "exact", sink: int = 0,
         shared=True: scores summed over the query heads of a KV group, G = Hkv; else G = Hq
 
     ``k`` counts units chosen by score in addition to the forced ones (``0 <= k <=`` the cache's
-    capacity in units); ``page_size`` (quest only) defaults to the paged cache's, or 16.
+    capacity in units); ``page_size`` (quest only) defaults to ``bounds.page_size``, the paged
+    cache's, or 16. ``bounds`` (quest only, from :func:`page_bounds` of this cache and page size):
+    the pages' ``kmin/kmax`` are read from it instead of computed from the keys (2 / page_size of
+    the key bytes; the result is the same).
     """
-    return dispatch(I.SelectTopkInputs(q, kv, k, method, sink, window, shared, page_size), backend)
+    return dispatch(I.SelectTopkInputs(q, kv, k, method, sink, window, shared, page_size, bounds), backend)
 
 
 def sparse_decode(q: Any, kv: KV, index: TopKIndex, *, scale: float | None = None,

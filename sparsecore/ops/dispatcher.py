@@ -29,7 +29,7 @@ BACKEND_MODULES: tuple[str, ...] = ("sparsecore.backends.reference", "sparsecore
                                      "sparsecore.backends.numba_cuda", "sparsecore.backends.cupy",
                                      "sparsecore.backends.cuda_python")
 
-OPS: tuple[str, ...] = ("pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn", "select_topk",
+OPS: tuple[str, ...] = ("pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn", "page_bounds", "select_topk",
                         "sparse_decode", "dense_decode", "merge_attention")
 
 _REGISTRY: dict[str, list[type[BackendOp]]] = {op: [] for op in OPS}

@@ -10,10 +10,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .._arrays import VALUE_DTYPES, dtype_name
+from .._arrays import VALUE_DTYPES, dtype_name, to_host
 from .._checks import check_array, check_choice, check_dtype, check_int, check_ndim, check_real, check_same_dtype, fail
 from ..formats.csr import CSR
-from ..formats.kv import DenseKV, PagedKV
+from ..formats.kv import DenseKV, PageBounds, PagedKV
 from ..formats.tiled_ell import TiledELL, check_tile_capacity
 from ..formats.topk import TopKIndex
 from .dispatcher import OpInputs
@@ -217,6 +217,71 @@ class GatedFfnInputs(OpInputs):
         self.gate.validate()
 
 
+def _default_page_size(kv: DenseKV | PagedKV) -> int:
+    return kv.page_size if isinstance(kv, PagedKV) else 16
+
+
+def _check_bounds(op: str, name: str, bounds: Any, kv: DenseKV | PagedKV) -> None:
+    if not isinstance(bounds, PageBounds):
+        fail(op, f"{name} must be a PageBounds (from sparsecore.page_bounds), got {type(bounds).__name__}",
+             TypeError)
+    bounds.check_matches(op, name, kv)
+
+
+@dataclass(frozen=True, eq=False)
+class PageBoundsInputs(OpInputs):
+    OP: ClassVar[str] = "page_bounds"
+    kv: Any
+    page_size: int | None = None
+    out: Any = None
+    start: Any = None
+
+    @property
+    def dtype(self) -> str:
+        return self.kv.dtype
+
+    @property
+    def unit_page_size(self) -> int:
+        """Tokens per logical page: ``out``'s, else ``page_size``, else the cache's default."""
+        if self.out is not None:
+            return self.out.page_size
+        return self.page_size if self.page_size is not None else _default_page_size(self.kv)
+
+    @property
+    def num_pages(self) -> int:
+        """Pages of the result: ``out``'s, else ``ceil(max_len / page_size)``."""
+        return self.out.num_pages if self.out is not None else -(-self.kv.max_len // self.unit_page_size)
+
+    def _validate(self) -> None:
+        _check_kv(self.OP, self.kv)
+        if self.page_size is not None:
+            check_int(self.OP, "page_size", self.page_size, lo=1)
+        if self.out is not None:
+            if isinstance(self.out, PageBounds) and self.page_size is not None \
+                    and int(self.page_size) != self.out.page_size:
+                fail(self.OP, f"page_size = {self.page_size} but out.page_size = {self.out.page_size}; give one "
+                              "or make them equal")
+            _check_bounds(self.OP, "out", self.out, self.kv)
+        if self.start is not None:
+            if self.out is None:
+                fail(self.OP, "start is given without out; start says which pages of out to recompute")
+            check_ndim(self.OP, "start", self.start, 1, "[B]")
+            check_dtype(self.OP, "start", self.start, ("int32",))
+            if int(self.start.shape[0]) != self.kv.batch:
+                fail(self.OP, f"start has shape {tuple(self.start.shape)}; expected ({self.kv.batch},), one per "
+                              "sequence")
+
+    def validate_data(self) -> None:
+        self.kv.validate()
+        if self.start is not None:
+            st = to_host(self.start).astype(np.int64)
+            ln = to_host(self.kv.lengths).astype(np.int64)
+            bad = (st < 0) | (st > ln)
+            if bad.any():
+                b = int(np.argmax(bad))
+                fail(self.OP, f"start[{b}] = {st[b]}; allowed 0 <= start[b] <= lengths[{b}] = {ln[b]}")
+
+
 @dataclass(frozen=True, eq=False)
 class SelectTopkInputs(OpInputs):
     OP: ClassVar[str] = "select_topk"
@@ -228,6 +293,7 @@ class SelectTopkInputs(OpInputs):
     window: int = 0
     shared: bool = True
     page_size: int | None = None
+    bounds: Any = None
 
     @property
     def dtype(self) -> str:
@@ -240,7 +306,9 @@ class SelectTopkInputs(OpInputs):
             return None
         if self.page_size is not None:
             return self.page_size
-        return self.kv.page_size if isinstance(self.kv, PagedKV) else 16
+        if self.bounds is not None:
+            return self.bounds.page_size
+        return _default_page_size(self.kv)
 
     def _validate(self) -> None:
         _check_kv(self.OP, self.kv)
@@ -256,6 +324,13 @@ class SelectTopkInputs(OpInputs):
             if self.method != "quest":
                 fail(self.OP, f"page_size = {self.page_size!r} is only used by method = 'quest'")
             check_int(self.OP, "page_size", self.page_size, lo=1)
+        if self.bounds is not None:
+            if self.method != "quest":
+                fail(self.OP, f"bounds are only read by method = 'quest' (method = {self.method!r})")
+            _check_bounds(self.OP, "bounds", self.bounds, self.kv)
+            if self.page_size is not None and int(self.page_size) != self.bounds.page_size:
+                fail(self.OP, f"page_size = {self.page_size} but bounds.page_size = {self.bounds.page_size}; "
+                              "they must be equal (or leave page_size out)")
         ps = self.unit_page_size
         if ps is None and k > self.kv.max_len:
             fail(self.OP, f"k = {k} exceeds the cache's capacity of {self.kv.max_len} tokens; "

@@ -3,6 +3,7 @@
 from .attention import (
                         dense_decode,
                         merge_attention,
+                        page_bounds,
                         page_key_bounds,
                         quest_bounds,
                         select_topk,
@@ -11,5 +12,5 @@ from .attention import (
 )
 from .ffn import gated_ffn, pack, sddmm, spmm, spmm_t, unpack
 
-__all__ = ["pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn", "select_topk", "sparse_decode",
+__all__ = ["pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn", "page_bounds", "select_topk", "sparse_decode",
            "dense_decode", "merge_attention", "page_key_bounds", "quest_bounds", "sequence_kv"]

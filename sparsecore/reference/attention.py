@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..formats.kv import DenseKV, PagedKV
+from ..formats.kv import DenseKV, PageBounds, PagedKV
 from ..formats.topk import TopKIndex, topk_capacity
 
 KV = DenseKV | PagedKV
@@ -52,6 +52,29 @@ def page_key_bounds(keys: np.ndarray, page_size: int) -> tuple[np.ndarray, np.nd
     return lo, hi
 
 
+def page_bounds(kv: KV, page_size: int | None = None, *, out: PageBounds | None = None,
+                start: np.ndarray | None = None) -> PageBounds:
+    """Quest metadata of the cache (:class:`PageBounds`), pages ``start[b] // ps`` (0 without
+    ``start``) to ``ceil(lengths[b] / ps) - 1`` of each sequence written (in place into ``out`` if
+    given, else into new zero buffers of ``ceil(max_len / ps)`` pages)::
+
+        kmin[b, j], kmax[b, j] = page_key_bounds(K[b, :lengths[b]], ps)[:, j]   (in the keys' dtype)
+    """
+    if out is None:
+        ps = page_size if page_size is not None else (kv.page_size if isinstance(kv, PagedKV) else 16)
+        shape = (kv.batch, -(-kv.max_len // ps), kv.num_kv_heads, kv.head_dim)
+        dt = kv.k.dtype if isinstance(kv, DenseKV) else kv.k_pages.dtype
+        out = PageBounds(np.zeros(shape, dt), np.zeros(shape, dt), ps)
+    ps = out.page_size
+    for b in range(kv.batch):
+        keys, _ = sequence_kv(kv, b)
+        first = 0 if start is None else int(start[b]) // ps
+        lo, hi = page_key_bounds(keys, ps)
+        out.kmin[b, first:lo.shape[0]] = lo[first:]  # exact: min/max of stored values
+        out.kmax[b, first:hi.shape[0]] = hi[first:]
+    return out
+
+
 def quest_bounds(q: np.ndarray, lo: np.ndarray, hi: np.ndarray, group: int) -> np.ndarray:
     """``bound[h, j] = sum_i max(q[h, i] * lo[j, kvh, i], q[h, i] * hi[j, kvh, i])`` with
     ``kvh = h // group``: at least ``q[h] . k`` for every key ``k`` of page ``j``."""
@@ -68,11 +91,12 @@ def forced_positions(length: int, sink: int, window: int, page_size: int | None 
 
 
 def select_topk(q: np.ndarray, kv: KV, k: int, *, method: str = "exact", sink: int = 0, window: int = 0,
-                shared: bool = True, page_size: int | None = None) -> TopKIndex:
+                shared: bool = True, page_size: int | None = None, bounds: PageBounds | None = None) -> TopKIndex:
     """Keys for each query: the ``sink`` first and ``window`` last tokens, plus the ``k`` best others::
 
         s = q[b, h] . K[b, t, h // group]          # method="exact", tokens
         s = quest_bounds(q, *page_key_bounds(K))    # method="quest", pages of page_size tokens
+                                                    # (or bounds.kmin/kmax[b, :n_pages] when given)
         if shared: s = s summed over the query heads of each KV group   (G = Hkv, else G = Hq)
         keep = forced | top-k of s over the non-forced candidates (ties broken arbitrarily)
 
@@ -84,14 +108,19 @@ def select_topk(q: np.ndarray, kv: KV, k: int, *, method: str = "exact", sink: i
     n_groups = kv.num_kv_heads if shared else hq
     ps = None
     if method == "quest":
-        ps = page_size if page_size is not None else (kv.page_size if isinstance(kv, PagedKV) else 16)
+        ps = page_size if page_size is not None else bounds.page_size if bounds is not None else \
+            (kv.page_size if isinstance(kv, PagedKV) else 16)
     k_max = topk_capacity(k, sink, window, kv.max_len, ps)
     indices = np.full((bsz, n_groups, k_max), -1, dtype=np.int32)
     counts = np.zeros((bsz, n_groups), dtype=np.int32)
     for b in range(bsz):
         keys, _ = sequence_kv(kv, b)
         if method == "quest":
-            lo, hi = page_key_bounds(keys, ps)
+            if bounds is None:
+                lo, hi = page_key_bounds(keys, ps)
+            else:
+                n_pages = -(-keys.shape[0] // ps)
+                lo, hi = (x[b, :n_pages].astype(np.float64) for x in (bounds.kmin, bounds.kmax))
             s = quest_bounds(q[b], lo, hi, group)
         else:
             s = head_scores(q[b], keys, group)

@@ -76,13 +76,22 @@ class GatedFfn(_Reference):
 
 
 @register
+class PageBounds(_Reference):
+    OP = "page_bounds"
+
+    @classmethod
+    def run(cls, inp: I.PageBoundsInputs) -> Any:
+        return ref.page_bounds(inp.kv, inp.unit_page_size, out=inp.out, start=inp.start)
+
+
+@register
 class SelectTopk(_Reference):
     OP = "select_topk"
 
     @classmethod
     def run(cls, inp: I.SelectTopkInputs) -> Any:
         return ref.select_topk(inp.q, inp.kv, inp.k, method=inp.method, sink=inp.sink, window=inp.window,
-                               shared=inp.shared, page_size=inp.unit_page_size)
+                               shared=inp.shared, page_size=inp.unit_page_size, bounds=inp.bounds)
 
 
 @register
