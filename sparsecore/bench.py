@@ -115,6 +115,24 @@ def default_suite(scale: str = "small", seed: int = 0) -> list[Case]:
                       "numpy dense decode", dd, bytes=kv_bytes / 2, flops=2.0 * b * hq * s * hd))
     cases.append(Case("select_topk", f"{shape} k={topk // 16} quest", I.SelectTopkInputs(q, kv, topk // 16,
                       method="quest", page_size=16), "numpy dense decode", dd, bytes=kv_bytes / 2))
+    ps = 16
+    bounds = ops.page_bounds(kv, ps, backend="reference")
+    pages = -(-s // ps)
+    kp = np.pad(kk, ((0, 0), (0, pages * ps - s), (0, 0), (0, 0)), mode="edge").reshape(b, pages, ps, hkv, hd)
+    cases.append(Case("page_bounds", f"B={b} Hkv={hkv} D={hd} S={s} page={ps} build", I.PageBoundsInputs(kv, ps),
+                      "numpy min/max", lambda: (kp.min(axis=2), kp.max(axis=2)), bytes=kv_bytes / 2))
+    last = lengths - 1  # a decode step: the page of the newest token of each sequence
+
+    def np_last_page() -> Any:
+        return [(kk[i, t // ps * ps:t + 1].min(axis=0), kk[i, t // ps * ps:t + 1].max(axis=0))
+                for i, t in enumerate(last)]
+
+    cases.append(Case("page_bounds", f"B={b} Hkv={hkv} D={hd} S={s} page={ps} decode step",
+                      I.PageBoundsInputs(kv, None, bounds, last.astype(np.int32)), "numpy min/max of that page",
+                      np_last_page, bytes=b * ps * hkv * hd * 4.0))
+    cases.append(Case("select_topk", f"{shape} k={topk // 16} quest stored bounds",
+                      I.SelectTopkInputs(q, kv, topk // 16, method="quest", bounds=bounds), "numpy dense decode", dd,
+                      bytes=2.0 * b * pages * hkv * hd * 4))
     sel_bytes = 2.0 * b * topk * hkv * hd * 4
     cases.append(Case("sparse_decode", f"{shape} {sparsity}x sparse, shared", I.SparseDecodeInputs(q, kv, index),
                       "numpy dense decode", dd, bytes=sel_bytes, flops=4.0 * b * hq * topk * hd))
@@ -155,6 +173,8 @@ def _flat(out: Any) -> list[np.ndarray]:
                 else F.csr_to_dense(out).astype(np.float64)]
     if isinstance(out, F.TopKIndex):
         return [to_host(out.counts).astype(np.float64)]
+    if isinstance(out, F.PageBounds):
+        return [to_host(out.kmin).astype(np.float64), to_host(out.kmax).astype(np.float64)]
     return [to_host(out).astype(np.float64)]
 
 

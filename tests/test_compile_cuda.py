@@ -374,12 +374,17 @@ def test_every_launch_matches_its_kernel_signature(dtype: str) -> None:
     table = np.arange(8, dtype=np.int32).reshape(2, 4)
     pages = rng.standard_normal((8, 16, 2, 64)).astype(npdt)
     paged = PagedKV(pages, pages.copy(), table, np.array([50, 7], np.int32))
+    for kv in (dense, paged):
+        fresh = _ops.page_bounds(rt, I.PageBoundsInputs(kv, 16))
+        _ops.page_bounds(rt, I.PageBoundsInputs(kv, None, fresh, np.array([3, 0], np.int32)))
+    bounds = ref.page_bounds(dense, 16)
     for hq in (4, 32):
         q = rng.standard_normal((2, hq, 64)).astype(npdt)
         for kv in (dense, paged):
             for shared in (True, False):
                 for method in ("exact", "quest"):
                     _ops.select_topk(rt, I.SelectTopkInputs(q, kv, 5, method, 2, 4, shared))
+                _ops.select_topk(rt, I.SelectTopkInputs(q, kv, 5, "quest", 2, 4, shared, None, bounds))
                 index = ref.select_topk(q, kv, 5, sink=2, window=4, shared=shared)
                 _ops.sparse_decode(rt, I.SparseDecodeInputs(q, kv, index))
             _ops.dense_decode(rt, I.DenseDecodeInputs(q, kv))
@@ -573,6 +578,117 @@ def test_emulated_topk_and_decode(dtype: str, hq: int, hkv: int, d: int) -> None
             _close(o, wo, tol, f"sparse_decode {method} shared={shared}")
             _close(lse, wl, 1e-5, f"sparse_decode lse {method} shared={shared}")
     assert np.isneginf(lse[2]).all() and not o.astype(np.float64)[2].any()  # length 0: out 0, lse -inf
+
+
+def _same_bits(got: Any, want: Any, what: str) -> None:
+    """Bit-for-bit equality (NaN payloads aside): page bounds are min/max of stored values."""
+    g, w = np.asarray(got), np.asarray(want)
+    assert g.dtype == w.dtype and g.shape == w.shape, (what, g.dtype, w.dtype, g.shape, w.shape)
+    nan = np.isnan(g.astype(np.float64)) & np.isnan(w.astype(np.float64))
+    n = g.dtype.itemsize
+    bits = np.ascontiguousarray(g).view(np.uint8).reshape(g.shape + (n,)) == \
+        np.ascontiguousarray(w).view(np.uint8).reshape(w.shape + (n,))
+    bad = ~(bits.all(axis=-1) | nan)
+    if bad.any():
+        i = tuple(np.argwhere(bad)[0])
+        raise AssertionError(f"{what}: {int(bad.sum())} of {g.size} differ; first at {i}: {g[i]} vs {w[i]}")
+
+
+@pytest.mark.parametrize("dtype,paged", [("float32", False), ("float16", True), ("bfloat16", False),
+                                         ("bfloat16", True)])
+def test_emulated_page_bounds(dtype: str, paged: bool) -> None:
+    """Fresh bounds equal the reference bit for bit (pages past a length 0; the kernel zero-fills the
+    0xA5-poisoned buffer itself); an update with ``out`` and ``start`` after the lengths grew equals
+    a fresh computation and leaves the pages before ``start // ps`` alone. Logical page sizes that
+    differ from the PagedKV's (16): 16, 5, 40."""
+    import dataclasses
+
+    from sparsecore import reference as ref
+    from sparsecore.backends.cuda import _ops
+    from sparsecore.formats.kv import PageBounds
+    from sparsecore.ops import inputs as I
+
+    emu = _needs_emu()
+    rt = emu.CpuRuntime()
+    rng = np.random.default_rng(4)
+    final = [150, 1, 0, 37]
+    kv = _kv_cache(rng, _np(dtype), final, 160, 2, 24, paged)
+    if not paged and dtype == "float32":
+        kv.k[0, 20, 1, 3] = np.nan  # a NaN key: that page's bounds are NaN, as in NumPy
+    short = dataclasses.replace(kv, lengths=np.array([131, 0, 0, 32], np.int32))
+    for ps in (16, 5, 40):
+        inp = I.PageBoundsInputs(kv, ps)
+        inp.validate()
+        got = _ops.page_bounds(rt, inp)
+        want = ref.page_bounds(kv, ps)
+        assert got.page_size == ps and got.kmin.shape == want.kmin.shape == (4, -(-160 // ps), 2, 24)
+        _same_bits(got.kmin, want.kmin, f"kmin ps={ps}")
+        _same_bits(got.kmax, want.kmax, f"kmax ps={ps}")
+        for b, n in enumerate(final):
+            assert not got.kmin[b, -(-n // ps):].astype(np.float64).any()  # past the length: 0
+        # the cache grew from `short` to `kv`: update in place from the old lengths
+        out = _ops.page_bounds(rt, I.PageBoundsInputs(short, ps))
+        _same_bits(out.kmin, ref.page_bounds(short, ps).kmin, f"short kmin ps={ps}")
+        start = short.lengths.copy()
+        first = start // ps
+        for b in range(4):  # poison the pages that must not be touched
+            out.kmin[b, :first[b]] = np.asarray(7, out.kmin.dtype)
+        upd = I.PageBoundsInputs(kv, None, out, start)
+        upd.validate()
+        upd.validate_data()
+        res = _ops.page_bounds(rt, upd)
+        assert res is out
+        for b in range(4):
+            assert (out.kmin[b, :first[b]].astype(np.float64) == 7).all()
+            _same_bits(out.kmin[b, first[b]:], want.kmin[b, first[b]:], f"updated kmin ps={ps} b={b}")
+        _same_bits(out.kmax, want.kmax, f"updated kmax ps={ps}")
+        # out with spare pages (its own pitch), no start: every valid page written, the rest untouched
+        n = want.kmin.shape[1]
+        wide = PageBounds(*(np.full((4, n + 2, 2, 24), 3, want.kmin.dtype) for _ in range(2)), ps)
+        assert _ops.page_bounds(rt, I.PageBoundsInputs(kv, ps, wide)) is wide
+        for b, ln in enumerate(final):
+            m = -(-ln // ps)
+            _same_bits(wide.kmin[b, :m], want.kmin[b, :m], f"wide kmin ps={ps} b={b}")
+            _same_bits(wide.kmax[b, :m], want.kmax[b, :m], f"wide kmax ps={ps} b={b}")
+            assert (wide.kmin[b, m:].astype(np.float64) == 3).all()
+
+
+@pytest.mark.parametrize("dtype,hq,hkv,d,paged", [("float32", 8, 2, 64, False), ("bfloat16", 4, 4, 40, True),
+                                                  ("float16", 6, 2, 16, True)])
+def test_emulated_select_topk_with_bounds(dtype: str, hq: int, hkv: int, d: int, paged: bool) -> None:
+    """Quest with stored bounds selects exactly what Quest from the keys does, and agrees with the
+    reference; the bounds may hold more pages than the cache needs."""
+    from sparsecore import reference as ref
+    from sparsecore.backends.cuda import _ops
+    from sparsecore.formats.kv import PageBounds
+    from sparsecore.ops import inputs as I
+
+    emu = _needs_emu()
+    rt = emu.CpuRuntime()
+    rng = np.random.default_rng(5)
+    kv = _kv_cache(rng, _np(dtype), [150, 1, 0, 37], 160, hkv, d, paged)
+    q = rng.standard_normal((4, hq, d)).astype(_np(dtype))
+    for ps, shared in ((16, True), (7, False)):
+        bounds = _ops.page_bounds(rt, I.PageBoundsInputs(kv, ps))
+        pad = [(0, 0), (0, 3), (0, 0), (0, 0)]  # more pages than needed: the kernel uses bounds' pitch
+        wide = PageBounds(np.pad(bounds.kmin, pad), np.pad(bounds.kmax, pad), ps)
+        base = _ops.select_topk(rt, I.SelectTopkInputs(q, kv, 3, "quest", 3, 8, shared, ps))
+        for bnd in (bounds, wide) if ps == 7 else (bounds,):
+            inp = I.SelectTopkInputs(q, kv, 3, "quest", 3, 8, shared, None, bnd)
+            inp.validate()
+            got = _ops.select_topk(rt, inp)
+            np.testing.assert_array_equal(got.indices, base.indices)
+            np.testing.assert_array_equal(got.counts, base.counts)
+            assert got.page_size == ps and got.granularity == "page"
+        want = ref.select_topk(q, kv, 3, method="quest", sink=3, window=8, shared=shared, bounds=bounds)
+        check_topk_against_reference(got, want, q, kv, shared=shared, sink=3, window=8, rel_tol=1e-2)
+        # the scores really come from the bounds: a page with wide bounds wins every row of its sequence
+        hot = PageBounds(bounds.kmin.copy(), bounds.kmax.copy(), ps)
+        hot.kmin[0, 2], hot.kmax[0, 2] = -100, 100
+        got = _ops.select_topk(rt, I.SelectTopkInputs(q, kv, 3, "quest", 3, 8, shared, None, hot))
+        rows = [set(got.indices[0, g, :got.counts[0, g]].tolist()) for g in range(got.indices.shape[1])]
+        base_rows = [set(base.indices[0, g, :base.counts[0, g]].tolist()) for g in range(got.indices.shape[1])]
+        assert all(2 in r for r in rows) and not all(2 in r for r in base_rows)
 
 
 @pytest.mark.parametrize("dtype", EMU_DTYPES)

@@ -356,6 +356,68 @@ def test_select_topk_ties(case: DecodeCase, data: st.DataObject) -> None:
     run_topk(case, data.draw(topk_args(case, data.draw(st.sampled_from(["exact", "quest"])))))
 
 
+# --- page_bounds: stored Quest metadata ---------------------------------------------------------------
+
+def with_lengths(kv: sc.DenseKV | sc.PagedKV, lengths: np.ndarray) -> sc.DenseKV | sc.PagedKV:
+    """The same buffers seen with other lengths (an earlier state of the cache)."""
+    if isinstance(kv, sc.DenseKV):
+        return sc.DenseKV(kv.k, kv.v, lengths)
+    return sc.PagedKV(kv.k_pages, kv.v_pages, kv.page_table, lengths)
+
+
+def check_bounds(case: DecodeCase, bounds: sc.PageBounds, ps: int, what: str, *, fresh: bool) -> None:
+    """Every page within a length: exactly the min/max of its keys (as stored); past it: 0 if fresh."""
+    n_pages = cdiv(case.kv.max_len, ps)
+    assert isinstance(bounds, sc.PageBounds) and bounds.page_size == ps, what
+    assert bounds.dtype == case.dtype, (bounds.dtype, what)
+    lo, hi = as_f64(bounds.kmin), as_f64(bounds.kmax)
+    assert lo.shape == hi.shape == (case.batch, n_pages, case.hkv, case.head_dim), (lo.shape, what)
+    for b in range(case.batch):
+        keys = case.keys[b]
+        used = cdiv(keys.shape[0], ps)
+        for j in range(used):
+            page = keys[j * ps:(j + 1) * ps]
+            np.testing.assert_array_equal(lo[b, j], page.min(axis=0), err_msg=f"kmin[{b}, {j}] of {what}")
+            np.testing.assert_array_equal(hi[b, j], page.max(axis=0), err_msg=f"kmax[{b}, {j}] of {what}")
+        if fresh:
+            assert not lo[b, used:].any() and not hi[b, used:].any(), f"pages past length {b} not 0 in {what}"
+
+
+@given(case=decode_cases(), page_size=st.sampled_from([None, 1, 2, 3, 4, 8, 16]))
+def test_page_bounds_are_the_min_and_max_of_each_page(case: DecodeCase, page_size: int | None) -> None:
+    needs(case.dtype)
+    ps = page_size if page_size is not None else (case.kv.page_size if case.paged else 16)
+    check_bounds(case, sc.page_bounds(case.kv, page_size), ps, f"page_bounds(page_size={page_size}) of {case!r}",
+                 fresh=True)
+
+
+@given(case=decode_cases(), page_size=st.sampled_from([1, 2, 3, 8]), data=st.data())
+def test_page_bounds_update_in_place_equals_fresh(case: DecodeCase, page_size: int, data: st.DataObject) -> None:
+    """Bounds of an earlier, shorter state, updated from ``start`` = the old lengths, are the bounds of
+    the grown cache; the update writes into ``out`` and returns it."""
+    needs(case.dtype)
+    old = np.array([data.draw(st.integers(0, int(n))) for n in case.lengths], np.int32)
+    out = sc.page_bounds(with_lengths(case.kv, old), page_size)
+    res = sc.page_bounds(case.kv, out=out, start=old)
+    assert res is out
+    check_bounds(case, out, page_size, f"page_bounds updated from lengths {old.tolist()} of {case!r}", fresh=False)
+
+
+@given(case=decode_cases(), data=st.data())
+def test_select_topk_quest_reads_stored_bounds(case: DecodeCase, data: st.DataObject) -> None:
+    """``bounds=page_bounds(kv)`` gives the same selection as bounds computed on the fly, and it is
+    right by the oracle."""
+    needs(case.dtype)
+    args = data.draw(topk_args(case, "quest"))
+    ps = args["page_size"] if args["page_size"] is not None else (case.kv.page_size if case.paged else 16)
+    bounds = sc.page_bounds(case.kv, ps)
+    got = sc.select_topk(case.q, case.kv, **{**args, "page_size": None}, bounds=bounds)
+    check_topk(case, got, **{**args, "page_size": ps})
+    want = sc.select_topk(case.q, case.kv, **{**args, "page_size": ps})
+    np.testing.assert_array_equal(np.asarray(got.counts), np.asarray(want.counts))
+    np.testing.assert_array_equal(np.asarray(got.indices), np.asarray(want.indices))
+
+
 @given(case=decode_cases(), method=st.sampled_from(["exact", "quest"]), shared=st.booleans(),
        sink=st.integers(0, 3), window=st.integers(0, 3))
 def test_select_topk_k_at_capacity_selects_everything(case: DecodeCase, method: str, shared: bool, sink: int,

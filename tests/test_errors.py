@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import sparsecore as sc
-from sparsecore import CSR, DenseKV, PagedKV, TiledELL, TopKIndex
+from sparsecore import CSR, DenseKV, PageBounds, PagedKV, TiledELL, TopKIndex
 
 F32, F64, F16, I16, I32, I64 = np.float32, np.float64, np.float16, np.int16, np.int32, np.int64
 VALUES = "allowed: float64, float32, float16, bfloat16"
@@ -78,6 +78,17 @@ def pkv(page_table: Any = ((0, 1, -1),), lengths: Any = (8,), *, shape: tuple[in
         vshape: Any = None) -> PagedKV:
     k = np.linspace(-1, 1, int(np.prod(shape))).reshape(shape).astype(F32)
     return PagedKV(k, arr(*(vshape or shape)), _a(page_table, I32), _a(lengths, I32))
+
+
+# PageBounds of dkv() in pages of 4: [B 1, P 2, Hkv 2, D 4].
+def pb(shape: tuple[int, ...] = (1, 2, 2, 4), page_size: Any = 4, dtype: Any = F32) -> PageBounds:
+    return PageBounds(arr(*shape, dtype=dtype), arr(*shape, dtype=dtype), page_size)
+
+
+def read_only_pb() -> PageBounds:
+    b = pb()
+    b.kmin.flags.writeable = False
+    return b
 
 
 # TopKIndex [B 1, G 2, k_max 3]: rows select {0, 1} and {2, 3}; slot 2 is padding.
@@ -352,6 +363,58 @@ CASES = [
     case("select_topk-data-page-past-P", V,
          lit("PagedKV.validate: page_table[0, 1] = 3 is out of range for a page in use (lengths[0] = 8); allowed "
              "0 <= page id < P = 3"), lambda: sc.select_topk(q(), pkv(page_table=((0, 3, -1),)), 2)),
+    case("select_topk-bounds-with-exact", V, lit("select_topk: bounds are only read by method = 'quest' "
+                                                 "(method = 'exact')"),
+         lambda: sc.select_topk(q(), dkv(), 2, bounds=pb())),
+    case("select_topk-bounds-not-bounds", T, lit("select_topk: bounds must be a PageBounds (from "
+                                                 "sparsecore.page_bounds), got ndarray"),
+         lambda: sc.select_topk(q(), dkv(), 2, method="quest", bounds=arr(1, 2, 2, 4))),
+    case("select_topk-bounds-page_size", V, lit("select_topk: page_size = 2 but bounds.page_size = 4; they must be "
+                                                "equal (or leave page_size out)"),
+         lambda: sc.select_topk(q(), dkv(), 2, method="quest", page_size=2, bounds=pb())),
+    case("select_topk-bounds-head_dim", V, lit("select_topk: bounds has kmin/kmax of shape (1, 2, 2, 3); for this kv "
+                                               "and page_size 4 expected (B, P, Hkv, D) = (1, >= 2, 2, 4)"),
+         lambda: sc.select_topk(q(), dkv(), 2, method="quest", bounds=pb((1, 2, 2, 3)))),
+    # --- PageBounds and page_bounds ---------------------------------------------------------------
+    case("PageBounds-kmin-ndim", V, lit("PageBounds: kmin has shape (2, 2, 4); expected 4 dimensions [B, P, Hkv, D]"),
+         lambda: PageBounds(arr(2, 2, 4), arr(2, 2, 4), 4)),
+    case("PageBounds-kmax-shape", V, lit("PageBounds: kmax has shape (1, 3, 2, 4); expected (1, 2, 2, 4) like kmin"),
+         lambda: PageBounds(arr(1, 2, 2, 4), arr(1, 3, 2, 4), 4)),
+    case("PageBounds-dtypes-differ", T, lit("PageBounds: value dtypes must match: kmin is float32, kmax is float16"),
+         lambda: PageBounds(arr(1, 2, 2, 4), arr(1, 2, 2, 4, dtype=F16), 4)),
+    case("PageBounds-int32", T, lit(f"PageBounds: kmin has dtype int32; {VALUES}"), lambda: pb(dtype=I32)),
+    case("PageBounds-page_size-zero", V, lit("PageBounds: page_size = 0; must be an int >= 1"),
+         lambda: pb(page_size=0)),
+    case("PageBounds-page_size-float", T, lit("PageBounds: page_size = 4.0; must be an int >= 1"),
+         lambda: pb(page_size=4.0)),
+    case("page_bounds-kv-not-cache", T, lit("page_bounds: kv must be a DenseKV or a PagedKV, got ndarray"),
+         lambda: sc.page_bounds(arr(1, 8, 2, 4))),
+    case("page_bounds-page_size-zero", V, lit("page_bounds: page_size = 0; must be >= 1"),
+         lambda: sc.page_bounds(dkv(), 0)),
+    case("page_bounds-out-not-bounds", T, lit("page_bounds: out must be a PageBounds (from sparsecore.page_bounds), "
+                                              "got ndarray"), lambda: sc.page_bounds(dkv(), out=arr(1, 2, 2, 4))),
+    case("page_bounds-out-page_size", V, lit("page_bounds: page_size = 2 but out.page_size = 4; give one or make "
+                                             "them equal"), lambda: sc.page_bounds(dkv(), 2, out=pb())),
+    case("page_bounds-out-too-few-pages", V, lit("page_bounds: out has kmin/kmax of shape (1, 1, 2, 4); for this kv "
+                                                 "and page_size 4 expected (B, P, Hkv, D) = (1, >= 2, 2, 4)"),
+         lambda: sc.page_bounds(dkv(), out=pb((1, 1, 2, 4)))),
+    case("page_bounds-out-float16-kv-float32", T, lit("page_bounds: out has dtype float16 but kv has float32; they "
+                                                      "must match"), lambda: sc.page_bounds(dkv(), out=pb(dtype=F16))),
+    case("page_bounds-out-read-only", V, lit("page_bounds: out.kmin is a read-only NumPy array; the bounds are "
+                                             "updated in place"), lambda: sc.page_bounds(dkv(), out=read_only_pb())),
+    case("page_bounds-start-without-out", V, lit("page_bounds: start is given without out; start says which pages "
+                                                 "of out to recompute"),
+         lambda: sc.page_bounds(dkv(), start=np.zeros(1, I32))),
+    case("page_bounds-start-int64", T, lit("page_bounds: start has dtype int64; allowed: int32"),
+         lambda: sc.page_bounds(dkv(), out=pb(), start=np.zeros(1, I64))),
+    case("page_bounds-start-shape", V, lit("page_bounds: start has shape (2,); expected (1,), one per sequence"),
+         lambda: sc.page_bounds(dkv(), out=pb(), start=np.zeros(2, I32))),
+    case("page_bounds-data-start-past-length", V, lit("page_bounds: start[0] = 6; allowed 0 <= start[b] <= "
+                                                      "lengths[0] = 5"),
+         lambda: sc.page_bounds(dkv((5,)), out=pb(), start=np.array([6], I32))),
+    case("page_bounds-data-start-negative", V, lit("page_bounds: start[0] = -1; allowed 0 <= start[b] <= "
+                                                   "lengths[0] = 8"),
+         lambda: sc.page_bounds(dkv(), out=pb(), start=np.array([-1], I32))),
     # --- sparse_decode ---------------------------------------------------------------------------
     case("sparse_decode-index-not-topk", T, lit("sparse_decode: index must be a TopKIndex, got ndarray"),
          lambda: sc.sparse_decode(q(), dkv(), np.zeros((1, 2, 3), I32))),
@@ -540,6 +603,7 @@ def test_fixtures_are_valid() -> None:
     ell(overflow=over(3)).validate()  # an overflow entry of the full tile 0
     dkv().validate()
     pkv().validate()
+    sc.page_bounds(dkv(), out=pb(), start=np.array([3], I32))  # the bounds fixture fits dkv()
     topk().validate(lengths=dkv().lengths)
     topk(((0, 1, -1), (1, -1, -1)), (2, 1), "page", 4).validate(lengths=np.array([6], I32))
     assert sc.pack(X, tile=8, capacity=1).overflow is not None

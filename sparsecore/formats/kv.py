@@ -150,9 +150,10 @@ class PageBounds:
         if tuple(self.kmax.shape) != tuple(self.kmin.shape):
             fail(w, f"kmax has shape {tuple(self.kmax.shape)}; expected {tuple(self.kmin.shape)} like kmin")
         check_same_dtype(w, {"kmin": self.kmin, "kmax": self.kmax})
-        if isinstance(self.page_size, (bool, np.bool_)) or not isinstance(self.page_size, (int, np.integer)) \
-                or self.page_size < 1:
-            fail(w, f"page_size = {self.page_size!r}; must be an int >= 1")
+        if isinstance(self.page_size, (bool, np.bool_)) or not isinstance(self.page_size, (int, np.integer)):
+            fail(w, f"page_size = {self.page_size!r}; must be an int >= 1", TypeError)
+        if self.page_size < 1:
+            fail(w, f"page_size = {self.page_size}; must be an int >= 1")
         object.__setattr__(self, "page_size", int(self.page_size))
 
     batch = property(lambda self: int(self.kmin.shape[0]))

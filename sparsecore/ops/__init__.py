@@ -91,7 +91,8 @@ def page_bounds(kv: KV, page_size: int | None = None, *, out: PageBounds | None 
     step appended tokens) limits the work to pages ``start[b] // ps`` to ``ceil(lengths[b] / ps) - 1``;
     pages past the length are left as they are. ``page_size`` defaults to the paged cache's, or 16.
     """
-    return dispatch(I.PageBoundsInputs(kv, page_size, out, start), backend)
+    result = dispatch(I.PageBoundsInputs(kv, page_size, out, start), backend)
+    return result if out is None else out
 
 
 def select_topk(q: Any, kv: KV, k: int, *, method: str = "exact", sink: int = 0, window: int = 0,

@@ -262,6 +262,9 @@ class PageBoundsInputs(OpInputs):
                 fail(self.OP, f"page_size = {self.page_size} but out.page_size = {self.out.page_size}; give one "
                               "or make them equal")
             _check_bounds(self.OP, "out", self.out, self.kv)
+            for name, a in self.out.arrays().items():
+                if isinstance(a, np.ndarray) and not a.flags.writeable:
+                    fail(self.OP, f"out.{name} is a read-only NumPy array; the bounds are updated in place")
         if self.start is not None:
             if self.out is None:
                 fail(self.OP, "start is given without out; start says which pages of out to recompute")

@@ -8,12 +8,14 @@ from . import functional, ops
 from .functional import l1_penalty, relu_gated_ffn
 from .ops import (
     TorchCSR,
+    TorchPageBounds,
     TorchTiledELL,
     TorchTopKIndex,
     dense_decode,
     gated_ffn,
     merge_attention,
     pack,
+    page_bounds,
     relu_gate,
     sddmm,
     select_topk,
@@ -25,8 +27,8 @@ from .ops import (
 
 __all__ = [
     "functional", "ops", "relu_gated_ffn", "l1_penalty",
-    "TorchTiledELL", "TorchCSR", "TorchTopKIndex",
-    "pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn", "relu_gate",
+    "TorchTiledELL", "TorchCSR", "TorchTopKIndex", "TorchPageBounds",
+    "pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn", "relu_gate", "page_bounds",
     "select_topk", "sparse_decode", "dense_decode", "merge_attention",
 ]
 

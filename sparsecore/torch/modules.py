@@ -187,6 +187,12 @@ class TopKDecodeAttention(nn.Module):
     reading the cache in place (see :meth:`attend` for the layout; nothing is copied). ``k``
     counts tokens (``"exact"``) or pages of ``page_size`` tokens (``"quest"``) chosen by score on top
     of the ``sink`` first and ``window`` last tokens; it is clamped to the cache's length.
+
+    Quest keeps the pages' key bounds between decode steps (:func:`sparsecore.page_bounds`): the
+    first decode step after a prefill computes them, each further step of the same cache object
+    recomputes only the page of the new token (``start`` = the previous length), and selection reads
+    the bounds instead of the keys. A dense forward (prefill), another cache object, another batch
+    shape or a length that is not the previous one plus 1 starts them afresh.
     """
 
     def __init__(self, attn: nn.Module, *, k: int, method: str = "exact", sink: int = 0, window: int = 0,
@@ -216,6 +222,7 @@ class TopKDecodeAttention(nn.Module):
         self.dense_fallbacks = 0
         self.keys_read = 0
         self.keys_total = 0
+        self._bounds: Any = None  # Quest: (cache id, view key, length covered, PageBounds) or None
 
     @property
     def read_fraction(self) -> float:
@@ -235,9 +242,11 @@ class TopKDecodeAttention(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if (not self.sparse_enabled or self.training or past_key_values is None or position_embeddings is None
                 or hidden_states.shape[1] != 1 or past_key_values.get_seq_length(self.layer_idx) == 0):
+            self._bounds = None  # a prefill (or any dense step) changes the cache in ways bounds do not follow
             return self._dense_forward(self, hidden_states, position_embeddings, attention_mask, past_key_values,
                                        **kwargs)
         if self._masks_a_key(attention_mask):
+            self._bounds = None
             self.dense_fallbacks += 1
             return self._dense_forward(self, hidden_states, position_embeddings, attention_mask, past_key_values,
                                        **kwargs)
@@ -253,17 +262,42 @@ class TopKDecodeAttention(nn.Module):
         q, k = self._rope(q, k, cos, sin)
         length = past_key_values.get_seq_length(self.layer_idx) + 1
         keys, values = past_key_values.update(k, v, self.layer_idx)
-        out = self.attend(q[:, :, 0].contiguous(), keys, values, length)
+        out = self.attend(q[:, :, 0].contiguous(), keys, values, length, cache_id=id(past_key_values))
         return self.o_proj(out.reshape(bsz, 1, -1)), None
 
-    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int) -> torch.Tensor:
+    def _quest_bounds(self, kv: sc.DenseKV, unit: int, length: int, cache_id: int | None) -> sc.PageBounds:
+        """The pages' key bounds of ``kv`` (every sequence ``length`` long): updated from the previous
+        step's when this is the next step of the same cache, else computed afresh."""
+        view = (tuple(kv.k.shape[:1]) + tuple(kv.k.shape[2:]), unit, kv.k.dtype, kv.k.device)
+        need = -(-kv.max_len // unit)
+        prev = self._bounds
+        if cache_id is not None and prev is not None and prev[0] == cache_id and prev[1] == view \
+                and prev[2] + 1 == length:
+            bounds = prev[3]
+            if bounds.num_pages < need:  # a growing (dynamic) cache: more pages, amortised doubling
+                grown = sc.PageBounds(bounds.kmin.new_zeros((kv.batch, 2 * need) + bounds.kmin.shape[2:]),
+                                      bounds.kmax.new_zeros((kv.batch, 2 * need) + bounds.kmax.shape[2:]), unit)
+                grown.kmin[:, :bounds.num_pages] = bounds.kmin
+                grown.kmax[:, :bounds.num_pages] = bounds.kmax
+                bounds = grown
+            start = torch.full((kv.batch,), length - 1, dtype=torch.int32, device=kv.k.device)
+            bounds = sc.page_bounds(kv, out=bounds, start=start)
+        else:
+            bounds = sc.page_bounds(kv, unit)
+        self._bounds = None if cache_id is None else (cache_id, view, length, bounds)
+        return bounds
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int,
+               cache_id: int | None = None) -> torch.Tensor:
         """Top-k decode attention of ``q[B, Hq, D]`` over the first ``length`` positions of a
         ``[B, Hkv, S, D]`` cache; ``[B, Hq, D]``.
 
         A contiguous cache is read as ``B * Hkv`` sequences of one KV head each (a reshape, no copy;
         the query heads of a group become that sequence's heads), which has the same meaning for a
         selection shared per KV group or per head and keeps the kernels on contiguous rows; any other
-        cache is read through the transposed view ``[B, S, Hkv, D]``."""
+        cache is read through the transposed view ``[B, S, Hkv, D]``. ``cache_id`` (what
+        :meth:`forward` passes: the cache object's id) lets Quest keep its page bounds from one call
+        to the next; without it they are computed afresh."""
         b, hkv, _, d = keys.shape
         hq = q.shape[1]
         if keys.is_contiguous() and values.is_contiguous():
@@ -273,11 +307,11 @@ class TopKDecodeAttention(nn.Module):
         else:
             kv = sc.DenseKV(keys.transpose(1, 2), values.transpose(1, 2),
                             torch.full((b,), length, dtype=torch.int32, device=keys.device))
-        opts = dict(method=self.method, sink=self.sink, window=self.window, shared=self.shared)
+        opts: dict[str, Any] = dict(method=self.method, sink=self.sink, window=self.window, shared=self.shared)
         unit = 1
         if self.method == "quest":
             unit = self.page_size or 16
-            opts["page_size"] = unit
+            opts["bounds"] = self._quest_bounds(kv, unit, length, cache_id)
         sel = sc.select_topk(q, kv, min(self.k, -(-kv.max_len // unit)), **opts)
         out, _ = sc.sparse_decode(q, kv, sel, scale=self.scaling)
         rows = sel.counts.numel()  # (sequence, group) pairs, whichever layout

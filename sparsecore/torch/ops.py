@@ -9,6 +9,8 @@ scalars and strings only):
   ``values, cols, counts`` are empty placeholders (see :meth:`TorchCSR.op_args`).
 - a TopKIndex is ``indices, counts`` plus ``index_page_size`` (``None``: token granularity).
 - a KV cache is ``k, v, lengths, page_table?`` (``page_table`` given: a PagedKV, ``k, v`` are pages).
+- a PageBounds is ``kmin, kmax`` (its ``page_size`` travels as the op's ``page_size``);
+  ``page_bounds_update`` writes them in place (declared in ``mutates_args``).
 
 The bodies rebuild the :mod:`sparsecore` formats around the tensors (zero-copy) and call the public
 ops, so the dispatcher picks numba_cpu / reference for CPU tensors and the GPU backends for CUDA
@@ -34,13 +36,13 @@ import torch
 
 from .. import ops as _ops
 from ..formats.csr import CSR
-from ..formats.kv import DenseKV, PagedKV
+from ..formats.kv import DenseKV, PageBounds, PagedKV
 from ..formats.tiled_ell import TiledELL
 from ..formats.topk import TopKIndex, topk_capacity
 from ..ops import inputs as _I
 
-__all__ = ["TorchTiledELL", "TorchCSR", "TorchTopKIndex", "as_torch_sparse", "as_torch_index",
-           "pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn", "relu_gate",
+__all__ = ["TorchTiledELL", "TorchCSR", "TorchTopKIndex", "TorchPageBounds", "as_torch_sparse", "as_torch_index",
+           "pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn", "relu_gate", "page_bounds",
            "select_topk", "sparse_decode", "dense_decode", "merge_attention", "OP_NAMES"]
 
 NS = "sparsecore"
@@ -48,7 +50,8 @@ Tensor = torch.Tensor
 
 #: the qualified names of the custom ops, ``torch.ops.sparsecore.<name>``.
 OP_NAMES: tuple[str, ...] = ("pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn", "relu_gate",
-                             "select_topk", "sparse_decode", "dense_decode", "merge_attention")
+                             "page_bounds", "page_bounds_update", "select_topk", "sparse_decode", "dense_decode",
+                             "merge_attention")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,6 +197,21 @@ class TorchTopKIndex(NamedTuple):
     @classmethod
     def from_format(cls, index: TopKIndex) -> TorchTopKIndex:
         return cls(_as_tensor(index.indices), _as_tensor(index.counts), index.granularity, index.page_size)
+
+
+class TorchPageBounds(NamedTuple):
+    """A :class:`sparsecore.PageBounds` as tensors: ``kmin[B, P, Hkv, D]``, ``kmax`` (the keys' dtype)."""
+
+    kmin: Tensor
+    kmax: Tensor
+    page_size: int
+
+    def to_format(self) -> PageBounds:
+        return PageBounds(self.kmin, self.kmax, self.page_size)
+
+    @classmethod
+    def from_format(cls, b: PageBounds) -> TorchPageBounds:
+        return cls(_as_tensor(b.kmin), _as_tensor(b.kmax), b.page_size)
 
 
 SparseLike = TorchTiledELL | TorchCSR | TiledELL | CSR
@@ -447,22 +465,63 @@ def _(x, values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorte
     return x.new_empty((m, w_down.shape[1]))
 
 
+def _bounds(kmin: Tensor | None, kmax: Tensor | None, page_size: int | None) -> PageBounds | None:
+    return None if kmin is None else PageBounds(kmin, kmax, page_size)
+
+
+@torch.library.custom_op(f"{NS}::page_bounds", mutates_args=())
+def _page_bounds(k_cache: Tensor, v_cache: Tensor, lengths: Tensor, page_table: Tensor | None, page_size: int,
+                 backend: str | None) -> tuple[Tensor, Tensor]:
+    r = _ops.page_bounds(_kv(k_cache, v_cache, lengths, page_table), page_size, backend=backend)
+    return _fresh(_as_tensor(r.kmin), k_cache), _fresh(_as_tensor(r.kmax), k_cache)
+
+
+@_page_bounds.register_fake
+def _(k_cache, v_cache, lengths, page_table, page_size, backend):
+    inp = _I.PageBoundsInputs(_kv(k_cache, v_cache, lengths, page_table), page_size)
+    if _concrete(page_size):
+        inp.validate()
+    max_len = k_cache.shape[1] if page_table is None else page_table.shape[1] * k_cache.shape[1]
+    shape = (k_cache.shape[0] if page_table is None else page_table.shape[0], -(-max_len // page_size),
+             k_cache.shape[2], k_cache.shape[3])
+    return k_cache.new_empty(shape), k_cache.new_empty(shape)
+
+
+@torch.library.custom_op(f"{NS}::page_bounds_update", mutates_args=("kmin", "kmax"))
+def _page_bounds_update(k_cache: Tensor, v_cache: Tensor, lengths: Tensor, page_table: Tensor | None,
+                        kmin: Tensor, kmax: Tensor, page_size: int, start: Tensor | None,
+                        backend: str | None) -> None:
+    _ops.page_bounds(_kv(k_cache, v_cache, lengths, page_table), out=PageBounds(kmin, kmax, page_size),
+                     start=start, backend=backend)
+
+
+@_page_bounds_update.register_fake
+def _(k_cache, v_cache, lengths, page_table, kmin, kmax, page_size, start, backend):
+    if _concrete(page_size):
+        _I.PageBoundsInputs(_kv(k_cache, v_cache, lengths, page_table), None, PageBounds(kmin, kmax, page_size),
+                            start).validate()
+
+
 @torch.library.custom_op(f"{NS}::select_topk", mutates_args=())
 def _select_topk(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, page_table: Tensor | None, k: int,
                  method: str, sink: int, window: int, shared: bool, page_size: int | None,
-                 backend: str | None) -> tuple[Tensor, Tensor]:
+                 bounds_min: Tensor | None, bounds_max: Tensor | None, backend: str | None) -> tuple[Tensor, Tensor]:
     kv = _kv(k_cache, v_cache, lengths, page_table)
     r = _ops.select_topk(q, kv, k, method=method, sink=sink, window=window, shared=shared, page_size=page_size,
-                         backend=backend)
+                         bounds=_bounds(bounds_min, bounds_max, page_size), backend=backend)
     return _fresh(_as_tensor(r.indices), q, lengths), _fresh(_as_tensor(r.counts), q, lengths)
 
 
 @_select_topk.register_fake
-def _(q, k_cache, v_cache, lengths, page_table, k, method, sink, window, shared, page_size, backend):
+def _(q, k_cache, v_cache, lengths, page_table, k, method, sink, window, shared, page_size, bounds_min, bounds_max,
+      backend):
     inp = _I.SelectTopkInputs(q, _kv(k_cache, v_cache, lengths, page_table), k, method, sink, window, shared,
                               page_size)
     if _concrete(k, sink, window, page_size):
         inp.validate()
+        if bounds_min is not None:
+            _I.SelectTopkInputs(q, inp.kv, k, method, sink, window, shared, page_size,
+                                _bounds(bounds_min, bounds_max, page_size)).validate()
     g = k_cache.shape[2] if shared else q.shape[1]
     max_len = k_cache.shape[1] if page_table is None else page_table.shape[1] * k_cache.shape[1]
     kmax = topk_capacity(k, sink, window, max_len, inp.unit_page_size)
@@ -580,12 +639,48 @@ def _kv_args(kv: Any, where: str) -> tuple[Tensor, Tensor, Tensor, Tensor | None
     raise TypeError(f"{where}: kv must be a DenseKV or a PagedKV, got {type(kv).__name__}")
 
 
+def _as_torch_bounds(b: Any, where: str, name: str) -> TorchPageBounds:
+    if isinstance(b, TorchPageBounds):
+        return b
+    if isinstance(b, PageBounds):
+        return TorchPageBounds.from_format(b)
+    raise TypeError(f"{where}: {name} must be a TorchPageBounds or a sparsecore.PageBounds, got {type(b).__name__}")
+
+
+def page_bounds(kv: DenseKV | PagedKV, page_size: int | None = None, *, out: TorchPageBounds | PageBounds | None = None,
+                start: Tensor | None = None, backend: str | None = None) -> TorchPageBounds:
+    """:func:`sparsecore.page_bounds` as custom ops: new bounds (``sparsecore::page_bounds``) or, with
+    ``out``, ``out``'s tensors updated in place (``sparsecore::page_bounds_update``) and ``out`` returned."""
+    kc, vc, ln, pt = _kv_args(kv, "page_bounds")
+    if out is None:
+        if start is not None:
+            raise ValueError("page_bounds: start is given without out; start says which pages of out to recompute")
+        ps = page_size if page_size is not None else (int(kc.shape[1]) if pt is not None else 16)
+        kmin, kmax = torch.ops.sparsecore.page_bounds(kc, vc, ln, pt, ps, backend)
+        return TorchPageBounds(kmin, kmax, ps)
+    ob = _as_torch_bounds(out, "page_bounds", "out")
+    if page_size is not None and page_size != ob.page_size:
+        raise ValueError(f"page_bounds: page_size = {page_size} but out.page_size = {ob.page_size}; give one or "
+                         "make them equal")
+    torch.ops.sparsecore.page_bounds_update(kc, vc, ln, pt, ob.kmin, ob.kmax, ob.page_size, start, backend)
+    return ob
+
+
 def select_topk(q: Tensor, kv: DenseKV | PagedKV, k: int, *, method: str = "exact", sink: int = 0, window: int = 0,
-                shared: bool = True, page_size: int | None = None, backend: str | None = None) -> TorchTopKIndex:
-    """:func:`sparsecore.select_topk` as a custom op (``kv`` a DenseKV / PagedKV holding tensors)."""
+                shared: bool = True, page_size: int | None = None, bounds: TorchPageBounds | PageBounds | None = None,
+                backend: str | None = None) -> TorchTopKIndex:
+    """:func:`sparsecore.select_topk` as a custom op (``kv`` a DenseKV / PagedKV holding tensors;
+    ``bounds`` from :func:`page_bounds`)."""
     kc, vc, ln, pt = _kv_args(kv, "select_topk")
+    bmin = bmax = None
+    if bounds is not None:
+        tb = _as_torch_bounds(bounds, "select_topk", "bounds")
+        if page_size is not None and page_size != tb.page_size:
+            raise ValueError(f"select_topk: page_size = {page_size} but bounds.page_size = {tb.page_size}; they "
+                             "must be equal (or leave page_size out)")
+        bmin, bmax, page_size = tb.kmin, tb.kmax, tb.page_size
     indices, counts = torch.ops.sparsecore.select_topk(q, kc, vc, ln, pt, k, method, sink, window, shared,
-                                                       page_size, backend)
+                                                       page_size, bmin, bmax, backend)
     if method != "quest":
         return TorchTopKIndex(indices, counts)
     ps = page_size if page_size is not None else (int(kc.shape[1]) if pt is not None else 16)

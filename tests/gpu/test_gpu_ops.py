@@ -177,6 +177,70 @@ def test_select_topk_and_sparse_decode(launcher, dtype, shared, paged, lib):
     assert np.isneginf(host(lse)[2]).all() and not host(out).astype(np.float64)[2].any()  # length 0
 
 
+def _bits(x: Any) -> np.ndarray:
+    a = host(x)
+    return a.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
+
+
+@requires_gpu
+@pytest.mark.parametrize("lib", LIBS)
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_page_bounds(launcher, dtype, paged, lib):
+    """Fresh bounds bit-identical to the reference (pages past a length 0); an in-place update with
+    ``out`` and ``start`` after the lengths grew equals a fresh computation and leaves the pages before
+    ``start // ps`` alone; logical pages of 16 (the paged cache's), 5 and 48 tokens."""
+    import dataclasses
+
+    rng, _, kv = _decode_inputs(dtype, paged)
+    kvd = to_lib(kv, lib)
+    short = dataclasses.replace(kv, lengths=np.array([650, 0, 0, 320], np.int32))
+    shortd = to_lib(short, lib)
+    for ps in (16, 5, 48):
+        got = sc.page_bounds(kvd, ps)
+        check_kind(got.kmin, lib)
+        want = ref.page_bounds(kv, ps)
+        assert got.page_size == ps and tuple(got.kmin.shape) == want.kmin.shape
+        np.testing.assert_array_equal(_bits(got.kmin), _bits(want.kmin), err_msg=f"kmin ps={ps}")
+        np.testing.assert_array_equal(_bits(got.kmax), _bits(want.kmax), err_msg=f"kmax ps={ps}")
+        out = sc.page_bounds(shortd, ps)
+        start = short.lengths.copy()
+        first = start // ps
+        poisoned = host(out.kmin).copy()
+        for b in range(kv.batch):
+            poisoned[b, :first[b]] = 7
+        out = type(out)(to_lib(poisoned, lib), out.kmax, ps)
+        res = sc.page_bounds(kvd, out=out, start=to_lib(start, lib))
+        assert res is out
+        kmin = host(out.kmin).astype(np.float64)
+        for b in range(kv.batch):
+            assert (kmin[b, :first[b]] == 7).all()
+            np.testing.assert_array_equal(_bits(out.kmin)[b, first[b]:], _bits(want.kmin)[b, first[b]:])
+        np.testing.assert_array_equal(_bits(out.kmax), _bits(want.kmax), err_msg=f"updated kmax ps={ps}")
+
+
+@requires_gpu
+@pytest.mark.parametrize("lib", LIBS)
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_head"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_select_topk_with_bounds(launcher, dtype, shared, paged, lib):
+    """Quest from stored bounds selects exactly what Quest from the keys does on the same backend, and
+    agrees with the reference."""
+    rng, q, kv = _decode_inputs(dtype, paged)
+    qd, kvd = to_lib(q, lib), to_lib(kv, lib)
+    for ps in (16, 7):
+        bounds = sc.page_bounds(kvd, ps)
+        base = sc.select_topk(qd, kvd, 5, method="quest", sink=4, window=16, shared=shared, page_size=ps)
+        got = sc.select_topk(qd, kvd, 5, method="quest", sink=4, window=16, shared=shared, bounds=bounds)
+        check_kind(got.indices, lib)
+        exact(got.counts, host(base.counts), "counts")
+        exact(got.indices, host(base.indices), "indices")
+        want = ref.select_topk(q, kv, 5, method="quest", sink=4, window=16, shared=shared,
+                               bounds=bounds.map_arrays(host))
+        check_topk_against_reference(got, want, q, kv, shared=shared, sink=4, window=16, rel_tol=1e-3)
+
+
 @requires_gpu
 @pytest.mark.parametrize("lib", LIBS)
 @pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
@@ -256,13 +320,21 @@ def test_torch_inputs_stay_on_their_stream_and_graph_capture_works(launcher):
     qd, kvd = to_lib(q, "torch"), to_lib(kv, "torch")
     index = sc.select_topk(qd, kvd, 40, shared=True)
     first = (sc.spmm(ad, w), *sc.sparse_decode(qd, kvd, index))  # compile and load outside the capture
+    bounds = sc.page_bounds(kvd)  # fresh: allocated and zero-filled without a host read
+    quest = sc.select_topk(qd, kvd, 5, method="quest", bounds=bounds)
+    upd = type(bounds)(torch.zeros_like(bounds.kmin), torch.zeros_like(bounds.kmax), bounds.page_size)
+    start = torch.zeros_like(kvd.lengths)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = (sc.spmm(ad, w), *sc.sparse_decode(qd, kvd, index))
+        fresh = sc.page_bounds(kvd)
+        sc.page_bounds(kvd, out=upd, start=start)
+        q2 = sc.select_topk(qd, kvd, 5, method="quest", bounds=bounds)
     graph.replay()
     torch.cuda.synchronize()
-    for c, f in zip(captured, first):
+    for c, f in zip((*captured, fresh.kmin, fresh.kmax, upd.kmin, upd.kmax, q2.indices, q2.counts),
+                    (*first, bounds.kmin, bounds.kmax, bounds.kmin, bounds.kmax, quest.indices, quest.counts)):
         assert torch.equal(c, f)
 
 
@@ -283,6 +355,9 @@ _SANITIZE = textwrap.dedent("""
         for method in ("exact", "quest"):
             idx = sc.select_topk(q, kv, 20, method=method, sink=2, window=8, shared=shared)
             sc.sparse_decode(q, kv, idx)
+    bounds = sc.page_bounds(kv, 16)
+    sc.page_bounds(kv, out=bounds, start=torch.tensor([290, 3], dtype=torch.int32, device="cuda"))
+    sc.select_topk(q, kv, 5, method="quest", sink=2, window=8, bounds=bounds)
     o, l = sc.dense_decode(q, kv)
     sc.merge_attention(o, l, o, l)
     torch.cuda.synchronize()

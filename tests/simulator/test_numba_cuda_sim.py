@@ -254,6 +254,72 @@ def test_select_topk_quest(dtype, b, hkv, group, d, s, k, sink, window, shared, 
     _check_topk(got, q, kv, k, "quest", sink, window, shared, page_size)
 
 
+# ---- page_bounds and select_topk(bounds=) ---------------------------------------------------------
+
+def _same_bounds(got: sc.PageBounds, want: sc.PageBounds, what: str) -> None:
+    """Bit-identical kmin/kmax (min and max of stored values are exact in the stored dtype)."""
+    assert got.page_size == want.page_size, f"{what}: page_size {got.page_size} != {want.page_size}"
+    for name in ("kmin", "kmax"):
+        a, e = host(getattr(got, name)), getattr(want, name)
+        assert a.dtype == e.dtype, f"{what}: {name} dtype {a.dtype} != {e.dtype}"
+        _same_bits(a.astype(np.float64), e.astype(np.float64), f"{what}: {name}")
+        assert np.array_equal(a.view(np.uint8), e.view(np.uint8)), f"{what}: {name} bits differ"
+
+
+@dtypes
+@pytest.mark.parametrize("paged", [False, True])
+def test_page_bounds_fresh_and_updated_in_place_match_the_reference(dtype, paged):
+    # logical pages of 4 tokens over a paged cache of 3-token pages; one empty sequence; a length on a
+    # page boundary; tokens past every length are NaN (a page that reads one row too many is NaN)
+    rng = np.random.default_rng(7)
+    long_len, short_len = [11, 0, 8], [6, 0, 8]
+    kv = kv_cache(rng, dtype, 3, 11, 2, 5, long_len, paged, page_size=3)
+    short = dataclasses.replace(kv, lengths=np.asarray(short_len, np.int32))
+    ps = 4
+    assert select(I.PageBoundsInputs(dev(kv), ps)).NAME == "numba_cuda"
+    fresh = sc.page_bounds(dev(kv), ps)
+    want = ref.page_bounds(kv, ps)
+    _same_bounds(fresh, want, "fresh")
+    assert type(fresh.kmin).__module__.startswith("numba") and fresh.kmin.shape == (3, 3, 2, 5)
+    assert not f64(fresh.kmin)[1].any() and not f64(fresh.kmax)[1].any()  # length 0: all pages 0
+    # decode steps appended tokens 6..10 of sequence 0: recompute from its page 1 (partial before)
+    out = sc.page_bounds(dev(short), ps)
+    _same_bounds(out, ref.page_bounds(short, ps), "short")
+    start = np.asarray(short_len, np.int32)
+    assert sc.page_bounds(dev(kv), out=out, start=dev(start)) is out
+    _same_bounds(out, want, "updated")
+    # only pages start[b] // ps .. ceil(lengths[b] / ps) - 1 are written: the rest keep a sentinel
+    marked = sc.PageBounds(np.full_like(want.kmin, 7), np.full_like(want.kmax, -7), ps)
+    sc.page_bounds(dev(kv), out=(dm := dev(marked)), start=dev(np.asarray([5, 0, 3], np.int32)))
+    lo, hi = f64(dm.kmin), f64(dm.kmax)
+    for b, pages in enumerate([range(1, 3), range(0), range(0, 2)]):
+        for j in range(3):
+            if j in pages:
+                np.testing.assert_array_equal(lo[b, j], want.kmin[b, j].astype(np.float64))
+                np.testing.assert_array_equal(hi[b, j], want.kmax[b, j].astype(np.float64))
+            else:
+                assert (lo[b, j] == 7).all() and (hi[b, j] == -7).all(), f"page ({b}, {j}) was written"
+
+
+@dtypes
+@pytest.mark.parametrize("paged,shared", [(False, False), (True, True)])
+def test_select_topk_quest_with_bounds_equals_without(dtype, paged, shared):
+    q, kv = _topk_case(dtype, 2, 2, 2, 4, 13, paged, 11, lengths=[13, 7])
+    ps = 3 if paged else 4  # paged: the cache's own page size (the default of both ops)
+    bounds = sc.page_bounds(dev(kv), None if paged else ps)
+    k, sink, window = 2, 1, 2
+    got = sc.select_topk(dev(q), dev(kv), k, method="quest", sink=sink, window=window, shared=shared,
+                         bounds=bounds)
+    plain = sc.select_topk(dev(q), dev(kv), k, method="quest", sink=sink, window=window, shared=shared,
+                           page_size=ps)
+    assert (got.granularity, got.page_size) == ("page", ps)
+    np.testing.assert_array_equal(host(got.counts), host(plain.counts))
+    np.testing.assert_array_equal(host(got.indices), host(plain.indices))  # same scores, same selection
+    want = ref.select_topk(q, kv, k, method="quest", sink=sink, window=window, shared=shared,
+                           bounds=bounds.map_arrays(host))
+    check_topk_against_reference(got, want, q, kv, shared=shared, sink=sink, window=window, rel_tol=1e-4)
+
+
 # ---- decode -------------------------------------------------------------------------------------
 
 def _check_attention(got, want, dtype, kv, what):

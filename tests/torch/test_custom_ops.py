@@ -141,7 +141,15 @@ def test_opcheck_decode_ops(paged):
     cases = [("exact", True, None), ("exact", False, None), ("quest", True, 2), ("quest", False, None)]
     for method, shared, ps in cases:
         k = 1 if method == "quest" and ps is None else 3
-        _opcheck(OPS.select_topk.default, (q, *_kv_args(kv), k, method, 1, 2, shared, ps, None))
+        _opcheck(OPS.select_topk.default, (q, *_kv_args(kv), k, method, 1, 2, shared, ps, None, None, None))
+    kmin, kmax = OPS.page_bounds(*_kv_args(kv), 2, None)
+    _opcheck(OPS.page_bounds.default, (*_kv_args(kv), 2, None))
+    _opcheck(OPS.page_bounds.default, (*_kv_args(kv), 3, None))
+    _opcheck(OPS.page_bounds_update.default, (*_kv_args(kv), kmin.clone(), kmax.clone(), 2, None, None))
+    _opcheck(OPS.page_bounds_update.default, (*_kv_args(kv), kmin.clone(), kmax.clone(), 2,
+                                              kv.lengths // 2, None))
+    for shared in (True, False):
+        _opcheck(OPS.select_topk.default, (q, *_kv_args(kv), 2, "quest", 1, 2, shared, 2, kmin, kmax, None))
     idx = sct.select_topk(q, kv, 3, sink=1, window=2)
     _opcheck(OPS.sparse_decode.default, (q, *_kv_args(kv), idx.indices, idx.counts, None, None, None))
     pidx = sct.select_topk(q, kv, 2, method="quest", page_size=2)
@@ -218,6 +226,34 @@ def test_decode_ops_match_public_ops(paged):
     torch.testing.assert_close(lse, l_d + np.log(2.0), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("paged", [False, True])
+def test_page_bounds_match_public_ops(paged):
+    """New bounds, an in-place update from shorter lengths, and Quest selection reading them."""
+    kv = _kv(paged)
+    q = torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(11))
+    want = sc.page_bounds(kv, 2)
+    got = sct.page_bounds(kv, 2)
+    assert isinstance(got, sct.TorchPageBounds) and got.page_size == 2
+    torch.testing.assert_close(got.kmin, want.kmin, rtol=0, atol=0)
+    torch.testing.assert_close(got.kmax, want.kmax, rtol=0, atol=0)
+    short = kv.lengths // 2
+    earlier = sc.DenseKV(kv.k, kv.v, short) if not paged else sc.PagedKV(kv.k_pages, kv.v_pages, kv.page_table, short)
+    upd = sct.page_bounds(earlier, 2)
+    assert sct.page_bounds(kv, out=upd, start=short) is upd
+    for b, n in enumerate(kv.lengths.tolist()):
+        pages = -(-n // 2)
+        torch.testing.assert_close(upd.kmin[b, :pages], want.kmin[b, :pages], rtol=0, atol=0)
+        torch.testing.assert_close(upd.kmax[b, :pages], want.kmax[b, :pages], rtol=0, atol=0)
+    sel = sct.select_topk(q, kv, 2, method="quest", sink=1, bounds=upd)
+    ref = sc.select_topk(q, kv, 2, method="quest", sink=1, page_size=2)
+    assert (sel.granularity, sel.page_size) == ("page", 2)
+    torch.testing.assert_close(sel.indices, torch.as_tensor(ref.indices))
+    with pytest.raises(ValueError, match="select_topk: page_size = 4 but bounds.page_size = 2"):
+        sct.select_topk(q, kv, 2, method="quest", page_size=4, bounds=upd)
+    with pytest.raises(ValueError, match="page_bounds: start is given without out"):
+        sct.page_bounds(kv, 2, start=short)
+
+
 def test_format_holders_roundtrip():
     for a in _sparse_operands().values():
         fmt = a.to_format()
@@ -274,9 +310,13 @@ def test_compile_fullgraph_decode():
     def f(q, k_pages, v_pages, table, lengths):
         kv = sc.PagedKV(k_pages, v_pages, table, lengths)
         idx = sct.select_topk(q, kv, 2, sink=1, window=2)
+        bounds = sct.page_bounds(kv, 2)
+        bounds = sct.page_bounds(kv, out=bounds, start=lengths - 1)  # in place, as at a decode step
+        pidx = sct.select_topk(q, kv, 1, method="quest", bounds=bounds)
+        o0, l0 = sct.sparse_decode(q, kv, pidx)
         o1, l1 = sct.sparse_decode(q, kv, idx)
         o2, l2 = sct.dense_decode(q, kv)
-        return sct.merge_attention(o1, l1, o2, l2)
+        return (*sct.merge_attention(o1, l1, o2, l2), o0, l0)
 
     args = (q, kv.k_pages, kv.v_pages, kv.page_table, kv.lengths)
     got = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -235,6 +237,40 @@ def test_decode_with_few_keys_matches_topk_reference(method: str, k: int, sink: 
     dense = _run(attn, rope, xs, 16)[-1]
     assert not torch.allclose(got, dense, atol=1e-3)  # few keys: really sparse
     assert wrapped.read_fraction < 1
+
+
+def test_quest_keeps_page_bounds_across_decode_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each decode step after the first updates the previous step's bounds from the new token only
+    (``out`` + ``start``), and every step's output equals the one from bounds computed afresh; a new
+    prefill on the same cache starts the bounds again."""
+    attn, rope = _attention(4)
+    kept = TopKDecodeAttention(attn, k=1, method="quest", sink=1, window=2, page_size=3)
+    calls: list[bool] = []
+    real = sc.page_bounds
+
+    def spy(*args: Any, **kwargs: Any) -> sc.PageBounds:
+        calls.append(kwargs.get("out") is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sc, "page_bounds", spy)
+    xs = torch.randn(2, 16, 64) * 2
+    got = _run(kept, rope, xs, 5)
+    assert calls == [False] + [True] * 10  # 11 decode steps: one build, then updates (past 2 page growths)
+    fresh = TopKDecodeAttention(attn, k=1, method="quest", sink=1, window=2, page_size=3)
+    fresh._quest_bounds = lambda kv, unit, length, cache_id: real(kv, unit)  # type: ignore[method-assign]
+    want = _run(fresh, rope, xs, 5)
+    for step, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"step {step}")
+    cache = DynamicCache()
+    pos = torch.arange(16)[None]
+    calls.clear()
+    with torch.no_grad():
+        for lo, hi in [(0, 4), (4, 5), (5, 6), (0, 3), (3, 4)]:  # a second prefill on the same cache object
+            if lo == 0:
+                cache.crop(0)
+            kept(xs[:, lo:hi], position_embeddings=rope(xs, pos[:, lo:hi]), attention_mask=None,
+                 past_key_values=cache)
+    assert calls == [False, True, False]
 
 
 def test_decode_falls_back_to_dense_for_masked_keys() -> None:

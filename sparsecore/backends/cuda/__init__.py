@@ -115,7 +115,8 @@ def ffn_common_names() -> list[str]:
 
 def attention_names(dtype: str) -> list[str]:
     t = value_ctype(dtype)
-    names = [f"decode_merge<{t}, {NT_ATTN}>", f"merge_attention<{t}, float>", f"merge_attention<{t}, double>"]
+    names = [f"decode_merge<{t}, {NT_ATTN}>", f"merge_attention<{t}, float>", f"merge_attention<{t}, double>",
+             f"page_bounds<{t}, {NT_ATTN}>"]
     for vpl in VPLS:
         for g in GMAXS:
             names.append(f"decode_split<{t}, {NT_ATTN}, {vpl}, {g}>")
@@ -226,6 +227,13 @@ def plan_decode(batch: int, hq: int, hkv: int, head_dim: int, max_keys: int, per
     chunk = cdiv(max(max_keys, 1), splits)
     splits = cdiv(max(max_keys, 1), chunk)  # no split that is empty for every row
     return DecodePlan(rows, per_head, gmax, vpl, splits, chunk)
+
+
+def page_bounds_blocks(batch: int, num_pages: int, sm_count: int = 132) -> int:
+    """Blocks per sequence of ``page_bounds`` (grid ``(X, B)``), from shapes only: about eight blocks
+    per SM in all, at most one per page. Each block walks its sequence's pages ``first + x, + X, ...``,
+    so an update that recomputes one page per sequence launches ``B * X`` blocks, not ``B * P``."""
+    return max(1, min(num_pages, max(8, cdiv(8 * sm_count, max(batch, 1)))))
 
 
 def grid_1d(n: int, threads: int, cap: int = 65535) -> int:

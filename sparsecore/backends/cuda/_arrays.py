@@ -68,6 +68,18 @@ def contig(x: Any) -> Any:
     raise TypeError(f"cuda: cannot run on arrays of kind {k!r}")
 
 
+def is_contiguous(x: Any) -> bool:
+    """Whether ``x`` is C-contiguous (so its pointer can be written in place)."""
+    k = kind_of(x)
+    if k == "torch":
+        return bool(x.is_contiguous())
+    if k == "cupy":
+        return bool(x.flags.c_contiguous)
+    if k == "numba":
+        return bool(x.is_c_contiguous())
+    return bool(np.asarray(x).flags.c_contiguous)
+
+
 def empty(like: Any, shape: tuple[int, ...], dtype: str, stream: int = 0) -> Any:
     """An uninitialised array of ``like``'s library on its device (never read before a kernel writes it)."""
     shape = tuple(int(s) for s in shape)

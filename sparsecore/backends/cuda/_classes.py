@@ -14,6 +14,7 @@ from ..._arrays import dtype_name
 from ...formats.kv import PagedKV
 from ...ops.dispatcher import OPS, BackendOp
 from . import MAX_HEAD_DIM
+from . import _arrays as A
 from . import _ops as ops
 
 RuntimeFactory = Callable[[Any], Any]
@@ -43,6 +44,12 @@ def _input_reasons(name: str, op: str, inp: Any, kinds: tuple[str, ...]) -> list
         reasons += _attention_reasons(name, inp.q, inp.kv)
         if int(inp.q.shape[0]) > 65535:
             reasons.append(f"batch = {int(inp.q.shape[0])}; {name} supports at most 65535 sequences per call")
+    elif op == "page_bounds":
+        if inp.kv.batch > 65535:
+            reasons.append(f"batch = {inp.kv.batch}; {name} supports at most 65535 sequences per call")
+        if inp.out is not None and not all(A.is_contiguous(x) for x in (inp.out.kmin, inp.out.kmax)):
+            reasons.append(f"out.kmin / out.kmax are not C-contiguous; {name} writes them in place through their "
+                           "pointers (pass contiguous buffers, e.g. from an earlier page_bounds call)")
     elif op == "merge_attention":
         if dtype_name(inp.lse1) != dtype_name(inp.lse2):
             reasons.append(f"lse1 is {dtype_name(inp.lse1)} but lse2 is {dtype_name(inp.lse2)}; {name} needs one "

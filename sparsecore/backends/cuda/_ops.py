@@ -15,7 +15,7 @@ import numpy as np
 
 from ..._arrays import dtype_name
 from ...formats.csr import CSR
-from ...formats.kv import DenseKV, PagedKV
+from ...formats.kv import DenseKV, PageBounds, PagedKV
 from ...formats.tiled_ell import TiledELL
 from ...formats.topk import TopKIndex, topk_capacity
 from ...ops import inputs as I
@@ -30,6 +30,7 @@ from . import (
     aligned,
     cdiv,
     grid_1d,
+    page_bounds_blocks,
     plan_decode,
     thr32,
     value_ctype,
@@ -289,6 +290,29 @@ def _kv_args(rt: Runtime, kv: DenseKV | PagedKV, dummy: _Dummy) -> tuple[list[An
     return args, [k, v]
 
 
+def page_bounds(rt: Runtime, inp: I.PageBoundsInputs) -> PageBounds:
+    """Quest metadata of the cache; ``out`` (if given) is written in place, so its arrays must be
+    C-contiguous (the classes refuse others). A fresh result is zero-filled by the kernel itself."""
+    kv = inp.kv
+    dt = kv.dtype
+    ps = int(inp.unit_page_size)
+    n_pages = int(inp.num_pages)
+    shape = (kv.batch, n_pages, kv.num_kv_heads, kv.head_dim)
+    if inp.out is None:
+        res = PageBounds(rt.empty(shape, dt), rt.empty(shape, dt), ps)
+    else:
+        res = inp.out
+    dummy = _Dummy(rt)
+    kva, _ = _kv_args(rt, kv, dummy)
+    has_start = inp.start is not None
+    start = p(rt, rt.contig(inp.start)) if has_start else dummy()
+    x = page_bounds_blocks(kv.batch, n_pages, rt.sm_count)
+    _go(rt, "attention.cu", dt, f"page_bounds<{value_ctype(dt)}, {NT_ATTN}>", (x, kv.batch),
+        NT_ATTN, [*kva, i32(ps), i32(n_pages), i32(int(has_start)), start, i32(int(inp.out is None)),
+                  p(rt, res.kmin), p(rt, res.kmax)])
+    return res
+
+
 def select_topk(rt: Runtime, inp: I.SelectTopkInputs) -> TopKIndex:
     q, kv = rt.contig(inp.q), inp.kv
     dt = dtype_name(q)
@@ -311,9 +335,15 @@ def select_topk(rt: Runtime, inp: I.SelectTopkInputs) -> TopKIndex:
     scores = rt.empty((b, g_rows, max(n_units, 1)), "float32")
     if inp.k > 0 and n_units > 0:  # k == 0 keeps only the forced units: no score is read
         nw = NT_ATTN // 32
+        bnd = inp.bounds if ps is not None else None
+        if bnd is None:
+            ba, barr = [i32(0), dummy(), dummy(), i32(0)], []
+        else:
+            bmin, bmax = rt.contig(bnd.kmin), rt.contig(bnd.kmax)
+            ba, barr = [i32(1), p(rt, bmin), p(rt, bmax), i32(bnd.num_pages)], [bmin, bmax]
         _go(rt, "attention.cu", dt, f"topk_scores<{t}, {NT_ATTN}, {vpl_for(d)}>", (cdiv(n_units, nw), g_rows, b),
             NT_ATTN, [p(rt, q), i32(hq), *kva, i32(group), i32(int(per_head)), i32(int(ps is not None)), i32(ups),
-                      i32(n_units), _al(rt, [q, *kvarr], [d], dt), p(rt, scores)])
+                      i32(n_units), *ba, _al(rt, [q, *kvarr, *barr], [d], dt), p(rt, scores)])
     _go(rt, "attention.cu", dt, f"topk_select<{NT_SELECT}>", (g_rows, b), NT_SELECT,
         [p(rt, scores), i32(max(n_units, 1)), kva[3], i32(int(ps is not None)), i32(ups), i32(int(inp.k)),
          i32(int(inp.sink)), i32(int(inp.window)), i32(k_max), p(rt, indices), p(rt, counts)])

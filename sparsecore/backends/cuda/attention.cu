@@ -5,6 +5,7 @@
 //   dense cache (paged == 0): k, v[B, S, Hkv, D] T, `S` = max_len.
 //   paged cache (paged == 1): k, v[P, page_size, Hkv, D] T; page_table[B, max_pages] int32.
 //   lengths[B] int32.
+//   page bounds (Quest metadata): kmin, kmax[B, P, Hkv, D] T, logical pages of `ipage` tokens.
 //   index (sparse decode): indices[B, G, k_max] int32, counts[B, G] int32; G = Hkv (shared: one
 //   block serves the whole group and reads every selected KV row once) or Hq (per head).
 //   mode: 0 dense (every token < length), 1 token indices, 2 page indices of `ipage` tokens.
@@ -220,15 +221,67 @@ __global__ void merge_attention(const T* __restrict__ o1, const L* __restrict__ 
     }
 }
 
+// ---- page_bounds -----------------------------------------------------------------------------------
+// Quest metadata: kmin/kmax[b, j, h, i] = min/max of K[b, t, h, i] over the valid tokens t of logical
+// page j (j * ipage <= t < min((j + 1) * ipage, lengths[b])). Grid (X, B), NT threads: block x walks
+// pages first[b] + x, + X, ... with its threads over the Hkv * D contiguous values of a token row
+// (coalesced, dense and paged), tokens in order. X comes from shapes only (enough blocks to fill
+// the GPU), so an update of one page per sequence costs B * X mostly idle blocks, not B * P. The
+// stored T value is kept (no float round trip), so the result is bit-exact; a NaN key makes the
+// bound NaN (as NumPy's min/max); of -0.0 and 0.0 the first seen is kept. first[b] = start[b] / ipage
+// with has_start, else 0. Pages at or past ceil(lengths[b] / ipage) are set to 0 when zero_rest (a
+// fresh buffer: no separate memset) and left alone otherwise.
+template <typename T, int NT>
+__global__ void SC_BOUNDS(NT) page_bounds(SC_KV_PARAMS, int ipage, int P, int has_start,
+                                                  const int* __restrict__ start, int zero_rest,
+                                                  T* __restrict__ kmin, T* __restrict__ kmax) {
+    SC_KV_MAKE;
+    const int b = blockIdx.y;
+    const int length = kv.lengths[b];
+    const int n_pages = min((length + ipage - 1) / ipage, P);
+    const int first = has_start ? start[b] / ipage : 0;
+    const int last = zero_rest ? P : n_pages;
+    const int HD = kv.Hkv * kv.D;
+    const T* K = static_cast<const T*>(kv.k);
+    for (int j = first + blockIdx.x; j < last; j += gridDim.x) {
+        const i64 obase = ((i64)b * P + j) * HD;
+        if (j >= n_pages) {
+            for (int e = threadIdx.x; e < HD; e += NT) {
+                kmin[obase + e] = sc::from_f<T>(0.0f);
+                kmax[obase + e] = sc::from_f<T>(0.0f);
+            }
+            continue;
+        }
+        const int t0 = j * ipage, t1 = min(length, t0 + ipage);
+        for (int e = threadIdx.x; e < HD; e += NT) {
+            const T x0 = K[kv_row<T>(kv, b, t0, 0) + e];
+            T lo = x0, hi = x0;
+            float flo = sc::to_f(x0), fhi = flo;
+            for (int t = t0 + 1; t < t1; ++t) {
+                const T x = K[kv_row<T>(kv, b, t, 0) + e];
+                const float f = sc::to_f(x);
+                // a NaN bound stays NaN; a NaN key becomes the bound
+                if (flo == flo && (f < flo || f != f)) { lo = x; flo = f; }
+                if (fhi == fhi && (f > fhi || f != f)) { hi = x; fhi = f; }
+            }
+            kmin[obase + e] = lo;
+            kmax[obase + e] = hi;
+        }
+    }
+}
+
 // ---- select_topk ---------------------------------------------------------------------------------
 // Scores of every unit (token or page) for each selection row g: scores[B, G, n_units] float32.
 // Exact (quest == 0): q . k summed over the heads of the row. Quest (quest == 1, unit = `ipage`
-// tokens): sum_i max(q_i * min_i, q_i * max_i) over the page's valid tokens, summed over the heads.
+// tokens): sum_i max(q_i * min_i, q_i * max_i) over the page's valid tokens, summed over the heads;
+// with has_bounds, min/max are read from bmin/bmax[B, bP, Hkv, D] (page_bounds: 2 rows a page
+// instead of `ipage`), which hold exactly the values the keys give, so the scores are the same.
 // Grid (ceil(n_units / NW), G, B), NT threads: one warp per unit, lanes over D.
 template <typename T, int NT, int VPL>
 __global__ void SC_BOUNDS(NT) topk_scores(const T* __restrict__ q, int Hq, SC_KV_PARAMS, int group, int per_head,
-                                                  int quest, int ipage, int n_units, int aligned,
-                                                  float* __restrict__ scores) {
+                                                  int quest, int ipage, int n_units, int has_bounds,
+                                                  const T* __restrict__ bmin, const T* __restrict__ bmax,
+                                                  int bP, int aligned, float* __restrict__ scores) {
     SC_KV_MAKE;
     constexpr int NW = NT / 32;
     const int g = blockIdx.y, b = blockIdx.z, G = gridDim.y;
@@ -248,6 +301,10 @@ __global__ void SC_BOUNDS(NT) topk_scores(const T* __restrict__ q, int Hq, SC_KV
         float kr[VPL], lo[VPL], hi[VPL];
         if (!quest) {
             sc::load_vec_n<T, VPL>(K + kv_row<T>(kv, b, u, kvh) + d0, dn, aligned, kr);
+        } else if (has_bounds) {
+            const i64 off = (((i64)b * bP + u) * kv.Hkv + kvh) * D + d0;
+            sc::load_vec_n<T, VPL>(bmin + off, dn, aligned, lo);
+            sc::load_vec_n<T, VPL>(bmax + off, dn, aligned, hi);
         } else {
 #pragma unroll
             for (int j = 0; j < VPL; ++j) { lo[j] = INFINITY; hi[j] = -INFINITY; }

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..._arrays import BFLOAT16
 from ...formats.csr import CSR
-from ...formats.kv import DenseKV, PagedKV
+from ...formats.kv import DenseKV, PageBounds, PagedKV
 from ...formats.tiled_ell import TiledELL
 from ...formats.topk import TopKIndex, topk_capacity
 from ...ops import inputs as I
@@ -311,6 +311,33 @@ class GatedFfn(_NumbaCpu):
 
 
 @register
+class PageBoundsOp(_NumbaCpu):
+    OP = "page_bounds"
+
+    @classmethod
+    def work(cls, inp: I.PageBoundsInputs) -> int:
+        """Keys read: the pages from ``start`` (all without it) to each sequence's length."""
+        ps = inp.unit_page_size
+        ln = -(-np.asarray(inp.kv.lengths, np.int64) // ps)
+        first = 0 if inp.start is None else np.asarray(inp.start, np.int64) // ps
+        return int(np.maximum(ln - first, 0).sum()) * ps * inp.kv.num_kv_heads * inp.kv.head_dim
+
+    @classmethod
+    def run(cls, inp: I.PageBoundsInputs) -> PageBounds:
+        kv = inp.kv
+        k_pages, _, page_table = _as_pages(kv)
+        ps = inp.unit_page_size
+        out = inp.out
+        if out is None:
+            shape = (kv.batch, inp.num_pages, kv.num_kv_heads, kv.head_dim)
+            out = PageBounds(np.zeros(shape, k_pages.dtype), np.zeros(shape, k_pages.dtype), ps)
+        first = np.zeros(kv.batch, np.int64) if inp.start is None else np.asarray(inp.start, np.int64) // ps
+        _k().page_bounds(_bits(k_pages), page_table, kv.lengths, first, ps, _lut_for(inp.dtype), _bits(out.kmin),
+                         _bits(out.kmax))
+        return out
+
+
+@register
 class SelectTopk(_NumbaCpu):
     OP = "select_topk"
 
@@ -323,8 +350,12 @@ class SelectTopk(_NumbaCpu):
         k_max = topk_capacity(inp.k, inp.sink, inp.window, kv.max_len, ps)
         indices = np.empty((kv.batch, rows, k_max), np.int32)
         counts = np.empty((kv.batch, rows), np.int32)
+        if inp.bounds is None:
+            bmin = bmax = np.zeros((0, 0, 0, 0), k_pages.dtype)
+        else:
+            bmin, bmax = inp.bounds.kmin, inp.bounds.kmax
         _k().select_topk(_bits(inp.q), _bits(k_pages), page_table, kv.lengths, inp.k, inp.sink, inp.window,
-                              inp.shared, ps or 0, _lut_for(inp.dtype), indices, counts)
+                         inp.shared, ps or 0, _bits(bmin), _bits(bmax), _lut_for(inp.dtype), indices, counts)
         return TopKIndex(indices, counts, "token" if ps is None else "page", ps)
 
 

@@ -359,9 +359,51 @@ def _take_top(score, free, k, chosen):
 
 
 @njit(**_PAR)
-def select_topk(q, k_pages, page_table, lengths, k, sink, window, shared, quest_page, lut, indices, counts):
+def page_bounds(k_pages, page_table, lengths, first, ps, lut, kmin, kmax):
+    """Per (sequence b, logical page j of ``ps`` tokens) with ``first[b] <= j < ceil(lengths[b] / ps)``:
+    ``kmin/kmax[b, j, h, i]`` = the stored bits of the smallest / largest ``K[b, t, h, i]`` over the
+    page's valid tokens (compared as float32; exact, no rounding; NaN wins, like NumPy's min/max).
+    Tokens in the outer loop: each key row is read once, contiguously."""
+    page_size = k_pages.shape[1]
+    hkv = k_pages.shape[2]
+    d = k_pages.shape[3]
+    n_b, n_p = kmin.shape[0], kmin.shape[1]
+    for task in prange(n_b * n_p):
+        b = task // n_p
+        j = task % n_p
+        length = lengths[b]
+        if j < first[b] or j * ps >= length:
+            continue
+        t0 = j * ps
+        lo = np.empty((hkv, d), np.float32)
+        hi = np.empty((hkv, d), np.float32)
+        pg, r = _kv_row(page_table, b, t0, page_size)
+        for h in range(hkv):
+            for i in range(d):
+                kmin[b, j, h, i] = k_pages[pg, r, h, i]
+                kmax[b, j, h, i] = k_pages[pg, r, h, i]
+                lo[h, i] = load(k_pages, (pg, r, h, i), lut)
+                hi[h, i] = lo[h, i]
+        for t in range(t0 + 1, min(t0 + ps, length)):
+            pg, r = _kv_row(page_table, b, t, page_size)
+            for h in range(hkv):
+                for i in range(d):
+                    v = load(k_pages, (pg, r, h, i), lut)
+                    if lo[h, i] == lo[h, i] and (v < lo[h, i] or v != v):
+                        lo[h, i] = v
+                        kmin[b, j, h, i] = k_pages[pg, r, h, i]
+                    if hi[h, i] == hi[h, i] and (v > hi[h, i] or v != v):
+                        hi[h, i] = v
+                        kmax[b, j, h, i] = k_pages[pg, r, h, i]
+
+
+@njit(**_PAR)
+def select_topk(q, k_pages, page_table, lengths, k, sink, window, shared, quest_page, bmin, bmax, lut, indices,
+                counts):
     """Exact (``quest_page == 0``: token scores) or Quest (page upper bounds) top-k per row, plus the
-    forced sink and window; rows written in ascending order, padded with -1."""
+    forced sink and window; rows written in ascending order, padded with -1. Quest reads the pages'
+    min/max from ``bmin/bmax[B, P, Hkv, D]`` (stored PageBounds) when they are not empty, else
+    computes them from the keys."""
     bsz, hq, d = q.shape
     page_size = k_pages.shape[1]
     hkv = k_pages.shape[2]
@@ -392,14 +434,19 @@ def select_topk(q, k_pages, page_table, lengths, k, sink, window, shared, quest_
             lo = np.empty(d, np.float32)
             hi = np.empty(d, np.float32)
             for p in range(n_units):
-                lo[:] = np.inf
-                hi[:] = -np.inf
-                for t in range(p * unit, min((p + 1) * unit, length)):
-                    pg, r = _kv_row(page_table, b, t, page_size)
+                if bmin.shape[0] > 0:
                     for j in range(d):
-                        kv_ = load(k_pages, (pg, r, kvh, j), lut)
-                        lo[j] = min(lo[j], kv_)
-                        hi[j] = max(hi[j], kv_)
+                        lo[j] = load(bmin, (b, p, kvh, j), lut)
+                        hi[j] = load(bmax, (b, p, kvh, j), lut)
+                else:
+                    lo[:] = np.inf
+                    hi[:] = -np.inf
+                    for t in range(p * unit, min((p + 1) * unit, length)):
+                        pg, r = _kv_row(page_table, b, t, page_size)
+                        for j in range(d):
+                            kv_ = load(k_pages, (pg, r, kvh, j), lut)
+                            lo[j] = min(lo[j], kv_)
+                            hi[j] = max(hi[j], kv_)
                 bound = np.float32(0)
                 for i in range(nh):
                     for j in range(d):

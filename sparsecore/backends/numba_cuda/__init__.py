@@ -113,6 +113,15 @@ class GatedFfn(_NumbaCuda):
 
 
 @register
+class PageBounds(_NumbaCuda):
+    OP = "page_bounds"
+
+    @classmethod
+    def run(cls, inp: I.PageBoundsInputs) -> Any:
+        return _impl().page_bounds(inp)
+
+
+@register
 class SelectTopk(_NumbaCuda):
     OP = "select_topk"
 
@@ -160,5 +169,5 @@ class MergeAttention(_NumbaCuda):
         return _impl().merge_attention(inp)
 
 
-__all__ = ["Pack", "Unpack", "Spmm", "Sddmm", "SpmmT", "GatedFfn", "SelectTopk", "SparseDecode", "DenseDecode",
-           "MergeAttention"]
+__all__ = ["Pack", "Unpack", "Spmm", "Sddmm", "SpmmT", "GatedFfn", "PageBounds", "SelectTopk", "SparseDecode",
+           "DenseDecode", "MergeAttention"]

@@ -161,6 +161,35 @@ def _reduce_rows(red, tid):
 
 
 @cuda.jit(device=True, inline="always")
+def _fmin(a, v):
+    """min(a, v) of float32s that propagates NaN as NumPy's does (once a is NaN it stays NaN)."""
+    if v < a or v != v:
+        return v
+    return a
+
+
+@cuda.jit(device=True, inline="always")
+def _fmax(a, v):
+    """max(a, v) of float32s that propagates NaN as NumPy's does."""
+    if v > a or v != v:
+        return v
+    return a
+
+
+@cuda.jit(device=True, inline="always")
+def _quest_store(acc, group, shared, scores, b, kvh, u):
+    """Write the Quest scores acc[:group] of page u: summed over the group (shared) or per head."""
+    if shared != 0:
+        tot = F0
+        for j in range(group):
+            tot += acc[j]
+        scores[b, kvh, u] = tot
+    else:
+        for j in range(group):
+            scores[b, kvh * group + j, u] = acc[j]
+
+
+@cuda.jit(device=True, inline="always")
 def _kv_page_row(dense, page_table, b, t, ps):
     """(page, row) of token ``t`` of sequence ``b``: a dense cache is a paged one with page = b."""
     if dense:
@@ -538,19 +567,75 @@ def build(dtype: str) -> SimpleNamespace:
             for t in range(t0, t1):
                 page, row = _kv_page_row(dense, page_table, b, t, ps)
                 v = ld(k[page, row, kvh, d])
-                lo = min(lo, v)
-                hi = max(hi, v)
+                lo = _fmin(lo, v)
+                hi = _fmax(hi, v)
             for j in range(group):
                 qv = qs[j * d_n + d]
                 acc[j] += max(qv * lo, qv * hi)
-        if shared != 0:
-            tot = F0
+        _quest_store(acc, group, shared, scores, b, kvh, u)
+
+    def topk_scores_quest_bounds(q, kmin, kmax, lengths, group, shared, ups, scores):
+        """topk_scores_quest with the pages' min/max read from ``PageBounds`` (kmin, kmax[B, P, Hkv, D]
+        value dtype, from ``page_bounds``) instead of computed from the keys: same grid, same float32
+        operations in the same order, so the same scores as topk_scores_quest on the same cache."""
+        b = cuda.blockIdx.z
+        kvh = cuda.blockIdx.y
+        tid = cuda.threadIdx.x
+        u = cuda.blockIdx.x * NT + tid
+        qs = cuda.shared.array(_QS, nt.float32)
+        acc = cuda.local.array(MAX_GROUP, nt.float32)
+        d_n = q.shape[2]
+        for i in range(tid, group * d_n, NT):
+            j = i // d_n
+            qs[i] = ld(q[b, kvh * group + j, i - j * d_n])
+        cuda.syncthreads()
+        if u * ups >= lengths[b]:
+            return
+        for j in range(group):
+            acc[j] = F0
+        for d in range(d_n):
+            lo = ld(kmin[b, u, kvh, d])
+            hi = ld(kmax[b, u, kvh, d])
             for j in range(group):
-                tot += acc[j]
-            scores[b, kvh, u] = tot
-        else:
-            for j in range(group):
-                scores[b, kvh * group + j, u] = acc[j]
+                qv = qs[j * d_n + d]
+                acc[j] += max(qv * lo, qv * hi)
+        _quest_store(acc, group, shared, scores, b, kvh, u)
+
+    # ---- page_bounds -----------------------------------------------------------------------
+    def page_bounds(k, page_table, lengths, ps, dense, ups, start, has_start, fresh, kmin, kmax):
+        """Grid (P, Hkv, B), one block per (logical page j of ``ups`` tokens, KV head, sequence),
+        threads over D (coalesced key rows). kmin, kmax[B, P, Hkv, D] value dtype:
+        kmin[b, j, h, d] = min of k[b, t, h, d] over j * ups <= t < min((j + 1) * ups, lengths[b])
+        (kmax: max; NaN propagates; exact: the float32 of a stored value converts back to itself)
+        for the pages j >= start[b] // ups (every page when has_start == 0) below
+        ceil(lengths[b] / ups); the pages past the length are written 0 when fresh != 0, else
+        left as they are. start[B] int32 (a 1-element dummy when has_start == 0)."""
+        j = cuda.blockIdx.x
+        kvh = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        tid = cuda.threadIdx.x
+        d_n = kmin.shape[3]
+        length = lengths[b]
+        t0 = j * ups
+        if t0 >= length:
+            if fresh != 0:
+                for d in range(tid, d_n, NT):
+                    kmin[b, j, kvh, d] = st(F0)
+                    kmax[b, j, kvh, d] = st(F0)
+            return
+        if has_start != 0 and j < start[b] // ups:
+            return
+        t1 = min(t0 + ups, length)
+        for d in range(tid, d_n, NT):
+            lo = POS_INF
+            hi = NEG_INF
+            for t in range(t0, t1):
+                page, row = _kv_page_row(dense, page_table, b, t, ps)
+                v = ld(k[page, row, kvh, d])
+                lo = _fmin(lo, v)
+                hi = _fmax(hi, v)
+            kmin[b, j, kvh, d] = st(lo)
+            kmax[b, j, kvh, d] = st(hi)
 
     # ---- decode ----------------------------------------------------------------------------
     def decode_split(q, k, v, page_table, lengths, ps, dense, idx, idx_counts, mode, ups, hpb, group,
@@ -759,6 +844,7 @@ def build(dtype: str) -> SimpleNamespace:
         "spmm_ell": spmm_ell, "spmm_csr": spmm_csr, "sddmm_ell": sddmm_ell, "sddmm_csr": sddmm_csr,
         "spmm_t_ell": spmm_t_ell, "spmm_t_csr": spmm_t_csr, "gated_ell": gated_ell, "gated_csr": gated_csr,
         "topk_scores_exact": topk_scores_exact, "topk_scores_quest": topk_scores_quest,
+        "topk_scores_quest_bounds": topk_scores_quest_bounds, "page_bounds": page_bounds,
         "decode_split": decode_split, "decode_merge": decode_merge, "merge": merge, "cast_out": cast_out,
     }
     ns = SimpleNamespace(**{name: cuda.jit(fn) for name, fn in py_funcs.items()})

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..._arrays import dtype_name
 from ...formats.csr import CSR
-from ...formats.kv import DenseKV, PagedKV
+from ...formats.kv import DenseKV, PageBounds, PagedKV
 from ...formats.tiled_ell import TiledELL
 from ...formats.topk import TopKIndex, topk_capacity
 from ...ops import inputs as I
@@ -189,6 +189,30 @@ def _kv_args(P: Place, kv: DenseKV | PagedKV) -> tuple[Any, ...]:
     return (P.view(kv.k_pages), P.view(kv.v_pages), P.view(kv.page_table), P.view(kv.lengths), kv.page_size, 0)
 
 
+def page_bounds(inp: I.PageBoundsInputs) -> PageBounds:
+    kv = inp.kv
+    dt = kv.dtype
+    ups = int(inp.unit_page_size)
+    shape = (kv.batch, int(inp.num_pages), kv.num_kv_heads, kv.head_dim)
+    with Place(kv.lengths) as P:
+        if inp.out is None:  # fresh: every page written, those past a sequence's length with 0
+            kmin, kmin_v = P.new(shape, dt)
+            kmax, kmax_v = P.new(shape, dt)
+            res = PageBounds(kmin, kmax, ups)
+        else:
+            res = inp.out
+            kmin_v, kmax_v = P.view(res.kmin), P.view(res.kmax)
+        if inp.start is None:
+            start, has_start = P.new((1,), "int32")[1], 0  # a dummy, never read
+        else:
+            start, has_start = P.view(inp.start), 1
+        fresh = 1 if inp.out is None else 0
+        k, _, pt, lengths, kv_ps, dense = _kv_args(P, kv)
+        P.launch(kernels(dt).page_bounds, (shape[1], shape[2], shape[0]), _nt(), k, pt, lengths, kv_ps, dense,
+                 ups, start, has_start, fresh, kmin_v, kmax_v)
+    return res
+
+
 def select_topk(inp: I.SelectTopkInputs) -> TopKIndex:
     q, kv = inp.q, inp.kv
     dt = dtype_name(q)
@@ -214,6 +238,9 @@ def select_topk(inp: I.SelectTopkInputs) -> TopKIndex:
                 if ps is None:
                     P.launch(kern.topk_scores_exact, grid, nt, P.view(q), kk, pt, lengths, kv_ps, dense, group,
                              shared, sv)
+                elif inp.bounds is not None:  # the pages' min/max from the bounds, not the keys
+                    P.launch(kern.topk_scores_quest_bounds, grid, nt, P.view(q), P.view(inp.bounds.kmin),
+                             P.view(inp.bounds.kmax), lengths, group, shared, ups, sv)
                 else:
                     P.launch(kern.topk_scores_quest, grid, nt, P.view(q), kk, pt, lengths, kv_ps, dense, group,
                              shared, ups, sv)
