@@ -104,13 +104,41 @@ def test_decode(benchmark, cache, impl):
     benchmark.pedantic(fn, rounds=5 if "dense" in impl else 15, warmup_rounds=1)
 
 
-@pytest.mark.parametrize("method", ["exact", "quest"])
+@pytest.mark.parametrize("method", ["exact", "quest", "quest_stored"])
 def test_select_topk(benchmark, cache, method):
+    """Exact and Quest read every key (Quest computes the pages' min/max from them); Quest with stored
+    PageBounds reads 2 / 16 of the key bytes and must pick the same pages."""
     q, kv = cache
     benchmark.group = f"select_topk f32 B={B} Hq={HQ} Hkv={HKV} D={D} S={S} k=S/50"
     benchmark.extra_info.update(op="select_topk", impl=f"numba_cpu_{method}")
     k = S // 50 if method == "exact" else S // 50 // 16
-    fn = lambda: sc.select_topk(q, kv, k, method=method, backend="numba_cpu")
+    if method == "quest_stored":
+        bounds = sc.page_bounds(kv, 16, backend="numba_cpu")
+        fn = lambda: sc.select_topk(q, kv, k, method="quest", bounds=bounds, backend="numba_cpu")
+        want = sc.select_topk(q, kv, k, method="quest", page_size=16, backend="reference")
+        assert np.array_equal(np.asarray(fn().indices), want.indices)
+    else:
+        fn = lambda: sc.select_topk(q, kv, k, method=method, backend="numba_cpu")
     idx = fn()
     assert (np.asarray(idx.counts) == k).all()
+    benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("impl", ["numba_cpu_build", "numba_cpu_decode_step", "numpy_build"])
+def test_page_bounds(benchmark, cache, impl):
+    """Quest's page bounds: built for the whole cache, and the per-step update (one page per sequence)."""
+    _, kv = cache
+    benchmark.group = f"page_bounds f32 B={B} Hkv={HKV} D={D} S={S} page=16"
+    benchmark.extra_info.update(op="page_bounds", impl=impl)
+    pages = kv.k.reshape(B, S // 16, 16, HKV, D)
+    want = pages.min(axis=2)
+    bounds = sc.page_bounds(kv, 16, backend="numba_cpu")
+    assert np.array_equal(bounds.kmin, want) and np.array_equal(bounds.kmax, pages.max(axis=2))
+    if impl == "numba_cpu_build":
+        fn = lambda: sc.page_bounds(kv, 16, backend="numba_cpu")
+    elif impl == "numba_cpu_decode_step":
+        start = kv.lengths - 1
+        fn = lambda: sc.page_bounds(kv, out=bounds, start=start, backend="numba_cpu")
+    else:
+        fn = lambda: (pages.min(axis=2), pages.max(axis=2))
     benchmark.pedantic(fn, rounds=5, warmup_rounds=1)

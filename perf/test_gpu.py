@@ -96,3 +96,56 @@ def test_decode(benchmark, impl, sparsity, ctx):
                                index.map_arrays(lambda t: t[:2].cpu()), backend="reference")[0]
         assert _rel_err(fn()[0][:2].cpu(), ref) < 2e-2
     _timed(benchmark, fn)
+
+
+def _paged_cache(ctx, seed=0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    n_pages = B * ctx // PAGE
+    k = torch.randn(n_pages, PAGE, HKV, D, device=DEV, dtype=torch.bfloat16, generator=g)
+    v = torch.randn(n_pages, PAGE, HKV, D, device=DEV, dtype=torch.bfloat16, generator=g)
+    table = torch.randperm(n_pages, device=DEV, dtype=torch.int32, generator=g).reshape(B, ctx // PAGE)
+    lengths = torch.full((B,), ctx, device=DEV, dtype=torch.int32)
+    q = torch.randn(B, HQ, D, device=DEV, dtype=torch.bfloat16, generator=g)
+    return q, sc.PagedKV(k, v, table, lengths)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("method", ["exact", "quest", "quest_stored"])
+@pytest.mark.parametrize("ctx", [32768])
+def test_select_topk(benchmark, backend, method, ctx):
+    """Selection itself (often the bottleneck): exact reads every key, Quest on the fly too (page
+    min/max from the keys), Quest with stored PageBounds 2 / PAGE of them. k = ctx / 50 tokens."""
+    q, kv = _paged_cache(ctx)
+    benchmark.group = f"select_topk bf16 B={B} Hq={HQ} Hkv={HKV} D={D} page={PAGE} ctx={ctx} k=ctx/50"
+    benchmark.extra_info.update(op="select_topk", impl=f"{backend}_{method}")
+    if method == "exact":
+        fn = lambda: sc.select_topk(q, kv, ctx // 50, backend=backend)
+    else:
+        bounds = sc.page_bounds(kv, PAGE, backend=backend) if method == "quest_stored" else None
+        fn = lambda: sc.select_topk(q, kv, ctx // 50 // PAGE, method="quest", page_size=PAGE, bounds=bounds,
+                                    backend=backend)
+    assert (fn().counts == (ctx // 50 if method == "exact" else ctx // 50 // PAGE)).all()
+    if method == "quest_stored":  # the same selection as bounds computed on the fly
+        on_the_fly = sc.select_topk(q, kv, ctx // 50 // PAGE, method="quest", page_size=PAGE, backend=backend)
+        assert torch.equal(fn().indices, on_the_fly.indices)
+    _timed(benchmark, fn)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("step", ["build", "decode_step"])
+def test_page_bounds(benchmark, backend, step):
+    """Building the bounds of a 32K context, and the per-decode-step update (one page per sequence)."""
+    ctx = 32768
+    q, kv = _paged_cache(ctx)
+    benchmark.group = f"page_bounds bf16 B={B} Hkv={HKV} D={D} page={PAGE} ctx={ctx}"
+    benchmark.extra_info.update(op="page_bounds", impl=f"{backend}_{step}")
+    bounds = sc.page_bounds(kv, PAGE, backend=backend)
+    ref = sc.page_bounds(sc.PagedKV(kv.k_pages.cpu(), kv.v_pages.cpu(), kv.page_table[:1].cpu(),
+                                    kv.lengths[:1].cpu()), PAGE, backend="reference")
+    assert torch.equal(bounds.kmin[:1].cpu(), torch.as_tensor(ref.kmin))
+    if step == "build":
+        fn = lambda: sc.page_bounds(kv, PAGE, backend=backend)
+    else:
+        start = kv.lengths - 1
+        fn = lambda: sc.page_bounds(kv, out=bounds, start=start, backend=backend)
+    _timed(benchmark, fn)
