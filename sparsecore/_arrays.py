@@ -50,12 +50,19 @@ def device_of(x: Any) -> str:
     return "host"
 
 
+_DTYPE_NAMES: dict[tuple[type, Any], str] = {}
+
+
 def dtype_name(x: Any) -> str:
-    """Library-neutral dtype name: 'float32', 'bfloat16', 'int16', ..."""
+    """Library-neutral dtype name: 'float32', 'bfloat16', 'int16', ... (memoised per dtype object:
+    NumPy's ``dtype.name`` alone costs microseconds, and every op asks for several)."""
     dt = x.dtype
-    if kind_of(x) == "torch":
-        return str(dt).removeprefix("torch.")
-    return np.dtype(dt).name
+    key = (type(dt), dt)
+    name = _DTYPE_NAMES.get(key)
+    if name is None:
+        name = str(dt).removeprefix("torch.") if kind_of(x) == "torch" else np.dtype(dt).name
+        _DTYPE_NAMES[key] = name
+    return name
 
 
 def to_numpy(x: Any) -> np.ndarray:

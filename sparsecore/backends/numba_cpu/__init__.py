@@ -9,6 +9,7 @@ the installed package.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from importlib import metadata
 from typing import Any, ClassVar
@@ -92,7 +93,7 @@ PARALLEL_MIN_WORK = int(os.environ.get("SPARSECORE_CPU_PARALLEL_MIN_WORK", 1 << 
 
 
 def _elements(*arrays: Any) -> int:
-    return sum(int(np.prod(a.shape)) for a in arrays)
+    return sum(math.prod(a.shape) for a in arrays)
 
 
 class _NumbaCpu(BackendOp):
@@ -129,7 +130,7 @@ def _stored(a: TiledELL | CSR) -> int:
     """Stored entries of a sparse operand, counted from shapes (slots, padding included)."""
     if isinstance(a, CSR):
         return a.nnz
-    return int(np.prod(a.values.shape)) + (a.overflow.nnz if a.overflow is not None else 0)
+    return math.prod(a.values.shape) + (a.overflow.nnz if a.overflow is not None else 0)
 
 
 @register
@@ -403,7 +404,7 @@ class SparseDecode(_NumbaCpu):
     @classmethod
     def work(cls, inp: I.SparseDecodeInputs) -> int:
         unit = inp.index.page_size if inp.index.granularity == "page" else 1
-        return int(np.prod(inp.q.shape)) * inp.index.k_max * unit * 2
+        return math.prod(inp.q.shape) * inp.index.k_max * unit * 2
 
     @classmethod
     def run(cls, inp: I.SparseDecodeInputs) -> tuple[np.ndarray, np.ndarray]:
@@ -416,7 +417,7 @@ class DenseDecode(_NumbaCpu):
 
     @classmethod
     def work(cls, inp: I.DenseDecodeInputs) -> int:
-        return int(np.prod(inp.q.shape)) * inp.kv.max_len * 2
+        return math.prod(inp.q.shape) * inp.kv.max_len * 2
 
     @classmethod
     def run(cls, inp: I.DenseDecodeInputs) -> tuple[np.ndarray, np.ndarray]:
