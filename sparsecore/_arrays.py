@@ -19,8 +19,21 @@ BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 VALUE_DTYPES = ("float64", "float32", "float16", "bfloat16")
 
 
+_KIND_BY_TYPE: dict[type, str] = {}
+
+
 def kind_of(x: Any) -> str:
-    """'numpy', 'torch', 'cupy', 'numba' or 'other' for anything that is not an array we know."""
+    """'numpy', 'torch', 'cupy', 'numba' or 'other' for anything that is not an array we know
+    (decided by the type, memoised per type: every op asks for every buffer, several times)."""
+    t = type(x)
+    k = _KIND_BY_TYPE.get(t)
+    if k is None:
+        k = _kind_of_type(x)
+        _KIND_BY_TYPE[t] = k
+    return k
+
+
+def _kind_of_type(x: Any) -> str:
     if isinstance(x, np.ndarray):
         return "numpy"
     mod = type(x).__module__ or ""
