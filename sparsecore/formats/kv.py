@@ -44,6 +44,17 @@ def _check_lengths(w: str, lengths: Any, batch: int) -> None:
         fail(w, f"lengths has shape {tuple(lengths.shape)}; expected ({batch},), one per sequence")
 
 
+def _check_value_pair(w: str, first: tuple[str, Any], second: tuple[str, Any], dims: str) -> None:
+    """Two 4-D value buffers of one shape and one value dtype (K and V, kmin and kmax)."""
+    (na, a), (nb, b) = first, second
+    check_ndim(w, na, a, 4, dims)
+    check_ndim(w, nb, b, 4, dims)
+    check_dtype(w, na, a, VALUE_DTYPES)
+    if tuple(b.shape) != tuple(a.shape):
+        fail(w, f"{nb} has shape {tuple(b.shape)}; expected {tuple(a.shape)} like {na}")
+    check_same_dtype(w, {na: a, nb: b})
+
+
 def _validate_lengths(w: str, lengths: Any, hi: int, what: str) -> np.ndarray:
     ln = to_host(lengths).astype(np.int64)
     bad = (ln < 0) | (ln > hi)
@@ -61,12 +72,7 @@ class DenseKV:
 
     def __post_init__(self) -> None:
         w = "DenseKV"
-        check_ndim(w, "k", self.k, 4, "[B, S, Hkv, D]")
-        check_ndim(w, "v", self.v, 4, "[B, S, Hkv, D]")
-        check_dtype(w, "k", self.k, VALUE_DTYPES)
-        if tuple(self.v.shape) != tuple(self.k.shape):
-            fail(w, f"v has shape {tuple(self.v.shape)}; expected {tuple(self.k.shape)} like k")
-        check_same_dtype(w, {"k": self.k, "v": self.v})
+        _check_value_pair(w, ("k", self.k), ("v", self.v), "[B, S, Hkv, D]")
         _check_lengths(w, self.lengths, int(self.k.shape[0]))
 
     batch = property(lambda self: int(self.k.shape[0]))
@@ -95,13 +101,7 @@ class PagedKV:
 
     def __post_init__(self) -> None:
         w = "PagedKV"
-        check_ndim(w, "k_pages", self.k_pages, 4, "[P, page_size, Hkv, D]")
-        check_ndim(w, "v_pages", self.v_pages, 4, "[P, page_size, Hkv, D]")
-        check_dtype(w, "k_pages", self.k_pages, VALUE_DTYPES)
-        if tuple(self.v_pages.shape) != tuple(self.k_pages.shape):
-            fail(w, f"v_pages has shape {tuple(self.v_pages.shape)}; expected {tuple(self.k_pages.shape)} "
-                    "like k_pages")
-        check_same_dtype(w, {"k_pages": self.k_pages, "v_pages": self.v_pages})
+        _check_value_pair(w, ("k_pages", self.k_pages), ("v_pages", self.v_pages), "[P, page_size, Hkv, D]")
         if self.k_pages.shape[1] < 1:
             fail(w, f"page_size = {self.k_pages.shape[1]}; must be >= 1")
         check_ndim(w, "page_table", self.page_table, 2, "[B, max_pages]")
@@ -144,12 +144,7 @@ class PageBounds:
 
     def __post_init__(self) -> None:
         w = "PageBounds"
-        check_ndim(w, "kmin", self.kmin, 4, "[B, P, Hkv, D]")
-        check_ndim(w, "kmax", self.kmax, 4, "[B, P, Hkv, D]")
-        check_dtype(w, "kmin", self.kmin, VALUE_DTYPES)
-        if tuple(self.kmax.shape) != tuple(self.kmin.shape):
-            fail(w, f"kmax has shape {tuple(self.kmax.shape)}; expected {tuple(self.kmin.shape)} like kmin")
-        check_same_dtype(w, {"kmin": self.kmin, "kmax": self.kmax})
+        _check_value_pair(w, ("kmin", self.kmin), ("kmax", self.kmax), "[B, P, Hkv, D]")
         if isinstance(self.page_size, (bool, np.bool_)) or not isinstance(self.page_size, (int, np.integer)):
             fail(w, f"page_size = {self.page_size!r}; must be an int >= 1", TypeError)
         if self.page_size < 1:

@@ -511,6 +511,17 @@ def build(dtype: str) -> SimpleNamespace:
         gated_store(out, m, n0, tid, acc)
 
     # ---- select_topk -----------------------------------------------------------------------
+    @cuda.jit(device=True, inline="always")
+    def stage_queries(q, qs, b, kvh, group, tid):
+        """qs[j * D + d] = q[b, kvh * group + j, d] (float32) for the group's query heads, then a
+        barrier; returns D."""
+        d_n = q.shape[2]
+        for i in range(tid, group * d_n, NT):
+            j = i // d_n
+            qs[i] = ld(q[b, kvh * group + j, i - j * d_n])
+        cuda.syncthreads()
+        return d_n
+
     def topk_scores_exact(q, k, page_table, lengths, ps, dense, group, shared, scores):
         """Grid (ceil(S / NT), Hkv, B); thread per token t < lengths[b]; the group's query rows
         staged in shared memory. scores[b, g, t] float32: q . k summed over the group (shared,
@@ -520,11 +531,7 @@ def build(dtype: str) -> SimpleNamespace:
         tid = cuda.threadIdx.x
         t = cuda.blockIdx.x * NT + tid
         qs = cuda.shared.array(_QS, nt.float32)
-        d_n = q.shape[2]
-        for i in range(tid, group * d_n, NT):
-            j = i // d_n
-            qs[i] = ld(q[b, kvh * group + j, i - j * d_n])
-        cuda.syncthreads()
+        d_n = stage_queries(q, qs, b, kvh, group, tid)
         if t >= lengths[b]:
             return
         page, row = _kv_page_row(dense, page_table, b, t, ps)
@@ -549,11 +556,7 @@ def build(dtype: str) -> SimpleNamespace:
         u = cuda.blockIdx.x * NT + tid
         qs = cuda.shared.array(_QS, nt.float32)
         acc = cuda.local.array(MAX_GROUP, nt.float32)
-        d_n = q.shape[2]
-        for i in range(tid, group * d_n, NT):
-            j = i // d_n
-            qs[i] = ld(q[b, kvh * group + j, i - j * d_n])
-        cuda.syncthreads()
+        d_n = stage_queries(q, qs, b, kvh, group, tid)
         length = lengths[b]
         t0 = u * ups
         if t0 >= length:
@@ -584,11 +587,7 @@ def build(dtype: str) -> SimpleNamespace:
         u = cuda.blockIdx.x * NT + tid
         qs = cuda.shared.array(_QS, nt.float32)
         acc = cuda.local.array(MAX_GROUP, nt.float32)
-        d_n = q.shape[2]
-        for i in range(tid, group * d_n, NT):
-            j = i // d_n
-            qs[i] = ld(q[b, kvh * group + j, i - j * d_n])
-        cuda.syncthreads()
+        d_n = stage_queries(q, qs, b, kvh, group, tid)
         if u * ups >= lengths[b]:
             return
         for j in range(group):
