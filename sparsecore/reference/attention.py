@@ -69,9 +69,9 @@ def page_bounds(kv: KV, page_size: int | None = None, *, out: PageBounds | None 
     for b in range(kv.batch):
         keys, _ = sequence_kv(kv, b)
         first = 0 if start is None else int(start[b]) // ps
-        lo, hi = page_key_bounds(keys, ps)
-        out.kmin[b, first:lo.shape[0]] = lo[first:]  # exact: min/max of stored values
-        out.kmax[b, first:hi.shape[0]] = hi[first:]
+        lo, hi = page_key_bounds(keys[first * ps:], ps)  # pages first, first + 1, ...
+        out.kmin[b, first:first + lo.shape[0]] = lo  # exact: min/max of stored values
+        out.kmax[b, first:first + hi.shape[0]] = hi
     return out
 
 

@@ -252,6 +252,18 @@ def build(dtype: str) -> SimpleNamespace:
             a = F0
         return a
 
+    @cuda.jit(device=True, inline="always")
+    def kept_rank(x, m, c0, off, width, relu, thr, buf, tid):
+        """Whether column c0 + off (off < width) of row m is kept (not |act(x)| <= thr: NaN is kept),
+        its rank among the kept entries of this chunk of NT columns (a block scan), and their count."""
+        keep = 0
+        if off < width:
+            a = packed_value(x, m, c0 + off, relu)
+            if not (abs(a) <= thr):
+                keep = 1
+        rank, tot = _scan(buf, tid, keep)
+        return keep, rank, tot
+
     def pack_tiles(x, thr, relu, tile, values, cols, counts, ovc):
         """Grid (M, n_tiles), one block per (row, tile).
         x[M, K] value; thr float32 (an entry is kept iff not |a| <= thr); relu 0/1;
@@ -267,12 +279,7 @@ def build(dtype: str) -> SimpleNamespace:
         base = 0
         for o0 in range(0, width, NT):
             off = o0 + tid
-            keep = 0
-            if off < width:
-                a = packed_value(x, m, c0 + off, relu)
-                if not (abs(a) <= thr):  # NaN is kept
-                    keep = 1
-            rank, tot = _scan(buf, tid, keep)
+            keep, rank, tot = kept_rank(x, m, c0, off, width, relu, thr, buf, tid)
             rank += base
             if keep != 0 and rank < cap:
                 values[m, t, rank] = x[m, c0 + off]  # kept entries equal act(x): copy the raw bits
@@ -327,12 +334,7 @@ def build(dtype: str) -> SimpleNamespace:
         base = 0
         for o0 in range(0, width, NT):
             off = o0 + tid
-            keep = 0
-            if off < width:
-                a = packed_value(x, m, c0 + off, relu)
-                if not (abs(a) <= thr):  # NaN is kept
-                    keep = 1
-            rank, tot = _scan(buf, tid, keep)
+            keep, rank, tot = kept_rank(x, m, c0, off, width, relu, thr, buf, tid)
             rank += base
             if keep != 0 and rank >= cap:
                 indices[start + rank - cap] = c0 + off
