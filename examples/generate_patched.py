@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import time
 
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from sparsecore.torch.modules import SparseGatedMLP, TopKDecodeAttention
+from sparsecore.torch.attention import topk_decode_layers
+from sparsecore.torch.modules import SparseGatedMLP
 from sparsecore.torch.patch import patch_model
 
 
@@ -53,17 +55,22 @@ def gate_threshold(model: LlamaForCausalLM, ids: torch.Tensor, density: float) -
     return float(torch.quantile(torch.cat(acts)[:1_000_000], 1 - density))
 
 
+def cache_arg(model: LlamaForCausalLM, cache: DynamicCache) -> dict:
+    """The cache as a keyword of ``model``'s forward: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
 def timed_generate(model: LlamaForCausalLM, ids: torch.Tensor, n: int) -> tuple[torch.Tensor, float, float]:
     """(tokens, prefill seconds, decode tokens/s): one prefill, then n - 1 one-token steps."""
     with torch.no_grad():
-        cache = DynamicCache()
+        cache = cache_arg(model, DynamicCache())
         t0 = time.perf_counter()
-        out = model(ids, past_key_values=cache, use_cache=True)
+        out = model(ids, use_cache=True, **cache)
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
         t1 = time.perf_counter()
         toks = [tok]
         for _ in range(n - 1):
-            tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+            tok = model(tok, use_cache=True, **cache).logits[:, -1].argmax(-1, keepdim=True)
             toks.append(tok)
         t2 = time.perf_counter()
     return torch.cat(toks, 1), t1 - t0, (n - 1) * ids.shape[0] / (t2 - t1)
@@ -110,7 +117,7 @@ def main() -> None:
             r = timed_generate(model, ids, args.new_tokens)
             if name not in rows or r[2] > rows[name][2]:
                 rows[name] = r
-    attn = next(m for m in patched.modules() if isinstance(m, TopKDecodeAttention))
+    attn = next(iter(topk_decode_layers(patched).values()))
     mlps = [m for m in patched.modules() if isinstance(m, SparseGatedMLP)]
     print(f"model: hidden {args.hidden}, ffn {args.intermediate}, {args.layers} layers, heads {args.heads}/"
           f"{args.kv_heads}, batch {args.batch}, context {args.context}, {args.new_tokens} new tokens, "

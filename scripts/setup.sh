@@ -14,4 +14,8 @@ fi
 # (the compile tier); 13.0 matches the ptxas of the machine's CUDA 13.0 toolkit
 "$py" -m pip install -q "numba>=0.59" "numba-cuda==0.30.*" "cuda-bindings==13.*" "nvidia-cuda-nvrtc==13.0.*" \
   "nvidia-nvvm==13.0.*"
-"$py" -c "import sparsecore, numpy, ml_dtypes, hypothesis, torch; print('sparsecore', sparsecore.__version__, 'ready')"
+"$py" -c "
+import importlib.metadata as md
+import sparsecore
+names = ('numpy', 'torch', 'transformers', 'numba', 'numba-cuda', 'scipy', 'ml_dtypes', 'hypothesis')
+print('sparsecore', sparsecore.__version__, 'ready with', ', '.join(f'{n} {md.version(n)}' for n in names))"

@@ -36,9 +36,9 @@ __all__ = [
 def __getattr__(name: str):  # the modules and model patching live in their own files, imported on use
     import importlib
 
-    if name in ("modules", "patch"):
+    if name in ("modules", "patch", "attention"):
         return importlib.import_module(f"{__name__}.{name}")
-    for mod in ("modules", "patch"):
+    for mod in ("modules", "patch", "attention"):
         try:
             m = importlib.import_module(f"{__name__}.{mod}")
         except ModuleNotFoundError as e:

@@ -5,24 +5,19 @@
   gate whose activations are packed (TiledELL) and consumed by the fused up+down projection
   :func:`sparsecore.torch.functional.relu_gated_ffn`. It keeps the L1 penalty of its last forward for
   the training loop (``.last_l1``) and running activation-density statistics.
-- :class:`TopKDecodeAttention`: wraps a LLaMA-style attention layer; prefill (and anything that is
-  not a one-token decode step with a cache) runs the original layer, each decode step selects top-k
-  keys with :func:`sparsecore.select_topk` and attends to them only with
-  :func:`sparsecore.sparse_decode`, reading the cache in place.
+
+Top-k decode attention does not replace a module: it enters transformers through its attention
+registry (:mod:`sparsecore.torch.attention`).
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-import sparsecore as sc
-
-__all__ = ["SparseGatedMLP", "TopKDecodeAttention", "total_l1", "ffn_sparsity_stats"]
+__all__ = ["SparseGatedMLP", "total_l1", "ffn_sparsity_stats"]
 
 
 def _functional() -> Any:
@@ -165,161 +160,3 @@ def ffn_sparsity_stats(model: nn.Module) -> dict[str, dict[str, float]]:
             last = m.last_density
             out[name] = {"density": float(m.density), "last_density": float("nan") if last is None else float(last)}
     return out
-
-
-_METHODS = ("exact", "quest")
-
-
-class TopKDecodeAttention(nn.Module):
-    """A LLaMA-style attention layer whose decode steps attend to the top ``k`` keys only.
-
-    ``attn`` is a ``transformers`` attention layer (LlamaAttention, or one with the same structure:
-    ``q_proj/k_proj/v_proj/o_proj``, ``head_dim``, ``scaling``, ``layer_idx``, optional
-    ``q_norm/k_norm``). Its sub-modules and attributes are adopted, so the state dict keys stay the
-    same. A forward with more than one query token, without a cache, in training mode, or with an
-    attention mask that hides some key (left padding) runs the original layer unchanged. A decode
-    step projects and rotates (the original module's ``apply_rotary_pos_emb``) the new token,
-    appends it to the cache, then::
-
-        sel = sc.select_topk(q, kv, k, method=..., sink=..., window=..., shared=...)
-        out = sc.sparse_decode(q, kv, sel, scale=attn.scaling)
-
-    reading the cache in place (see :meth:`attend` for the layout; nothing is copied). ``k``
-    counts tokens (``"exact"``) or pages of ``page_size`` tokens (``"quest"``) chosen by score on top
-    of the ``sink`` first and ``window`` last tokens; it is clamped to the cache's length.
-
-    Quest keeps the pages' key bounds between decode steps (:func:`sparsecore.page_bounds`): the
-    first decode step after a prefill computes them, each further step of the same cache object
-    recomputes only the page of the new token (``start`` = the previous length), and selection reads
-    the bounds instead of the keys. A dense forward (prefill), another cache object, another batch
-    shape or a length that is not the previous one plus 1 starts them afresh.
-    """
-
-    def __init__(self, attn: nn.Module, *, k: int, method: str = "exact", sink: int = 0, window: int = 0,
-                 shared: bool = True, page_size: int | None = None) -> None:
-        super().__init__()
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "layer_idx"):
-            if not hasattr(attn, name):
-                raise TypeError(f"TopKDecodeAttention: attn ({type(attn).__name__}) has no {name!r}; expected a "
-                                "LLaMA-style attention layer")
-        if method not in _METHODS:
-            raise ValueError(f"TopKDecodeAttention: method = {method!r}; allowed: {', '.join(_METHODS)}")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ValueError(f"TopKDecodeAttention: k = {k!r}; must be an int >= 0")
-        for key, val in vars(attn).items():
-            if not key.startswith("_") and key != "training":
-                setattr(self, key, val)
-        for name, child in attn.named_children():
-            self.add_module(name, child)
-        self.train(attn.training)
-        self._dense_forward: Callable[..., Any] = type(attn).forward
-        self._rope: Callable[..., Any] = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-        self.wrapped_class = type(attn).__name__
-        self.k, self.method, self.sink, self.window = int(k), method, int(sink), int(window)
-        self.shared, self.page_size = bool(shared), page_size
-        self.sparse_enabled = True
-        self.decode_steps = 0
-        self.dense_fallbacks = 0
-        self.keys_read = 0
-        self.keys_total = 0
-        self._bounds: Any = None  # Quest: (cache id, view key, length covered, PageBounds) or None
-
-    @property
-    def read_fraction(self) -> float:
-        """Fraction of the cached keys that the sparse decode steps read (1.0 before any)."""
-        return self.keys_read / self.keys_total if self.keys_total else 1.0
-
-    def _masks_a_key(self, mask: Any) -> bool:
-        if mask is None or not isinstance(mask, torch.Tensor):
-            return False
-        last = mask[..., -1, :] if mask.dim() >= 2 else mask
-        if last.dtype == torch.bool:
-            return not bool(last.all())
-        return bool((last < 0).any())
-
-    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-                attention_mask: torch.Tensor | None = None, past_key_values: Any = None, **kwargs: Any
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if (not self.sparse_enabled or self.training or past_key_values is None or position_embeddings is None
-                or hidden_states.shape[1] != 1 or past_key_values.get_seq_length(self.layer_idx) == 0):
-            self._bounds = None  # a prefill (or any dense step) changes the cache in ways bounds do not follow
-            return self._dense_forward(self, hidden_states, position_embeddings, attention_mask, past_key_values,
-                                       **kwargs)
-        if self._masks_a_key(attention_mask):
-            self._bounds = None
-            self.dense_fallbacks += 1
-            return self._dense_forward(self, hidden_states, position_embeddings, attention_mask, past_key_values,
-                                       **kwargs)
-        bsz = hidden_states.shape[0]
-        shape = (bsz, 1, -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(shape)
-        k = self.k_proj(hidden_states).view(shape)
-        if hasattr(self, "q_norm"):  # Qwen3-style per-head norms before RoPE
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = self._rope(q, k, cos, sin)
-        length = past_key_values.get_seq_length(self.layer_idx) + 1
-        keys, values = past_key_values.update(k, v, self.layer_idx)
-        out = self.attend(q[:, :, 0].contiguous(), keys, values, length, cache_id=id(past_key_values))
-        return self.o_proj(out.reshape(bsz, 1, -1)), None
-
-    def _quest_bounds(self, kv: sc.DenseKV, unit: int, length: int, cache_id: int | None) -> sc.PageBounds:
-        """The pages' key bounds of ``kv`` (every sequence ``length`` long): updated from the previous
-        step's when this is the next step of the same cache, else computed afresh."""
-        view = (tuple(kv.k.shape[:1]) + tuple(kv.k.shape[2:]), unit, kv.k.dtype, kv.k.device)
-        need = -(-kv.max_len // unit)
-        prev = self._bounds
-        if cache_id is not None and prev is not None and prev[0] == cache_id and prev[1] == view \
-                and prev[2] + 1 == length:
-            bounds = prev[3]
-            if bounds.num_pages < need:  # a growing (dynamic) cache: more pages, amortised doubling
-                grown = sc.PageBounds(bounds.kmin.new_zeros((kv.batch, 2 * need) + bounds.kmin.shape[2:]),
-                                      bounds.kmax.new_zeros((kv.batch, 2 * need) + bounds.kmax.shape[2:]), unit)
-                grown.kmin[:, :bounds.num_pages] = bounds.kmin
-                grown.kmax[:, :bounds.num_pages] = bounds.kmax
-                bounds = grown
-            start = torch.full((kv.batch,), length - 1, dtype=torch.int32, device=kv.k.device)
-            bounds = sc.page_bounds(kv, out=bounds, start=start)
-        else:
-            bounds = sc.page_bounds(kv, unit)
-        self._bounds = None if cache_id is None else (cache_id, view, length, bounds)
-        return bounds
-
-    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int,
-               cache_id: int | None = None) -> torch.Tensor:
-        """Top-k decode attention of ``q[B, Hq, D]`` over the first ``length`` positions of a
-        ``[B, Hkv, S, D]`` cache; ``[B, Hq, D]``.
-
-        A contiguous cache is read as ``B * Hkv`` sequences of one KV head each (a reshape, no copy;
-        the query heads of a group become that sequence's heads), which has the same meaning for a
-        selection shared per KV group or per head and keeps the kernels on contiguous rows; any other
-        cache is read through the transposed view ``[B, S, Hkv, D]``. ``cache_id`` (what
-        :meth:`forward` passes: the cache object's id) lets Quest keep its page bounds from one call
-        to the next; without it they are computed afresh."""
-        b, hkv, _, d = keys.shape
-        hq = q.shape[1]
-        if keys.is_contiguous() and values.is_contiguous():
-            kv = sc.DenseKV(keys.reshape(b * hkv, -1, 1, d), values.reshape(b * hkv, -1, 1, d),
-                            torch.full((b * hkv,), length, dtype=torch.int32, device=keys.device))
-            q = q.reshape(b * hkv, hq // hkv, d)
-        else:
-            kv = sc.DenseKV(keys.transpose(1, 2), values.transpose(1, 2),
-                            torch.full((b,), length, dtype=torch.int32, device=keys.device))
-        opts: dict[str, Any] = dict(method=self.method, sink=self.sink, window=self.window, shared=self.shared)
-        unit = 1
-        if self.method == "quest":
-            unit = self.page_size or 16
-            opts["bounds"] = self._quest_bounds(kv, unit, length, cache_id)
-        sel = sc.select_topk(q, kv, min(self.k, -(-kv.max_len // unit)), **opts)
-        out, _ = sc.sparse_decode(q, kv, sel, scale=self.scaling)
-        rows = sel.counts.numel()  # (sequence, group) pairs, whichever layout
-        self.decode_steps += 1
-        self.keys_read += min(int(sel.counts.sum()) * unit, rows * length)
-        self.keys_total += rows * length
-        return out.reshape(b, hq, d)
-
-    def extra_repr(self) -> str:
-        return (f"wraps={self.wrapped_class}, k={self.k}, method={self.method!r}, sink={self.sink}, "
-                f"window={self.window}, shared={self.shared}, page_size={self.page_size}")

@@ -1,7 +1,9 @@
-"""SparseGatedMLP and TopKDecodeAttention against transformers' dense LLaMA layers (CPU, tiny shapes)."""
+"""SparseGatedMLP and TopKDecode (through transformers' attention registry) against transformers' dense
+LLaMA layers (CPU, tiny shapes)."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -14,7 +16,8 @@ from transformers.cache_utils import DynamicCache  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRotaryEmbedding  # noqa: E402
 
 import sparsecore as sc  # noqa: E402
-from sparsecore.torch.modules import SparseGatedMLP, TopKDecodeAttention, ffn_sparsity_stats, total_l1  # noqa: E402
+from sparsecore.torch.attention import TopKDecode, register_attention  # noqa: E402
+from sparsecore.torch.modules import SparseGatedMLP, ffn_sparsity_stats, total_l1  # noqa: E402
 
 
 def _config(**kw) -> LlamaConfig:
@@ -143,17 +146,26 @@ def test_total_l1_needs_a_forward() -> None:
         total_l1(SparseGatedMLP(8, 8))
 
 
-# ---------------------------------------------------------------- TopKDecodeAttention
+# ---------------------------------------------------------------- TopKDecode (attention registry)
 
 
 def _attention(seed: int = 0) -> tuple[LlamaAttention, LlamaRotaryEmbedding]:
     torch.manual_seed(seed)
-    cfg = _config()
+    cfg = _config(attn_implementation="sdpa")
     attn = LlamaAttention(cfg, layer_idx=0).eval()
     with torch.no_grad():
         for p in attn.parameters():
             p.normal_(0, 0.3)  # peaked attention, so the choice of keys matters
     return attn, LlamaRotaryEmbedding(cfg)
+
+
+def _topk(attn: LlamaAttention, fallback: str = "sdpa", **opts: Any) -> tuple[LlamaAttention, TopKDecode]:
+    """A copy of ``attn`` (same weights) whose config selects sparsecore's registered attention over
+    ``fallback`` and whose decode steps run ``TopKDecode(**opts)``."""
+    new = copy.deepcopy(attn)
+    new.config = _config(attn_implementation=register_attention(fallback))
+    new.sparsecore_decode = TopKDecode(**opts)
+    return new, new.sparsecore_decode
 
 
 def _run(attn: torch.nn.Module, rope: LlamaRotaryEmbedding, xs: torch.Tensor, prefill: int) -> list[torch.Tensor]:
@@ -164,7 +176,7 @@ def _run(attn: torch.nn.Module, rope: LlamaRotaryEmbedding, xs: torch.Tensor, pr
     with torch.no_grad():
         for lo, hi in [(0, prefill)] + [(t, t + 1) for t in range(prefill, xs.shape[1])]:
             cos, sin = rope(xs, pos[:, lo:hi])
-            out, _ = attn(xs[:, lo:hi], position_embeddings=(cos, sin), attention_mask=None, past_key_values=cache)
+            out, _ = attn(xs[:, lo:hi], (cos, sin), None, cache)  # the cache by position: its name changed in 5.x
             outs.append(out)
     return outs
 
@@ -201,24 +213,25 @@ def _reference_topk(attn: LlamaAttention, rope: LlamaRotaryEmbedding, xs: torch.
 
 def test_attention_keeps_state_dict_and_prefill() -> None:
     attn, rope = _attention()
-    wrapped = TopKDecodeAttention(attn, k=4)
+    wrapped, state = _topk(attn, k=4)
     assert list(wrapped.state_dict()) == list(attn.state_dict())
-    assert wrapped.q_proj is attn.q_proj and wrapped.layer_idx == 0 and not wrapped.training
     xs = torch.randn(2, 9, 64)
     for a, b in zip(_run(attn, rope, xs, 9), _run(wrapped, rope, xs, 9)):
-        torch.testing.assert_close(a, b)  # prefill runs the original layer
-    assert wrapped.decode_steps == 0
+        torch.testing.assert_close(a, b)  # prefill runs the fallback (sdpa)
+    assert state.decode_steps == 0
 
 
 @pytest.mark.parametrize("method, shared", [("exact", True), ("exact", False), ("quest", True)])
 def test_decode_with_every_key_equals_dense(method: str, shared: bool) -> None:
     attn, rope = _attention(1)
-    wrapped = TopKDecodeAttention(attn, k=10_000, method=method, shared=shared, page_size=4)
+    opts = dict(page_size=4) if method == "quest" else {}
+    wrapped, state = _topk(attn, k=10_000, method=method, shared=shared, **opts)
     xs = torch.randn(2, 14, 64)
     dense, sparse = _run(attn, rope, xs, 6), _run(wrapped, rope, xs, 6)
     for a, b in zip(dense, sparse):
         torch.testing.assert_close(b, a, atol=2e-5, rtol=2e-5)
-    assert wrapped.decode_steps == 8 and wrapped.read_fraction == pytest.approx(1.0)
+    assert state.decode_steps == 8 and state.read_fraction == pytest.approx(1.0)
+    assert isinstance(state._keys_read, torch.Tensor)  # counted on the device, read on demand
 
 
 @pytest.mark.parametrize("method, k, sink, window, shared", [
@@ -229,14 +242,14 @@ def test_decode_with_few_keys_matches_topk_reference(method: str, k: int, sink: 
     opts = dict(method=method, sink=sink, window=window, shared=shared)
     if method == "quest":
         opts["page_size"] = 4
-    wrapped = TopKDecodeAttention(attn, k=k, **opts)
+    wrapped, state = _topk(attn, k=k, **opts)
     xs = torch.randn(2, 17, 64)
     got = _run(wrapped, rope, xs, 16)[-1]
     want = _reference_topk(attn, rope, xs, lambda q, kv: sc.select_topk(q, kv, k, backend="reference", **opts))
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
     dense = _run(attn, rope, xs, 16)[-1]
     assert not torch.allclose(got, dense, atol=1e-3)  # few keys: really sparse
-    assert wrapped.read_fraction < 1
+    assert state.read_fraction < 1
 
 
 def test_quest_keeps_page_bounds_across_decode_steps(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -244,7 +257,7 @@ def test_quest_keeps_page_bounds_across_decode_steps(monkeypatch: pytest.MonkeyP
     (``out`` + ``start``), and every step's output equals the one from bounds computed afresh; a new
     prefill on the same cache starts the bounds again."""
     attn, rope = _attention(4)
-    kept = TopKDecodeAttention(attn, k=1, method="quest", sink=1, window=2, page_size=3)
+    kept, _ = _topk(attn, k=1, method="quest", sink=1, window=2, page_size=3)
     calls: list[bool] = []
     real = sc.page_bounds
 
@@ -256,8 +269,8 @@ def test_quest_keeps_page_bounds_across_decode_steps(monkeypatch: pytest.MonkeyP
     xs = torch.randn(2, 16, 64) * 2
     got = _run(kept, rope, xs, 5)
     assert calls == [False] + [True] * 10  # 11 decode steps: one build, then updates (past 2 page growths)
-    fresh = TopKDecodeAttention(attn, k=1, method="quest", sink=1, window=2, page_size=3)
-    fresh._quest_bounds = lambda kv, unit, length, cache_id: real(kv, unit)  # type: ignore[method-assign]
+    fresh, fresh_state = _topk(attn, k=1, method="quest", sink=1, window=2, page_size=3)
+    fresh_state._quest_bounds = lambda kv, unit, lens: real(kv, unit)  # type: ignore[method-assign]
     want = _run(fresh, rope, xs, 5)
     for step, (a, b) in enumerate(zip(got, want)):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"step {step}")
@@ -268,37 +281,61 @@ def test_quest_keeps_page_bounds_across_decode_steps(monkeypatch: pytest.MonkeyP
         for lo, hi in [(0, 4), (4, 5), (5, 6), (0, 3), (3, 4)]:  # a second prefill on the same cache object
             if lo == 0:
                 cache.crop(0)
-            kept(xs[:, lo:hi], position_embeddings=rope(xs, pos[:, lo:hi]), attention_mask=None,
-                 past_key_values=cache)
+            kept(xs[:, lo:hi], rope(xs, pos[:, lo:hi]), None, cache)
     assert calls == [False, True, False]
 
 
 def test_decode_falls_back_to_dense_for_masked_keys() -> None:
     attn, rope = _attention(3)
-    wrapped = TopKDecodeAttention(attn, k=1)
+    wrapped, state = _topk(attn, k=1)
     xs = torch.randn(1, 6, 64)
     outs = []
     for layer in (attn, wrapped):
         cache = DynamicCache()
         with torch.no_grad():
             pos = torch.arange(6)[None]
-            layer(xs[:, :5], position_embeddings=rope(xs, pos[:, :5]), attention_mask=None, past_key_values=cache)
-            mask = torch.zeros(1, 1, 1, 6)
-            mask[..., 0] = torch.finfo(torch.float32).min  # left padding hides key 0
-            outs.append(layer(xs[:, 5:], position_embeddings=rope(xs, pos[:, 5:]), attention_mask=mask,
-                              past_key_values=cache)[0])
+            layer(xs[:, :5], rope(xs, pos[:, :5]), None, cache)
+            mask = torch.ones(1, 1, 1, 6, dtype=torch.bool)
+            mask[..., 0] = False  # left padding hides key 0
+            outs.append(layer(xs[:, 5:], rope(xs, pos[:, 5:]), mask, cache)[0])
     torch.testing.assert_close(outs[1], outs[0])
-    assert wrapped.dense_fallbacks == 1 and wrapped.decode_steps == 0
+    assert state.dense_fallbacks == 1 and state.decode_steps == 0
+
+
+def test_decode_with_a_static_prefix_mask_reads_only_the_visible_keys() -> None:
+    """A mask that shows a prefix of the keys (a static cache past its length) becomes per-sequence
+    lengths; the hidden tail (NaN here) is never read."""
+    from transformers import AttentionInterface
+
+    attn, _ = _attention(5)
+    wrapped, state = _topk(attn, k=10_000)
+    torch.manual_seed(5)
+    k, v, q = torch.randn(2, 2, 6, 16), torch.randn(2, 2, 6, 16), torch.randn(2, 4, 1, 16)
+    tail = torch.full((2, 2, 3, 16), float("nan"))
+    static_k, static_v = torch.cat([k, tail], 2), torch.cat([v, tail], 2)
+    mask = torch.zeros(2, 1, 1, 9, dtype=torch.bool)
+    mask[..., :6] = True
+    fn = AttentionInterface()[wrapped.config._attn_implementation]
+    with torch.no_grad():
+        got, _ = fn(wrapped, q, static_k, static_v, mask, scaling=attn.scaling)
+        want, _ = AttentionInterface()["sdpa"](attn, q, k, v, None, scaling=attn.scaling)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    assert state.decode_steps == 1 and state.keys_total == 2 * 2 * 6  # (B * Hkv) groups x 6 visible keys
 
 
 def test_attention_argument_errors() -> None:
-    attn, _ = _attention()
-    with pytest.raises(ValueError, match=r"^TopKDecodeAttention: method = 'topp'; allowed: exact, quest"):
-        TopKDecodeAttention(attn, k=4, method="topp")
-    with pytest.raises(ValueError, match=r"^TopKDecodeAttention: k = -1; must be an int >= 0"):
-        TopKDecodeAttention(attn, k=-1)
-    with pytest.raises(TypeError, match=r"^TopKDecodeAttention: attn \(Linear\) has no 'q_proj'"):
-        TopKDecodeAttention(torch.nn.Linear(2, 2), k=4)
+    with pytest.raises(ValueError, match=r"^TopKDecode: method = 'topp'; allowed: exact, quest"):
+        TopKDecode(k=4, method="topp")
+    with pytest.raises(ValueError, match=r"^TopKDecode: k = -1; must be an int >= 0"):
+        TopKDecode(k=-1)
+    with pytest.raises(ValueError, match=r"^TopKDecode: window = -2; must be an int >= 0"):
+        TopKDecode(k=4, window=-2)
+    with pytest.raises(ValueError, match=r"^TopKDecode: page_size = 4 is for method='quest' only"):
+        TopKDecode(k=4, page_size=4)
+    with pytest.raises(ValueError, match=r"^register_attention: fallback = 'nope' is not registered"):
+        register_attention("nope")
+    with pytest.raises(ValueError, match=r"^TopKDecode.attend: lengths = 30; expected an int or 2 ints in \[1, 21\]"):
+        TopKDecode(k=4).attend(torch.randn(2, 4, 16), torch.randn(2, 2, 21, 16), torch.randn(2, 2, 21, 16), 30)
 
 
 @pytest.mark.parametrize("backend", ["numba_cpu", "reference"])
@@ -334,15 +371,18 @@ def test_attend_reads_contiguous_and_strided_caches_alike(method: str, shared: b
     """A contiguous cache is read as B * Hkv one-head sequences, any other through the [B, S, Hkv, D]
     view; both mean the same selection and the same output."""
     attn, _ = _attention()
-    wrapped = TopKDecodeAttention(attn, k=2, method=method, sink=1, window=2, shared=shared, page_size=4)
+    state = TopKDecode(k=2, method=method, sink=1, window=2, shared=shared,
+                       **({"page_size": 4} if method == "quest" else {}))
     torch.manual_seed(1)
     nhd_k, nhd_v = torch.randn(2, 21, 2, 16), torch.randn(2, 21, 2, 16)  # [B, S, Hkv, D]
     q = torch.randn(2, 4, 16) * 3
-    strided = wrapped.attend(q, nhd_k.transpose(1, 2), nhd_v.transpose(1, 2), 19)
-    contiguous = wrapped.attend(q, nhd_k.transpose(1, 2).contiguous(), nhd_v.transpose(1, 2).contiguous(), 19)
+    strided = state.attend(q, nhd_k.transpose(1, 2), nhd_v.transpose(1, 2), 19, scaling=attn.scaling)
+    contiguous = state.attend(q, nhd_k.transpose(1, 2).contiguous(), nhd_v.transpose(1, 2).contiguous(), 19,
+                              scaling=attn.scaling)
     torch.testing.assert_close(contiguous, strided, atol=1e-5, rtol=1e-5)
     kv = sc.DenseKV(nhd_k, nhd_v, torch.tensor([19, 19], dtype=torch.int32))
     opts = dict(method=method, sink=1, window=2, shared=shared, **({"page_size": 4} if method == "quest" else {}))
-    want, _ = sc.sparse_decode(q, kv, sc.select_topk(q, kv, 2, backend="reference", **opts), backend="reference")
+    want, _ = sc.sparse_decode(q, kv, sc.select_topk(q, kv, 2, backend="reference", **opts), scale=attn.scaling,
+                               backend="reference")
     torch.testing.assert_close(contiguous, want, atol=1e-5, rtol=1e-5)
-    assert wrapped.decode_steps == 2 and wrapped.read_fraction < 1
+    assert state.decode_steps == 2 and state.read_fraction < 1

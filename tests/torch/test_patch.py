@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 
@@ -12,7 +13,8 @@ transformers = pytest.importorskip("transformers")
 
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from sparsecore.torch.modules import SparseGatedMLP, TopKDecodeAttention, total_l1  # noqa: E402
+from sparsecore.torch.attention import TopKDecode, topk_decode_layers  # noqa: E402
+from sparsecore.torch.modules import SparseGatedMLP, total_l1  # noqa: E402
 from sparsecore.torch.patch import patch_model  # noqa: E402
 
 
@@ -38,10 +40,13 @@ def _generate(model: LlamaForCausalLM, ids: torch.Tensor, n: int = 12) -> torch.
 
 def _decode_logits(model: LlamaForCausalLM, ids: torch.Tensor, n: int) -> torch.Tensor:
     """Logits of the last ``n`` positions, each computed by a one-token decode step (teacher forced)."""
-    cache = DynamicCache()
+    # the cache keyword is ``cache`` from transformers 5.2x on (``past_key_values`` deprecated), before it
+    # ``past_key_values``
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = {name: DynamicCache()}
     with torch.no_grad():
-        model(ids[:, :-n], past_key_values=cache, use_cache=True)
-        return torch.stack([model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+        model(ids[:, :-n], use_cache=True, **cache)
+        return torch.stack([model(ids[:, t:t + 1], use_cache=True, **cache).logits[:, -1]
                             for t in range(ids.shape[1] - n, ids.shape[1])])
 
 
@@ -53,27 +58,44 @@ def test_generate_with_k_over_context_equals_dense(attn: str) -> None:
     want, got = _generate(dense, ids), _generate(patched, ids)
     assert got.shape == (2, 32) and torch.equal(got, want)
     layer = patched.model.layers[0]
-    assert isinstance(layer.mlp, SparseGatedMLP) and isinstance(layer.self_attn, TopKDecodeAttention)
-    assert layer.self_attn.decode_steps == 11 and layer.self_attn.dense_fallbacks == 0
-    assert layer.self_attn.read_fraction == pytest.approx(1.0)
+    assert isinstance(layer.mlp, SparseGatedMLP) and isinstance(layer.self_attn.sparsecore_decode, TopKDecode)
+    assert type(layer.self_attn) is type(dense.model.layers[0].self_attn)  # the module is not replaced
+    assert patched.config._attn_implementation == f"sparsecore_{attn}"
+    state = layer.self_attn.sparsecore_decode
+    assert state.decode_steps == 11 and state.dense_fallbacks == 0
+    assert state.read_fraction == pytest.approx(1.0)
     assert 0 < float(layer.mlp.density) < 1
+    assert list(topk_decode_layers(patched)) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
 
 
 @pytest.mark.parametrize("method", ["exact", "quest"])
 def test_generate_decode_only_patch(method: str) -> None:
     dense = _model(act="silu")  # decode patch alone keeps the model's own MLP
-    patched = patch_model(copy.deepcopy(dense), decode=dict(k=1000, method=method, page_size=4))
+    opts = dict(page_size=4) if method == "quest" else {}
+    patched = patch_model(copy.deepcopy(dense), decode=dict(k=1000, method=method, **opts))
     assert patched.config.hidden_act == "silu" and patched.sparsecore_patch["ffn"] == []
     ids = torch.randint(1, 128, (1, 9))
     assert torch.equal(_generate(patched, ids), _generate(dense, ids))
 
 
-def test_ffn_patch_equals_relu_twin_of_a_silu_model() -> None:
+def test_ffn_patch_refuses_to_change_a_silu_model_silently() -> None:
+    silu = _model(act="silu")
+    with pytest.raises(ValueError, match=r"^patch_model: hidden_act = 'silu'; ffn=True keeps a model's function only "
+                                         r"when hidden_act is 'relu'.*ffn=dict\(act='relu'\)"):
+        patch_model(silu, ffn=True, decode=dict(k=4))
+    with pytest.raises(ValueError, match=r"^patch_model: ffn act = 'gelu'; allowed: relu"):
+        patch_model(silu, ffn=dict(act="gelu"))
+    assert silu.config.hidden_act == "silu" and silu.config._attn_implementation == "sdpa"  # nothing changed
+    assert not isinstance(silu.model.layers[0].mlp, SparseGatedMLP)
+    assert not hasattr(silu.model.layers[0].self_attn, "sparsecore_decode")
+
+
+def test_ffn_patch_with_explicit_relu_equals_relu_twin_of_a_silu_model() -> None:
     silu = _model(act="silu")
     relu = copy.deepcopy(silu)
     for layer in relu.model.layers:
         layer.mlp.act_fn = torch.nn.ReLU()
-    patched = patch_model(copy.deepcopy(silu), ffn=dict(tile=64, capacity=4))
+    patched = patch_model(copy.deepcopy(silu), ffn=dict(tile=64, capacity=4, act="relu"))
     assert patched.config.hidden_act == "relu"
     assert patched.sparsecore_patch["ffn"] == ["model.layers.0.mlp", "model.layers.1.mlp"]
     ids = torch.randint(1, 128, (2, 11))
@@ -90,7 +112,7 @@ def test_smaller_k_stays_close_and_reads_fewer_keys() -> None:
     rel = float((got - want).norm() / want.norm())
     assert rel < 0.05, rel
     assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) >= 0.9
-    assert patched.model.layers[1].self_attn.read_fraction < 0.3  # 28 of about 108 keys
+    assert patched.model.layers[1].self_attn.sparsecore_decode.read_fraction < 0.3  # 28 of about 108 keys
     out = _generate(patched, ids[:, :40], 6)  # and generate runs with a k below the context
     assert out.shape == (2, 46)
 
@@ -106,7 +128,37 @@ def test_patched_model_keeps_state_dict_and_trains() -> None:
     loss = out.loss + 1e-3 * total_l1(patched)
     loss.backward()
     assert patched.model.layers[0].mlp.gate_proj.weight.grad is not None
-    assert patched.model.layers[0].self_attn.decode_steps == 0  # training runs the dense attention
+    assert patched.model.layers[0].self_attn.sparsecore_decode.decode_steps == 0  # training runs the dense attention
+
+
+def test_left_padded_batch_falls_back_to_dense_and_matches() -> None:
+    """Left padding hides keys: those decode steps run the fallback (counted), tokens equal dense."""
+    dense = _model(attn="eager")
+    patched = patch_model(copy.deepcopy(dense), decode=dict(k=2))
+    ids = torch.randint(1, 128, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        want = dense.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        got = patched.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want)
+    state = patched.model.layers[0].self_attn.sparsecore_decode
+    assert state.dense_fallbacks == 3 and state.decode_steps == 0
+
+
+def test_static_cache_generation_with_k_over_context_equals_dense() -> None:
+    """A static cache hands the attention its whole buffer with a mask showing the filled prefix:
+    the decode steps read only that prefix."""
+    dense = _model()
+    patched = patch_model(copy.deepcopy(dense), decode=dict(k=1000, method="quest", page_size=4))
+    ids = torch.randint(1, 128, (1, 9))
+    with torch.no_grad():
+        kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, pad_token_id=0,
+                  cache_implementation="static")
+        want, got = dense.generate(ids, **kw), patched.generate(ids, **kw)
+    assert torch.equal(got, want)
+    state = patched.model.layers[0].self_attn.sparsecore_decode
+    assert state.decode_steps + state.dense_fallbacks == 4 and state.decode_steps > 0
 
 
 def test_patch_model_argument_errors() -> None:

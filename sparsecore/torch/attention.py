@@ -1,0 +1,268 @@
+"""Top-k decode attention for Hugging Face transformers, through its public attention registry.
+
+transformers computes attention through a function looked up by name in ``AttentionInterface``
+(``ALL_ATTENTION_FUNCTIONS``), selected by the model's attention implementation
+(``model.set_attn_implementation(name)``), and builds masks through the matching entry of
+``AttentionMaskInterface``. Each attention layer calls it after projecting, rotating and appending the
+new keys to its cache::
+
+    out, weights = fn(module, query [B, Hq, Sq, D], key [B, Hkv, Sk, D], value [B, Hkv, Sk, D],
+                      attention_mask, scaling=..., dropout=..., **kwargs)   # out: [B, Sq, Hq, D]
+
+:func:`register_attention` registers, for a fallback implementation (``"sdpa"``, ``"eager"``, ...),
+the name ``"sparsecore_<fallback>"`` under both registries. The function reads the layer's
+:class:`TopKDecode` (the attribute ``module.sparsecore_decode`` that :func:`sparsecore.torch.patch_model`
+sets): a decode step (one query position, eval mode, no mask that hides a key other than a suffix)
+selects keys with :func:`sparsecore.select_topk` and attends with :func:`sparsecore.sparse_decode`,
+reading the cache in place; everything else (prefill, training, left padding, a layer without a
+``TopKDecode``) runs the fallback unchanged, with the fallback's own masks. ``docs/decisions.md``
+says why this hook and not a wrapper around the attention module.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import sparsecore as sc
+
+__all__ = ["TopKDecode", "register_attention", "topk_decode_layers", "PREFIX"]
+
+PREFIX = "sparsecore_"
+_METHODS = ("exact", "quest")
+# keyword arguments of the registry call that change what attention means; a step that gets any of
+# them with a value runs the fallback (sparse_decode computes plain softmax attention)
+_UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
+
+
+class TopKDecode:
+    """One attention layer's top-k decode: its options, its Quest page bounds and its statistics.
+
+    A decode step of the layer computes, over the first ``length`` cached positions::
+
+        sel = sc.select_topk(q, kv, k, method=method, sink=sink, window=window, shared=shared)
+        out = sc.sparse_decode(q, kv, sel, scale=scaling)
+
+    ``k`` counts tokens (``"exact"``) or pages of ``page_size`` tokens (``"quest"``, default 16) chosen
+    by score on top of the ``sink`` first and ``window`` last tokens; it is clamped to the cache.
+
+    Statistics: ``decode_steps`` and ``dense_fallbacks`` (decode steps that ran the fallback because a
+    mask hid keys) are host counters; the keys read are counted on the device (no host
+    synchronisation per step) and read on demand by ``keys_read`` and ``read_fraction``.
+
+    Quest keeps the pages' key bounds (:func:`sparsecore.page_bounds`) between decode steps of the
+    same cache: a step whose cache has one more position than the previous step's, with the same
+    batch, heads and dtype, recomputes only the page of the new token; anything else (a prefill or
+    another dense call of the layer, another shape, another length) builds them afresh. A cache
+    reordered in place between steps (beam search) is not detected: use ``method="exact"`` there.
+    """
+
+    def __init__(self, *, k: int, method: str = "exact", sink: int = 0, window: int = 0, shared: bool = True,
+                 page_size: int | None = None) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"TopKDecode: k = {k!r}; must be an int >= 0")
+        if method not in _METHODS:
+            raise ValueError(f"TopKDecode: method = {method!r}; allowed: {', '.join(_METHODS)}")
+        for name, val in (("sink", sink), ("window", window)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+                raise ValueError(f"TopKDecode: {name} = {val!r}; must be an int >= 0")
+        if page_size is not None and (isinstance(page_size, bool) or not isinstance(page_size, int)
+                                      or page_size < 1):
+            raise ValueError(f"TopKDecode: page_size = {page_size!r}; must be None or an int >= 1")
+        if page_size is not None and method != "quest":
+            raise ValueError(f"TopKDecode: page_size = {page_size} is for method='quest' only (method = {method!r})")
+        self.k, self.method, self.sink, self.window = k, method, sink, window
+        self.shared, self.page_size = bool(shared), page_size
+        self.enabled = True
+        self._bounds: tuple[Any, tuple[int, ...], sc.PageBounds] | None = None  # Quest: (view, lengths, bounds)
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.decode_steps = 0
+        self.dense_fallbacks = 0
+        self.keys_total = 0
+        self._keys_read: torch.Tensor | None = None
+
+    @property
+    def keys_read(self) -> int:
+        """Keys the sparse decode steps read (summed over sequences and selection groups)."""
+        return 0 if self._keys_read is None else int(self._keys_read)
+
+    @property
+    def read_fraction(self) -> float:
+        """Fraction of the cached keys that the sparse decode steps read (1.0 before any)."""
+        return self.keys_read / self.keys_total if self.keys_total else 1.0
+
+    def options(self) -> dict[str, Any]:
+        return dict(k=self.k, method=self.method, sink=self.sink, window=self.window, shared=self.shared,
+                    page_size=self.page_size)
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"TopKDecode({opts}; decode_steps={self.decode_steps}, dense_fallbacks={self.dense_fallbacks})"
+
+    # ------------------------------------------------------------------ the decode step
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               lengths: int | list[int] | tuple[int, ...], *, scaling: float | None = None) -> torch.Tensor:
+        """Top-k decode attention of ``q[B, Hq, D]`` over the first ``lengths[b]`` positions of a
+        ``[B, Hkv, S, D]`` cache (``lengths``: one int for every sequence, or one per sequence, host
+        ints); returns ``[B, Hq, D]``.
+
+        A contiguous cache is read as ``B * Hkv`` sequences of one KV head each (a reshape, no copy;
+        the query heads of a group become that sequence's heads), which means the same for a
+        selection shared per KV group or per head and keeps the kernels on contiguous rows; any other
+        cache is read through the transposed view ``[B, S, Hkv, D]``."""
+        b, hkv, s, d = keys.shape
+        hq = q.shape[1]
+        lens = (int(lengths),) * b if isinstance(lengths, int) else tuple(int(n) for n in lengths)
+        if len(lens) != b or not all(1 <= n <= s for n in lens):
+            raise ValueError(f"TopKDecode.attend: lengths = {lengths!r}; expected an int or {b} ints in [1, {s}]")
+        if keys.is_contiguous() and values.is_contiguous():
+            rep = hkv
+            kv_lens = torch.tensor([n for n in lens for _ in range(hkv)], dtype=torch.int32).to(keys.device)
+            kv = sc.DenseKV(keys.reshape(b * hkv, s, 1, d), values.reshape(b * hkv, s, 1, d), kv_lens)
+            q = q.reshape(b * hkv, hq // hkv, d)
+        else:
+            rep = 1
+            kv = sc.DenseKV(keys.transpose(1, 2), values.transpose(1, 2),
+                            torch.tensor(lens, dtype=torch.int32).to(keys.device))
+        opts: dict[str, Any] = dict(method=self.method, sink=self.sink, window=self.window, shared=self.shared)
+        unit = 1
+        if self.method == "quest":
+            unit = self.page_size or 16
+            opts["bounds"] = self._quest_bounds(kv, unit, lens)
+        sel = sc.select_topk(q, kv, min(self.k, -(-s // unit)), **opts)
+        out, _ = sc.sparse_decode(q, kv, sel, scale=scaling)
+        # keys read per (sequence, group) row, on the device: a page counts page_size keys, at most the length
+        read = torch.minimum(sel.counts.to(torch.int64) * unit, kv.lengths.to(torch.int64)[:, None]).sum()
+        self._keys_read = read if self._keys_read is None else self._keys_read + read
+        self.keys_total += int(sel.counts.shape[1]) * rep * sum(lens)
+        self.decode_steps += 1
+        return out.reshape(b, hq, d)
+
+    def _quest_bounds(self, kv: sc.DenseKV, unit: int, lens: tuple[int, ...]) -> sc.PageBounds:
+        view = (tuple(kv.k.shape[:1]) + tuple(kv.k.shape[2:]), unit, kv.k.dtype, kv.k.device)
+        need = -(-int(kv.k.shape[1]) // unit)
+        prev = self._bounds
+        if prev is not None and prev[0] == view and len(prev[1]) == len(lens) \
+                and all(n == p + 1 for n, p in zip(lens, prev[1])):
+            bounds = prev[2]
+            if bounds.num_pages < need:  # a growing (dynamic) cache: more pages, amortised doubling
+                grown = sc.PageBounds(bounds.kmin.new_zeros((kv.batch, 2 * need) + bounds.kmin.shape[2:]),
+                                      bounds.kmax.new_zeros((kv.batch, 2 * need) + bounds.kmax.shape[2:]), unit)
+                grown.kmin[:, :bounds.num_pages] = bounds.kmin
+                grown.kmax[:, :bounds.num_pages] = bounds.kmax
+                bounds = grown
+            bounds = sc.page_bounds(kv, out=bounds, start=kv.lengths - 1)
+        else:
+            bounds = sc.page_bounds(kv, unit)
+        self._bounds = (view, lens, bounds)
+        return bounds
+
+    def forget_bounds(self) -> None:
+        self._bounds = None
+
+
+def _visible_lengths(mask: torch.Tensor | None, b: int, s: int) -> tuple[int, ...] | None | bool:
+    """How many keys each sequence sees when the last query row of ``mask`` shows a prefix of the
+    ``s`` keys (a static cache past its length), as host ints; ``None`` for no mask (every key);
+    ``False`` when it hides any other key (left padding, a sliding window), which only the fallback
+    computes. A mask costs one host synchronisation per step; without padding transformers passes
+    none to sdpa."""
+    if mask is None or not isinstance(mask, torch.Tensor):
+        return None
+    last = mask[..., -1, :] if mask.dim() >= 2 else mask
+    visible = last if last.dtype == torch.bool else last == 0
+    visible = visible.reshape(visible.shape[0], -1, visible.shape[-1])
+    if visible.shape[1] != 1 or visible.shape[-1] != s or visible.shape[0] not in (1, b):
+        return False
+    visible = visible[:, 0].expand(b, s)
+    lengths = visible.sum(-1)
+    prefix = torch.arange(s, device=visible.device)[None] < lengths[:, None]
+    if not torch.equal(visible, prefix):
+        return False
+    lens = tuple(int(n) for n in lengths.tolist())
+    return False if min(lens) == 0 else lens
+
+
+def _fallback_function(fallback: str, module: torch.nn.Module) -> Callable[..., Any]:
+    if fallback == "eager":
+        # each modeling file defines its own eager attention (the registry's signature): use the module's
+        fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        return fn if fn is not None else _eager
+    from transformers import AttentionInterface
+
+    return AttentionInterface()[fallback]
+
+
+def _eager(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+           attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+           **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax attention with GQA (LLaMA's eager), for a module whose file defines none."""
+    groups = query.shape[1] // key.shape[1]
+    k, v = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    w = torch.matmul(query, k.transpose(2, 3)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
+    if attention_mask is not None:
+        w = w + attention_mask[..., : k.shape[-2]]
+    w = torch.nn.functional.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
+    w = torch.nn.functional.dropout(w, p=dropout, training=module.training)
+    return torch.matmul(w, v).transpose(1, 2).contiguous(), w
+
+
+def _make(fallback: str) -> Callable[..., Any]:
+    def sparsecore_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                             **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        state = getattr(module, "sparsecore_decode", None)
+        decode = (isinstance(state, TopKDecode) and state.enabled and not module.training and query.shape[2] == 1
+                  and not any(kwargs.get(name) is not None for name in _UNSUPPORTED_KWARGS))
+        if decode:
+            lengths = _visible_lengths(attention_mask, key.shape[0], key.shape[2])
+            if lengths is False:
+                state.dense_fallbacks += 1
+                state.forget_bounds()
+            else:
+                out = state.attend(query[:, :, 0], key, value, key.shape[2] if lengths is None else lengths,
+                                   scaling=scaling)
+                return out.unsqueeze(1), None
+        elif isinstance(state, TopKDecode):
+            state.forget_bounds()  # a prefill changes the cache in ways the bounds do not follow
+        return _fallback_function(fallback, module)(module, query, key, value, attention_mask, scaling=scaling,
+                                                    dropout=dropout, **kwargs)
+
+    sparsecore_attention.__qualname__ = sparsecore_attention.__name__ = f"{PREFIX}{fallback}"
+    return sparsecore_attention
+
+
+def register_attention(fallback: str = "sdpa") -> str:
+    """Register top-k decode attention over ``fallback`` (an implementation transformers knows:
+    ``"sdpa"``, ``"eager"``, ...) in transformers' ``AttentionInterface`` and ``AttentionMaskInterface``;
+    returns its name, ``"sparsecore_<fallback>"``, for ``model.set_attn_implementation(name)``.
+    Idempotent."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    if not isinstance(fallback, str) or fallback.startswith(PREFIX):
+        raise ValueError(f"register_attention: fallback = {fallback!r}; expected the name of a transformers "
+                         "attention implementation such as 'sdpa' or 'eager'")
+    if fallback != "eager" and fallback not in AttentionInterface():
+        raise ValueError(f"register_attention: fallback = {fallback!r} is not registered in transformers' "
+                         f"AttentionInterface; known: eager, {', '.join(sorted(AttentionInterface().valid_keys()))}")
+    if fallback not in ALL_MASK_ATTENTION_FUNCTIONS:
+        raise ValueError(f"register_attention: fallback = {fallback!r} has no mask function in transformers' "
+                         "AttentionMaskInterface")
+    name = f"{PREFIX}{fallback}"
+    if name not in AttentionInterface():
+        AttentionInterface.register(name, _make(fallback))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[fallback])
+    return name
+
+
+def topk_decode_layers(model: torch.nn.Module) -> dict[str, TopKDecode]:
+    """``{attention module name: its TopKDecode}`` for every layer :func:`patch_model` gave one."""
+    return {name: m.sparsecore_decode for name, m in model.named_modules()
+            if isinstance(getattr(m, "sparsecore_decode", None), TopKDecode)}
