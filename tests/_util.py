@@ -49,9 +49,9 @@ def assert_close(actual: Any, expected: Any, dtype: str, *, what: str = "", scal
 HOST_BACKENDS = ("reference", "numba_cpu")
 
 
-def host_backend_params() -> list[Any]:
-    """pytest params for HOST_BACKENDS; a backend whose library is missing is skipped, with the
-    reason its classes give (never silently)."""
+def host_backend_params(variants: dict[str, tuple[str, ...]] | None = None) -> list[Any]:
+    """pytest params for HOST_BACKENDS (and ``"backend:variant"`` for each of ``variants[backend]``);
+    a backend whose library is missing is skipped, with the reason its classes give (never silently)."""
     import pytest
 
     from sparsecore.ops.dispatcher import implementations
@@ -61,7 +61,8 @@ def host_backend_params() -> list[Any]:
         cls = next((c for c in implementations("spmm") if c.BACKEND == name), None)
         reasons = ["not registered"] if cls is None else cls.availability_reasons()
         marks = [pytest.mark.skip(reason=f"{name}: {'; '.join(reasons)}")] if reasons else []
-        params.append(pytest.param(name, id=name, marks=marks))
+        for label in (name, *(f"{name}:{v}" for v in (variants or {}).get(name, ()))):
+            params.append(pytest.param(label, id=label, marks=marks))
     return params
 
 

@@ -40,11 +40,19 @@ FACTORY_CASES = factory_cases()
 BACKEND = "reference"
 
 
-@pytest.fixture(scope="module", autouse=True, params=host_backend_params())
+@pytest.fixture(scope="module", autouse=True, params=host_backend_params(variants={"numba_cpu": ("grouped",)}))
 def _host_backend(request: pytest.FixtureRequest) -> Any:
+    """Each host backend; ``numba_cpu:grouped`` runs numba_cpu with its decode-size row kernels off,
+    so the grouped parallel kernels meet the same properties on the same small shapes."""
     global BACKEND
-    BACKEND = request.param
+    BACKEND, _, variant = request.param.partition(":")
+    mp = pytest.MonkeyPatch()
+    if variant == "grouped":
+        import sparsecore.backends.numba_cpu as numba_cpu
+
+        mp.setattr(numba_cpu, "ROW_KERNEL_MAX_ROWS", -1)
     yield request.param
+    mp.undo()
     BACKEND = "reference"
 
 

@@ -7,6 +7,11 @@
   ``not_supported_reasons()`` says in words why a class cannot take a call.
 - :func:`dispatch` walks the classes in :data:`BACKEND_PRIORITY` order and takes the first with no
   reasons. ``backend="name"`` (a backend or a variant name) or ``SPARSECORE_BACKEND`` forces one.
+- What validation and selection decide depends only on the call's *signature*: each array's
+  library, device, dtype and shape, each format's class and metadata, and the scalar arguments
+  (:meth:`OpInputs.signature`). :func:`plan` memoises it per signature as a :class:`Plan` (the
+  backend class and the normalised scalar arguments), so a call that repeats a signature, a decode
+  step, a layer of the same shape, skips both and only checks the data (when that is on) and runs.
 """
 
 from __future__ import annotations
@@ -16,10 +21,12 @@ import functools
 import importlib
 import os
 from collections.abc import Callable
+
+import numpy as np
 from typing import Any, ClassVar
 
-from .._arrays import device_of, from_numpy, is_array, kind_of, to_numpy
-from .._checks import check_same_place, fail
+from .._arrays import device_of, dtype_name, from_numpy, is_array, kind_of, to_numpy
+from .._checks import _device_label, check_same_place, fail
 
 #: fastest first; the reference is the fallback that is always there.
 BACKEND_PRIORITY: tuple[str, ...] = ("cupy", "cuda_python", "numba_cuda", "numba_cpu", "reference")
@@ -49,6 +56,29 @@ def map_arrays(fn: Callable[[Any], Any], obj: Any) -> Any:
     if isinstance(obj, tuple):
         return tuple(map_arrays(fn, o) for o in obj)
     return obj
+
+
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(t: type) -> tuple[str, ...]:
+    names = _FIELDS.get(t)
+    if names is None:
+        names = _FIELDS[t] = tuple(f.name for f in dataclasses.fields(t))
+    return names
+
+
+def signature(v: Any) -> Any:
+    """What validation may read of ``v``: an array's library, device, dtype and shape (and, for a
+    NumPy array, whether it is writeable); a format's class and the signature of each field; any
+    other value itself (it must be hashable)."""
+    if type(v) is np.ndarray:
+        return (v.dtype, v.shape, v.flags.writeable)
+    if is_array(v):
+        return (type(v), dtype_name(v), tuple(v.shape), _device_label(v))
+    if _is_format(v):
+        return (type(v),) + tuple(signature(getattr(v, n)) for n in _field_names(type(v)))
+    return v
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -90,6 +120,15 @@ class OpInputs:
     def dtype(self) -> str:
         """The value dtype of the call (what backends' ``DTYPES`` are checked against)."""
         raise NotImplementedError
+
+    def signature(self) -> tuple[Any, ...]:
+        """Everything :meth:`validate` and backend selection read (see :func:`signature`)."""
+        return (type(self),) + tuple(signature(getattr(self, n)) for n in _field_names(type(self)))
+
+    def scalars(self) -> dict[str, Any]:
+        """The arguments that are neither arrays nor formats (as :meth:`validate` normalised them)."""
+        return {n: v for n in _field_names(type(self))
+                if not is_array(v := getattr(self, n)) and not _is_format(v)}
 
     def validate(self) -> None:
         """Shapes, dtypes, devices and arguments: cheap, reads no data."""
@@ -158,6 +197,7 @@ class BackendOp:
 
 def register(cls: type[BackendOp]) -> type[BackendOp]:
     """Class decorator: add a backend op class to the registry of its op."""
+    _PLANS.clear()
     if cls.OP not in _REGISTRY:
         raise ValueError(f"register: {cls.__name__}.OP = {cls.OP!r} is not an op; ops: {', '.join(OPS)}")
     if cls.BACKEND not in BACKEND_PRIORITY:
@@ -214,17 +254,54 @@ def select(inp: OpInputs, backend: str | None = None) -> type[BackendOp]:
                               f"(device {inp.device}, dtype {inp.dtype}):\n{_format_reasons(classes, inp)}")
 
 
-def _deep_validation(inp: OpInputs) -> bool:
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a call's signature decides, once: the backend class that runs it and the normalised
+    scalar arguments (defaults filled in, types made plain)."""
+
+    backend: type[BackendOp]
+    scalars: tuple[tuple[str, Any], ...]
+    device: str
+
+
+#: signature -> Plan; emptied when a backend class is registered, and when it grows past PLAN_CACHE_SIZE
+_PLANS: dict[Any, Plan] = {}
+PLAN_CACHE_SIZE = 4096
+
+
+def plan(inp: OpInputs, backend: str | None = None) -> Plan:
+    """Validate ``inp`` and pick its backend, or reuse what an earlier call with the same signature
+    (and the same forced backend) decided; on reuse the normalised scalar arguments are put back
+    into ``inp``."""
+    name = backend if backend is not None else (os.environ.get("SPARSECORE_BACKEND") or None)
+    try:
+        key = (inp.signature(), name)
+        found = _PLANS.get(key)
+    except TypeError:  # an unhashable argument: validate and select every time
+        key, found = None, None
+    if found is not None:
+        for n, v in found.scalars:
+            object.__setattr__(inp, n, v)
+        return found
+    inp.validate()
+    made = Plan(select(inp, backend), tuple(inp.scalars().items()), inp.device)
+    if key is not None:
+        if len(_PLANS) >= PLAN_CACHE_SIZE:
+            _PLANS.clear()
+        _PLANS[key] = made
+    return made
+
+
+def _deep_validation(device: str) -> bool:
     mode = os.environ.get("SPARSECORE_VALIDATE", "auto")
     if mode not in ("auto", "always", "never"):
         fail("SPARSECORE_VALIDATE", f"value {mode!r} is not allowed; use 'auto', 'always' or 'never'")
-    return mode == "always" or (mode == "auto" and inp.device == "host")
+    return mode == "always" or (mode == "auto" and device == "host")
 
 
 def dispatch(inp: OpInputs, backend: str | None = None) -> Any:
-    """Validate ``inp``, pick a backend op class and run it."""
-    inp.validate()
-    cls = select(inp, backend)
-    if _deep_validation(inp):
+    """Validate ``inp`` (or reuse the plan of its signature), pick a backend op class and run it."""
+    p = plan(inp, backend)
+    if _deep_validation(p.device):
         inp.validate_data()
-    return cls.apply(inp)
+    return p.backend.apply(inp)

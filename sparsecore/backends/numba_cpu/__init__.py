@@ -113,8 +113,13 @@ class _NumbaCpu(BackendOp):
         return _elements(*inp.named_arrays().values())
 
     @classmethod
+    def serial(cls, inp: Any) -> bool:
+        """True when the call runs a serial kernel (no thread pool to size)."""
+        return False
+
+    @classmethod
     def apply(cls, inp: Any) -> Any:
-        if cls.work(inp) >= PARALLEL_MIN_WORK:
+        if cls.serial(inp) or cls.work(inp) >= PARALLEL_MIN_WORK:
             return super().apply(inp)
         import numba
 
@@ -131,6 +136,21 @@ def _stored(a: TiledELL | CSR) -> int:
     if isinstance(a, CSR):
         return a.nnz
     return math.prod(a.values.shape) + (a.overflow.nnz if a.overflow is not None else 0)
+
+
+#: decode-size FFN calls: up to this many rows of A, with (stored slots x output width) under
+#: ROW_KERNEL_MAX_WORK, run the serial row kernels (no grouping, no thread pool); larger calls run
+#: the grouped parallel kernels. Chosen from shapes only, so a shape always runs the same kernel.
+ROW_KERNEL_MAX_ROWS = 16
+ROW_KERNEL_MAX_WORK = 8 * PARALLEL_MIN_WORK
+
+
+def _row_kernels(a: TiledELL | CSR, width: int) -> bool:
+    return a.shape[0] <= ROW_KERNEL_MAX_ROWS and _stored(a) * width < ROW_KERNEL_MAX_WORK
+
+
+def _sparse_args(a: TiledELL | CSR) -> tuple[Any, ...]:
+    return _ell_args(a) if isinstance(a, TiledELL) else _csr_as_ell_args(a)
 
 
 @register
@@ -188,8 +208,7 @@ def _finish(out32: np.ndarray, dtype: str) -> np.ndarray:
 
 def _group(a: TiledELL | CSR, chunk_rows: int, lut: np.ndarray) -> tuple[np.ndarray, ...]:
     """Entries grouped by (row chunk, column): see kernels.group_by_column."""
-    args = _ell_args(a) if isinstance(a, TiledELL) else _csr_as_ell_args(a)
-    return _k().group_by_column(*args, a.shape[1], chunk_rows, lut)
+    return _k().group_by_column(*_sparse_args(a), a.shape[1], chunk_rows, lut)
 
 
 def _csr_as_ell_args(a: CSR) -> tuple[Any, ...]:
@@ -232,9 +251,17 @@ class Spmm(_NumbaCpu):
         return _stored(inp.a) * int(inp.w.shape[1])
 
     @classmethod
+    def serial(cls, inp: I.SpmmInputs) -> bool:
+        return _row_kernels(inp.a, int(inp.w.shape[1]))
+
+    @classmethod
     def run(cls, inp: I.SpmmInputs) -> np.ndarray:
         a, w = inp.a, inp.w
         lut = _lut_for(inp.dtype)
+        if cls.serial(inp):
+            out = np.empty((a.shape[0], w.shape[1]), np.float32)
+            _k().spmm_rows(*_sparse_args(a), np.ascontiguousarray(_bits(w)), lut, out)
+            return _finish(out, inp.dtype)
         chunk, block = _tiles(a.shape[0], w.shape[1])
         ptr, rows, vals, _ = _group(a, chunk, lut)
         return _finish(_spmm_grouped(ptr, rows, vals, w, lut, a.shape[0], chunk, block), inp.dtype)
@@ -249,9 +276,15 @@ class Sddmm(_NumbaCpu):
         return _stored(inp.pattern) * int(inp.x.shape[1])
 
     @classmethod
+    def serial(cls, inp: I.SddmmInputs) -> bool:
+        return _row_kernels(inp.pattern, int(inp.x.shape[1]))
+
+    @classmethod
     def run(cls, inp: I.SddmmInputs) -> TiledELL | CSR:
         p, x, w = inp.pattern, inp.x, inp.w
         lut = _lut_for(inp.dtype)
+        if cls.serial(inp):
+            return cls._rows(inp, lut)
         chunk, _ = _tiles(p.shape[0], x.shape[1])
         ptr, rows, _, pos = _group(p, chunk, lut)
         dots = np.empty(rows.shape[0], np.float32)
@@ -270,6 +303,25 @@ class Sddmm(_NumbaCpu):
         values = _finish(slots.reshape(p.values.shape), inp.dtype)
         return TiledELL(values, p.cols, p.counts, p.shape, p.tile, overflow, p.sorted)
 
+    @classmethod
+    def _rows(cls, inp: I.SddmmInputs, lut: np.ndarray) -> TiledELL | CSR:
+        p = inp.pattern
+        _, cols, counts, tile, o_ptr, o_idx, _ = _sparse_args(p)
+        x, w = np.ascontiguousarray(_bits(inp.x)), np.ascontiguousarray(_bits(inp.w))
+        if isinstance(p, CSR):
+            data = np.empty(p.nnz, np.float32)
+            _k().sddmm_rows(cols, counts, tile, o_ptr, o_idx, x, w, lut, np.empty(0, np.float32), data)
+            return CSR(p.indptr, p.indices, _finish(data, inp.dtype), p.shape, p.sorted)
+        slots = np.zeros(p.values.size, np.float32)
+        over = np.empty(0 if p.overflow is None else p.overflow.nnz, np.float32)
+        _k().sddmm_rows(cols, counts, tile, o_ptr, o_idx, x, w, lut, slots, over)
+        overflow = None
+        if p.overflow is not None:
+            o = p.overflow
+            overflow = CSR(o.indptr, o.indices, _finish(over, inp.dtype), o.shape, o.sorted)
+        return TiledELL(_finish(slots.reshape(p.values.shape), inp.dtype), p.cols, p.counts, p.shape, p.tile,
+                        overflow, p.sorted)
+
 
 @register
 class SpmmT(_NumbaCpu):
@@ -280,9 +332,17 @@ class SpmmT(_NumbaCpu):
         return _stored(inp.a) * int(inp.dy.shape[1])
 
     @classmethod
+    def serial(cls, inp: I.SpmmTInputs) -> bool:
+        return _row_kernels(inp.a, int(inp.dy.shape[1]))
+
+    @classmethod
     def run(cls, inp: I.SpmmTInputs) -> np.ndarray:
         a, dy = inp.a, inp.dy
         lut = _lut_for(inp.dtype)
+        if cls.serial(inp):
+            out = np.empty((a.shape[1], dy.shape[1]), np.float32)
+            _k().spmm_t_rows(*_sparse_args(a), np.ascontiguousarray(_bits(dy)), lut, out)
+            return _finish(out, inp.dtype)
         ptr, rows, vals, _ = _group(a, max(a.shape[0], 1), lut)
         out = np.empty((a.shape[1], dy.shape[1]), np.float32)
         _k().spmm_t_grouped(ptr, rows, vals, np.ascontiguousarray(_bits(dy)), lut, out)
@@ -298,10 +358,19 @@ class GatedFfn(_NumbaCpu):
         return _stored(inp.gate) * int(inp.x.shape[1] + inp.w_down.shape[1])
 
     @classmethod
+    def serial(cls, inp: I.GatedFfnInputs) -> bool:
+        return _row_kernels(inp.gate, int(inp.x.shape[1] + inp.w_down.shape[1]))
+
+    @classmethod
     def run(cls, inp: I.GatedFfnInputs) -> np.ndarray:
         g = inp.gate
         m = g.shape[0]
         lut = _lut_for(inp.dtype)
+        if cls.serial(inp):
+            out = np.empty((m, inp.w_down.shape[1]), np.float32)
+            c = np.ascontiguousarray
+            _k().gated_rows(*_sparse_args(g), c(_bits(inp.x)), c(_bits(inp.w_up)), c(_bits(inp.w_down)), lut, out)
+            return _finish(out, inp.dtype)
         chunk, block = _tiles(m, inp.w_down.shape[1])
         ptr, rows, vals, _ = _group(g, chunk, lut)
         h = np.empty(rows.shape[0], np.float32)

@@ -207,6 +207,86 @@ def spmm_t_grouped(ptr, rows, vals, dy, lut, out):
                 row[n] += v * load(dy, (m, n), lut)
 
 
+# Decode-size FFN calls (a few rows): one serial pass over the stored entries, no grouping, no thread
+# pool. Each entry's weight row is read once per row of A, which costs nothing when A has few rows.
+_ROWS = {"cache": True, "nogil": True, "fastmath": {"contract"}}
+
+
+@njit(**_ROWS)
+def spmm_rows(values, cols, counts, tile, o_ptr, o_idx, o_val, w, lut, out):
+    """out[m] = sum over the stored (m, j, v) of v * W[j], row by row (slots, then overflow)."""
+    m_rows, n_tiles, _ = values.shape
+    n = w.shape[1]
+    for m in range(m_rows):
+        for nn in range(n):
+            out[m, nn] = 0
+        for t in range(n_tiles):
+            for s in range(counts[m, t]):
+                v = load(values, (m, t, s), lut)
+                j = t * tile + cols[m, t, s]
+                for nn in range(n):
+                    out[m, nn] += v * load(w, (j, nn), lut)
+        for p in range(o_ptr[m], o_ptr[m + 1]):
+            v = load(o_val, p, lut)
+            j = o_idx[p]
+            for nn in range(n):
+                out[m, nn] += v * load(w, (j, nn), lut)
+
+
+@njit(**_ROWS)
+def gated_rows(values, cols, counts, tile, o_ptr, o_idx, o_val, x, w_up, w_down, lut, out):
+    """out[m] = sum over the stored (m, j, g) of g * (x[m] . w_up[j]) * w_down[j], row by row."""
+    m_rows, n_tiles, _ = values.shape
+    n = w_down.shape[1]
+    for m in range(m_rows):
+        for nn in range(n):
+            out[m, nn] = 0
+        for t in range(n_tiles):
+            for s in range(counts[m, t]):
+                j = t * tile + cols[m, t, s]
+                h = load(values, (m, t, s), lut) * _dot(x, m, w_up, j, lut)
+                for nn in range(n):
+                    out[m, nn] += h * load(w_down, (j, nn), lut)
+        for p in range(o_ptr[m], o_ptr[m + 1]):
+            j = o_idx[p]
+            h = load(o_val, p, lut) * _dot(x, m, w_up, j, lut)
+            for nn in range(n):
+                out[m, nn] += h * load(w_down, (j, nn), lut)
+
+
+@njit(**_ROWS)
+def sddmm_rows(cols, counts, tile, o_ptr, o_idx, x, w, lut, slots, overflow):
+    """x[m] . W[j] at every stored (m, j): into ``slots`` (the pattern's slot layout, flat) and
+    ``overflow`` (the pattern's overflow order); padding slots stay as they are (zero)."""
+    m_rows, n_tiles, cap = cols.shape
+    for m in range(m_rows):
+        for t in range(n_tiles):
+            for s in range(counts[m, t]):
+                slots[(m * n_tiles + t) * cap + s] = _dot(x, m, w, t * tile + cols[m, t, s], lut)
+        for p in range(o_ptr[m], o_ptr[m + 1]):
+            overflow[p] = _dot(x, m, w, o_idx[p], lut)
+
+
+@njit(**_ROWS)
+def spmm_t_rows(values, cols, counts, tile, o_ptr, o_idx, o_val, dy, lut, out):
+    """out = A.T @ dy: every stored (m, j, v) adds v * dy[m] to out[j]."""
+    m_rows, n_tiles, _ = values.shape
+    n = dy.shape[1]
+    out[:] = 0
+    for m in range(m_rows):
+        for t in range(n_tiles):
+            for s in range(counts[m, t]):
+                v = load(values, (m, t, s), lut)
+                j = t * tile + cols[m, t, s]
+                for nn in range(n):
+                    out[j, nn] += v * load(dy, (m, nn), lut)
+        for p in range(o_ptr[m], o_ptr[m + 1]):
+            v = load(o_val, p, lut)
+            j = o_idx[p]
+            for nn in range(n):
+                out[j, nn] += v * load(dy, (m, nn), lut)
+
+
 # ---------------------------------------------------------------------------------------------
 # Decode. A dense cache is passed as pages: k[B, S, Hkv, D] is k_pages with page_size S and
 # page_table[b, 0] = b, so one kernel serves both layouts.
