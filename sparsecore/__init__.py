@@ -23,6 +23,7 @@ from .formats import (
                       tiled_ell_to_dense,
 )
 from .ops import (
+    DecodePlan,
     dense_decode,
     gated_ffn,
     merge_attention,
@@ -43,5 +44,5 @@ __all__ = [
     "tiled_ell_from_dense", "tiled_ell_to_dense", "tiled_ell_to_csr", "csr_to_tiled_ell",
     "csr_from_dense", "csr_to_dense", "csr_to_scipy", "csr_from_scipy", "csr_to_torch", "csr_from_torch",
     "pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn",
-    "page_bounds", "select_topk", "sparse_decode", "dense_decode", "merge_attention",
+    "page_bounds", "select_topk", "sparse_decode", "dense_decode", "merge_attention", "DecodePlan",
 ]

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ._env import gpus, host, library_versions
-from .ops.dispatcher import BACKEND_PRIORITY, OPS, implementations
+from .ops.dispatcher import BACKEND_PRIORITY, TABLE, implementations
 
 
 def info() -> int:
@@ -20,7 +20,8 @@ def info() -> int:
         print(f"  {name:<18}{ver or 'not installed'}")
     print(f"\nbackend priority: {' > '.join(BACKEND_PRIORITY)}")
     print("\nop x backend (the dispatcher takes the first available one that supports the inputs):")
-    for op in OPS:
+    for spec in TABLE:
+        op = spec.name
         print(f"  {op}")
         for cls in implementations(op):
             reasons = cls.availability_reasons()

@@ -11,11 +11,12 @@ from ..formats.kv import DenseKV, PageBounds, PagedKV
 from ..formats.tiled_ell import TiledELL
 from ..formats.topk import TopKIndex
 from . import inputs as I
+from .decode_plan import DecodePlan
 from .dispatcher import BACKEND_PRIORITY, OPS, BackendOp, dispatch, implementations, register, select
 
 __all__ = ["pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn", "page_bounds", "select_topk", "sparse_decode",
            "dense_decode", "merge_attention", "dispatch", "select", "implementations", "register",
-           "BackendOp", "BACKEND_PRIORITY", "OPS"]
+           "BackendOp", "BACKEND_PRIORITY", "OPS", "DecodePlan"]
 
 Sparse = TiledELL | CSR
 KV = DenseKV | PagedKV

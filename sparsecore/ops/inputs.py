@@ -16,7 +16,7 @@ from ..formats.csr import CSR
 from ..formats.kv import DenseKV, PageBounds, PagedKV
 from ..formats.tiled_ell import TiledELL, check_tile_capacity
 from ..formats.topk import TopKIndex
-from .dispatcher import OpInputs
+from .base import OpInputs
 
 SPARSE = (TiledELL, CSR)
 

@@ -1,5 +1,6 @@
 """The NumPy reference as a backend: always available, host arrays, every value dtype, float64
-accumulation. Last in priority: the fallback and the oracle."""
+accumulation. Last in priority: the fallback and the oracle. One class per row of the op table
+(:mod:`sparsecore.ops.table`), whose ``reference`` is the op's meaning."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ... import reference as ref
-from ...ops import inputs as I
-from ...ops.dispatcher import BackendOp, register
+from ...ops.base import BackendOp
+from ...ops.dispatcher import register
+from ...ops.table import TABLE, OpSpec
 
 
 class _Reference(BackendOp):
@@ -20,102 +21,15 @@ class _Reference(BackendOp):
     VERSION: ClassVar[str] = f"numpy {np.__version__}"
 
 
-@register
-class Pack(_Reference):
-    OP = "pack"
+def _make(s: OpSpec) -> type[BackendOp]:
+    def run(cls: type[BackendOp], inp: Any) -> Any:
+        return s.reference(inp)
 
-    @classmethod
-    def run(cls, inp: I.PackInputs) -> Any:
-        return ref.pack(inp.x, threshold=inp.threshold, activation=inp.activation, tile=inp.tile,
-                        capacity=inp.capacity)
+    name = "".join(part.capitalize() for part in s.name.split("_"))
+    return type(f"Reference{name}", (_Reference,), {"OP": s.name, "run": classmethod(run), "__module__": __name__})
 
 
-@register
-class Unpack(_Reference):
-    OP = "unpack"
+CLASSES = [register(_make(s)) for s in TABLE]
+globals().update({c.__name__: c for c in CLASSES})
 
-    @classmethod
-    def run(cls, inp: I.UnpackInputs) -> Any:
-        return ref.unpack(inp.a)
-
-
-@register
-class Spmm(_Reference):
-    OP = "spmm"
-
-    @classmethod
-    def run(cls, inp: I.SpmmInputs) -> Any:
-        return ref.spmm(inp.a, inp.w)
-
-
-@register
-class Sddmm(_Reference):
-    OP = "sddmm"
-
-    @classmethod
-    def run(cls, inp: I.SddmmInputs) -> Any:
-        return ref.sddmm(inp.x, inp.w, inp.pattern)
-
-
-@register
-class SpmmT(_Reference):
-    OP = "spmm_t"
-
-    @classmethod
-    def run(cls, inp: I.SpmmTInputs) -> Any:
-        return ref.spmm_t(inp.a, inp.dy)
-
-
-@register
-class GatedFfn(_Reference):
-    OP = "gated_ffn"
-
-    @classmethod
-    def run(cls, inp: I.GatedFfnInputs) -> Any:
-        return ref.gated_ffn(inp.x, inp.gate, inp.w_up, inp.w_down)
-
-
-@register
-class PageBounds(_Reference):
-    OP = "page_bounds"
-
-    @classmethod
-    def run(cls, inp: I.PageBoundsInputs) -> Any:
-        return ref.page_bounds(inp.kv, inp.unit_page_size, out=inp.out, start=inp.start)
-
-
-@register
-class SelectTopk(_Reference):
-    OP = "select_topk"
-
-    @classmethod
-    def run(cls, inp: I.SelectTopkInputs) -> Any:
-        return ref.select_topk(inp.q, inp.kv, inp.k, method=inp.method, sink=inp.sink, window=inp.window,
-                               shared=inp.shared, page_size=inp.unit_page_size, bounds=inp.bounds)
-
-
-@register
-class SparseDecode(_Reference):
-    OP = "sparse_decode"
-
-    @classmethod
-    def run(cls, inp: I.SparseDecodeInputs) -> Any:
-        return ref.sparse_decode(inp.q, inp.kv, inp.index, scale=inp.scale)
-
-
-@register
-class DenseDecode(_Reference):
-    OP = "dense_decode"
-
-    @classmethod
-    def run(cls, inp: I.DenseDecodeInputs) -> Any:
-        return ref.dense_decode(inp.q, inp.kv, scale=inp.scale)
-
-
-@register
-class MergeAttention(_Reference):
-    OP = "merge_attention"
-
-    @classmethod
-    def run(cls, inp: I.MergeAttentionInputs) -> Any:
-        return ref.merge_attention(inp.o1, inp.lse1, inp.o2, inp.lse2)
+__all__ = [c.__name__ for c in CLASSES]

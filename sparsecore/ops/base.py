@@ -1,0 +1,169 @@
+"""The two base classes every op is made of (see :mod:`sparsecore.ops.dispatcher`): an op's
+arguments (:class:`OpInputs`, one dataclass per op in :mod:`sparsecore.ops.inputs`) and one backend's
+implementation of one op (:class:`BackendOp`), and the call signature that plans are memoised by."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .._arrays import device_of, dtype_name, from_numpy, is_array, kind_of, to_numpy
+from .._checks import _device_label, check_same_place
+
+__all__ = ["OpInputs", "BackendOp", "signature", "map_arrays"]
+
+
+def _is_format(x: Any) -> bool:
+    return hasattr(x, "map_arrays") and hasattr(x, "arrays")
+
+
+def map_arrays(fn: Callable[[Any], Any], obj: Any) -> Any:
+    """Apply ``fn`` to every array inside ``obj`` (an array, a format, a tuple of those, or other)."""
+    if is_array(obj):
+        return fn(obj)
+    if _is_format(obj):
+        return obj.map_arrays(fn)
+    if isinstance(obj, tuple):
+        return tuple(map_arrays(fn, o) for o in obj)
+    return obj
+
+
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(t: type) -> tuple[str, ...]:
+    names = _FIELDS.get(t)
+    if names is None:
+        names = _FIELDS[t] = tuple(f.name for f in dataclasses.fields(t))
+    return names
+
+
+def signature(v: Any) -> Any:
+    """What validation may read of ``v``: an array's library, device, dtype and shape (and, for a
+    NumPy array, whether it is writeable); a format's class and the signature of each field; any
+    other value itself (it must be hashable)."""
+    if type(v) is np.ndarray:
+        return (v.dtype, v.shape, v.flags.writeable)
+    if is_array(v):
+        return (type(v), dtype_name(v), tuple(v.shape), _device_label(v))
+    if _is_format(v):
+        return (type(v),) + tuple(signature(getattr(v, n)) for n in _field_names(type(v)))
+    return v
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class OpInputs:
+    """Base of every op's arguments. Subclasses set ``OP`` and implement ``_validate``."""
+
+    OP: ClassVar[str] = ""
+
+    @functools.cached_property
+    def _arrays(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if is_array(v):
+                out[f.name] = v
+            elif _is_format(v):
+                out.update({f"{f.name}.{n}": a for n, a in v.arrays().items()})
+        return out
+
+    def named_arrays(self) -> dict[str, Any]:
+        """Every array buffer of the call by a readable name (``a.values``, ``kv.lengths``)."""
+        return self._arrays
+
+    def map_arrays(self, fn: Callable[[Any], Any]) -> OpInputs:
+        changes = {f.name: map_arrays(fn, getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return dataclasses.replace(self, **changes)
+
+    @functools.cached_property
+    def device(self) -> str:
+        arrs = self.named_arrays()
+        return device_of(next(iter(arrs.values()))) if arrs else "host"
+
+    @functools.cached_property
+    def kind(self) -> str:
+        arrs = self.named_arrays()
+        return kind_of(next(iter(arrs.values()))) if arrs else "numpy"
+
+    @property
+    def dtype(self) -> str:
+        """The value dtype of the call (what backends' ``DTYPES`` are checked against)."""
+        raise NotImplementedError
+
+    def signature(self) -> tuple[Any, ...]:
+        """Everything :meth:`validate` and backend selection read (see :func:`signature`)."""
+        return (type(self),) + tuple(signature(getattr(self, n)) for n in _field_names(type(self)))
+
+    def scalars(self) -> dict[str, Any]:
+        """The arguments that are neither arrays nor formats (as :meth:`validate` normalised them)."""
+        return {n: v for n in _field_names(type(self))
+                if not is_array(v := getattr(self, n)) and not _is_format(v)}
+
+    def validate(self) -> None:
+        """Shapes, dtypes, devices and arguments: cheap, reads no data."""
+        check_same_place(self.OP, self.named_arrays())
+        self._validate()
+
+    def _validate(self) -> None:
+        raise NotImplementedError
+
+    def validate_data(self) -> None:
+        """Invariants that need the data (index ranges, uniqueness). Runs on host inputs by default;
+        for device inputs (it syncs and copies) only with ``SPARSECORE_VALIDATE=always``."""
+
+
+class BackendOp:
+    """One backend's implementation of one op. Capabilities are class attributes."""
+
+    OP: ClassVar[str] = ""
+    NAME: ClassVar[str] = ""  # unique per op: the backend name, or backend name + variant
+    BACKEND: ClassVar[str] = ""
+    DEVICE: ClassVar[str] = "host"  # "host" or "cuda"
+    DTYPES: ClassVar[tuple[str, ...]] = ("float32", "float16", "bfloat16")
+    VERSION: ClassVar[str] = ""
+
+    @classmethod
+    def availability_reasons(cls) -> list[str]:
+        """Why this class cannot run at all here (library missing, no GPU); empty if it can."""
+        return []
+
+    @classmethod
+    def input_reasons(cls, inp: Any) -> list[str]:
+        """Op-specific limits (max head_dim, tile, ...). Override in backends."""
+        return []
+
+    @classmethod
+    def not_supported_reasons(cls, inp: Any) -> list[str]:
+        reasons = cls.availability_reasons()
+        if reasons:
+            return reasons
+        if inp.device != cls.DEVICE:
+            reasons.append(f"runs on {cls.DEVICE} arrays, the inputs are on {inp.device}")
+        if inp.dtype not in cls.DTYPES:
+            reasons.append(f"dtype {inp.dtype} is not supported (supported: {', '.join(cls.DTYPES)})")
+        return reasons + cls.input_reasons(inp)
+
+    @classmethod
+    def supports(cls, inp: Any) -> bool:
+        return not cls.not_supported_reasons(inp)
+
+    @classmethod
+    def run(cls, inp: Any) -> Any:
+        """Compute on arrays the backend understands (NumPy for host backends)."""
+        raise NotImplementedError
+
+    @classmethod
+    def apply(cls, inp: Any) -> Any:
+        """Run the op on ``inp`` and return arrays of the kind the caller gave."""
+        if cls.DEVICE == "host":
+            kind = inp.kind
+            if kind == "numpy" and all(k == "numpy" for k in map(kind_of, inp.named_arrays().values())):
+                return cls.run(inp)  # nothing to convert either way (a decode step's overhead matters)
+            out = cls.run(inp.map_arrays(to_numpy))
+            return map_arrays(lambda a: from_numpy(a, kind), out)
+        return cls.run(inp)

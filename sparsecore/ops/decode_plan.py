@@ -1,0 +1,116 @@
+"""Plan once, run many: top-k decode attention for a decode loop (FlashInfer's plan/run split).
+
+A decode step of one layer is ``select_topk`` then ``sparse_decode``. Everything those two calls
+decide from shapes (validation, the backend, ``k_max``, the default scale) is the same for every
+layer of a model and every step of a batch, so :class:`DecodePlan` decides it once; each
+:meth:`DecodePlan.run` then only launches, with no validation of the unchanged metadata and no host
+synchronisation. ``SPARSECORE_VALIDATE=always`` makes every run check its data, for debugging.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .._arrays import dtype_name
+from .._checks import fail
+from ..formats.kv import DenseKV, PageBounds, PagedKV
+from ..formats.topk import TopKIndex
+from . import inputs as I
+from .dispatcher import plan
+
+__all__ = ["DecodePlan"]
+
+
+def _shape_of(q: Any, kv: DenseKV | PagedKV) -> tuple[Any, ...]:
+    """What a run must share with the plan: the query's and the cache's shapes and dtype, and the
+    cache's layout (the page table's shape for a paged cache)."""
+    if isinstance(kv, PagedKV):
+        return type(kv), tuple(q.shape), dtype_name(q), tuple(kv.page_table.shape), tuple(kv.k_pages.shape[1:])
+    return type(kv), tuple(q.shape), dtype_name(q), tuple(kv.k.shape), ()
+
+
+class DecodePlan:
+    """Top-k decode attention planned for one batch shape, run per layer and per step::
+
+        plan = sc.DecodePlan(q, kv, k=64, method="quest", sink=4, window=64, bounds=bounds)
+        for layer in layers:                       # every layer of the same shape, every step
+            out, lse = plan.run(q[layer], kv[layer], bounds=bounds[layer])
+
+    ``run`` means exactly::
+
+        index = sc.select_topk(q, kv, k, method=..., sink=..., window=..., shared=..., bounds=bounds)
+        out, lse = sc.sparse_decode(q, kv, index, scale=scale)
+
+    ``q`` and ``kv`` given to the constructor are examples of the shapes to come (their data is
+    used once, to plan); a run takes arrays of the same shapes and dtype (checked: a different shape
+    is a ``ValueError``, not a wrong answer) and the same library. Each run returns new ``out`` and
+    ``lse`` unless ``out=(out, lse)`` gives buffers to write. The index of the last run is
+    :attr:`last_index` (it is overwritten by the next run).
+    """
+
+    def __init__(self, q: Any, kv: DenseKV | PagedKV, k: int, *, method: str = "exact", sink: int = 0,
+                 window: int = 0, shared: bool = True, page_size: int | None = None,
+                 bounds: PageBounds | None = None, scale: float | None = None, backend: str | None = None) -> None:
+        select_inp = I.SelectTopkInputs(q, kv, k, method, sink, window, shared, page_size, bounds)
+        self._select = plan(select_inp, backend)
+        self._options = select_inp.scalars()
+        index = self._select.backend.apply(select_inp)
+        decode_inp = I.SparseDecodeInputs(q, kv, index, scale)
+        self._decode = plan(decode_inp, backend)
+        self.scale = decode_inp.scale
+        self._shape = _shape_of(q, kv)
+        self._has_bounds = bounds is not None
+        self.last_index: TopKIndex | None = index
+
+    @property
+    def backends(self) -> dict[str, str]:
+        """The backend (or variant) name that runs each of the two ops."""
+        return {"select_topk": self._select.backend.NAME, "sparse_decode": self._decode.backend.NAME}
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self._options.items())
+        return f"DecodePlan(q {self._shape[1]} {self._shape[2]}, {opts}; backends {self.backends})"
+
+    def run(self, q: Any, kv: DenseKV | PagedKV, *, bounds: PageBounds | None = None,
+            out: tuple[Any, Any] | None = None) -> tuple[Any, Any]:
+        """``(out[B, Hq, D], lse[B, Hq])`` of this step (see the class docstring)."""
+        if _shape_of(q, kv) != self._shape:
+            fail("DecodePlan.run", f"q {tuple(q.shape)} {dtype_name(q)} with a cache of shape "
+                                   f"{_shape_of(q, kv)[3]} does not match the plan's q {self._shape[1]} "
+                                   f"{self._shape[2]} with {self._shape[3]}; make a plan for this shape")
+        if (bounds is not None) != self._has_bounds:
+            fail("DecodePlan.run", f"bounds is {'given' if bounds is not None else 'missing'}; a plan made "
+                                   f"{'with' if self._has_bounds else 'without'} bounds runs "
+                                   f"{'with' if self._has_bounds else 'without'} them")
+        opts = dict(self._options, bounds=bounds)
+        select_inp = I.SelectTopkInputs(q, kv, **opts)
+        checking = os.environ.get("SPARSECORE_VALIDATE") == "always"
+        if checking:
+            select_inp.validate()
+            select_inp.validate_data()
+        index = self._select.backend.apply(select_inp)
+        self.last_index = index
+        decode_inp = I.SparseDecodeInputs(q, kv, index, self.scale)
+        if checking:
+            decode_inp.validate()
+            decode_inp.validate_data()
+        result = self._decode.backend.apply(decode_inp)
+        if out is None:
+            return result
+        _write(out, result)
+        return out
+
+
+def _write(out: tuple[Any, Any], result: tuple[Any, Any]) -> None:
+    if not (isinstance(out, tuple) and len(out) == 2):
+        fail("DecodePlan.run", f"out must be a tuple (out, lse) of arrays, got {type(out).__name__}", TypeError)
+    for name, dst, src in (("out", out[0], result[0]), ("lse", out[1], result[1])):
+        if tuple(dst.shape) != tuple(src.shape) or dtype_name(dst) != dtype_name(src):
+            fail("DecodePlan.run", f"out's {name} has shape {tuple(dst.shape)} {dtype_name(dst)}; expected "
+                                   f"{tuple(src.shape)} {dtype_name(src)}")
+        if hasattr(dst, "copy_"):
+            dst.copy_(src)
+        else:
+            dst[...] = src
+

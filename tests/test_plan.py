@@ -1,0 +1,177 @@
+"""Plans: the dispatcher's per-signature memo (validation and backend choice made once per shape),
+and DecodePlan, the public plan-once/run-many decode API, against the public ops it stands for."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sparsecore as sc
+from sparsecore.ops import dispatcher as D
+from sparsecore.ops import inputs as I
+from tests._util import assert_close, backend_takes, host_backend_params
+from tests.strategies_decode import decode_cases
+
+# ---------------------------------------------------------------- the dispatcher's plan memo
+
+
+def _spmm_args(m: int = 3) -> tuple[sc.TiledELL, np.ndarray]:
+    rng = np.random.default_rng(m)
+    x = rng.standard_normal((m, 32)).astype(np.float32)
+    return sc.pack(x, threshold=1.0, tile=16), rng.standard_normal((32, 5)).astype(np.float32)
+
+
+def test_a_repeated_signature_is_validated_and_planned_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    real = I.SpmmInputs.validate
+
+    def spy(self: I.SpmmInputs) -> None:
+        calls.append("validate")
+        real(self)
+
+    monkeypatch.setattr(I.SpmmInputs, "validate", spy)
+    D._PLANS.clear()
+    a, w = _spmm_args()
+    first = sc.spmm(a, w)
+    for _ in range(3):
+        np.testing.assert_array_equal(sc.spmm(a, w), first)
+    assert calls == ["validate"]
+    a2, w2 = _spmm_args(4)  # another shape: planned again
+    sc.spmm(a2, w2)
+    assert calls == ["validate"] * 2
+    sc.spmm(a, w, backend="reference")  # another forced backend: planned again
+    assert calls == ["validate"] * 3
+
+
+def test_a_planned_signature_still_rejects_bad_arguments() -> None:
+    """The memo holds only what validation accepted: a call with the same arrays but a bad
+    scalar, or a mismatched shape, is validated and rejected as before."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 16)).astype(np.float32)
+    sc.pack(x, threshold=0.5, tile=8)
+    with pytest.raises(ValueError, match=r"^pack: threshold = -1"):
+        sc.pack(x, threshold=-1.0, tile=8)
+    a, w = _spmm_args()
+    sc.spmm(a, w)
+    with pytest.raises(ValueError, match=r"^spmm: w has shape \(31, 5\)"):
+        sc.spmm(a, w[:31])
+
+
+def test_planned_call_restores_normalised_arguments() -> None:
+    """``capacity=None`` is normalised to ``tile // 8`` by validation; a planned call gets the same."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    first = sc.pack(x, tile=16)
+    again = sc.pack(x, tile=16)
+    assert first.capacity == again.capacity == 2
+
+
+def test_registering_a_backend_drops_the_plans() -> None:
+    a, w = _spmm_args()
+    sc.spmm(a, w)
+    assert D._PLANS
+    D.load_backends()
+
+    class _Never(D.BackendOp):
+        OP, NAME, BACKEND = "spmm", "reference_never_used", "reference"
+
+        @classmethod
+        def availability_reasons(cls) -> list[str]:
+            return ["a stand-in that never runs"]
+
+    try:
+        D.register(_Never)
+        assert not D._PLANS
+    finally:
+        D._REGISTRY["spmm"].remove(_Never)
+
+
+# ---------------------------------------------------------------- DecodePlan
+
+
+@pytest.fixture(scope="module", params=host_backend_params())
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def _public(q: Any, kv: Any, k: int, bounds: Any = None, scale: float | None = None, **opts: Any) -> tuple:
+    index = sc.select_topk(q, kv, k, bounds=bounds, **opts)
+    return sc.sparse_decode(q, kv, index, scale=scale, backend=opts.get("backend"))
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=decode_cases(), data=st.data())
+def test_run_equals_select_then_sparse_decode(backend: str, case: Any, data: st.DataObject) -> None:
+    backend_takes(backend, case.dtype)
+    method = data.draw(st.sampled_from(["exact", "quest"]))
+    shared = data.draw(st.booleans())
+    sink, window = data.draw(st.integers(0, 3)), data.draw(st.integers(0, 3))
+    ps = data.draw(st.sampled_from([2, 4])) if method == "quest" else None
+    units = case.kv.max_len if ps is None else -(-case.kv.max_len // ps)
+    k = data.draw(st.integers(0, units))
+    bounds = sc.page_bounds(case.kv, ps, backend=backend) if method == "quest" and data.draw(st.booleans()) else None
+    opts = dict(method=method, sink=sink, window=window, shared=shared, backend=backend)
+    if bounds is None and ps is not None:
+        opts["page_size"] = ps
+    plan = sc.DecodePlan(case.q, case.kv, k, bounds=bounds, **opts)
+    assert plan.backends == {"select_topk": backend, "sparse_decode": backend}
+    for _ in range(2):  # a plan runs many times
+        out, lse = plan.run(case.q, case.kv, bounds=bounds)
+        want_out, want_lse = _public(case.q, case.kv, k, bounds, **opts)
+        assert_close(out, want_out, case.dtype, what="out")
+        assert_close(lse, want_lse, "float32", what="lse")
+    idx = plan.last_index
+    np.testing.assert_array_equal(idx.counts, sc.select_topk(case.q, case.kv, k, bounds=bounds, **opts).counts)
+
+
+def test_run_on_torch_tensors_and_into_out() -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    k, v = (torch.from_numpy(rng.standard_normal((2, 40, 2, 8)).astype(np.float32)) for _ in range(2))
+    kv = sc.DenseKV(k, v, torch.tensor([40, 23], dtype=torch.int32))
+    q = torch.from_numpy(rng.standard_normal((2, 4, 8)).astype(np.float32))
+    plan = sc.DecodePlan(q, kv, 5, sink=1, window=2)
+    out, lse = torch.empty(2, 4, 8), torch.empty(2, 4)
+    got = plan.run(q, kv, out=(out, lse))
+    assert got[0] is out and got[1] is lse
+    want = _public(q, kv, 5, sink=1, window=2)
+    torch.testing.assert_close(out, want[0])
+    torch.testing.assert_close(lse, want[1])
+
+
+def test_run_rejects_another_shape_and_mismatched_bounds() -> None:
+    rng = np.random.default_rng(4)
+    k, v = (rng.standard_normal((1, 32, 1, 4)).astype(np.float32) for _ in range(2))
+    kv = sc.DenseKV(k, v, np.array([32], np.int32))
+    q = rng.standard_normal((1, 2, 4)).astype(np.float32)
+    plan = sc.DecodePlan(q, kv, 3)
+    with pytest.raises(ValueError, match=r"^DecodePlan.run: q \(1, 4, 4\) float32 .* does not match the plan"):
+        plan.run(rng.standard_normal((1, 4, 4)).astype(np.float32), kv)
+    longer = sc.DenseKV(np.concatenate([k, k], 1), np.concatenate([v, v], 1), np.array([64], np.int32))
+    with pytest.raises(ValueError, match=r"does not match the plan"):
+        plan.run(q, longer)
+    with pytest.raises(ValueError, match=r"^DecodePlan.run: bounds is given; a plan made without bounds"):
+        plan.run(q, kv, bounds=sc.page_bounds(kv, 4))
+    quest = sc.DecodePlan(q, kv, 1, method="quest", bounds=sc.page_bounds(kv, 4))
+    with pytest.raises(ValueError, match=r"^DecodePlan.run: bounds is missing; a plan made with bounds"):
+        quest.run(q, kv)
+    with pytest.raises(ValueError, match=r"^DecodePlan.run: out's lse has shape \(1,\) float32; expected \(1, 2\)"):
+        plan.run(q, kv, out=(np.empty((1, 2, 4), np.float32), np.empty(1, np.float32)))
+    with pytest.raises(ValueError, match=r"^select_topk: k = 33 exceeds"):  # the plan validates what it plans
+        sc.DecodePlan(q, kv, 33)
+
+
+def test_validate_always_checks_every_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs skip data validation unless SPARSECORE_VALIDATE=always asks for it (for debugging)."""
+    rng = np.random.default_rng(5)
+    k, v = (rng.standard_normal((1, 16, 1, 4)).astype(np.float32) for _ in range(2))
+    q = rng.standard_normal((1, 1, 4)).astype(np.float32)
+    plan = sc.DecodePlan(q, sc.DenseKV(k, v, np.array([16], np.int32)), 2)
+    broken = sc.DenseKV(k, v, np.array([17], np.int32))  # a length past the cache's capacity
+    monkeypatch.setenv("SPARSECORE_VALIDATE", "always")
+    with pytest.raises(ValueError, match=r"lengths\[0\] = 17"):
+        plan.run(q, broken)
