@@ -151,9 +151,12 @@ def test_run_rejects_another_shape_and_mismatched_bounds() -> None:
     plan = sc.DecodePlan(q, kv, 3)
     with pytest.raises(ValueError, match=r"^DecodePlan.run: q \(1, 4, 4\) float32 .* does not match the plan"):
         plan.run(rng.standard_normal((1, 4, 4)).astype(np.float32), kv)
-    longer = sc.DenseKV(np.concatenate([k, k], 1), np.concatenate([v, v], 1), np.array([64], np.int32))
-    with pytest.raises(ValueError, match=r"does not match the plan"):
-        plan.run(q, longer)
+    wider = sc.DenseKV(np.concatenate([k, k], 2), np.concatenate([v, v], 2), np.array([32], np.int32))
+    with pytest.raises(ValueError, match=r"with cache rows \(2, 4\) does not match the plan's .* cache rows \(1, 4\)"):
+        plan.run(q, wider)
+    shorter = sc.DenseKV(k[:, :2], v[:, :2], np.array([2], np.int32))
+    with pytest.raises(ValueError, match=r"^DecodePlan.run: k = 3 exceeds the cache's capacity of 2 tokens"):
+        plan.run(q, shorter)
     with pytest.raises(ValueError, match=r"^DecodePlan.run: bounds is given; a plan made without bounds"):
         plan.run(q, kv, bounds=sc.page_bounds(kv, 4))
     quest = sc.DecodePlan(q, kv, 1, method="quest", bounds=sc.page_bounds(kv, 4))
@@ -163,6 +166,23 @@ def test_run_rejects_another_shape_and_mismatched_bounds() -> None:
         plan.run(q, kv, out=(np.empty((1, 2, 4), np.float32), np.empty(1, np.float32)))
     with pytest.raises(ValueError, match=r"^select_topk: k = 33 exceeds"):  # the plan validates what it plans
         sc.DecodePlan(q, kv, 33)
+
+
+def test_run_follows_a_growing_cache() -> None:
+    """A decode loop's cache grows by a token a step (transformers' DynamicCache): one plan serves
+    every step, each step equal to the public ops on that step's cache."""
+    rng = np.random.default_rng(6)
+    k, v = (rng.standard_normal((2, 50, 2, 8)).astype(np.float32) for _ in range(2))
+    q = rng.standard_normal((2, 4, 8)).astype(np.float32)
+    plan = None
+    for s in range(20, 50, 7):
+        kv = sc.DenseKV(np.ascontiguousarray(k[:, :s]), np.ascontiguousarray(v[:, :s]), np.array([s, s - 3], np.int32))
+        plan = plan or sc.DecodePlan(q, kv, 4, sink=1, window=2, shared=False)
+        out, lse = plan.run(q, kv)
+        want = _public(q, kv, 4, sink=1, window=2, shared=False)
+        np.testing.assert_allclose(out, want[0], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(lse, want[1], rtol=1e-6, atol=1e-6)
+        assert plan.last_index.indices.shape[-1] == min(4 + 3, s)
 
 
 def test_validate_always_checks_every_run(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,11 +23,16 @@ __all__ = ["DecodePlan"]
 
 
 def _shape_of(q: Any, kv: DenseKV | PagedKV) -> tuple[Any, ...]:
-    """What a run must share with the plan: the query's and the cache's shapes and dtype, and the
-    cache's layout (the page table's shape for a paged cache)."""
+    """What a run must share with the plan: the cache's kind, the query's shape and dtype, and the
+    cache's heads and head size (and page size); the cache's capacity (``S``, or the pages) may grow
+    from run to run, as a decode loop's cache does."""
     if isinstance(kv, PagedKV):
-        return type(kv), tuple(q.shape), dtype_name(q), tuple(kv.page_table.shape), tuple(kv.k_pages.shape[1:])
-    return type(kv), tuple(q.shape), dtype_name(q), tuple(kv.k.shape), ()
+        return type(kv), tuple(q.shape), dtype_name(q), tuple(kv.k_pages.shape[1:])
+    return type(kv), tuple(q.shape), dtype_name(q), tuple(kv.k.shape[2:])
+
+
+def _capacity(kv: DenseKV | PagedKV) -> int:
+    return int(kv.page_table.shape[1]) * int(kv.k_pages.shape[1]) if isinstance(kv, PagedKV) else int(kv.k.shape[1])
 
 
 class DecodePlan:
@@ -43,8 +48,10 @@ class DecodePlan:
         out, lse = sc.sparse_decode(q, kv, index, scale=scale)
 
     ``q`` and ``kv`` given to the constructor are examples of the shapes to come (their data is
-    used once, to plan); a run takes arrays of the same shapes and dtype (checked: a different shape
-    is a ``ValueError``, not a wrong answer) and the same library. Each run returns new ``out`` and
+    used once, to plan); a run takes arrays of the same library, a query of the same shape and dtype,
+    and a cache with the same heads, head size and page size (checked: anything else is a
+    ``ValueError``, not a wrong answer), whose capacity may have grown (a decode loop's cache) as
+    long as it still holds ``k`` units. Each run returns new ``out`` and
     ``lse`` unless ``out=(out, lse)`` gives buffers to write. The index of the last run is
     :attr:`last_index` (it is overwritten by the next run).
     """
@@ -53,6 +60,7 @@ class DecodePlan:
                  window: int = 0, shared: bool = True, page_size: int | None = None,
                  bounds: PageBounds | None = None, scale: float | None = None, backend: str | None = None) -> None:
         select_inp = I.SelectTopkInputs(q, kv, k, method, sink, window, shared, page_size, bounds)
+        self._backend = backend
         self._select = plan(select_inp, backend)
         self._options = select_inp.scalars()
         index = self._select.backend.apply(select_inp)
@@ -60,6 +68,7 @@ class DecodePlan:
         self._decode = plan(decode_inp, backend)
         self.scale = decode_inp.scale
         self._shape = _shape_of(q, kv)
+        self._capacity = _capacity(kv)
         self._has_bounds = bounds is not None
         self.last_index: TopKIndex | None = index
 
@@ -76,9 +85,11 @@ class DecodePlan:
             out: tuple[Any, Any] | None = None) -> tuple[Any, Any]:
         """``(out[B, Hq, D], lse[B, Hq])`` of this step (see the class docstring)."""
         if _shape_of(q, kv) != self._shape:
-            fail("DecodePlan.run", f"q {tuple(q.shape)} {dtype_name(q)} with a cache of shape "
-                                   f"{_shape_of(q, kv)[3]} does not match the plan's q {self._shape[1]} "
-                                   f"{self._shape[2]} with {self._shape[3]}; make a plan for this shape")
+            fail("DecodePlan.run", f"q {tuple(q.shape)} {dtype_name(q)} with cache rows {_shape_of(q, kv)[3]} "
+                                   f"does not match the plan's q {self._shape[1]} {self._shape[2]} with cache rows "
+                                   f"{self._shape[3]}; make a plan for this shape")
+        if _capacity(kv) != self._capacity:
+            self._grown(q, kv, bounds)
         if (bounds is not None) != self._has_bounds:
             fail("DecodePlan.run", f"bounds is {'given' if bounds is not None else 'missing'}; a plan made "
                                    f"{'with' if self._has_bounds else 'without'} bounds runs "
@@ -100,6 +111,22 @@ class DecodePlan:
             return result
         _write(out, result)
         return out
+
+
+    def _grown(self, q: Any, kv: DenseKV | PagedKV, bounds: PageBounds | None) -> None:
+        """The cache's capacity changed: check that ``k`` still fits; a GPU backend's limits may
+        depend on the capacity, so its choice is made again (host backends have no such limits)."""
+        inp = I.SelectTopkInputs(q, kv, **dict(self._options, bounds=bounds))
+        ps = inp.unit_page_size
+        units = kv.max_len if ps is None else -(-kv.max_len // ps)
+        if self._options["k"] > units:
+            fail("DecodePlan.run", f"k = {self._options['k']} exceeds the cache's capacity of {units} "
+                                   f"{'tokens' if ps is None else 'pages'}; make a plan with a smaller k")
+        if self._select.backend.DEVICE != "host" or self._decode.backend.DEVICE != "host":
+            self._select = plan(inp, self._backend)
+            index = self._select.backend.apply(inp)
+            self._decode = plan(I.SparseDecodeInputs(q, kv, index, self.scale), self._backend)
+        self._capacity = _capacity(kv)
 
 
 def _write(out: tuple[Any, Any], result: tuple[Any, Any]) -> None:

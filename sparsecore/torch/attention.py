@@ -77,6 +77,8 @@ class TopKDecode:
         self.k, self.method, self.sink, self.window = k, method, sink, window
         self.shared, self.page_size = bool(shared), page_size
         self.enabled = True
+        self._plans: dict[Any, sc.DecodePlan] = {}
+        self._last_plan: sc.DecodePlan | None = None
         self._bounds: tuple[Any, tuple[int, ...], sc.PageBounds] | None = None  # Quest: (view, lengths, bounds)
         self.reset_stats()
 
@@ -121,28 +123,50 @@ class TopKDecode:
         lens = (int(lengths),) * b if isinstance(lengths, int) else tuple(int(n) for n in lengths)
         if len(lens) != b or not all(1 <= n <= s for n in lens):
             raise ValueError(f"TopKDecode.attend: lengths = {lengths!r}; expected an int or {b} ints in [1, {s}]")
-        if keys.is_contiguous() and values.is_contiguous():
-            rep = hkv
-            kv_lens = torch.tensor([n for n in lens for _ in range(hkv)], dtype=torch.int32).to(keys.device)
+        rep = hkv if keys.is_contiguous() and values.is_contiguous() else 1
+        seq_lens = tuple(n for n in lens for _ in range(rep))
+        if all(n == s for n in seq_lens):  # no mask: every key (no host-to-device copy)
+            kv_lens = torch.full((len(seq_lens),), s, dtype=torch.int32, device=keys.device)
+        else:
+            kv_lens = torch.tensor(seq_lens, dtype=torch.int32).to(keys.device)
+        if rep > 1:
             kv = sc.DenseKV(keys.reshape(b * hkv, s, 1, d), values.reshape(b * hkv, s, 1, d), kv_lens)
             q = q.reshape(b * hkv, hq // hkv, d)
         else:
-            rep = 1
-            kv = sc.DenseKV(keys.transpose(1, 2), values.transpose(1, 2),
-                            torch.tensor(lens, dtype=torch.int32).to(keys.device))
+            kv = sc.DenseKV(keys.transpose(1, 2), values.transpose(1, 2), kv_lens)
         opts: dict[str, Any] = dict(method=self.method, sink=self.sink, window=self.window, shared=self.shared)
-        unit = 1
-        if self.method == "quest":
-            unit = self.page_size or 16
-            opts["bounds"] = self._quest_bounds(kv, unit, lens)
-        sel = sc.select_topk(q, kv, min(self.k, -(-s // unit)), **opts)
-        out, _ = sc.sparse_decode(q, kv, sel, scale=scaling)
+        unit = (self.page_size or 16) if self.method == "quest" else 1
+        k_eff = min(self.k, -(-s // unit))
+        if torch.compiler.is_compiling():
+            # traced by torch.compile: the custom ops (with their fakes), Quest bounds built each step
+            from . import ops as sct
+
+            bounds = sct.page_bounds(kv, unit) if self.method == "quest" else None
+            sel = sct.select_topk(q, kv, k_eff, bounds=bounds, **opts)
+            out, _ = sct.sparse_decode(q, kv, sel, scale=scaling)
+        else:
+            bounds = self._quest_bounds(kv, unit, lens) if self.method == "quest" else None
+            out, _ = self._plan(q, kv, k_eff, bounds, scaling, opts).run(q, kv, bounds=bounds)
+            sel = self._last_plan.last_index
         # keys read per (sequence, group) row, on the device: a page counts page_size keys, at most the length
         read = torch.minimum(sel.counts.to(torch.int64) * unit, kv.lengths.to(torch.int64)[:, None]).sum()
         self._keys_read = read if self._keys_read is None else self._keys_read + read
         self.keys_total += int(sel.counts.shape[1]) * rep * sum(lens)
         self.decode_steps += 1
         return out.reshape(b, hq, d)
+
+    def _plan(self, q: torch.Tensor, kv: sc.DenseKV, k: int, bounds: sc.PageBounds | None, scaling: float | None,
+              opts: dict[str, Any]) -> sc.DecodePlan:
+        """The :class:`sparsecore.DecodePlan` of this step's shapes (made on the first step of a shape,
+        kept for the next ones: the cache may grow, the plan follows it)."""
+        key = (tuple(q.shape), q.dtype, q.device, tuple(kv.k.shape[2:]), k, bounds is not None, scaling)
+        found = self._plans.get(key)
+        if found is None:
+            if len(self._plans) >= 64:
+                self._plans.clear()
+            found = self._plans[key] = sc.DecodePlan(q, kv, k, bounds=bounds, scale=scaling, **opts)
+        self._last_plan = found
+        return found
 
     def _quest_bounds(self, kv: sc.DenseKV, unit: int, lens: tuple[int, ...]) -> sc.PageBounds:
         view = (tuple(kv.k.shape[:1]) + tuple(kv.k.shape[2:]), unit, kv.k.dtype, kv.k.device)

@@ -386,3 +386,24 @@ def test_attend_reads_contiguous_and_strided_caches_alike(method: str, shared: b
                                backend="reference")
     torch.testing.assert_close(contiguous, want, atol=1e-5, rtol=1e-5)
     assert state.decode_steps == 2 and state.read_fraction < 1
+
+
+@pytest.mark.parametrize("method", ["exact", "quest"])
+def test_decode_step_compiles_without_graph_breaks(method: str) -> None:
+    """Under torch.compile the registered attention runs the custom ops (with their fakes): one
+    graph (fullgraph=True), the same output as eager."""
+    from transformers import AttentionInterface
+
+    fn = AttentionInterface()[register_attention("sdpa")]
+    layer = torch.nn.Module().eval()
+    layer.sparsecore_decode = TopKDecode(k=4, method=method, sink=1, window=2)
+    torch.manual_seed(7)
+    q, k, v = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16)
+
+    def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return fn(layer, q, k, v, None, scaling=0.25)[0]
+
+    want = step(q, k, v)
+    got = torch.compile(step, backend="eager", fullgraph=True)(q, k, v)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert layer.sparsecore_decode.decode_steps == 2
