@@ -36,11 +36,6 @@ def check_dtype(where: str, name: str, x: Any, allowed: Sequence[str]) -> str:
     return dt
 
 
-def check_shape(where: str, name: str, x: Any, expected: tuple[int, ...], layout: str) -> None:
-    if tuple(x.shape) != tuple(expected):
-        fail(where, f"{name} has shape {tuple(x.shape)}; expected {tuple(expected)} {layout}")
-
-
 def check_same_dtype(where: str, named: dict[str, Any]) -> None:
     dts = {n: dtype_name(a) for n, a in named.items()}
     if len(set(dts.values())) > 1:

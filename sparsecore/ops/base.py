@@ -125,7 +125,6 @@ class BackendOp:
     BACKEND: ClassVar[str] = ""
     DEVICE: ClassVar[str] = "host"  # "host" or "cuda"
     DTYPES: ClassVar[tuple[str, ...]] = ("float32", "float16", "bfloat16")
-    VERSION: ClassVar[str] = ""
 
     @classmethod
     def availability_reasons(cls) -> list[str]:

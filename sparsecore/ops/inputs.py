@@ -53,10 +53,6 @@ def _check_scale(op: str, scale: Any) -> float | None:
     return check_real(op, "scale", scale, allowed="a finite float > 0 (or None for 1 / sqrt(D))", positive=True)
 
 
-def _sparse_dtype(a: TiledELL | CSR) -> str:
-    return a.dtype
-
-
 @dataclass(frozen=True, eq=False)
 class PackInputs(OpInputs):
     OP: ClassVar[str] = "pack"

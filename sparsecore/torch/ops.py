@@ -304,7 +304,6 @@ def _fresh(out: Tensor, *inputs: Any) -> Tensor:
 # the custom ops
 # --------------------------------------------------------------------------------------------------
 
-_SPARSE_ARGS = ("values", "cols", "counts", "ov_indptr", "ov_indices", "ov_data", "m", "k", "tile", "sorted")
 
 
 @torch.library.custom_op(f"{NS}::pack", mutates_args=())

@@ -121,6 +121,3 @@ class ArrayMethods:
 
     def contig(self, x: Any) -> Any:
         return contig(x)
-
-    def reshape(self, x: Any, shape: tuple[int, ...]) -> Any:
-        return x.reshape(shape)

@@ -1,7 +1,7 @@
 """The dispatcher classes of the CUDA C ops, made once for each launcher by :func:`make_classes`.
 
 A launcher gives its name, a function that says why it cannot run here (empty when it can), a
-function that makes a :class:`~sparsecore.backends.cuda._ops.Runtime` for a call, and its version;
+function that makes a :class:`~sparsecore.backends.cuda._ops.Runtime` for a call;
 it gets back one :class:`BackendOp` subclass per op to register. Imports no GPU library.
 """
 
@@ -57,7 +57,7 @@ def _input_reasons(name: str, op: str, inp: Any, kinds: tuple[str, ...]) -> list
     return reasons
 
 
-def make_classes(backend: str, availability: Callable[[], list[str]], runtime: RuntimeFactory, version: str,
+def make_classes(backend: str, availability: Callable[[], list[str]], runtime: RuntimeFactory,
                  kinds: tuple[str, ...]) -> list[type[BackendOp]]:
     """One class per op for ``backend``; the caller registers them."""
 
@@ -66,7 +66,6 @@ def make_classes(backend: str, availability: Callable[[], list[str]], runtime: R
         BACKEND: ClassVar[str] = backend
         DEVICE: ClassVar[str] = "cuda"
         DTYPES: ClassVar[tuple[str, ...]] = ("float32", "float16", "bfloat16")
-        VERSION: ClassVar[str] = version
         MAX_HEAD_DIM: ClassVar[int] = MAX_HEAD_DIM
 
         @classmethod

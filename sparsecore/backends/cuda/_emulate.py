@@ -209,9 +209,6 @@ class CpuRuntime:
     def contig(self, x: Any) -> Any:
         return np.ascontiguousarray(x)
 
-    def reshape(self, x: Any, shape: tuple[int, ...]) -> Any:
-        return x.reshape(shape)
-
     def launch(self, src: str, dtype: str, name: str, grid: tuple[int, int, int], block: int, args: list[Any]) -> None:
         _, funcs = library(src, dtype)
         vals = [np.array([a], dtype=a.dtype) for a in args]

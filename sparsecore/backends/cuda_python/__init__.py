@@ -27,16 +27,7 @@ def _runtime(like: Any) -> Any:
     return Runtime(like)
 
 
-def _version() -> str:
-    from importlib import metadata
-
-    try:
-        return f"cuda-bindings {metadata.version('cuda-bindings')}"
-    except metadata.PackageNotFoundError:
-        return "cuda-bindings (not installed)"
-
-
-CLASSES = [register(c) for c in make_classes("cuda_python", _availability, _runtime, _version(),
+CLASSES = [register(c) for c in make_classes("cuda_python", _availability, _runtime,
                                               ("torch", "cupy", "numba"))]
 globals().update({c.__name__: c for c in CLASSES})
 

@@ -27,18 +27,7 @@ def _runtime(like: Any) -> Any:
     return Runtime(like)
 
 
-def _version() -> str:
-    from importlib import metadata
-
-    for dist in ("cupy-cuda13x", "cupy-cuda12x", "cupy"):
-        try:
-            return f"cupy {metadata.version(dist)}"
-        except metadata.PackageNotFoundError:
-            continue
-    return "cupy (not installed)"
-
-
-CLASSES = [register(c) for c in make_classes("cupy", _availability, _runtime, _version(), ("cupy", "torch"))]
+CLASSES = [register(c) for c in make_classes("cupy", _availability, _runtime, ("cupy", "torch"))]
 globals().update({c.__name__: c for c in CLASSES})
 
 __all__ = [c.__name__ for c in CLASSES]

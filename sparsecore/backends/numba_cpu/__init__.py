@@ -101,7 +101,6 @@ class _NumbaCpu(BackendOp):
     BACKEND: ClassVar[str] = "numba_cpu"
     DEVICE: ClassVar[str] = "host"
     DTYPES: ClassVar[tuple[str, ...]] = ("float32", "float16", "bfloat16")
-    VERSION: ClassVar[str] = f"numba {_numba_version()}"
 
     @classmethod
     def availability_reasons(cls) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from ...ops import inputs as I
 from ...ops.dispatcher import BackendOp, register
 from . import _limits
-from ._runtime import availability, version
+from ._runtime import availability
 
 
 def _impl() -> Any:
@@ -29,7 +29,6 @@ class _NumbaCuda(BackendOp):
     BACKEND: ClassVar[str] = "numba_cuda"
     DEVICE: ClassVar[str] = "cuda"
     DTYPES: ClassVar[tuple[str, ...]] = ("float32", "float16", "bfloat16")
-    VERSION: ClassVar[str] = version()
     MAX_HEAD_DIM: ClassVar[int] = _limits.MAX_HEAD_DIM
     MAX_GROUP: ClassVar[int] = _limits.MAX_GROUP
 

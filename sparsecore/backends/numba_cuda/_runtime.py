@@ -38,15 +38,6 @@ def availability() -> tuple[str, ...]:
     return ()
 
 
-def version() -> str:
-    try:
-        from importlib import metadata
-
-        return f"numba-cuda {metadata.version('numba-cuda')}"
-    except Exception:  # noqa: BLE001
-        return "numba-cuda (not installed)"
-
-
 def kernels(dtype: str) -> Any:
     from . import _kernels
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import numpy as np
-
 from ...ops.base import BackendOp
 from ...ops.dispatcher import register
 from ...ops.table import TABLE, OpSpec
@@ -18,7 +16,6 @@ class _Reference(BackendOp):
     BACKEND: ClassVar[str] = "reference"
     DEVICE: ClassVar[str] = "host"
     DTYPES: ClassVar[tuple[str, ...]] = ("float64", "float32", "float16", "bfloat16")
-    VERSION: ClassVar[str] = f"numpy {np.__version__}"
 
 
 def _make(s: OpSpec) -> type[BackendOp]:
