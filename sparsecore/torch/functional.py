@@ -24,13 +24,13 @@ from typing import Any
 import torch
 
 from . import ops as _t
-from .ops import TorchTiledELL, gated_ffn, pack, relu_gate, sddmm, spmm, spmm_t, unpack
+from .ops import N_SPARSE, SparseArgs, TorchTiledELL, gated_ffn, pack, relu_gate, sddmm, spmm, spmm_t, unpack
 
 __all__ = ["relu_gated_ffn", "l1_penalty", "pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn",
            "relu_gate"]
 
 Tensor = torch.Tensor
-_N_SPARSE = 10  # values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted
+_ops = torch.ops.sparsecore
 
 
 # --------------------------------------------------------------------------------------------------
@@ -70,7 +70,8 @@ def l1_penalty(packed_gate: Any) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# autograd of the custom ops
+# autograd of the custom ops. A sparse operand occupies N_SPARSE positional arguments of a schema
+# (SparseArgs); ``_at`` names where it starts in each op's inputs, everything else is read by name.
 # --------------------------------------------------------------------------------------------------
 
 def _masked(values: Tensor | None, counts: Tensor, tile: int) -> Tensor | None:
@@ -93,106 +94,113 @@ def _grads(values: Tensor, ov_data: Tensor | None, g_values: Tensor | None,
     return g_values, g_ov
 
 
-def _with(sp: tuple[Any, ...], values: Tensor, ov_data: Tensor | None) -> tuple[Any, ...]:
-    """The sparse-operand arguments ``sp`` with other values."""
-    return (values, sp[1], sp[2], sp[3], sp[4], ov_data if sp[3] is not None else None) + tuple(sp[6:])
+def _sparse_grads(d_values: Tensor | None = None, d_ov: Tensor | None = None) -> tuple[Any, ...]:
+    """The gradient slots of a sparse operand's N_SPARSE arguments: values and ov_data only."""
+    out: list[Any] = [None] * N_SPARSE
+    out[SparseArgs._fields.index("values")] = d_values
+    out[SparseArgs._fields.index("ov_data")] = d_ov
+    return tuple(out)
 
 
-def _sparse_nones() -> tuple[None, ...]:
-    return (None,) * _N_SPARSE
+def _needs(ctx: Any, start: int) -> bool:
+    """Whether the sparse operand at ``start`` needs a gradient (its values or overflow values)."""
+    return bool(ctx.needs_input_grad[start] or ctx.needs_input_grad[start + SparseArgs._fields.index("ov_data")])
 
 
-# spmm(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted, w, backend)
+# spmm(*sparse, w, backend) = A @ w; spmm_t(*sparse, dy, backend) = A.T @ dy
 def _spmm_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    ctx.sp = inputs[:_N_SPARSE]
+    sp = SparseArgs.take(inputs, 0)
+    ctx.sp = sp
     ctx.backend = inputs[-1]
-    ctx.save_for_backward(inputs[0], inputs[5], inputs[_N_SPARSE])
+    ctx.save_for_backward(sp.values, sp.ov_data, inputs[N_SPARSE])
 
 
 def _spmm_backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
     values, ov_data, w = ctx.saved_tensors
-    sp = _with(ctx.sp, values, ov_data)
+    sp = ctx.sp.with_values(values, ov_data)
     d_values = d_ov = d_w = None
-    if ctx.needs_input_grad[0] or ctx.needs_input_grad[5]:
-        d_values, d_ov = torch.ops.sparsecore.sddmm(grad, w, *sp, ctx.backend)
-        if ov_data is None:
-            d_ov = None
-    if ctx.needs_input_grad[_N_SPARSE]:
-        d_w = torch.ops.sparsecore.spmm_t(*sp, grad, ctx.backend)
-    return (d_values, None, None, None, None, d_ov, None, None, None, None, d_w, None)
+    if _needs(ctx, 0):
+        d_values, d_ov = _ops.sddmm(grad, w, *sp, ctx.backend)  # dA = dC @ w.T at A's positions
+        d_ov = d_ov if sp.has_overflow else None
+    if ctx.needs_input_grad[N_SPARSE]:
+        d_w = _ops.spmm_t(*sp, grad, ctx.backend)
+    return _sparse_grads(d_values, d_ov) + (d_w, None)
 
 
 torch.library.register_autograd("sparsecore::spmm", _spmm_backward, setup_context=_spmm_setup)
 
 
-# spmm_t(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted, dy, backend) = A.T @ dy
 def _spmm_t_backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
     values, ov_data, dy = ctx.saved_tensors
-    sp = _with(ctx.sp, values, ov_data)
+    sp = ctx.sp.with_values(values, ov_data)
     d_values = d_ov = d_dy = None
-    if ctx.needs_input_grad[0] or ctx.needs_input_grad[5]:
-        # d A[m, k] = dy[m] . grad[k]
-        d_values, d_ov = torch.ops.sparsecore.sddmm(dy, grad, *sp, ctx.backend)
-        if ov_data is None:
-            d_ov = None
-    if ctx.needs_input_grad[_N_SPARSE]:
-        d_dy = torch.ops.sparsecore.spmm(*sp, grad, ctx.backend)
-    return (d_values, None, None, None, None, d_ov, None, None, None, None, d_dy, None)
+    if _needs(ctx, 0):
+        d_values, d_ov = _ops.sddmm(dy, grad, *sp, ctx.backend)  # d A[m, k] = dy[m] . grad[k]
+        d_ov = d_ov if sp.has_overflow else None
+    if ctx.needs_input_grad[N_SPARSE]:
+        d_dy = _ops.spmm(*sp, grad, ctx.backend)
+    return _sparse_grads(d_values, d_ov) + (d_dy, None)
 
 
 torch.library.register_autograd("sparsecore::spmm_t", _spmm_t_backward, setup_context=_spmm_setup)
 
 
-# sddmm(x, w, values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted, backend)
+# sddmm(x, w, *pattern, backend) -> (values, ov_data) in the pattern's layout
 def _sddmm_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-    ctx.sp = inputs[2:2 + _N_SPARSE]
+    sp = SparseArgs.take(inputs, 2)
+    ctx.sp = sp
     ctx.backend = inputs[-1]
-    ctx.save_for_backward(inputs[0], inputs[1], inputs[2], inputs[7])
+    ctx.save_for_backward(inputs[0], inputs[1], sp.values, sp.ov_data)
 
 
 def _sddmm_backward(ctx: Any, g_values: Tensor | None, g_ov: Tensor | None) -> tuple[Any, ...]:
     x, w, values, ov_data = ctx.saved_tensors
     g_values, g_ov = _grads(values, ov_data, g_values, g_ov)
-    ds = _with(ctx.sp, _masked(g_values, ctx.sp[2], ctx.sp[8]), g_ov)
+    sp = ctx.sp
+    ds = sp.with_values(_masked(g_values, sp.counts, sp.tile), g_ov)
     d_x = d_w = None
     if ctx.needs_input_grad[0]:
-        d_x = torch.ops.sparsecore.spmm(*ds, w, ctx.backend)
+        d_x = _ops.spmm(*ds, w, ctx.backend)
     if ctx.needs_input_grad[1]:
-        d_w = torch.ops.sparsecore.spmm_t(*ds, x, ctx.backend)
-    return (d_x, d_w) + _sparse_nones() + (None,)
+        d_w = _ops.spmm_t(*ds, x, ctx.backend)
+    return (d_x, d_w) + _sparse_grads() + (None,)
 
 
 torch.library.register_autograd("sparsecore::sddmm", _sddmm_backward, setup_context=_sddmm_setup)
 
 
-# gated_ffn(x, values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted, w_up, w_down, backend)
+# gated_ffn(x, *gate, w_up, w_down, backend)
+_UP, _DOWN = 1 + N_SPARSE, 2 + N_SPARSE
+
+
 def _gated_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    ctx.sp = inputs[1:1 + _N_SPARSE]
+    sp = SparseArgs.take(inputs, 1)
+    ctx.sp = sp
     ctx.backend = inputs[-1]
-    ctx.save_for_backward(inputs[0], inputs[1], inputs[6], inputs[11], inputs[12])
+    ctx.save_for_backward(inputs[0], sp.values, sp.ov_data, inputs[_UP], inputs[_DOWN])
 
 
 def _gated_backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
     x, g_vals, g_ov, w_up, w_down = ctx.saved_tensors
-    sp, be = _with(ctx.sp, g_vals, g_ov), ctx.backend
-    has_ov = g_ov is not None
+    sp, be = ctx.sp.with_values(g_vals, g_ov), ctx.backend
+    has_ov = sp.has_overflow
     need = ctx.needs_input_grad
-    u_vals, u_ov = torch.ops.sparsecore.sddmm(x, w_up, *sp, be)  # u = x @ w_up.T at the gate
-    dz_vals, dz_ov = torch.ops.sparsecore.sddmm(grad, w_down, *sp, be)  # dz = dout @ w_down.T at the gate
+    u_vals, u_ov = _ops.sddmm(x, w_up, *sp, be)  # u = x @ w_up.T at the gate
+    dz_vals, dz_ov = _ops.sddmm(grad, w_down, *sp, be)  # dz = dout @ w_down.T at the gate
     d_x = d_gv = d_gov = d_up = d_down = None
-    if need[1] or need[6]:
+    if _needs(ctx, 1):
         d_gv = dz_vals * u_vals
         d_gov = dz_ov * u_ov if has_ov else None
-    if need[12]:
-        z = _with(ctx.sp, g_vals * u_vals, g_ov * u_ov if has_ov else None)
-        d_down = torch.ops.sparsecore.spmm_t(*z, grad, be)
-    if need[0] or need[11]:
-        du = _with(ctx.sp, dz_vals * g_vals, dz_ov * g_ov if has_ov else None)
+    if need[_DOWN]:
+        z = sp.with_values(g_vals * u_vals, g_ov * u_ov if has_ov else None)
+        d_down = _ops.spmm_t(*z, grad, be)
+    if need[0] or need[_UP]:
+        du = sp.with_values(dz_vals * g_vals, dz_ov * g_ov if has_ov else None)
         if need[0]:
-            d_x = torch.ops.sparsecore.spmm(*du, w_up, be)
-        if need[11]:
-            d_up = torch.ops.sparsecore.spmm_t(*du, x, be)
-    return (d_x, d_gv, None, None, None, None, d_gov, None, None, None, None, d_up, d_down, None)
+            d_x = _ops.spmm(*du, w_up, be)
+        if need[_UP]:
+            d_up = _ops.spmm_t(*du, x, be)
+    return (d_x,) + _sparse_grads(d_gv, d_gov) + (d_up, d_down, None)
 
 
 torch.library.register_autograd("sparsecore::gated_ffn", _gated_backward, setup_context=_gated_setup)
@@ -204,24 +212,24 @@ def _pack_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -
     ctx.shape = (x.shape[0], x.shape[-1])
     ctx.tile = inputs[3]
     ctx.backend = inputs[-1]
-    ctx.save_for_backward(output[1], output[2], output[3], output[4])
+    ctx.save_for_backward(*output[1:5])  # cols, counts, ov_indptr, ov_indices
 
 
-def _packed_grad(ctx: Any, g_values: Tensor | None, g_ov: Tensor | None, like: Tensor) -> tuple[Any, ...]:
-    cols, counts, ip, ix = ctx.saved_tensors
+def _packed_grad(ctx: Any, g_values: Tensor | None, g_ov: Tensor | None, like: Tensor) -> SparseArgs:
+    """The gradient of a packed output as a sparse operand of the same structure."""
+    cols, counts, ip, ix = ctx.saved_tensors[:4]
     if g_values is None:
         g_values = like.new_zeros(cols.shape)
     if g_ov is None:
         g_ov = like.new_zeros(ix.shape)
     m, k = ctx.shape
-    return (_masked(g_values, counts, ctx.tile), cols, counts, ip, ix, g_ov, m, k, ctx.tile, True)
+    return SparseArgs(_masked(g_values, counts, ctx.tile), cols, counts, ip, ix, g_ov, m, k, ctx.tile, True)
 
 
 def _pack_backward(ctx: Any, g_values: Tensor | None, g_cols: Any, g_counts: Any, g_ip: Any, g_ix: Any,
                    g_ov: Tensor | None) -> tuple[Any, ...]:
     dh = _packed_grad(ctx, g_values, g_ov, g_values if g_values is not None else g_ov)
-    d_x = torch.ops.sparsecore.unpack(*dh, ctx.backend)
-    return (d_x, None, None, None, None, None)
+    return (_ops.unpack(*dh, ctx.backend), None, None, None, None, None)
 
 
 torch.library.register_autograd("sparsecore::pack", _pack_backward, setup_context=_pack_setup)
@@ -233,35 +241,30 @@ def _relu_gate_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ..
     ctx.shape = (x.shape[0], w_gate.shape[0])
     ctx.tile = inputs[3]
     ctx.backend = inputs[-1]
-    ctx.save_for_backward(output[1], output[2], output[3], output[4], x, w_gate)
+    ctx.save_for_backward(*output[1:5], x, w_gate)
 
 
 def _relu_gate_backward(ctx: Any, g_values: Tensor | None, g_cols: Any, g_counts: Any, g_ip: Any, g_ix: Any,
                         g_ov: Tensor | None) -> tuple[Any, ...]:
     x, w_gate = ctx.saved_tensors[4:]
-    cols, counts, ip, ix = ctx.saved_tensors[:4]
-    if g_values is None:
-        g_values = x.new_zeros(cols.shape)
-    if g_ov is None:
-        g_ov = x.new_zeros(ix.shape)
-    m, k = ctx.shape
-    dh = (_masked(g_values, counts, ctx.tile), cols, counts, ip, ix, g_ov, m, k, ctx.tile, True)
+    dh = _packed_grad(ctx, g_values, g_ov, x)
     d_x = d_w = None
     if ctx.needs_input_grad[0]:
-        d_x = torch.ops.sparsecore.spmm(*dh, w_gate, ctx.backend)
+        d_x = _ops.spmm(*dh, w_gate, ctx.backend)
     if ctx.needs_input_grad[1]:
-        d_w = torch.ops.sparsecore.spmm_t(*dh, x, ctx.backend)
+        d_w = _ops.spmm_t(*dh, x, ctx.backend)
     return (d_x, d_w, None, None, None, None)
 
 
 torch.library.register_autograd("sparsecore::relu_gate", _relu_gate_backward, setup_context=_relu_gate_setup)
 
 
-# unpack(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted, backend)
+# unpack(*sparse, backend)
 def _unpack_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    ctx.tile = inputs[8]
-    ctx.save_for_backward(inputs[1], inputs[2], inputs[3], inputs[4])
-    ctx.has_ov = inputs[5] is not None
+    sp = SparseArgs.take(inputs, 0)
+    ctx.tile = sp.tile
+    ctx.save_for_backward(sp.cols, sp.counts, sp.ov_indptr, sp.ov_indices)
+    ctx.has_ov = sp.ov_data is not None
 
 
 def _unpack_backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
@@ -274,7 +277,7 @@ def _unpack_backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
     if ctx.has_ov:
         rows = torch.searchsorted(ip[1:].to(torch.int64), torch.arange(ix.shape[0], device=ix.device), right=True)
         d_ov = grad[rows, ix.to(torch.int64)]
-    return (d_values, None, None, None, None, d_ov, None, None, None, None, None)
+    return _sparse_grads(d_values, d_ov) + (None,)
 
 
 torch.library.register_autograd("sparsecore::unpack", _unpack_backward, setup_context=_unpack_setup)

@@ -43,7 +43,7 @@ from ..ops import inputs as _I
 
 __all__ = ["TorchTiledELL", "TorchCSR", "TorchTopKIndex", "TorchPageBounds", "as_torch_sparse", "as_torch_index",
            "pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn", "relu_gate", "page_bounds",
-           "select_topk", "sparse_decode", "dense_decode", "merge_attention", "OP_NAMES"]
+           "select_topk", "sparse_decode", "dense_decode", "merge_attention", "OP_NAMES", "SparseArgs", "N_SPARSE"]
 
 NS = "sparsecore"
 Tensor = torch.Tensor
@@ -88,11 +88,11 @@ class TorchCSR(NamedTuple):
     def nnz(self) -> int:
         return int(self.indices.shape[0])
 
-    def op_args(self) -> tuple[Any, ...]:
+    def op_args(self) -> SparseArgs:
         """The sparse-operand arguments of the custom ops (``tile = 0`` marks a CSR)."""
-        return (_placeholder(self.data, 3), _placeholder(self.indices, 3, torch.int16),
-                _placeholder(self.indices, 2, torch.int32), self.indptr, self.indices, self.data,
-                self.shape[0], self.shape[1], 0, bool(self.sorted))
+        return SparseArgs(_placeholder(self.data, 3), _placeholder(self.indices, 3, torch.int16),
+                          _placeholder(self.indices, 2, torch.int32), self.indptr, self.indices, self.data,
+                          self.shape[0], self.shape[1], 0, bool(self.sorted))
 
 
 class TorchTiledELL(NamedTuple):
@@ -177,10 +177,10 @@ class TorchTiledELL(NamedTuple):
     def to_dense(self) -> Tensor:
         return unpack(self)
 
-    def op_args(self) -> tuple[Any, ...]:
+    def op_args(self) -> SparseArgs:
         """The sparse-operand arguments of the custom ops."""
-        return (self.values, self.cols, self.counts, self.overflow_indptr, self.overflow_indices,
-                self.overflow_data, self.shape[0], self.shape[1], self.tile, bool(self.sorted))
+        return SparseArgs(self.values, self.cols, self.counts, self.overflow_indptr, self.overflow_indices,
+                          self.overflow_data, self.shape[0], self.shape[1], self.tile, bool(self.sorted))
 
 
 class TorchTopKIndex(NamedTuple):
@@ -261,16 +261,60 @@ def _like(a: TorchTiledELL | TorchCSR, values: Tensor, ov_data: Tensor) -> Torch
 # inside the ops: tensors <-> formats
 # --------------------------------------------------------------------------------------------------
 
-def _sparse(values: Tensor, cols: Tensor, counts: Tensor, ov_indptr: Tensor | None, ov_indices: Tensor | None,
-            ov_data: Tensor | None, m: int, k: int, tile: int, sorted: bool) -> TiledELL | CSR:
-    if tile == 0:
-        return CSR(ov_indptr, ov_indices, ov_data, (m, k), sorted)
-    ov = None
-    if ov_indptr is not None or ov_indices is not None or ov_data is not None:
-        if ov_indptr is None or ov_indices is None or ov_data is None:
-            raise ValueError("sparsecore: a TiledELL's overflow needs all of indptr, indices and data (or none)")
-        ov = CSR(ov_indptr, ov_indices, ov_data, (m, k), sorted)
-    return TiledELL(values, cols, counts, (m, k), tile, ov, sorted)
+class SparseArgs(NamedTuple):
+    """The sparse operand (TiledELL or CSR) as the custom ops take it, field by field:
+    ``values, cols, counts, ov_indptr?, ov_indices?, ov_data?, m, k, tile, sorted``. A CSR has
+    ``tile = 0``, its ``indptr, indices, data`` in the ``ov_`` fields and empty placeholders for
+    ``values, cols, counts``; a TiledELL without overflow has ``None`` in the three ``ov_`` fields.
+    ``torch.ops.sparsecore.<op>(*args, ...)`` spreads it into a schema's positional arguments;
+    :meth:`take` reads it back from an autograd ``inputs`` tuple."""
+
+    values: Tensor
+    cols: Tensor
+    counts: Tensor
+    ov_indptr: Tensor | None
+    ov_indices: Tensor | None
+    ov_data: Tensor | None
+    m: int
+    k: int
+    tile: int
+    sorted: bool
+
+    @classmethod
+    def take(cls, inputs: Sequence[Any], start: int) -> SparseArgs:
+        """The operand at ``inputs[start : start + 10]``."""
+        return cls(*inputs[start:start + len(cls._fields)])
+
+    @property
+    def is_csr(self) -> bool:
+        return self.tile == 0
+
+    @property
+    def has_overflow(self) -> bool:
+        return self.ov_indptr is not None
+
+    def with_values(self, values: Tensor, ov_data: Tensor | None) -> SparseArgs:
+        """The same structure with other values (``ov_data`` is dropped when there is no overflow)."""
+        return self._replace(values=values, ov_data=ov_data if self.has_overflow else None)
+
+    def to_format(self) -> TiledELL | CSR:
+        """The :mod:`sparsecore` format around the same tensors (no copy)."""
+        shape = (self.m, self.k)
+        if self.is_csr:
+            return CSR(self.ov_indptr, self.ov_indices, self.ov_data, shape, self.sorted)
+        ov = None
+        if self.ov_indptr is not None or self.ov_indices is not None or self.ov_data is not None:
+            if self.ov_indptr is None or self.ov_indices is None or self.ov_data is None:
+                raise ValueError("sparsecore: a TiledELL's overflow needs all of indptr, indices and data (or none)")
+            ov = CSR(self.ov_indptr, self.ov_indices, self.ov_data, shape, self.sorted)
+        return TiledELL(self.values, self.cols, self.counts, shape, self.tile, ov, self.sorted)
+
+    def concrete(self) -> bool:
+        return _concrete(self.m, self.k, self.tile)
+
+
+#: the number of positional arguments a sparse operand takes in a custom op's schema
+N_SPARSE = len(SparseArgs._fields)
 
 
 def _kv(k: Tensor, v: Tensor, lengths: Tensor, page_table: Tensor | None) -> DenseKV | PagedKV:
@@ -381,14 +425,14 @@ def _(x, w_gate, threshold, tile, capacity, backend):
 @torch.library.custom_op(f"{NS}::unpack", mutates_args=())
 def _unpack(values: Tensor, cols: Tensor, counts: Tensor, ov_indptr: Tensor | None, ov_indices: Tensor | None,
             ov_data: Tensor | None, m: int, k: int, tile: int, sorted: bool, backend: str | None) -> Tensor:
-    a = _sparse(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted)
+    a = SparseArgs(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted).to_format()
     return _fresh(_ops.unpack(a, backend=backend), values, ov_data)
 
 
 @_unpack.register_fake
 def _(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted, backend):
     if _concrete(m, k, tile):
-        a = _sparse(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted)
+        a = SparseArgs(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted).to_format()
         _I.UnpackInputs(a).validate()
     return values.new_empty((m, k))
 
@@ -396,14 +440,14 @@ def _(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted, 
 @torch.library.custom_op(f"{NS}::spmm", mutates_args=())
 def _spmm(values: Tensor, cols: Tensor, counts: Tensor, ov_indptr: Tensor | None, ov_indices: Tensor | None,
           ov_data: Tensor | None, m: int, k: int, tile: int, sorted: bool, w: Tensor, backend: str | None) -> Tensor:
-    a = _sparse(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted)
+    a = SparseArgs(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted).to_format()
     return _fresh(_ops.spmm(a, w, backend=backend), w)
 
 
 @_spmm.register_fake
 def _(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted, w, backend):
     if _concrete(m, k, tile):
-        a = _sparse(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted)
+        a = SparseArgs(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted).to_format()
         _I.SpmmInputs(a, w).validate()
     return w.new_empty((m, w.shape[1]))
 
@@ -414,7 +458,7 @@ def _sddmm(x: Tensor, w: Tensor, values: Tensor, cols: Tensor, counts: Tensor, o
            backend: str | None) -> tuple[Tensor, Tensor]:
     """Returns ``(values, ov_data)`` in the pattern's layout (``ov_data`` empty without an overflow;
     for a CSR pattern ``values`` is the empty placeholder and ``ov_data`` the CSR's data)."""
-    a = _sparse(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted)
+    a = SparseArgs(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted).to_format()
     r = _ops.sddmm(x, w, a, backend=backend)
     if isinstance(r, CSR):
         return x.new_zeros(values.shape), _fresh(_as_tensor(r.data), x, w, ov_data)
@@ -426,7 +470,7 @@ def _sddmm(x: Tensor, w: Tensor, values: Tensor, cols: Tensor, counts: Tensor, o
 @_sddmm.register_fake
 def _(x, w, values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted, backend):
     if _concrete(m, k, tile):
-        a = _sparse(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted)
+        a = SparseArgs(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted).to_format()
         _I.SddmmInputs(x, w, a).validate()
     ov = x.new_empty((0,)) if ov_data is None else x.new_empty(ov_data.shape)
     return x.new_empty(values.shape), ov
@@ -436,14 +480,14 @@ def _(x, w, values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, so
 def _spmm_t(values: Tensor, cols: Tensor, counts: Tensor, ov_indptr: Tensor | None, ov_indices: Tensor | None,
             ov_data: Tensor | None, m: int, k: int, tile: int, sorted: bool, dy: Tensor,
             backend: str | None) -> Tensor:
-    a = _sparse(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted)
+    a = SparseArgs(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted).to_format()
     return _fresh(_ops.spmm_t(a, dy, backend=backend), dy)
 
 
 @_spmm_t.register_fake
 def _(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted, dy, backend):
     if _concrete(m, k, tile):
-        a = _sparse(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted)
+        a = SparseArgs(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted).to_format()
         _I.SpmmTInputs(a, dy).validate()
     return dy.new_empty((k, dy.shape[1]))
 
@@ -452,14 +496,14 @@ def _(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted, 
 def _gated_ffn(x: Tensor, values: Tensor, cols: Tensor, counts: Tensor, ov_indptr: Tensor | None,
                ov_indices: Tensor | None, ov_data: Tensor | None, m: int, k: int, tile: int, sorted: bool,
                w_up: Tensor, w_down: Tensor, backend: str | None) -> Tensor:
-    g = _sparse(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted)
+    g = SparseArgs(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted).to_format()
     return _fresh(_ops.gated_ffn(x, g, w_up, w_down, backend=backend), x, w_up, w_down)
 
 
 @_gated_ffn.register_fake
 def _(x, values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted, w_up, w_down, backend):
     if _concrete(m, k, tile):
-        g = _sparse(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted)
+        g = SparseArgs(values, cols, counts, ov_indptr, ov_indices, ov_data, m, k, tile, sorted).to_format()
         _I.GatedFfnInputs(x, g, w_up, w_down).validate()
     return x.new_empty((m, w_down.shape[1]))
 
