@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import importlib
 import os
+import sys
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -102,6 +103,16 @@ class OpInputs:
     def validate_data(self) -> None:
         """Invariants that need the data (index ranges, uniqueness). Runs on host inputs by default;
         for device inputs (it syncs and copies) only with ``SPARSECORE_VALIDATE=always``."""
+
+    def check_bounds(self) -> None:
+        """The cheap part of :meth:`validate_data` that keeps a host kernel inside its buffers (index
+        and page ranges by a min/max pass; no sort, no uniqueness). Runs on host inputs whenever
+        :meth:`validate_data` does not, so ``SPARSECORE_VALIDATE=never`` cannot crash the process.
+        Default: ``check_bounds(op, name)`` of every format argument that has one."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if _is_format(v) and hasattr(v, "check_bounds"):
+                v.check_bounds(self.OP, f.name)
 
 
 class BackendOp:
@@ -221,10 +232,39 @@ def _deep_validation(inp: OpInputs) -> bool:
     return mode == "always" or (mode == "auto" and inp.device == "host")
 
 
+#: ops whose torch custom op in :mod:`sparsecore.torch` has a registered gradient.
+DIFFERENTIABLE_OPS: tuple[str, ...] = ("pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn")
+
+
+def check_no_grad(inp: OpInputs) -> None:
+    """Refuse torch tensors that require grad while grad mode is on: the public ops do not record
+    gradients, so their result would silently have none. torch is looked up in ``sys.modules``,
+    never imported (a call on torch tensors has imported it already). Inside the custom ops of
+    :mod:`sparsecore.torch` grad mode is off, so they pass."""
+    if inp.kind != "torch":
+        return
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.is_grad_enabled():
+        return
+    for name, a in inp.named_arrays().items():
+        if getattr(a, "requires_grad", False):
+            op = inp.OP
+            if op in DIFFERENTIABLE_OPS:
+                fix = (f"use sparsecore.torch.{op}, which is differentiable, or call it under torch.no_grad() "
+                       "if no gradient is wanted")
+            else:
+                fix = f"{op} has no gradient; call it under torch.no_grad() or pass detached tensors"
+            fail(op, f"{name} requires grad, but sparsecore.{op} does not record gradients (the result would "
+                     f"silently have none); {fix}")
+
+
 def dispatch(inp: OpInputs, backend: str | None = None) -> Any:
     """Validate ``inp``, pick a backend op class and run it."""
     inp.validate()
+    check_no_grad(inp)
     cls = select(inp, backend)
     if _deep_validation(inp):
         inp.validate_data()
+    elif inp.device == "host":
+        inp.check_bounds()
     return cls.apply(inp)
