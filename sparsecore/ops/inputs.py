@@ -59,10 +59,10 @@ MAX_TOKENS = 2**31 - 1
 def _check_scale(op: str, scale: Any) -> float | None:
     if scale is None:
         return None
-    allowed = f"a finite float with {SCALE_MIN:.9g} <= scale <= {SCALE_MAX:.9g} (or None for 1 / sqrt(D))"
-    f = check_real(op, "scale", scale, allowed=allowed, positive=True)
+    f = check_real(op, "scale", scale, allowed="a finite float > 0 (or None for 1 / sqrt(D))", positive=True)
     if not SCALE_MIN <= f <= SCALE_MAX:
-        fail(op, f"scale = {scale!r}; must be {allowed}: scores are scaled in float32")
+        fail(op, f"scale = {scale!r}; must be between {SCALE_MIN:.9g} and {SCALE_MAX:.9g}, float32's normal range "
+                 "(the scores are scaled in float32)")
     return f
 
 
