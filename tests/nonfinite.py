@@ -74,12 +74,13 @@ POISONS: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray], None]] = {
 }
 
 
-def decode_case(poison: str, dtype: str, *, paged: bool = False, long: bool = False, seed: int = 0
-                ) -> tuple[np.ndarray, DenseKV | PagedKV]:
-    """``(q, kv)`` of one poisoned case; positions past a length hold NaN (never read)."""
+def decode_case(poison: str, dtype: str, *, paged: bool = False, long: bool = False, long_len: int = 1100,
+                seed: int = 0) -> tuple[np.ndarray, DenseKV | PagedKV]:
+    """``(q, kv)`` of one poisoned case (``long``: sequence 0 has ``long_len`` tokens); positions past
+    a length hold NaN (never read)."""
     rng = np.random.default_rng(seed)
     b, hq, hkv, d = 2, 4, 2, 8
-    s = 1100 if long else 24
+    s = long_len if long else 24
     lengths = np.array([s, 13], np.int32)
     q = rng.uniform(-1, 1, (b, hq, d))
     q[:, :, 0] = np.abs(q[:, :, 0]) + 0.25
