@@ -121,12 +121,13 @@ class TiledELL:
                         f"capacity = {cap} ({never})")
         cols = to_host(self.cols)
         if cols.size:
-            width = np.minimum(tile, k - np.arange(self.n_tiles) * tile)
-            lo = cols.min(axis=(0, 2)).astype(np.int64)
-            hi = cols.max(axis=(0, 2)).astype(np.int64)
-            bad = (lo < 0) | (hi >= width)
-            if bad.any():
-                t = int(np.argmax(bad))
+            # fast path: one min and one max over all offsets, and the last (maybe partial) tile's max
+            last = k - (self.n_tiles - 1) * tile
+            if int(cols.min()) < 0 or int(cols.max()) >= tile or (last < tile and int(cols[:, -1].max()) >= last):
+                width = np.minimum(tile, k - np.arange(self.n_tiles) * tile)
+                lo = cols.min(axis=(0, 2)).astype(np.int64)
+                hi = cols.max(axis=(0, 2)).astype(np.int64)
+                t = int(np.argmax((lo < 0) | (hi >= width)))
                 v = int(lo[t]) if lo[t] < 0 else int(hi[t])
                 fail(where, f"{name}.cols of tile {t} holds offset {v}, out of range; allowed 0 <= offset < "
                             f"{width[t]} (tile = {tile}, K = {k}; {never})")
