@@ -73,7 +73,8 @@ def ffn_case(rng) -> None:
 def decode_case(rng) -> None:
     dtype = str(rng.choice(list(NP)))
     tol = 1e-4 if dtype == "float32" else 3e-2
-    b, hkv, group, d = int(rng.integers(1, 3)), int(rng.integers(1, 3)), int(rng.integers(1, 3)), int(rng.integers(1, 9))
+    b, hkv, group = (int(v) for v in rng.integers(1, 3, 3))
+    d = int(rng.integers(1, 9))
     ps = int(rng.choice([1, 3, 4]))
     max_pages = int(rng.integers(1, 8))
     lengths = rng.integers(0, max_pages * ps + 1, b).astype(np.int32)

@@ -4,7 +4,6 @@ partials of merge_attention; the oracle is tests/nonfinite.py's float64 loop cod
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 import sparsecore as sc
