@@ -702,3 +702,51 @@ def test_emulated_merge_attention(dtype: str) -> None:
         ro, rl = ref.merge_attention(o1, l1, o2, l2)
         _close(mo, ro, EMU_TOL[dtype], "merge_attention")
         _close(ml, rl, 1e-6, "merge_attention lse")
+
+
+# ---- the non-finite contract (docs/ops.md) on the CUDA C kernels, emulated --------------------------
+
+@pytest.mark.parametrize("poison", ["nan-key", "nan-query", "neg-inf-key", "all-neg-inf", "all-neg-inf-nan-value",
+                                    "neg-inf-key-nan-value", "pos-inf-key", "inf-value", "mixed"])
+def test_emulated_decode_follows_the_nonfinite_contract(poison: str) -> None:
+    """NaN and infinities in q, K and V: dense and sparse decode (shared and per-head, token and page
+    indices) equal tests/nonfinite.py's float64 oracle, NaN for NaN; the 200-token cases run in 4
+    splits, so the split merge must keep a NaN split and an empty one's 0 * NaN."""
+    from sparsecore.backends.cuda import _ops
+    from sparsecore.ops import inputs as I
+    from tests._util import assert_close
+    from tests.nonfinite import decode_case, indices_for, oracle_decode
+
+    emu = _needs_emu()
+    rt = emu.CpuRuntime()
+    long = poison in ("nan-key", "neg-inf-key-nan-value", "pos-inf-key")
+    dtype = "float16" if poison == "mixed" else "float32"
+    q, kv = decode_case(poison, dtype, paged=poison in ("nan-query", "inf-value"), long=long, long_len=200)
+    lse_dt = "float32" if dtype == "float32" else dtype
+    o, lse = _ops.dense_decode(rt, I.DenseDecodeInputs(q, kv, None))
+    wo, wl = oracle_decode(q, kv, None, None)
+    assert_close(o, wo, dtype, what=f"{poison} dense_decode out")
+    assert_close(lse, wl, lse_dt, what=f"{poison} dense_decode lse")
+    for groups, ps in ((kv.num_kv_heads, None), (q.shape[1], 4)):
+        index = indices_for(kv, groups=groups, page_size=ps, keep=0.7, seed=groups)
+        o, lse = _ops.sparse_decode(rt, I.SparseDecodeInputs(q, kv, index, 0.7))
+        wo, wl = oracle_decode(q, kv, index, 0.7)
+        assert_close(o, wo, dtype, what=f"{poison} sparse_decode out G={groups}")
+        assert_close(lse, wl, lse_dt, what=f"{poison} sparse_decode lse G={groups}")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_emulated_merge_attention_follows_the_nonfinite_contract(dtype: str) -> None:
+    from sparsecore.backends.cuda import _ops
+    from sparsecore.ops import inputs as I
+    from tests._util import assert_close
+    from tests.nonfinite import merge_case, oracle_merge
+
+    emu = _needs_emu()
+    o1, l1, o2, l2 = merge_case(dtype)
+    for lse_dt in (np.float32, np.float64):
+        mo, ml = _ops.merge_attention(emu.CpuRuntime(), I.MergeAttentionInputs(o1, l1.astype(lse_dt), o2,
+                                                                                l2.astype(lse_dt)))
+        wo, wl = oracle_merge(o1, l1, o2, l2)
+        assert_close(mo, wo, dtype, what="merge_attention out")
+        assert_close(ml, wl, "float32", what="merge_attention lse")

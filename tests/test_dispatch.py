@@ -167,10 +167,16 @@ def test_torch_in_torch_out_zero_copy(dtype):
     assert torch.equal(dense, torch.where(t.abs() > 0.5, t, torch.zeros((), dtype=dtype)))
 
 
-def test_tensor_requiring_grad_is_read_without_error():
+def test_tensor_requiring_grad_is_refused_under_grad_mode_and_read_under_no_grad():
+    """The public ops record no gradient: a tensor that requires grad would silently lose it, so
+    under grad mode it is refused (naming sparsecore.torch's differentiable op); under no_grad it is
+    read as a plain tensor."""
     t = torch.randn(2, 16, requires_grad=True)
     w = torch.randn(16, 3)
-    out = sc.spmm(sc.pack(t), w)
+    with pytest.raises(ValueError, match="pack: x requires grad.*use sparsecore.torch.pack"):
+        sc.pack(t)
+    with torch.no_grad():
+        out = sc.spmm(sc.pack(t), w)
     torch.testing.assert_close(out, t.detach() @ w, rtol=1e-5, atol=1e-5)
 
 

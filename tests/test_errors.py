@@ -544,6 +544,72 @@ CASES = [
          lambda: topk(indices=np.zeros((1, 2, 3), I64))),
     case("TopKIndex-counts-shape", V, lit("TopKIndex: counts has shape (1, 3); expected (1, 2) = indices.shape[:2]"),
          lambda: topk(counts=(2, 2, 2))),
+    # --- issue 13: limits that used to overflow, crash or give a raw error ------------------------------
+    case("dense_decode-scale-past-float32", V,
+         lit("dense_decode: scale = 1e+39; must be between 1.17549435e-38 and 3.40282347e+38, float32's normal range "
+             "(the scores are scaled in float32)"), lambda: sc.dense_decode(q(), dkv(), scale=1e39)),
+    case("sparse_decode-scale-below-float32", V,
+         parts("sparse_decode: scale = 1e-39; must be between 1.17549435e-38 and 3.40282347e+38"),
+         lambda: sc.sparse_decode(q(), dkv(), topk(), scale=1e-39)),
+    case("dense_decode-Hq-zero", V, lit("dense_decode: q has Hq = 0 query heads, kv has Hkv = 2; Hq must be a "
+                                        "positive multiple of Hkv (GQA)"), lambda: sc.dense_decode(q(hq=0), dkv())),
+    case("select_topk-Hq-zero", V, parts("select_topk: q has Hq = 0 query heads"),
+         lambda: sc.select_topk(q(hq=0), dkv(), 2)),
+    case("select_topk-sink-past-int32", V, lit("select_topk: sink = 9223372036854775808; must be <= 2147483647"),
+         lambda: sc.select_topk(q(), dkv(), 2, sink=2**63)),
+    case("select_topk-window-past-int32", V, lit("select_topk: window = 4294967296; must be <= 2147483647"),
+         lambda: sc.select_topk(q(), dkv(), 2, window=2**32)),
+    case("select_topk-page_size-past-int32", V, lit("select_topk: page_size = 1099511627776; must be <= 2147483647"),
+         lambda: sc.select_topk(q(), dkv(), 1, method="quest", page_size=2**40)),
+    case("TopKIndex-page_size-past-int32", V, lit("TopKIndex: page_size = 1099511627776; must be <= 2147483647"),
+         lambda: topk(granularity="page", page_size=2**40)),
+    case("spmm-requires-grad", V,
+         lit("spmm: w requires grad, but sparsecore.spmm does not record gradients (the result would silently have "
+             "none); use sparsecore.torch.spmm, which is differentiable, or call it under torch.no_grad() if no "
+             "gradient is wanted"), lambda: sc.spmm(cpu(ell()), cpu(W).requires_grad_())),
+    case("pack-requires-grad", V, parts("pack: x requires grad, but sparsecore.pack does not record gradients",
+                                        "use sparsecore.torch.pack"),
+         lambda: sc.pack(cpu(X).requires_grad_())),
+    case("dense_decode-requires-grad", V,
+         lit("dense_decode: q requires grad, but sparsecore.dense_decode does not record gradients (the result would "
+             "silently have none); dense_decode has no gradient; call it under torch.no_grad() or pass detached "
+             "tensors"), lambda: sc.dense_decode(cpu(q()).requires_grad_(), cpu(dkv()))),
+    case("never-csr-column-past-K", V,
+         lit("spmm: a.indices[1] = 10000000 is out of range; allowed 0 <= indices <= 4 (nnz = 3, K = 5; checked even "
+             "with SPARSECORE_VALIDATE=never)"),
+         lambda: sc.spmm(csr(indices=(1, 10**7, 0)), arr(5, 3)), env={"SPARSECORE_VALIDATE": "never"}),
+    case("never-csr-indptr-past-nnz", V, parts("spmm_t: a.indptr[2] = 9 is out of range; allowed 0 <= indptr <= 3"),
+         lambda: sc.spmm_t(csr(indptr=(0, 2, 9)), arr(2, 3)), env={"SPARSECORE_VALIDATE": "never"}),
+    case("never-ell-offset-past-tile", V,
+         lit("sddmm: pattern.cols of tile 1 holds offset 5, out of range; allowed 0 <= offset < 2 (tile = 8, K = 10; "
+             "checked even with SPARSECORE_VALIDATE=never)"),
+         lambda: sc.sddmm(arr(1, 4), arr(10, 4), ell(cols=((0, 5), (5, 0)))), env={"SPARSECORE_VALIDATE": "never"}),
+    case("never-ell-counts-past-capacity", V, parts("unpack: a.counts[0, 1] = 3 is out of range; allowed 0 <= count "
+                                                    "<= capacity = 2"),
+         lambda: sc.unpack(ell(counts=(2, 3))), env={"SPARSECORE_VALIDATE": "never"}),
+    case("never-ell-overflow-column", V, parts("gated_ffn: gate.overflow.indices[0] = 99 is out of range"),
+         lambda: sc.gated_ffn(arr(1, 4), ell(overflow=over(99)), arr(10, 4), arr(10, 4)),
+         env={"SPARSECORE_VALIDATE": "never"}),
+    case("never-page-past-pool", V,
+         lit("dense_decode: kv: page_table[0, 1] = 7 is out of range for a page in use (lengths[0] = 8); allowed "
+             "0 <= page id < P = 3"), lambda: sc.dense_decode(q(), pkv(((0, 7, -1),))),
+         env={"SPARSECORE_VALIDATE": "never"}),
+    case("never-length-past-cache", V, lit("select_topk: kv: lengths[0] = 9; allowed 0 <= length <= S = 8"),
+         lambda: sc.select_topk(q(), dkv(lengths=(9,)), 2), env={"SPARSECORE_VALIDATE": "never"}),
+    case("never-index-past-length", V,
+         lit("sparse_decode: index.indices[0, 1, 1] = 7 is out of range; allowed 0 <= index < 5 (tokens of sequence "
+             "0; checked even with SPARSECORE_VALIDATE=never)"),
+         lambda: sc.sparse_decode(q(), dkv(lengths=(5,)), topk(((0, 1, -1), (2, 7, -1)))),
+         env={"SPARSECORE_VALIDATE": "never"}),
+    case("never-index-page-past-length", V, parts("sparse_decode: index.indices[0, 0, 1] = 3 is out of range; "
+                                                  "allowed 0 <= index < 2 (pages of sequence 0"),
+         lambda: sc.sparse_decode(q(), dkv(lengths=(6,)), topk(((0, 3, -1), (1, -1, -1)), (2, 1), "page", 4)),
+         env={"SPARSECORE_VALIDATE": "never"}),
+    case("never-index-count-past-k_max", V, parts("sparse_decode: index.counts[0, 0] = 4 is out of range; allowed "
+                                                  "0 <= count <= k_max = 3"),
+         lambda: sc.sparse_decode(q(), dkv(), topk(counts=(4, 2))), env={"SPARSECORE_VALIDATE": "never"}),
+    case("never-page_bounds-start", V, lit("page_bounds: start[0] = 9; allowed 0 <= start[b] <= lengths[0] = 8"),
+         lambda: sc.page_bounds(dkv(), out=pb(), start=np.array([9], I32)), env={"SPARSECORE_VALIDATE": "never"}),
     # --- dispatch --------------------------------------------------------------------------------
     case("backend-unknown", V, parts("spmm: backend = 'nope' is unknown for this op; known: ", "reference"),
          lambda: sc.spmm(ell(), W, backend="nope")),

@@ -87,9 +87,13 @@ class DenseKV:
     def arrays(self) -> dict[str, Any]:
         return {"k": self.k, "v": self.v, "lengths": self.lengths}
 
-    def validate(self) -> DenseKV:
-        _validate_lengths("DenseKV.validate", self.lengths, self.max_len, "S")
+    def validate(self, where: str = "DenseKV.validate") -> DenseKV:
+        _validate_lengths(where, self.lengths, self.max_len, "S")
         return self
+
+    def check_bounds(self, where: str, name: str) -> None:
+        """:meth:`validate` (O(B)): the ops run it on host inputs even with SPARSECORE_VALIDATE=never."""
+        self.validate(f"{where}: {name}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -123,8 +127,19 @@ class PagedKV:
         return {"k_pages": self.k_pages, "v_pages": self.v_pages, "page_table": self.page_table,
                 "lengths": self.lengths}
 
-    def validate(self) -> PagedKV:
-        w = "PagedKV.validate"
+    def check_bounds(self, where: str, name: str) -> None:
+        """:meth:`validate` (O(B * max_pages), lengths and the page ids in use): the ops run it on
+        host inputs even with SPARSECORE_VALIDATE=never. Fast path: every entry of the page table is
+        a page id (no -1 padding) and the lengths are in range."""
+        pt = to_host(self.page_table)
+        ln = to_host(self.lengths)
+        if pt.size and ln.size and int(pt.min()) >= 0 and int(pt.max()) < self.num_pages \
+                and int(ln.min()) >= 0 and int(ln.max()) <= self.max_len:
+            return
+        self.validate(f"{where}: {name}")
+
+    def validate(self, where: str = "PagedKV.validate") -> PagedKV:
+        w = where
         ln = _validate_lengths(w, self.lengths, self.max_len, "max_pages * page_size")
         pt = to_host(self.page_table).astype(np.int64)
         used = np.arange(pt.shape[1])[None, :] < -(-ln // self.page_size)[:, None]

@@ -106,6 +106,34 @@ class TiledELL:
             out.update({f"overflow.{n}": a for n, a in self.overflow.arrays().items()})
         return out
 
+    def check_bounds(self, where: str, name: str) -> None:
+        """The part of :meth:`validate` that keeps a kernel inside the buffers: ``0 <= counts <=
+        capacity``, every slot's offset inside its tile (``0 <= cols < min(tile, K - t * tile)``;
+        padding offsets are 0) and the overflow's :meth:`CSR.check_bounds`, by min/max passes (no
+        sort). The ops run it on host inputs even with ``SPARSECORE_VALIDATE=never``."""
+        m, k = self.shape
+        tile, cap = self.tile, self.capacity
+        counts = to_host(self.counts)
+        never = "checked even with SPARSECORE_VALIDATE=never"
+        if counts.size and (int(counts.min()) < 0 or int(counts.max()) > cap):
+            r, t = np.argwhere((counts < 0) | (counts > cap))[0]
+            fail(where, f"{name}.counts[{r}, {t}] = {counts[r, t]} is out of range; allowed 0 <= count <= "
+                        f"capacity = {cap} ({never})")
+        cols = to_host(self.cols)
+        if cols.size:
+            # fast path: one min and one max over all offsets, and the last (maybe partial) tile's max
+            last = k - (self.n_tiles - 1) * tile
+            if int(cols.min()) < 0 or int(cols.max()) >= tile or (last < tile and int(cols[:, -1].max()) >= last):
+                width = np.minimum(tile, k - np.arange(self.n_tiles) * tile)
+                lo = cols.min(axis=(0, 2)).astype(np.int64)
+                hi = cols.max(axis=(0, 2)).astype(np.int64)
+                t = int(np.argmax((lo < 0) | (hi >= width)))
+                v = int(lo[t]) if lo[t] < 0 else int(hi[t])
+                fail(where, f"{name}.cols of tile {t} holds offset {v}, out of range; allowed 0 <= offset < "
+                            f"{width[t]} (tile = {tile}, K = {k}; {never})")
+        if self.overflow is not None:
+            self.overflow.check_bounds(where, f"{name}.overflow")
+
     def validate(self) -> TiledELL:
         """Check every invariant (reads the data; copies device buffers to the host)."""
         w = "TiledELL.validate"

@@ -45,7 +45,8 @@ class TopKIndex:
         if self.granularity == "page":
             if self.page_size is None:
                 fail(w, "granularity = 'page' needs page_size (tokens per page)")
-            object.__setattr__(self, "page_size", check_int(w, "page_size", self.page_size, lo=1))
+            # token positions are int32: a page of more tokens than that cannot be addressed
+            object.__setattr__(self, "page_size", check_int(w, "page_size", self.page_size, lo=1, hi=2**31 - 1))
         elif self.page_size is not None:
             fail(w, f"page_size = {self.page_size!r} is only meaningful with granularity = 'page'")
 
@@ -58,6 +59,35 @@ class TopKIndex:
 
     def arrays(self) -> dict[str, Any]:
         return {"indices": self.indices, "counts": self.counts}
+
+    def check_bounds(self, where: str, name: str, lengths: Any = None) -> None:
+        """The part of :meth:`validate` that keeps a kernel inside the buffers: ``0 <= counts <=
+        k_max`` and, with ``lengths``, every selected index in ``0 <= index < units of its sequence``
+        (one vectorised pass, no sort; duplicates are not looked for). The ops run it on host inputs
+        even with ``SPARSECORE_VALIDATE=never``."""
+        cnt = to_host(self.counts).astype(np.int64)
+        kmax = self.k_max
+        never = "checked even with SPARSECORE_VALIDATE=never"
+        bad = (cnt < 0) | (cnt > kmax)
+        if bad.any():
+            b, g = np.argwhere(bad)[0]
+            fail(where, f"{name}.counts[{b}, {g}] = {cnt[b, g]} is out of range; allowed 0 <= count <= "
+                        f"k_max = {kmax} ({never})")
+        if lengths is None or not kmax:
+            return
+        units = to_host(lengths).astype(np.int64)
+        if self.granularity == "page":
+            units = -(-units // self.page_size)
+        idx = to_host(self.indices)
+        if idx.size and (cnt == kmax).all():  # fast path: full rows, a min and a max per sequence
+            if int(idx.min()) >= 0 and (idx.reshape(idx.shape[0], -1).max(axis=1) < units).all():
+                return
+        filled = np.arange(kmax)[None, None, :] < cnt[:, :, None]
+        bad = filled & ((idx < 0) | (idx >= units[:, None, None]))
+        if bad.any():
+            b, g, j = np.argwhere(bad)[0]
+            fail(where, f"{name}.indices[{b}, {g}, {j}] = {idx[b, g, j]} is out of range; allowed 0 <= index < "
+                        f"{units[b]} ({self.granularity}s of sequence {b}; {never})")
 
     def validate(self, lengths: Any = None) -> TopKIndex:
         """Check every invariant; with ``lengths[B]`` (or a KV cache) also the index ranges."""

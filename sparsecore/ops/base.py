@@ -116,6 +116,16 @@ class OpInputs:
         """Invariants that need the data (index ranges, uniqueness). Runs on host inputs by default;
         for device inputs (it syncs and copies) only with ``SPARSECORE_VALIDATE=always``."""
 
+    def check_bounds(self) -> None:
+        """The cheap part of :meth:`validate_data` that keeps a host kernel inside its buffers (index
+        and page ranges by a min/max pass; no sort, no uniqueness). Runs on host inputs whenever
+        :meth:`validate_data` does not, so ``SPARSECORE_VALIDATE=never`` cannot crash the process.
+        Default: ``check_bounds(op, name)`` of every format argument that has one."""
+        for n in _field_names(type(self)):
+            v = getattr(self, n)
+            if _is_format(v) and hasattr(v, "check_bounds"):
+                v.check_bounds(self.OP, n)
+
 
 class BackendOp:
     """One backend's implementation of one op. Capabilities are class attributes."""

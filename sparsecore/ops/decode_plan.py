@@ -17,7 +17,7 @@ from .._checks import fail
 from ..formats.kv import DenseKV, PageBounds, PagedKV
 from ..formats.topk import TopKIndex
 from . import inputs as I
-from .dispatcher import plan
+from .dispatcher import check_no_grad, plan
 
 __all__ = ["DecodePlan"]
 
@@ -70,6 +70,7 @@ class DecodePlan:
         self._shape = _shape_of(q, kv)
         self._capacity = _capacity(kv)
         self._has_bounds = bounds is not None
+        self._host = select_inp.device == "host"
         self.last_index: TopKIndex | None = index
 
     @property
@@ -96,10 +97,13 @@ class DecodePlan:
                                    f"{'with' if self._has_bounds else 'without'} them")
         opts = dict(self._options, bounds=bounds)
         select_inp = I.SelectTopkInputs(q, kv, **opts)
+        check_no_grad(select_inp)
         checking = os.environ.get("SPARSECORE_VALIDATE") == "always"
         if checking:
             select_inp.validate()
             select_inp.validate_data()
+        elif self._host:  # the cache's lengths and page table: cheap, and what keeps a kernel in bounds
+            kv.check_bounds("DecodePlan.run", "kv")
         index = self._select.backend.apply(select_inp)
         self.last_index = index
         decode_inp = I.SparseDecodeInputs(q, kv, index, self.scale)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import sys
 from typing import Any
 
 from .._checks import fail
@@ -147,9 +148,39 @@ def _deep_validation(device: str) -> bool:
     return mode == "always" or (mode == "auto" and device == "host")
 
 
+#: ops whose torch custom op in :mod:`sparsecore.torch` has a registered gradient.
+DIFFERENTIABLE_OPS: tuple[str, ...] = ("pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn")
+
+
+def check_no_grad(inp: OpInputs) -> None:
+    """Refuse torch tensors that require grad while grad mode is on: the public ops do not record
+    gradients, so their result would silently have none. torch is looked up in ``sys.modules``,
+    never imported (a call on torch tensors has imported it already). Inside the custom ops of
+    :mod:`sparsecore.torch` grad mode is off, so they pass."""
+    if inp.kind != "torch":
+        return
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.is_grad_enabled():
+        return
+    for name, a in inp.named_arrays().items():
+        if getattr(a, "requires_grad", False):
+            op = inp.OP
+            if op in DIFFERENTIABLE_OPS:
+                fix = (f"use sparsecore.torch.{op}, which is differentiable, or call it under torch.no_grad() "
+                       "if no gradient is wanted")
+            else:
+                fix = f"{op} has no gradient; call it under torch.no_grad() or pass detached tensors"
+            fail(op, f"{name} requires grad, but sparsecore.{op} does not record gradients (the result would "
+                     f"silently have none); {fix}")
+
+
 def dispatch(inp: OpInputs, backend: str | None = None) -> Any:
-    """Validate ``inp`` (or reuse the plan of its signature), pick a backend op class and run it."""
+    """Validate ``inp`` (or reuse the plan of its signature), refuse a torch tensor whose gradient
+    would be lost, check the data (or at least the bounds of host inputs), and run the backend."""
     p = plan(inp, backend)
+    check_no_grad(inp)
     if _deep_validation(p.device):
         inp.validate_data()
+    elif p.device == "host":
+        inp.check_bounds()
     return p.backend.apply(inp)

@@ -40,17 +40,42 @@ def _check_query(op: str, q: Any, kv: DenseKV | PagedKV) -> None:
         fail(op, f"q has batch {b} but kv has batch {kv.batch}; they must match")
     if d != kv.head_dim:
         fail(op, f"q has head_dim {d} but kv has head_dim {kv.head_dim}; they must match")
-    if kv.num_kv_heads == 0 or hq % kv.num_kv_heads:
+    if kv.num_kv_heads == 0 or hq == 0 or hq % kv.num_kv_heads:
         fail(op, f"q has Hq = {hq} query heads, kv has Hkv = {kv.num_kv_heads}; Hq must be a positive "
                  "multiple of Hkv (GQA)")
     if dtype_name(q) != kv.dtype:
         fail(op, f"q has dtype {dtype_name(q)} but kv has {kv.dtype}; they must match", TypeError)
 
 
+#: the range of ``scale``: positive normal float32 numbers, because every float32 backend multiplies by
+#: ``float32(scale)`` (1e39 would become inf, 1e-39 a subnormal or 0).
+SCALE_MIN = float(np.finfo(np.float32).tiny)
+SCALE_MAX = float(np.finfo(np.float32).max)
+
+#: token positions and page numbers are int32: ``sink`` and ``window`` (tokens) are at most this.
+MAX_TOKENS = 2**31 - 1
+
+
 def _check_scale(op: str, scale: Any) -> float | None:
     if scale is None:
         return None
-    return check_real(op, "scale", scale, allowed="a finite float > 0 (or None for 1 / sqrt(D))", positive=True)
+    f = check_real(op, "scale", scale, allowed="a finite float > 0 (or None for 1 / sqrt(D))", positive=True)
+    if not SCALE_MIN <= f <= SCALE_MAX:
+        fail(op, f"scale = {scale!r}; must be between {SCALE_MIN:.9g} and {SCALE_MAX:.9g}, float32's normal range "
+                 "(the scores are scaled in float32)")
+    return f
+
+
+def threshold_f32(threshold: float) -> float:
+    """The largest float32 ``<= threshold``. For every float32 (and so every float16 and bfloat16)
+    magnitude ``a``, ``a <= threshold`` (float64, the reference's comparison) equals
+    ``a <= threshold_f32`` (float32): backends that compare in float32 decide exactly as the
+    reference. A threshold past the float32 range gives float32's largest finite number, so every
+    finite entry is dropped and infinities and NaN are kept, as in float64."""
+    t = np.float32(min(threshold, SCALE_MAX))
+    if float(t) > threshold:
+        t = np.nextafter(t, np.float32(-np.inf))
+    return float(t)
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,6 +90,12 @@ class PackInputs(OpInputs):
     @property
     def dtype(self) -> str:
         return dtype_name(self.x)
+
+    @property
+    def threshold_f32(self) -> float:
+        """The threshold for a float32 comparison that decides exactly as the reference's float64
+        one (see :func:`threshold_f32`); what every float32 backend compares against."""
+        return threshold_f32(self.threshold)
 
     def _validate(self) -> None:
         check_ndim(self.OP, "x", self.x, 2, "[M, K]")
@@ -251,7 +282,7 @@ class PageBoundsInputs(OpInputs):
     def _validate(self) -> None:
         _check_kv(self.OP, self.kv)
         if self.page_size is not None:
-            check_int(self.OP, "page_size", self.page_size, lo=1)
+            check_int(self.OP, "page_size", self.page_size, lo=1, hi=MAX_TOKENS)
         if self.out is not None:
             if isinstance(self.out, PageBounds) and self.page_size is not None \
                     and int(self.page_size) != self.out.page_size:
@@ -270,15 +301,23 @@ class PageBoundsInputs(OpInputs):
                 fail(self.OP, f"start has shape {tuple(self.start.shape)}; expected ({self.kv.batch},), one per "
                               "sequence")
 
+    def check_bounds(self) -> None:
+        self.kv.check_bounds(self.OP, "kv")
+        if self.start is not None:
+            self._check_start()
+
     def validate_data(self) -> None:
         self.kv.validate()
         if self.start is not None:
-            st = to_host(self.start).astype(np.int64)
-            ln = to_host(self.kv.lengths).astype(np.int64)
-            bad = (st < 0) | (st > ln)
-            if bad.any():
-                b = int(np.argmax(bad))
-                fail(self.OP, f"start[{b}] = {st[b]}; allowed 0 <= start[b] <= lengths[{b}] = {ln[b]}")
+            self._check_start()
+
+    def _check_start(self) -> None:
+        st = to_host(self.start).astype(np.int64)
+        ln = to_host(self.kv.lengths).astype(np.int64)
+        bad = (st < 0) | (st > ln)
+        if bad.any():
+            b = int(np.argmax(bad))
+            fail(self.OP, f"start[{b}] = {st[b]}; allowed 0 <= start[b] <= lengths[{b}] = {ln[b]}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -317,12 +356,12 @@ class SelectTopkInputs(OpInputs):
             fail(self.OP, f"shared = {self.shared!r}; must be True or False", TypeError)
         object.__setattr__(self, "shared", bool(self.shared))
         k = check_int(self.OP, "k", self.k, lo=0)
-        check_int(self.OP, "sink", self.sink, lo=0)
-        check_int(self.OP, "window", self.window, lo=0)
+        check_int(self.OP, "sink", self.sink, lo=0, hi=MAX_TOKENS)
+        check_int(self.OP, "window", self.window, lo=0, hi=MAX_TOKENS)
         if self.page_size is not None:
             if self.method != "quest":
                 fail(self.OP, f"page_size = {self.page_size!r} is only used by method = 'quest'")
-            check_int(self.OP, "page_size", self.page_size, lo=1)
+            check_int(self.OP, "page_size", self.page_size, lo=1, hi=MAX_TOKENS)
         if self.bounds is not None:
             if self.method != "quest":
                 fail(self.OP, f"bounds are only read by method = 'quest' (method = {self.method!r})")
@@ -372,6 +411,10 @@ class SparseDecodeInputs(OpInputs):
             fail(self.OP, f"index has G = {self.index.groups} selection rows per sequence; expected Hkv = "
                           f"{self.kv.num_kv_heads} (shared per KV group) or Hq = {hq} (per query head)")
         object.__setattr__(self, "scale", _check_scale(self.OP, self.scale))
+
+    def check_bounds(self) -> None:
+        self.kv.check_bounds(self.OP, "kv")
+        self.index.check_bounds(self.OP, "index", self.kv.lengths)
 
     def validate_data(self) -> None:
         self.kv.validate()

@@ -139,13 +139,31 @@ def select_topk(q: np.ndarray, kv: KV, k: int, *, method: str = "exact", sink: i
 
 
 def _attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, scale: float) -> tuple[np.ndarray, float]:
-    """Softmax attention of one query ``q[D]`` over ``keys, values[T, D]`` in float64."""
+    """Softmax attention of one query ``q[D]`` over ``keys, values[T, D]`` in float64, with the
+    non-finite contract of docs/ops.md::
+
+        s = scale * keys @ q
+        any s NaN or +inf:      out = NaN, lse = NaN
+        every s -inf (or T=0):  out = sum over keys of 0 * v (0, or NaN where a value is not finite), lse = -inf
+        otherwise:              w = exp(s - max(s)) (0 for s = -inf); out = w @ v / sum(w); lse = log(sum(exp(s)))
+
+    Every selected value is multiplied by its weight, also a weight of 0, so a NaN or an infinity in
+    the values of a selected key is never dropped; the rule does not depend on how the keys are split.
+    """
+    d = values.shape[1]
     if keys.shape[0] == 0:
-        return np.zeros(values.shape[1]), -np.inf
-    s = scale * (keys.astype(np.float64) @ q.astype(np.float64))
-    m = s.max()
-    p = np.exp(s - m)
-    return (p @ values.astype(np.float64)) / p.sum(), float(m + np.log(p.sum()))
+        return np.zeros(d), -np.inf
+    v64 = values.astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        s = scale * (keys.astype(np.float64) @ q.astype(np.float64))
+        if np.isnan(s).any() or np.isposinf(s).any():
+            return np.full(d, np.nan), float("nan")
+        m = s.max()
+        if m == -np.inf:
+            return (0.0 * v64).sum(axis=0), -np.inf
+        p = np.exp(s - m)  # exp(-inf) = 0
+        # an elementwise product, not p @ v: a BLAS may skip the zero weights, and 0 * NaN must stay NaN
+        return (p[:, None] * v64).sum(axis=0) / p.sum(), float(m + np.log(p.sum()))
 
 
 def selected_tokens(index: TopKIndex, b: int, g: int, length: int) -> np.ndarray:
@@ -153,7 +171,8 @@ def selected_tokens(index: TopKIndex, b: int, g: int, length: int) -> np.ndarray
     sel = index.indices[b, g, :index.counts[b, g]].astype(np.int64)
     if index.granularity == "page":
         ps = index.page_size
-        sel = (sel[:, None] * ps + np.arange(ps)[None, :]).ravel()
+        span = min(ps, max(length, 0))  # a page's tokens below the length: never more than the length
+        sel = (sel[:, None] * ps + np.arange(span)[None, :]).ravel()
         sel = sel[sel < length]
     return sel
 
@@ -206,9 +225,11 @@ def merge_attention(o1: np.ndarray, lse1: np.ndarray, o2: np.ndarray, lse2: np.n
         out = o1 * exp(lse1 - lse) + o2 * exp(lse2 - lse)      # both empty: out = 0, lse = -inf
     """
     l1, l2 = lse1.astype(np.float64), lse2.astype(np.float64)
-    lse = np.logaddexp(l1, l2)
+    # non-finite (docs/ops.md): a side with lse = -inf weighs exactly 0 but enters as 0 * o (NaN stays
+    # NaN); a NaN lse gives NaN; a +inf lse gives lse = +inf and out = NaN (exp(inf - inf))
     with np.errstate(invalid="ignore"):
+        lse = np.logaddexp(l1, l2)
         w1 = np.where(np.isneginf(l1), 0.0, np.exp(l1 - lse))
         w2 = np.where(np.isneginf(l2), 0.0, np.exp(l2 - lse))
-    out = o1.astype(np.float64) * w1[..., None] + o2.astype(np.float64) * w2[..., None]
+        out = o1.astype(np.float64) * w1[..., None] + o2.astype(np.float64) * w2[..., None]
     return np.asarray(out, o1.dtype), np.asarray(lse, np.float32)  # 0-d stays an array

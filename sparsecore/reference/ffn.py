@@ -6,6 +6,8 @@ arrays and formats holding NumPy arrays (the dispatcher hands them over zero-cop
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from ..formats.convert import csr_entries, tiled_ell_entries, tiled_ell_from_mask
@@ -61,6 +63,18 @@ def _scatter_add(out: np.ndarray, idx: np.ndarray, rows: np.ndarray) -> None:
     out[idx[starts]] += np.add.reduceat(rows, starts, axis=0)
 
 
+def _ieee(fn):
+    """Run ``fn`` with NumPy's floating-point warnings off: NaN and infinities follow IEEE arithmetic
+    (inf - inf and 0 * inf are NaN, a sum past the output dtype's range is inf), which is the
+    non-finite contract of docs/ops.md, not an accident to warn about."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with np.errstate(invalid="ignore", over="ignore"):
+            return fn(*args, **kwargs)
+    return run
+
+
+@_ieee
 def spmm(a: TiledELL | CSR, w: np.ndarray) -> np.ndarray:
     """``A @ W`` by gathering the rows of ``W[K, N]``::
 
@@ -76,6 +90,7 @@ def spmm(a: TiledELL | CSR, w: np.ndarray) -> np.ndarray:
     return out.astype(w.dtype)
 
 
+@_ieee
 def sddmm(x: np.ndarray, w: np.ndarray, pattern: TiledELL | CSR) -> TiledELL | CSR:
     """``(x @ W.T)`` at ``pattern``'s positions only, ``x[M, D]``, ``W[K, D]``; the result has the
     pattern's layout (same slots, counts and overflow structure) and ``x``'s dtype::
@@ -101,6 +116,7 @@ def sddmm(x: np.ndarray, w: np.ndarray, pattern: TiledELL | CSR) -> TiledELL | C
     return TiledELL(values, pattern.cols, pattern.counts, pattern.shape, pattern.tile, overflow, pattern.sorted)
 
 
+@_ieee
 def spmm_t(a: TiledELL | CSR, dy: np.ndarray) -> np.ndarray:
     """``A.T @ dy``, ``[K, N]`` (the weight gradient of ``spmm``)::
 
@@ -116,6 +132,7 @@ def spmm_t(a: TiledELL | CSR, dy: np.ndarray) -> np.ndarray:
     return out.astype(dy.dtype)
 
 
+@_ieee
 def gated_ffn(x: np.ndarray, gate: TiledELL | CSR, w_up: np.ndarray, w_down: np.ndarray) -> np.ndarray:
     """The fused up+down projection of a gated FFN, ``x[M, D]``, ``gate[M, K]``,
     ``w_up[K, D]``, ``w_down[K, D]``::

@@ -144,9 +144,10 @@ class TopKDecode:
             bounds = sct.page_bounds(kv, unit) if self.method == "quest" else None
             sel = sct.select_topk(q, kv, k_eff, bounds=bounds, **opts)
             out, _ = sct.sparse_decode(q, kv, sel, scale=scaling)
-        else:
-            bounds = self._quest_bounds(kv, unit, lens) if self.method == "quest" else None
-            out, _ = self._plan(q, kv, k_eff, bounds, scaling, opts).run(q, kv, bounds=bounds)
+        else:  # decode attention has no gradient: it runs in inference only (eval mode, one query)
+            with torch.no_grad():
+                bounds = self._quest_bounds(kv, unit, lens) if self.method == "quest" else None
+                out, _ = self._plan(q, kv, k_eff, bounds, scaling, opts).run(q, kv, bounds=bounds)
             sel = self._last_plan.last_index
         # keys read per (sequence, group) row, on the device: a page counts page_size keys, at most the length
         read = torch.minimum(sel.counts.to(torch.int64) * unit, kv.lengths.to(torch.int64)[:, None]).sum()

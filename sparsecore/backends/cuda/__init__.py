@@ -249,13 +249,11 @@ def aligned(ptrs: list[int], pitch_bytes: list[int]) -> bool:
 
 def thr32(threshold: float) -> float:
     """The largest float32 <= threshold: for every float32 a, ``a <= threshold`` iff ``a <= thr32``,
-    so the kernel's float32 compare decides exactly as the reference's float64 one."""
-    import numpy as np
+    so the kernel's float32 compare decides exactly as the reference's float64 one (defined once,
+    in the ops layer, for every backend)."""
+    from ...ops.inputs import threshold_f32
 
-    t = np.float32(threshold)
-    if float(t) > threshold:
-        t = np.nextafter(t, np.float32(-np.inf))
-    return float(t)
+    return threshold_f32(threshold)
 
 
 # ---- toolkit headers ------------------------------------------------------------------------------

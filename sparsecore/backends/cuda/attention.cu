@@ -11,7 +11,12 @@
 //   mode: 0 dense (every token < length), 1 token indices, 2 page indices of `ipage` tokens.
 //   o_part[splits, B, Hq, D] float32 and lse_part[splits, B, Hq] float32: split-K partials.
 // Empty attention is out 0, lse -inf (the identity of the merge), so empty splits need no care.
+// Non-finite scores (docs/ops.md): NaN or +inf make out and lse NaN; a -inf score weighs exactly 0,
+// also while every score so far is -inf (no exp(-inf - -inf)); every selected value enters as
+// weight * v, so 0 * NaN stays NaN; all scores -inf: out = that sum (0 or NaN), lse = -inf.
 #include "common.cuh"
+
+#define SC_NAN __int_as_float(0x7fc00000)
 
 using sc::i64;
 
@@ -71,9 +76,9 @@ __device__ __forceinline__ void online_update(int nh, const float (&qr)[GMAX][VP
 #pragma unroll
             for (int j = 0; j < VPL; ++j) s = fmaf(qr[h][j], kr[j], s);
             s = sc::warp_sum(s);
-            const float mn = fmaxf(m[h], s);
-            const float corr = expf(m[h] - mn);  // m = -inf at first: exp(-inf) = 0
-            const float p = expf(s - mn);
+            const float mn = fmaxf(m[h], s);  // fmaxf drops a NaN score: it makes p NaN below
+            const float corr = mn == -INFINITY ? 1.0f : expf(m[h] - mn);  // m = -inf at first: exp(-inf) = 0
+            const float p = s == -INFINITY ? 0.0f : expf(s - mn);       // -inf weighs 0; NaN, +inf: NaN
             l[h] = l[h] * corr + p;
 #pragma unroll
             for (int j = 0; j < VPL; ++j) acc[h][j] = fmaf(acc[h][j], corr, p * vr[j]);
@@ -154,16 +159,15 @@ __global__ void SC_BOUNDS(NT) decode_split(const T* __restrict__ q, int Hq, SC_K
 #pragma unroll
         for (int w = 0; w < NW; ++w) mx = fmaxf(mx, sm_m[w][h]);
         float ls = 0.0f, os = 0.0f;
-        if (mx != -INFINITY) {
 #pragma unroll
-            for (int w = 0; w < NW; ++w) {
-                const float c = expf(sm_m[w][h] - mx);
-                ls += sm_l[w][h] * c;
-                os += sm_o[w][h][d] * c;
-            }
+        for (int w = 0; w < NW; ++w) {
+            const float c = mx == -INFINITY ? 1.0f : expf(sm_m[w][h] - mx);
+            ls += sm_l[w][h] * c;
+            os += sm_o[w][h][d] * c;
         }
-        const float o = ls > 0.0f ? os / ls : 0.0f;
-        const float lse = ls > 0.0f ? mx + logf(ls) : -INFINITY;
+        // ls > 0: the softmax; ls == 0 (no key, every score -inf): os (0, or NaN from 0 * v); NaN: NaN
+        const float o = ls > 0.0f ? os / ls : (ls == 0.0f ? os : SC_NAN);
+        const float lse = ls > 0.0f ? mx + logf(ls) : (ls == 0.0f ? -INFINITY : SC_NAN);
         const i64 bh = (i64)b * Hq + h0 + h;
         if (splits == 1) {
             out[bh * D + d] = sc::from_f<T>(o);
@@ -182,17 +186,27 @@ __global__ void SC_BOUNDS(NT) decode_merge(const float* __restrict__ o_part, con
                                                    float* __restrict__ lse_out) {
     const i64 bh = blockIdx.x;
     float mx = -INFINITY;
-    for (int s = 0; s < splits; ++s) mx = fmaxf(mx, lse_part[s * BH + bh]);
+    bool nan = false;
+    for (int s = 0; s < splits; ++s) {
+        const float x = lse_part[s * BH + bh];
+        nan |= x != x;
+        mx = fmaxf(mx, x);
+    }
+    // an empty split (lse -inf) weighs exactly 0 but enters as 0 * o (NaN stays NaN); a NaN split: NaN
     float den = 0.0f;
-    if (mx != -INFINITY)
-        for (int s = 0; s < splits; ++s) den += expf(lse_part[s * BH + bh] - mx);
+    for (int s = 0; s < splits; ++s) {
+        const float x = lse_part[s * BH + bh];
+        den += x == -INFINITY ? 0.0f : expf(x - mx);
+    }
     for (int d = threadIdx.x; d < D; d += NT) {
         float o = 0.0f;
-        if (den > 0.0f)
-            for (int s = 0; s < splits; ++s) o += expf(lse_part[s * BH + bh] - mx) * o_part[(s * BH + bh) * D + d];
-        out[bh * D + d] = sc::from_f<T>(den > 0.0f ? o / den : 0.0f);
+        for (int s = 0; s < splits; ++s) {
+            const float x = lse_part[s * BH + bh];
+            o += (x == -INFINITY ? 0.0f : expf(x - mx)) * o_part[(s * BH + bh) * D + d];
+        }
+        out[bh * D + d] = sc::from_f<T>(nan ? SC_NAN : (den > 0.0f ? o / den : o));
     }
-    if (threadIdx.x == 0) lse_out[bh] = den > 0.0f ? mx + logf(den) : -INFINITY;
+    if (threadIdx.x == 0) lse_out[bh] = nan ? SC_NAN : (den > 0.0f ? mx + logf(den) : -INFINITY);
 }
 
 // ---- merge_attention: elementwise over rows of D --------------------------------------------------
@@ -205,17 +219,21 @@ __global__ void merge_attention(const T* __restrict__ o1, const L* __restrict__ 
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < rows * Dm; i += (i64)gridDim.x * blockDim.x) {
         const i64 r = i / Dm;
         const double l1 = (double)lse1[r], l2 = (double)lse2[r];
-        const double mx = fmax(l1, l2);
-        double lse, w1 = 0.0, w2 = 0.0;
-        if (mx == -INFINITY) {
+        double lse;
+        if (l1 != l1 || l2 != l2) {
+            lse = SC_NAN;
+        } else if (l1 == INFINITY || l2 == INFINITY) {
+            lse = INFINITY;
+        } else if (l1 == -INFINITY && l2 == -INFINITY) {
             lse = -INFINITY;
         } else {
             // log-add-exp in double so lse agrees with the reference's to float32 rounding
-            const double e1 = exp(l1 - mx), e2 = exp(l2 - mx);
-            lse = mx + log(e1 + e2);
-            w1 = l1 == -INFINITY ? 0.0 : exp(l1 - lse);
-            w2 = l2 == -INFINITY ? 0.0 : exp(l2 - lse);
+            const double mx = fmax(l1, l2);
+            lse = mx + log(exp(l1 - mx) + exp(l2 - mx));
         }
+        // a side with lse -inf weighs exactly 0 but enters as 0 * o (NaN stays NaN); NaN, +inf: NaN
+        const double w1 = l1 == -INFINITY ? 0.0 : exp(l1 - lse);
+        const double w2 = l2 == -INFINITY ? 0.0 : exp(l2 - lse);
         if (D > 0) out[i] = sc::from_f<T>((float)(sc::to_f(o1[i]) * w1 + sc::to_f(o2[i]) * w2));
         if (i % Dm == 0) lse_out[r] = (float)lse;
     }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 from importlib import metadata
 from typing import Any, ClassVar
 
@@ -118,7 +119,17 @@ class _NumbaCpu(BackendOp):
 
     @classmethod
     def apply(cls, inp: Any) -> Any:
-        if cls.serial(inp) or cls.work(inp) >= PARALLEL_MIN_WORK:
+        if cls.serial(inp):  # a serial kernel opens no parallel region: no lock, no pool to size
+            return super().apply(inp)
+        lock = _serialise()
+        if lock is None:
+            return cls._apply(inp)
+        with lock:
+            return cls._apply(inp)
+
+    @classmethod
+    def _apply(cls, inp: Any) -> Any:
+        if cls.work(inp) >= PARALLEL_MIN_WORK:
             return super().apply(inp)
         import numba
 
@@ -128,6 +139,26 @@ class _NumbaCpu(BackendOp):
             return super().apply(inp)
         finally:
             numba.set_num_threads(threads)
+
+
+#: numba's ``workqueue`` threading layer (its fallback without OpenMP or TBB) aborts the process when
+#: two threads enter parallel regions at once; calls are serialised by this lock while the layer is
+#: workqueue, or not yet known (it is picked by the first parallel region, which may be concurrent).
+_PARALLEL_LOCK = threading.RLock()
+_layer: str | None = None
+
+
+def _serialise() -> threading.RLock | None:
+    """The lock to hold around a kernel call, or None when the threading layer is thread safe."""
+    global _layer
+    if _layer is None:
+        import numba
+
+        try:
+            _layer = str(numba.threading_layer())
+        except ValueError:  # no parallel region has run yet: the layer is not chosen
+            return _PARALLEL_LOCK
+    return _PARALLEL_LOCK if _layer == "workqueue" else None
 
 
 def _stored(a: TiledELL | CSR) -> int:
@@ -167,7 +198,8 @@ class Pack(_NumbaCpu):
         relu = inp.activation == "relu"
         counts = np.empty((m, nt), np.int32)
         row_over = np.empty(m, np.int64)
-        k.pack_count(_bits(x), np.float32(inp.threshold), relu, tile, cap, lut, counts, row_over)
+        thr = np.float32(inp.threshold_f32)
+        k.pack_count(_bits(x), thr, relu, tile, cap, lut, counts, row_over)
         values = np.zeros((m, nt, cap), x.dtype)
         cols = np.zeros((m, nt, cap), np.int16)
         o_ptr = np.zeros(m + 1, np.int64)
@@ -175,7 +207,7 @@ class Pack(_NumbaCpu):
         n_over = int(o_ptr[-1])
         o_idx = np.empty(n_over, np.int64)
         o_val = np.empty(n_over, x.dtype)
-        k.pack_fill(_bits(x), np.float32(inp.threshold), relu, tile, cap, lut, _bits(values), cols, o_ptr, o_idx,
+        k.pack_fill(_bits(x), thr, relu, tile, cap, lut, _bits(values), cols, o_ptr, o_idx,
                     _bits(o_val))
         overflow = None
         if n_over:
@@ -285,7 +317,9 @@ class Sddmm(_NumbaCpu):
         if cls.serial(inp):
             return cls._rows(inp, lut)
         chunk, _ = _tiles(p.shape[0], x.shape[1])
-        ptr, rows, _, pos = _group(p, chunk, lut)
+        # the pattern's values (unused here) are read with the pattern's own table: a float16
+        # pattern of float32 operands has 16-bit values that the float32 table cannot index
+        ptr, rows, _, pos = _group(p, chunk, _lut_for(p.dtype))
         dots = np.empty(rows.shape[0], np.float32)
         _k().dots_grouped(ptr, rows, np.ascontiguousarray(_bits(x)), np.ascontiguousarray(_bits(w)), lut, dots)
         if isinstance(p, CSR):
@@ -428,10 +462,16 @@ class SelectTopk(_NumbaCpu):
         return TopKIndex(indices, counts, "token" if ps is None else "page", ps)
 
 
+#: decode splits each row so that a call has about this many tasks (a few per core on a 16-core host).
+#: A constant, not ``os.cpu_count()``: the split count decides the order of the float32 additions,
+#: so it depends on the shapes only and a result has the same bits on every machine.
+DECODE_TASKS = 64
+
+
 def _n_split(tasks: int, work: int) -> int:
-    """Splits per row so that there are a few tasks per core, but each split has real work."""
-    cores = os.cpu_count() or 1
-    want = -(-4 * cores // max(tasks, 1))
+    """Splits per row: about DECODE_TASKS tasks in all, each split with at least 256 keys of work
+    (a function of the shapes only)."""
+    want = -(-DECODE_TASKS // max(tasks, 1))
     return max(1, min(want, work // 256 if work >= 256 else 1))
 
 
@@ -500,8 +540,9 @@ class MergeAttention(_NumbaCpu):
     def run(cls, inp: I.MergeAttentionInputs) -> tuple[np.ndarray, np.ndarray]:
         shape = inp.o1.shape
         d = shape[-1]
-        o1 = np.ascontiguousarray(inp.o1).reshape(-1, d)
-        o2 = np.ascontiguousarray(inp.o2).reshape(-1, d)
+        rows = math.prod(shape[:-1])  # not reshape(-1, d): D may be 0
+        o1 = np.ascontiguousarray(inp.o1).reshape(rows, d)
+        o2 = np.ascontiguousarray(inp.o2).reshape(rows, d)
         out = np.empty(o1.shape, np.float32)
         lse = np.empty(o1.shape[0], np.float32)
         _k().merge_pair(_bits(o1), np.ascontiguousarray(inp.lse1).reshape(-1),

@@ -339,70 +339,89 @@ def decode_partial(q, k_pages, v_pages, page_table, lengths, indices, counts, un
                     sc = np.float32(0)
                     for j in range(d):
                         sc += qv[i, j] * load(k_pages, (pg, r, kvh, j), lut)
-                    if sc > mx[i]:
+                    if sc > mx[i]:  # a new maximum (never NaN); +inf: exp(inf - inf) is NaN
                         corr = np.float32(math.exp(mx[i] - sc))
+                        p = np.float32(1) if sc != np.inf else np.float32(np.nan)
                         mx[i] = sc
-                        den[i] = den[i] * corr + 1
+                        den[i] = den[i] * corr + p
                         for j in range(d):
-                            acc[i, j] = acc[i, j] * corr + load(v_pages, (pg, r, kvh, j), lut)
-                    else:
-                        p = np.float32(math.exp(sc - mx[i]))
+                            acc[i, j] = acc[i, j] * corr + p * load(v_pages, (pg, r, kvh, j), lut)
+                    else:  # NaN gives p = NaN; -inf a weight of 0 (also while the maximum is -inf)
+                        p = np.float32(0) if sc == -np.inf else np.float32(math.exp(sc - mx[i]))
                         den[i] += p
                         for j in range(d):
                             acc[i, j] += p * load(v_pages, (pg, r, kvh, j), lut)
         for i in range(nh):
-            if den[i] > 0:
-                for j in range(d):
-                    o_part[b, h0 + i, s, j] = acc[i, j] / den[i]
-                lse_part[b, h0 + i, s] = mx[i] + math.log(den[i])
-            else:
-                o_part[b, h0 + i, s, :] = 0
-                lse_part[b, h0 + i, s] = -np.inf
+            _finish_row(acc[i], den[i], mx[i], o_part[b, h0 + i, s], lse_part[b, h0 + i, s:s + 1])
+
+
+@njit(inline="always")
+def _finish_row(acc, den, mx, out, lse):
+    """Normalise one online-softmax state (docs/ops.md, non-finite values): den > 0 the softmax;
+    den == 0 (no key, or every score -inf) out = acc (0, or NaN from 0 * a non-finite value) and
+    lse = -inf; den NaN (a NaN or +inf score) out = lse = NaN."""
+    if den > 0:
+        for j in range(out.shape[0]):
+            out[j] = acc[j] / den
+        lse[0] = mx + math.log(den)
+    elif den == 0:
+        for j in range(out.shape[0]):
+            out[j] = acc[j]
+        lse[0] = -np.inf
+    else:
+        out[:] = np.nan
+        lse[0] = np.nan
 
 
 @njit(**_PAR)
 def merge_splits(o_part, lse_part, out, lse):
-    """Log-sum-exp merge of the splits of each (b, h)."""
+    """Log-sum-exp merge of the splits of each (b, h). A NaN split makes the result NaN; a split
+    with lse = -inf has weight 0, but its out still enters as 0 * out (NaN stays NaN)."""
     bsz, hq, n_split, d = o_part.shape
     for bh in prange(bsz * hq):
         b = bh // hq
         h = bh % hq
         m = -np.inf
+        nan = False
         for s in range(n_split):
-            m = max(m, lse_part[b, h, s])
-        if m == -np.inf:
-            out[b, h, :] = 0
-            lse[b, h] = -np.inf
-            continue
+            x = lse_part[b, h, s]
+            if x != x:
+                nan = True
+            elif x > m:
+                m = x
+        acc = np.zeros(d, np.float32)
         tot = np.float32(0)
-        for j in range(d):
-            out[b, h, j] = 0
-        for s in range(n_split):
-            w = math.exp(lse_part[b, h, s] - m) if lse_part[b, h, s] != -np.inf else 0.0
-            tot += w
-            for j in range(d):
-                out[b, h, j] += w * o_part[b, h, s, j]
-        for j in range(d):
-            out[b, h, j] /= tot
-        lse[b, h] = m + math.log(tot)
+        if not nan:
+            for s in range(n_split):
+                x = lse_part[b, h, s]
+                w = np.float32(0) if x == -np.inf else np.float32(math.exp(x - m))
+                tot += w
+                for j in range(d):
+                    acc[j] += w * o_part[b, h, s, j]
+        _finish_row(acc, np.float32(np.nan) if nan else tot, m, out[b, h], lse[b:b + 1, h])
 
 
 @njit(**_PAR)
 def merge_pair(o1, lse1, o2, lse2, lut, out, lse):
+    """The reference's merge: lse = logaddexp(lse1, lse2), out = o1 * w1 + o2 * w2 with the weight
+    of a side whose lse is -inf exactly 0 (0 * NaN stays NaN); NaN or +inf lse give NaN weights."""
     for r in prange(o1.shape[0]):
-        a = np.float32(lse1[r])
-        c = np.float32(lse2[r])
-        m = max(a, c)
-        if m == -np.inf:
-            out[r, :] = 0
-            lse[r] = -np.inf
-            continue
-        w1 = math.exp(a - m) if a != -np.inf else 0.0
-        w2 = math.exp(c - m) if c != -np.inf else 0.0
-        tot = w1 + w2
+        a = np.float64(lse1[r])
+        c = np.float64(lse2[r])
+        if a != a or c != c:
+            ls = np.nan
+        elif a == np.inf or c == np.inf:
+            ls = np.inf
+        elif a == -np.inf and c == -np.inf:
+            ls = -np.inf
+        else:
+            m = max(a, c)
+            ls = m + math.log(math.exp(a - m) + math.exp(c - m))
+        w1 = 0.0 if a == -np.inf else math.exp(a - ls)
+        w2 = 0.0 if c == -np.inf else math.exp(c - ls)
         for j in range(o1.shape[1]):
-            out[r, j] = (w1 * load(o1, (r, j), lut) + w2 * load(o2, (r, j), lut)) / tot
-        lse[r] = m + math.log(tot)
+            out[r, j] = w1 * load(o1, (r, j), lut) + w2 * load(o2, (r, j), lut)
+        lse[r] = ls
 
 
 @njit(**_OPTS)

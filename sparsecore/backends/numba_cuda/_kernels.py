@@ -59,6 +59,7 @@ F0 = np.float32(0.0)
 F1 = np.float32(1.0)
 NEG_INF = np.float32(-np.inf)
 POS_INF = np.float32(np.inf)
+F_NAN = np.float32(np.nan)
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -706,12 +707,13 @@ def build(dtype: str) -> SimpleNamespace:
                     sc[j * NT + tid] = NEG_INF
             cuda.syncthreads()
             if tid < hpb:
-                mx = NEG_INF
-                for i in range(NT):
-                    mx = max(mx, sc[tid * NT + i])
                 m_old = m_sh[tid]
-                m_new = max(m_old, mx)
-                alpha = F1
+                m_new = m_old  # the running maximum; a NaN score never becomes it (it makes p NaN)
+                for i in range(NT):
+                    x = sc[tid * NT + i]
+                    if x > m_new:
+                        m_new = x
+                alpha = F1  # while every score so far is -inf: keep the state (exp(-inf + inf) is NaN)
                 if m_new != NEG_INF:
                     alpha = math.exp(m_old - m_new)
                 m_sh[tid] = m_new
@@ -719,8 +721,9 @@ def build(dtype: str) -> SimpleNamespace:
             cuda.syncthreads()
             for j in range(hpb):
                 p = F0
-                if t >= 0:
-                    p = math.exp(sc[j * NT + tid] - m_sh[j])
+                x = sc[j * NT + tid]
+                if t >= 0 and x != NEG_INF:  # a -inf score weighs 0; NaN and +inf give NaN
+                    p = math.exp(x - m_sh[j])
                 sc[j * NT + tid] = p
             cuda.syncthreads()
             if tid < hpb:
@@ -744,10 +747,14 @@ def build(dtype: str) -> SimpleNamespace:
             cuda.syncthreads()
         single = part_lse.shape[2] == 1
         for j in range(hpb):
+            # l > 0: the softmax; l == 0 (no key, or every score -inf): out = o, the sum of 0 * v
+            # (0, or NaN from a non-finite value), lse = -inf; l NaN (a NaN or +inf score): NaN
             lj = l_sh[j]
-            inv = F0
+            inv = F1
             if lj > F0:
                 inv = F1 / lj
+            elif lj != F0:
+                inv = F_NAN
             for dd in range(DPT):
                 d = tid + dd * NT
                 if d >= d_n:
@@ -760,37 +767,51 @@ def build(dtype: str) -> SimpleNamespace:
                 ls = NEG_INF
                 if lj > F0:
                     ls = m_sh[j] + math.log(lj)
+                elif lj != F0:
+                    ls = F_NAN
                 if single:
                     lse[b, h0 + j] = ls
                 else:
                     part_lse[b, h0 + j, split] = ls
 
     def decode_merge(part_o, part_lse, out, lse):
-        """Grid (Hq, B): out[b, h] = sum_s exp(lse_s - lse) * part_o[b, h, s], lse = logsumexp."""
+        """Grid (Hq, B): out[b, h] = sum_s w_s * part_o[b, h, s] / sum_s w_s, w_s = exp(lse_s - max)
+        (exactly 0 for an empty split, whose part_o still enters as 0 * part_o: NaN stays NaN);
+        lse = logsumexp; a NaN split makes out and lse NaN."""
         h = cuda.blockIdx.x
         b = cuda.blockIdx.y
         tid = cuda.threadIdx.x
         n_split = part_lse.shape[2]
         mx = NEG_INF
+        nan = False
         for s in range(n_split):
-            mx = max(mx, part_lse[b, h, s])
+            ls = part_lse[b, h, s]
+            if ls != ls:
+                nan = True
+            elif ls > mx:
+                mx = ls
         tot = F0
-        if mx != NEG_INF:
-            for s in range(n_split):
-                ls = part_lse[b, h, s]
-                if ls != NEG_INF:
-                    tot += math.exp(ls - mx)
+        for s in range(n_split):
+            ls = part_lse[b, h, s]
+            if ls != NEG_INF:
+                tot += math.exp(ls - mx)
         ltot = NEG_INF
-        if tot > F0:
+        inv = F1
+        if nan:
+            ltot = F_NAN
+            inv = F_NAN
+        elif tot > F0:
             ltot = mx + math.log(tot)
+            inv = F1 / tot
         for d in range(tid, out.shape[2], NT):
             acc = F0
-            if tot > F0:
-                for s in range(n_split):
-                    ls = part_lse[b, h, s]
-                    if ls != NEG_INF:
-                        acc += math.exp(ls - ltot) * part_o[b, h, s, d]
-            out[b, h, d] = st(acc)
+            for s in range(n_split):
+                ls = part_lse[b, h, s]
+                w = F0
+                if ls != NEG_INF:
+                    w = math.exp(ls - mx)
+                acc += w * part_o[b, h, s, d]
+            out[b, h, d] = st(acc * inv)
         if tid == 0:
             lse[b, h] = ltot
 
@@ -808,23 +829,25 @@ def build(dtype: str) -> SimpleNamespace:
             d = i - r * dd
             a = nt.float32(lse1[r])
             c = nt.float32(lse2[r])
-            mx = max(a, c)
+            # the reference's logaddexp; a side with lse -inf weighs exactly 0 but still enters as
+            # 0 * o (NaN stays NaN); NaN or +inf lse give NaN weights
+            if a != a or c != c:
+                ls = F_NAN
+            elif a == POS_INF or c == POS_INF:
+                ls = POS_INF
+            elif a == NEG_INF and c == NEG_INF:
+                ls = NEG_INF
+            else:
+                mx = max(a, c)
+                ls = mx + math.log(math.exp(a - mx) + math.exp(c - mx))
             w1 = F0
             w2 = F0
-            ls = NEG_INF
-            if mx != NEG_INF:
-                ls = mx + math.log(math.exp(a - mx) + math.exp(c - mx))
-                if a != NEG_INF:
-                    w1 = math.exp(a - ls)
-                if c != NEG_INF:
-                    w2 = math.exp(c - ls)
+            if a != NEG_INF:
+                w1 = math.exp(a - ls)
+            if c != NEG_INF:
+                w2 = math.exp(c - ls)
             if d < n_d:
-                acc = F0
-                if w1 != F0:
-                    acc += w1 * ld(o1[r, d])
-                if w2 != F0:
-                    acc += w2 * ld(o2[r, d])
-                out[r, d] = st(acc)
+                out[r, d] = st(w1 * ld(o1[r, d]) + w2 * ld(o2[r, d]))
             if d == 0:
                 lse[r] = ls
             i += stride

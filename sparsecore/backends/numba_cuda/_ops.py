@@ -28,10 +28,7 @@ def _nt() -> int:
 def _thr32(threshold: float) -> np.float32:
     """The largest float32 <= threshold: for every float32 a, (a <= threshold) == (a <= thr32),
     so the kernel's float32 compare decides exactly as the reference's float64 one."""
-    t = np.float32(threshold)
-    if float(t) > threshold:
-        t = np.nextafter(t, np.float32(-np.inf))
-    return t
+    return np.float32(I.threshold_f32(threshold))
 
 
 def _overflow_args(P: Place, a: TiledELL, dtype: str) -> tuple[Any, ...]:

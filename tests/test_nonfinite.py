@@ -1,0 +1,233 @@
+"""The non-finite contract (docs/ops.md, "NaN and infinity") on every host backend: NaN in, NaN out,
+never a finite wrong number; and the other reliability guarantees of docs/reliability.md that need
+no subprocess (pack's threshold, split counts independent of the core count, gradients refused).
+
+The oracle of the decode and merge cases is the float64 loop code of ``tests/nonfinite.py``; the
+reference is held to it, and every backend to the reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+import sparsecore as sc
+from tests._util import assert_close, backend_takes, host_backend_params
+from tests.nonfinite import NP, POISONS, decode_case, indices_for, merge_case, oracle_decode, oracle_merge
+
+BACKENDS = host_backend_params()
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _check(got: tuple, want: tuple, dtype: str, what: str) -> None:
+    """out within the dtype's tolerance, lse within float32's; NaN where expected and only there,
+    infinities equal (assert_close's rules)."""
+    assert_close(got[0], want[0], dtype, what=f"{what} out")
+    assert_close(got[1], want[1], "float32" if dtype == "float32" else dtype, what=f"{what} lse")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+@pytest.mark.parametrize("poison", list(POISONS))
+def test_decode_follows_the_nonfinite_contract(backend: str, poison: str, paged: bool) -> None:
+    for dtype in DTYPES:
+        backend_takes(backend, dtype)
+        q, kv = decode_case(poison, dtype, paged=paged)
+        want = oracle_decode(q, kv, None, None)
+        _check(sc.dense_decode(q, kv, backend=backend), want, dtype, f"{poison} dense_decode {dtype}")
+        for groups in (kv.num_kv_heads, q.shape[1]):
+            for ps in (None, 4):
+                for keep in (1.0, 0.5):
+                    index = indices_for(kv, groups=groups, page_size=ps, keep=keep, seed=groups)
+                    want = oracle_decode(q, kv, index, 0.7)
+                    _check(sc.sparse_decode(q, kv, index, scale=0.7, backend=backend), want, dtype,
+                           f"{poison} sparse_decode {dtype} G={groups} page_size={ps} keep={keep}")
+
+
+def test_the_named_cases_give_the_contracts_answers() -> None:
+    """The contract spelt out on the reference, case by case (what docs/ops.md promises)."""
+    def run(poison: str) -> tuple[np.ndarray, np.ndarray]:
+        q, kv = decode_case(poison, "float32")
+        return sc.dense_decode(q, kv, backend="reference")
+
+    out, lse = run("nan-key")
+    assert np.isnan(lse[0, :2]).all() and np.isnan(out[0, :2]).all() and np.isfinite(lse[0, 2:]).all()
+    out, lse = run("nan-query")
+    assert np.isnan(lse[1, 2]) and np.isnan(out[1, 2]).all() and np.isfinite(np.delete(lse.ravel(), 6)).all()
+    out, lse = run("all-neg-inf")
+    assert (lse[1, :2] == -np.inf).all() and (out[1, :2] == 0).all()
+    out, lse = run("all-neg-inf-nan-value")
+    assert (lse[1, :2] == -np.inf).all() and np.isnan(out[1, :2, 1]).all() and (out[1, :2, [0, 2]] == 0).all()
+    out, lse = run("pos-inf-key")
+    assert np.isnan(lse[0, :2]).all() and np.isnan(out[0, :2]).all()
+    out, lse = run("neg-inf-key")
+    assert np.isfinite(out).all() and np.isfinite(lse).all()
+    out, lse = run("neg-inf-key-nan-value")
+    assert np.isnan(out[0, 2:, 5]).all() and np.isfinite(lse).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("poison", ["nan-key", "neg-inf-key-nan-value", "pos-inf-key", "all-neg-inf-nan-value"])
+def test_a_long_cache_cut_into_splits_never_drops_a_nonfinite_split(backend: str, poison: str) -> None:
+    """numba_cpu cuts a 1100-token sequence into splits: the split holding the bad key must reach
+    the result (the bug: out 0, lse -inf for it, merged away into a finite answer)."""
+    q, kv = decode_case(poison, "float32", long=True)
+    _check(sc.dense_decode(q, kv, backend=backend), oracle_decode(q, kv, None, None), "float32", poison)
+    index = indices_for(kv, groups=kv.num_kv_heads, page_size=None)
+    _check(sc.sparse_decode(q, kv, index, backend=backend), oracle_decode(q, kv, index, None), "float32", poison)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_merge_attention_follows_the_nonfinite_contract(backend: str, dtype: str) -> None:
+    backend_takes(backend, dtype)
+    o1, l1, o2, l2 = merge_case(dtype)
+    want = oracle_merge(o1, l1, o2, l2)
+    got = sc.merge_attention(o1, l1, o2, l2, backend=backend)
+    assert_close(got[0], want[0], dtype, what="merge out")
+    assert_close(got[1], want[1], "float32", what="merge lse")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1),
+       spots=st.lists(st.tuples(st.sampled_from(["q", "k", "v"]), st.integers(0, 10**6),
+                                st.sampled_from([np.nan, np.inf, -np.inf])), min_size=1, max_size=3),
+       paged=st.booleans(), per_head=st.booleans(), page=st.booleans(), keep=st.sampled_from([1.0, 0.6]))
+@example(dtype="float32", seed=0, spots=[("k", 5 * 16 + 3, np.nan)], paged=False, per_head=False, page=False,
+         keep=1.0)
+def test_decode_with_random_nonfinite_spots(backend: str, dtype: str, seed: int, spots: list, paged: bool,
+                                            per_head: bool, page: bool, keep: float) -> None:
+    """Non-finite values in random positions of q, K and V (any position, also past a length: never
+    read), on dense and sparse decode: the backend equals the oracle, NaN for NaN."""
+    backend_takes(backend, dtype)
+    q, kv = decode_case("neg-inf-key", dtype, paged=paged, seed=seed % 1000)
+    bufs = {"q": q, "k": kv.k if not paged else kv.k_pages, "v": kv.v if not paged else kv.v_pages}
+    for where, pos, val in spots:
+        flat = bufs[where].reshape(-1)
+        flat[pos % flat.size] = val
+    want = oracle_decode(q, kv, None, None)
+    _check(sc.dense_decode(q, kv, backend=backend), want, dtype, "dense_decode")
+    index = indices_for(kv, groups=q.shape[1] if per_head else kv.num_kv_heads, page_size=4 if page else None,
+                        keep=keep, seed=seed % 7)
+    _check(sc.sparse_decode(q, kv, index, backend=backend), oracle_decode(q, kv, index, None), dtype,
+           "sparse_decode")
+
+
+# ---- FFN ops: NaN and infinities anywhere in the operands -------------------------------------------
+
+def _finite(a: np.ndarray) -> np.ndarray:
+    """|a| with NaN and infinities as 0: a tolerance scale that stays finite, so an infinity where a
+    number is expected still fails."""
+    return np.abs(np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1),
+       spots=st.lists(st.tuples(st.sampled_from(["x", "w", "w_down", "a"]), st.integers(0, 10**6),
+                                st.sampled_from([np.nan, np.inf, -np.inf])), min_size=1, max_size=3),
+       csr=st.booleans())
+def test_ffn_ops_with_nonfinite_spots(backend: str, dtype: str, seed: int, spots: list, csr: bool) -> None:
+    """pack keeps NaN and +-inf (|inf| > any threshold); spmm, sddmm, spmm_t and gated_ffn equal the
+    reference, which defines that a structural zero of A never reads its row of W (a NaN there does
+    not reach the output, as in scipy.sparse) while a stored entry always does."""
+    backend_takes(backend, dtype)
+    rng = np.random.default_rng(seed)
+    m, k, n = 3, 20, 5
+    npd = NP[dtype]
+    x = rng.uniform(-1, 1, (m, k)) * (rng.random((m, k)) < 0.4)
+    w = rng.uniform(-1, 1, (k, n))
+    xd = rng.uniform(-1, 1, (m, n))
+    w_down = rng.uniform(-1, 1, (k, n))
+    bufs = {"a": x, "w": w, "x": xd, "w_down": w_down}
+    for where, pos, val in spots:
+        flat = bufs[where].reshape(-1)
+        flat[pos % flat.size] = val
+    x, w, xd, w_down = (b.astype(npd) for b in (x, w, xd, w_down))
+    a = sc.pack(x, tile=8, capacity=2, backend=backend)
+    ref_a = sc.pack(x, tile=8, capacity=2, backend="reference")
+    assert np.array_equal(sc.unpack(a, backend="reference").astype(np.float64), x.astype(np.float64),
+                          equal_nan=True)
+    if csr:
+        a = sc.csr_from_dense(x)
+        ref_a = a
+    assert_close(sc.spmm(a, w, backend=backend), sc.spmm(ref_a, w, backend="reference"), dtype, what="spmm",
+                 scale=_finite(x) @ _finite(w))
+    got = sc.sddmm(xd, w, a, backend=backend)
+    want = sc.sddmm(xd, w, ref_a, backend="reference")
+    to_dense = sc.unpack if isinstance(got, sc.TiledELL) else sc.csr_to_dense
+    assert_close(to_dense(got), to_dense(want), dtype, what="sddmm", scale=np.array(float(n)))
+    assert_close(sc.spmm_t(a, xd, backend=backend), sc.spmm_t(ref_a, xd, backend="reference"), dtype,
+                 what="spmm_t", scale=np.array(float(m)))
+    assert_close(sc.gated_ffn(xd, a, w.astype(npd), w_down, backend=backend),
+                 sc.gated_ffn(xd, ref_a, w.astype(npd), w_down, backend="reference"), dtype, what="gated_ffn",
+                 scale=np.array(float(k * n)))
+
+
+# ---- pack's threshold: one comparison on every backend ---------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1), pick=st.integers(0, 63),
+       nudge=st.sampled_from([-1, 0, 1]), relu=st.booleans())
+@example(dtype="float32", seed=0, pick=-1, nudge=0, relu=False)
+def test_pack_threshold_compares_exactly_as_the_reference(backend: str, dtype: str, seed: int, pick: int, nudge: int,
+                                                          relu: bool) -> None:
+    """The threshold is compared in float64 against the stored value (the reference); numba_cpu's
+    float32 compare against threshold_f32 decides identically, also at a threshold that is a value
+    itself, one float64 ulp either side of it, or past the float32 range."""
+    backend_takes(backend, dtype)
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-2, 2, (4, 16)).astype(NP[dtype])
+    x[0, :4] = [np.inf, -np.inf, np.nan, 0.1]
+    if pick < 0:
+        thr = 0.1                                          # float32(0.1) > 0.1: kept
+    else:
+        thr = float(abs(x[1:].ravel()[pick % 48].astype(np.float64)))   # a finite value of x
+        thr = float(np.nextafter(thr, np.inf if nudge > 0 else -np.inf)) if nudge else thr
+    act = "relu" if relu else None
+    for t in (thr, 1e39, float(np.finfo(np.float32).max)):
+        keep = ~(np.abs(np.maximum(x, 0) if relu else x).astype(np.float64) <= t)   # the definition
+        got = sc.pack(x, threshold=t, tile=8, capacity=3, activation=act, backend=backend)
+        assert int(got.counts.sum()) + (got.overflow.nnz if got.overflow is not None else 0) == int(keep.sum()), t
+        want = sc.pack(x, threshold=t, tile=8, capacity=3, activation=act, backend="reference")
+        assert np.array_equal(got.counts, want.counts), t
+        assert np.array_equal(np.asarray(sc.unpack(got, backend="reference"), np.float64),
+                              np.asarray(sc.unpack(want, backend="reference"), np.float64), equal_nan=True), t
+
+
+def test_threshold_f32_is_the_largest_float32_at_or_below() -> None:
+    from sparsecore.ops.inputs import threshold_f32
+
+    rng = np.random.default_rng(0)
+    for t in list(rng.uniform(0, 10, 200)) + [0.0, 0.1, 1e-45, 3.4e38, 1e39, 1e300]:
+        t32 = np.float32(threshold_f32(t))
+        assert float(t32) <= t and np.isfinite(t32)
+        with np.errstate(over="ignore"):
+            up = np.nextafter(t32, np.float32(np.inf))
+        assert float(up) > t or not np.isfinite(up)
+
+
+# ---- determinism: the split count is a function of the shapes only -----------------------------------
+
+@pytest.mark.parametrize("op", ["dense_decode", "sparse_decode"])
+def test_decode_bits_do_not_depend_on_the_core_count(op: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("numba")
+    rng = np.random.default_rng(3)
+    k = rng.standard_normal((2, 4096, 2, 16)).astype(np.float32)
+    v = rng.standard_normal(k.shape).astype(np.float32)
+    kv = sc.DenseKV(k, v, np.array([4096, 3000], np.int32))
+    q = rng.standard_normal((2, 4, 16)).astype(np.float32)
+    index = indices_for(kv, groups=2, page_size=None)
+    results = []
+    for cores in (2, 16, 128):
+        monkeypatch.setattr(os, "cpu_count", lambda c=cores: c)
+        args = (q, kv) if op == "dense_decode" else (q, kv, index)
+        results.append(getattr(sc, op)(*args, backend="numba_cpu"))
+    for out, lse in results[1:]:
+        assert out.tobytes() == results[0][0].tobytes() and lse.tobytes() == results[0][1].tobytes()
+    from sparsecore.backends import numba_cpu
+
+    assert numba_cpu._n_split(4, 4096) > 1  # the case really splits
