@@ -38,13 +38,21 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 Rows = list[list[np.ndarray]]
 
 
-@pytest.fixture(scope="module", autouse=True, params=host_backend_params())
+@pytest.fixture(scope="module", autouse=True, params=host_backend_params(variants={"numba_cpu": ("parallel",)}))
 def _host_backend(request: pytest.FixtureRequest) -> Iterator[str]:
     """Every test runs once per host backend, forced through SPARSECORE_BACKEND (so the ops are
-    called exactly as users call them)."""
+    called exactly as users call them). Small calls run numba_cpu's serial launchers;
+    ``numba_cpu:parallel`` makes every call take the parallel (prange) launchers instead."""
     before = os.environ.get("SPARSECORE_BACKEND")
-    os.environ["SPARSECORE_BACKEND"] = request.param
+    backend, _, variant = request.param.partition(":")
+    os.environ["SPARSECORE_BACKEND"] = backend
+    mp = pytest.MonkeyPatch()
+    if variant == "parallel":
+        import sparsecore.backends.numba_cpu as numba_cpu
+
+        mp.setattr(numba_cpu, "PARALLEL_MIN_WORK", 0)
     yield request.param
+    mp.undo()
     if before is None:
         del os.environ["SPARSECORE_BACKEND"]
     else:

@@ -426,6 +426,10 @@ class PageBoundsOp(_NumbaCpu):
         return int(np.maximum(ln - first, 0).sum()) * ps * inp.kv.num_kv_heads * inp.kv.head_dim
 
     @classmethod
+    def serial(cls, inp: I.PageBoundsInputs) -> bool:
+        return cls.work(inp) < PARALLEL_MIN_WORK
+
+    @classmethod
     def run(cls, inp: I.PageBoundsInputs) -> PageBounds:
         kv = inp.kv
         k_pages, _, page_table = _as_pages(kv)
@@ -435,14 +439,27 @@ class PageBoundsOp(_NumbaCpu):
             shape = (kv.batch, inp.num_pages, kv.num_kv_heads, kv.head_dim)
             out = PageBounds(np.zeros(shape, k_pages.dtype), np.zeros(shape, k_pages.dtype), ps)
         first = np.zeros(kv.batch, np.int64) if inp.start is None else np.asarray(inp.start, np.int64) // ps
-        _k().page_bounds(_bits(k_pages), page_table, kv.lengths, first, ps, _lut_for(inp.dtype), _bits(out.kmin),
-                         _bits(out.kmax))
+        kernel = _k().page_bounds_serial if cls.serial(inp) else _k().page_bounds
+        kernel(_bits(k_pages), page_table, kv.lengths, first, ps, _lut_for(inp.dtype), _bits(out.kmin), _bits(out.kmax))
         return out
 
 
 @register
 class SelectTopk(_NumbaCpu):
     OP = "select_topk"
+
+    @classmethod
+    def work(cls, inp: I.SelectTopkInputs) -> int:
+        """Key elements scored: every key (exact), every page's bounds (stored Quest bounds) or
+        every key again (Quest from the keys)."""
+        kv, ps = inp.kv, inp.unit_page_size
+        rows = kv.num_kv_heads if inp.shared else int(inp.q.shape[1])
+        per_row = kv.max_len if ps is None or inp.bounds is None else 2 * -(-kv.max_len // ps)
+        return kv.batch * rows * per_row * kv.head_dim
+
+    @classmethod
+    def serial(cls, inp: I.SelectTopkInputs) -> bool:
+        return cls.work(inp) < PARALLEL_MIN_WORK
 
     @classmethod
     def run(cls, inp: I.SelectTopkInputs) -> TopKIndex:
@@ -457,8 +474,9 @@ class SelectTopk(_NumbaCpu):
             bmin = bmax = np.zeros((0, 0, 0, 0), k_pages.dtype)
         else:
             bmin, bmax = inp.bounds.kmin, inp.bounds.kmax
-        _k().select_topk(_bits(inp.q), _bits(k_pages), page_table, kv.lengths, inp.k, inp.sink, inp.window,
-                         inp.shared, ps or 0, _bits(bmin), _bits(bmax), _lut_for(inp.dtype), indices, counts)
+        kernel = _k().select_topk_serial if cls.serial(inp) else _k().select_topk
+        kernel(_bits(inp.q), _bits(k_pages), page_table, kv.lengths, inp.k, inp.sink, inp.window, inp.shared, ps or 0,
+               _bits(bmin), _bits(bmax), _lut_for(inp.dtype), indices, counts)
         return TopKIndex(indices, counts, "token" if ps is None else "page", ps)
 
 
@@ -475,8 +493,8 @@ def _n_split(tasks: int, work: int) -> int:
     return max(1, min(want, work // 256 if work >= 256 else 1))
 
 
-def _decode(q: np.ndarray, kv: DenseKV | PagedKV, index: TopKIndex | None, scale: float | None, dtype: str
-            ) -> tuple[np.ndarray, np.ndarray]:
+def _decode(q: np.ndarray, kv: DenseKV | PagedKV, index: TopKIndex | None, scale: float | None, dtype: str,
+            serial: bool) -> tuple[np.ndarray, np.ndarray]:
     k = _k()
     bsz, hq, d = q.shape
     k_pages, v_pages, page_table = _as_pages(kv)
@@ -495,13 +513,15 @@ def _decode(q: np.ndarray, kv: DenseKV | PagedKV, index: TopKIndex | None, scale
     n_split = _n_split(bsz * rows, work)
     o_part = np.empty((bsz, hq, n_split, d), np.float32)
     lse_part = np.empty((bsz, hq, n_split), np.float32)
-    k.decode_partial(_bits(q), _bits(k_pages), _bits(v_pages), page_table, kv.lengths, indices, counts, unit, dense,
-                     shared, np.float32(scale), n_split, _lut_for(dtype), o_part, lse_part)
+    # the tasks (and so the bits) are the same either way; serial runs them on the calling thread
+    partial = k.decode_partial_serial if serial else k.decode_partial
+    partial(_bits(q), _bits(k_pages), _bits(v_pages), page_table, kv.lengths, indices, counts, unit, dense, shared,
+            np.float32(scale), n_split, _lut_for(dtype), o_part, lse_part)
     if n_split == 1:
         return _finish(np.ascontiguousarray(o_part[:, :, 0]), dtype), np.ascontiguousarray(lse_part[:, :, 0])
     out = np.empty((bsz, hq, d), np.float32)
     lse = np.empty((bsz, hq), np.float32)
-    k.merge_splits(o_part, lse_part, out, lse)
+    (k.merge_splits_serial if serial else k.merge_splits)(o_part, lse_part, out, lse)
     return _finish(out, dtype), lse
 
 
@@ -515,8 +535,12 @@ class SparseDecode(_NumbaCpu):
         return math.prod(inp.q.shape) * inp.index.k_max * unit * 2
 
     @classmethod
+    def serial(cls, inp: I.SparseDecodeInputs) -> bool:
+        return cls.work(inp) < PARALLEL_MIN_WORK
+
+    @classmethod
     def run(cls, inp: I.SparseDecodeInputs) -> tuple[np.ndarray, np.ndarray]:
-        return _decode(inp.q, inp.kv, inp.index, inp.scale, inp.dtype)
+        return _decode(inp.q, inp.kv, inp.index, inp.scale, inp.dtype, cls.serial(inp))
 
 
 @register
@@ -528,8 +552,12 @@ class DenseDecode(_NumbaCpu):
         return math.prod(inp.q.shape) * inp.kv.max_len * 2
 
     @classmethod
+    def serial(cls, inp: I.DenseDecodeInputs) -> bool:
+        return cls.work(inp) < PARALLEL_MIN_WORK
+
+    @classmethod
     def run(cls, inp: I.DenseDecodeInputs) -> tuple[np.ndarray, np.ndarray]:
-        return _decode(inp.q, inp.kv, None, inp.scale, inp.dtype)
+        return _decode(inp.q, inp.kv, None, inp.scale, inp.dtype, cls.serial(inp))
 
 
 @register

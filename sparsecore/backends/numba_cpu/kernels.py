@@ -16,6 +16,10 @@ from numba.extending import overload
 
 _OPTS = {"cache": True, "nogil": True}
 _PAR = {"cache": True, "nogil": True, "parallel": True, "fastmath": {"contract", "reassoc"}}
+# the body of a parallel kernel's task, compiled once as a plain function and called by two launchers:
+# ``xxx`` (prange over the tasks) and ``xxx_serial`` (the same tasks in a loop, for small calls that
+# should not wake the thread pool). A small prange body also keeps numba's parallel compile short.
+_TASK = {"cache": True, "nogil": True, "fastmath": {"contract", "reassoc"}}
 
 
 def load(a, idx, lut):  # noqa: ARG001 - the overload below is what numba compiles
@@ -297,6 +301,57 @@ def _kv_row(page_table, b, t, page_size):
     return page_table[b, t // page_size], t % page_size
 
 
+@njit(**_TASK)
+def _decode_task(task, q, k_pages, v_pages, page_table, lengths, indices, counts, unit, dense, shared,
+                 scale, n_split, lut, o_part, lse_part):
+    """One task of :func:`decode_partial`: (sequence b, selection row u, split s)."""
+    bsz, hq, d = q.shape
+    page_size = k_pages.shape[1]
+    hkv = k_pages.shape[2]
+    group = hq // hkv
+    rows = hkv if (dense or shared) else hq
+    nh = group if (dense or shared) else 1
+    b = task // (rows * n_split)
+    u = (task // n_split) % rows
+    s = task % n_split
+    h0 = u * nh
+    kvh = h0 // group
+    length = lengths[b]
+    n_entries = -(-length // unit) if dense else counts[b, u]
+    chunk = -(-n_entries // n_split)
+    e0 = s * chunk
+    e1 = min(e0 + chunk, n_entries)
+    qv = np.empty((nh, d), np.float32)
+    for i in range(nh):
+        for j in range(d):
+            qv[i, j] = load(q, (b, h0 + i, j), lut) * scale
+    acc = np.zeros((nh, d), np.float32)
+    mx = np.full(nh, -np.inf, np.float32)
+    den = np.zeros(nh, np.float32)
+    for e in range(e0, e1):
+        first = e * unit if dense else indices[b, u, e] * unit
+        for t in range(first, min(first + unit, length)):
+            pg, r = _kv_row(page_table, b, t, page_size)
+            for i in range(nh):
+                sc = np.float32(0)
+                for j in range(d):
+                    sc += qv[i, j] * load(k_pages, (pg, r, kvh, j), lut)
+                if sc > mx[i]:  # a new maximum (never NaN); +inf: exp(inf - inf) is NaN
+                    corr = np.float32(math.exp(mx[i] - sc))
+                    p = np.float32(1) if sc != np.inf else np.float32(np.nan)
+                    mx[i] = sc
+                    den[i] = den[i] * corr + p
+                    for j in range(d):
+                        acc[i, j] = acc[i, j] * corr + p * load(v_pages, (pg, r, kvh, j), lut)
+                else:  # NaN gives p = NaN; -inf a weight of 0 (also while the maximum is -inf)
+                    p = np.float32(0) if sc == -np.inf else np.float32(math.exp(sc - mx[i]))
+                    den[i] += p
+                    for j in range(d):
+                        acc[i, j] += p * load(v_pages, (pg, r, kvh, j), lut)
+    for i in range(nh):
+        _finish_row(acc[i], den[i], mx[i], o_part[b, h0 + i, s], lse_part[b, h0 + i, s:s + 1])
+
+
 @njit(**_PAR)
 def decode_partial(q, k_pages, v_pages, page_table, lengths, indices, counts, unit, dense, shared,
                    scale, n_split, lut, o_part, lse_part):
@@ -305,54 +360,22 @@ def decode_partial(q, k_pages, v_pages, page_table, lengths, indices, counts, un
     A task is (sequence b, selection row u, split s). A shared row serves the ``group`` query heads
     of KV head u, so every selected K and V row is read once for the whole group. ``unit`` is the
     number of tokens per index entry (1 for tokens, page_size for page granularity); ``dense``
-    means every token < length, without an index.
+    means every token < length, without an index. :func:`decode_partial_serial` runs the same
+    tasks on the calling thread (small calls: no thread pool).
     """
-    bsz, hq, d = q.shape
-    page_size = k_pages.shape[1]
-    hkv = k_pages.shape[2]
-    group = hq // hkv
-    rows = hkv if (dense or shared) else hq
-    nh = group if (dense or shared) else 1
-    for task in prange(bsz * rows * n_split):
-        b = task // (rows * n_split)
-        u = (task // n_split) % rows
-        s = task % n_split
-        h0 = u * nh
-        kvh = h0 // group
-        length = lengths[b]
-        n_entries = -(-length // unit) if dense else counts[b, u]
-        chunk = -(-n_entries // n_split)
-        e0 = s * chunk
-        e1 = min(e0 + chunk, n_entries)
-        qv = np.empty((nh, d), np.float32)
-        for i in range(nh):
-            for j in range(d):
-                qv[i, j] = load(q, (b, h0 + i, j), lut) * scale
-        acc = np.zeros((nh, d), np.float32)
-        mx = np.full(nh, -np.inf, np.float32)
-        den = np.zeros(nh, np.float32)
-        for e in range(e0, e1):
-            first = e * unit if dense else indices[b, u, e] * unit
-            for t in range(first, min(first + unit, length)):
-                pg, r = _kv_row(page_table, b, t, page_size)
-                for i in range(nh):
-                    sc = np.float32(0)
-                    for j in range(d):
-                        sc += qv[i, j] * load(k_pages, (pg, r, kvh, j), lut)
-                    if sc > mx[i]:  # a new maximum (never NaN); +inf: exp(inf - inf) is NaN
-                        corr = np.float32(math.exp(mx[i] - sc))
-                        p = np.float32(1) if sc != np.inf else np.float32(np.nan)
-                        mx[i] = sc
-                        den[i] = den[i] * corr + p
-                        for j in range(d):
-                            acc[i, j] = acc[i, j] * corr + p * load(v_pages, (pg, r, kvh, j), lut)
-                    else:  # NaN gives p = NaN; -inf a weight of 0 (also while the maximum is -inf)
-                        p = np.float32(0) if sc == -np.inf else np.float32(math.exp(sc - mx[i]))
-                        den[i] += p
-                        for j in range(d):
-                            acc[i, j] += p * load(v_pages, (pg, r, kvh, j), lut)
-        for i in range(nh):
-            _finish_row(acc[i], den[i], mx[i], o_part[b, h0 + i, s], lse_part[b, h0 + i, s:s + 1])
+    n = o_part.shape[0] * (k_pages.shape[2] if (dense or shared) else q.shape[1]) * n_split
+    for task in prange(n):
+        _decode_task(task, q, k_pages, v_pages, page_table, lengths, indices, counts, unit, dense, shared, scale,
+                     n_split, lut, o_part, lse_part)
+
+
+@njit(**_TASK)
+def decode_partial_serial(q, k_pages, v_pages, page_table, lengths, indices, counts, unit, dense, shared,
+                          scale, n_split, lut, o_part, lse_part):
+    n = o_part.shape[0] * (k_pages.shape[2] if (dense or shared) else q.shape[1]) * n_split
+    for task in range(n):
+        _decode_task(task, q, k_pages, v_pages, page_table, lengths, indices, counts, unit, dense, shared, scale,
+                     n_split, lut, o_part, lse_part)
 
 
 @njit(inline="always")
@@ -373,32 +396,44 @@ def _finish_row(acc, den, mx, out, lse):
         lse[0] = np.nan
 
 
+@njit(**_TASK)
+def _merge_task(bh, o_part, lse_part, out, lse):
+    """One (b, h) of :func:`merge_splits`."""
+    bsz, hq, n_split, d = o_part.shape
+    b = bh // hq
+    h = bh % hq
+    m = -np.inf
+    nan = False
+    for s in range(n_split):
+        x = lse_part[b, h, s]
+        if x != x:
+            nan = True
+        elif x > m:
+            m = x
+    acc = np.zeros(d, np.float32)
+    tot = np.float32(0)
+    if not nan:
+        for s in range(n_split):
+            x = lse_part[b, h, s]
+            w = np.float32(0) if x == -np.inf else np.float32(math.exp(x - m))
+            tot += w
+            for j in range(d):
+                acc[j] += w * o_part[b, h, s, j]
+    _finish_row(acc, np.float32(np.nan) if nan else tot, m, out[b, h], lse[b:b + 1, h])
+
+
 @njit(**_PAR)
 def merge_splits(o_part, lse_part, out, lse):
     """Log-sum-exp merge of the splits of each (b, h). A NaN split makes the result NaN; a split
     with lse = -inf has weight 0, but its out still enters as 0 * out (NaN stays NaN)."""
-    bsz, hq, n_split, d = o_part.shape
-    for bh in prange(bsz * hq):
-        b = bh // hq
-        h = bh % hq
-        m = -np.inf
-        nan = False
-        for s in range(n_split):
-            x = lse_part[b, h, s]
-            if x != x:
-                nan = True
-            elif x > m:
-                m = x
-        acc = np.zeros(d, np.float32)
-        tot = np.float32(0)
-        if not nan:
-            for s in range(n_split):
-                x = lse_part[b, h, s]
-                w = np.float32(0) if x == -np.inf else np.float32(math.exp(x - m))
-                tot += w
-                for j in range(d):
-                    acc[j] += w * o_part[b, h, s, j]
-        _finish_row(acc, np.float32(np.nan) if nan else tot, m, out[b, h], lse[b:b + 1, h])
+    for bh in prange(o_part.shape[0] * o_part.shape[1]):
+        _merge_task(bh, o_part, lse_part, out, lse)
+
+
+@njit(**_TASK)
+def merge_splits_serial(o_part, lse_part, out, lse):
+    for bh in range(o_part.shape[0] * o_part.shape[1]):
+        _merge_task(bh, o_part, lse_part, out, lse)
 
 
 @njit(**_PAR)
@@ -425,6 +460,36 @@ def merge_pair(o1, lse1, o2, lse2, lut, out, lse):
 
 
 @njit(**_OPTS)
+def _kth_largest(a, k):
+    """The ``k``-th largest value of ``a`` (1 <= k <= len(a); ``a`` is reordered): quickselect with a
+    median-of-three pivot. Written out because numba's ``np.partition`` takes about ten seconds to
+    compile, which every first ``select_topk`` of a process would pay."""
+    lo, hi = 0, a.shape[0] - 1
+    want = k - 1  # position in descending order
+    while lo < hi:
+        mid = (lo + hi) // 2
+        x, y, z = a[lo], a[mid], a[hi]
+        pivot = max(min(x, y), min(max(x, y), z))
+        i, j = lo, hi
+        while i <= j:
+            while a[i] > pivot:
+                i += 1
+            while a[j] < pivot:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+        if want <= j:
+            hi = j
+        elif want >= i:
+            lo = i
+        else:
+            return a[want]
+    return a[want]
+
+
+@njit(**_OPTS)
 def _take_top(score, free, k, chosen):
     """Mark in ``chosen`` the ``k`` free positions of highest score (NaN counts as -inf)."""
     n = score.shape[0]
@@ -443,7 +508,7 @@ def _take_top(score, free, k, chosen):
         return
     if k == 0:
         return
-    thr = -np.partition(-cand[:c], k - 1)[k - 1]  # the k-th largest
+    thr = _kth_largest(cand[:c].copy(), k)
     taken = 0
     for i in range(c):
         if cand[i] > thr:
@@ -457,43 +522,125 @@ def _take_top(score, free, k, chosen):
             taken += 1
 
 
+@njit(**_TASK)
+def _page_bounds_task(task, k_pages, page_table, lengths, first, ps, lut, kmin, kmax):
+    """One (sequence, page) of :func:`page_bounds`."""
+    page_size = k_pages.shape[1]
+    hkv = k_pages.shape[2]
+    d = k_pages.shape[3]
+    n_p = kmin.shape[1]
+    b = task // n_p
+    j = task % n_p
+    length = lengths[b]
+    if j < first[b] or j * ps >= length:
+        return
+    t0 = j * ps
+    lo = np.empty((hkv, d), np.float32)
+    hi = np.empty((hkv, d), np.float32)
+    pg, r = _kv_row(page_table, b, t0, page_size)
+    for h in range(hkv):
+        for i in range(d):
+            kmin[b, j, h, i] = k_pages[pg, r, h, i]
+            kmax[b, j, h, i] = k_pages[pg, r, h, i]
+            lo[h, i] = load(k_pages, (pg, r, h, i), lut)
+            hi[h, i] = lo[h, i]
+    for t in range(t0 + 1, min(t0 + ps, length)):
+        pg, r = _kv_row(page_table, b, t, page_size)
+        for h in range(hkv):
+            for i in range(d):
+                v = load(k_pages, (pg, r, h, i), lut)
+                if lo[h, i] == lo[h, i] and (v < lo[h, i] or v != v):
+                    lo[h, i] = v
+                    kmin[b, j, h, i] = k_pages[pg, r, h, i]
+                if hi[h, i] == hi[h, i] and (v > hi[h, i] or v != v):
+                    hi[h, i] = v
+                    kmax[b, j, h, i] = k_pages[pg, r, h, i]
+
+
 @njit(**_PAR)
 def page_bounds(k_pages, page_table, lengths, first, ps, lut, kmin, kmax):
     """Per (sequence b, logical page j of ``ps`` tokens) with ``first[b] <= j < ceil(lengths[b] / ps)``:
     ``kmin/kmax[b, j, h, i]`` = the stored bits of the smallest / largest ``K[b, t, h, i]`` over the
     page's valid tokens (compared as float32; exact, no rounding; NaN wins, like NumPy's min/max).
     Tokens in the outer loop: each key row is read once, contiguously."""
+    for task in prange(kmin.shape[0] * kmin.shape[1]):
+        _page_bounds_task(task, k_pages, page_table, lengths, first, ps, lut, kmin, kmax)
+
+
+@njit(**_TASK)
+def page_bounds_serial(k_pages, page_table, lengths, first, ps, lut, kmin, kmax):
+    for task in range(kmin.shape[0] * kmin.shape[1]):
+        _page_bounds_task(task, k_pages, page_table, lengths, first, ps, lut, kmin, kmax)
+
+
+@njit(**_TASK)
+def _select_task(task, q, k_pages, page_table, lengths, k, sink, window, shared, quest_page, bmin, bmax, lut,
+                 indices, counts):
+    """One row of :func:`select_topk`: (sequence b, selection row u)."""
+    bsz, hq, d = q.shape
     page_size = k_pages.shape[1]
     hkv = k_pages.shape[2]
-    d = k_pages.shape[3]
-    n_b, n_p = kmin.shape[0], kmin.shape[1]
-    for task in prange(n_b * n_p):
-        b = task // n_p
-        j = task % n_p
-        length = lengths[b]
-        if j < first[b] or j * ps >= length:
-            continue
-        t0 = j * ps
-        lo = np.empty((hkv, d), np.float32)
-        hi = np.empty((hkv, d), np.float32)
-        pg, r = _kv_row(page_table, b, t0, page_size)
-        for h in range(hkv):
-            for i in range(d):
-                kmin[b, j, h, i] = k_pages[pg, r, h, i]
-                kmax[b, j, h, i] = k_pages[pg, r, h, i]
-                lo[h, i] = load(k_pages, (pg, r, h, i), lut)
-                hi[h, i] = lo[h, i]
-        for t in range(t0 + 1, min(t0 + ps, length)):
+    group = hq // hkv
+    rows = counts.shape[1]
+    nh = group if shared else 1
+    b = task // rows
+    u = task % rows
+    h0 = u * nh
+    kvh = h0 // group
+    length = lengths[b]
+    unit = quest_page if quest_page > 0 else 1
+    n_units = -(-length // unit)
+    score = np.zeros(n_units, np.float32)
+    if quest_page == 0:
+        qs = np.zeros(d, np.float32)  # summed over the group: sum_h q_h . k = (sum_h q_h) . k
+        for i in range(nh):
+            for j in range(d):
+                qs[j] += load(q, (b, h0 + i, j), lut)
+        for t in range(length):
             pg, r = _kv_row(page_table, b, t, page_size)
-            for h in range(hkv):
-                for i in range(d):
-                    v = load(k_pages, (pg, r, h, i), lut)
-                    if lo[h, i] == lo[h, i] and (v < lo[h, i] or v != v):
-                        lo[h, i] = v
-                        kmin[b, j, h, i] = k_pages[pg, r, h, i]
-                    if hi[h, i] == hi[h, i] and (v > hi[h, i] or v != v):
-                        hi[h, i] = v
-                        kmax[b, j, h, i] = k_pages[pg, r, h, i]
+            sc = np.float32(0)
+            for j in range(d):
+                sc += qs[j] * load(k_pages, (pg, r, kvh, j), lut)
+            score[t] = sc
+    else:
+        lo = np.empty(d, np.float32)
+        hi = np.empty(d, np.float32)
+        for p in range(n_units):
+            if bmin.shape[0] > 0:
+                for j in range(d):
+                    lo[j] = load(bmin, (b, p, kvh, j), lut)
+                    hi[j] = load(bmax, (b, p, kvh, j), lut)
+            else:
+                lo[:] = np.inf
+                hi[:] = -np.inf
+                for t in range(p * unit, min((p + 1) * unit, length)):
+                    pg, r = _kv_row(page_table, b, t, page_size)
+                    for j in range(d):
+                        kv_ = load(k_pages, (pg, r, kvh, j), lut)
+                        lo[j] = min(lo[j], kv_)
+                        hi[j] = max(hi[j], kv_)
+            bound = np.float32(0)
+            for i in range(nh):
+                for j in range(d):
+                    qj = load(q, (b, h0 + i, j), lut)
+                    bound += max(qj * lo[j], qj * hi[j])
+            score[p] = bound
+    free = np.ones(n_units, np.bool_)
+    chosen = np.zeros(n_units, np.bool_)
+    for t in range(min(sink, length)):
+        chosen[t // unit] = True
+    for t in range(max(length - window, 0), length):
+        chosen[t // unit] = True
+    for p in range(n_units):
+        free[p] = not chosen[p]
+    _take_top(score, free, k, chosen)
+    c = 0
+    for p in range(n_units):
+        if chosen[p]:
+            indices[b, u, c] = p
+            c += 1
+    counts[b, u] = c
+    indices[b, u, c:] = -1
 
 
 @njit(**_PAR)
@@ -502,69 +649,15 @@ def select_topk(q, k_pages, page_table, lengths, k, sink, window, shared, quest_
     """Exact (``quest_page == 0``: token scores) or Quest (page upper bounds) top-k per row, plus the
     forced sink and window; rows written in ascending order, padded with -1. Quest reads the pages'
     min/max from ``bmin/bmax[B, P, Hkv, D]`` (stored PageBounds) when they are not empty, else
-    computes them from the keys."""
-    bsz, hq, d = q.shape
-    page_size = k_pages.shape[1]
-    hkv = k_pages.shape[2]
-    group = hq // hkv
-    rows = counts.shape[1]
-    nh = group if shared else 1
-    for task in prange(bsz * rows):
-        b = task // rows
-        u = task % rows
-        h0 = u * nh
-        kvh = h0 // group
-        length = lengths[b]
-        unit = quest_page if quest_page > 0 else 1
-        n_units = -(-length // unit)
-        score = np.zeros(n_units, np.float32)
-        if quest_page == 0:
-            qs = np.zeros(d, np.float32)  # summed over the group: sum_h q_h . k = (sum_h q_h) . k
-            for i in range(nh):
-                for j in range(d):
-                    qs[j] += load(q, (b, h0 + i, j), lut)
-            for t in range(length):
-                pg, r = _kv_row(page_table, b, t, page_size)
-                sc = np.float32(0)
-                for j in range(d):
-                    sc += qs[j] * load(k_pages, (pg, r, kvh, j), lut)
-                score[t] = sc
-        else:
-            lo = np.empty(d, np.float32)
-            hi = np.empty(d, np.float32)
-            for p in range(n_units):
-                if bmin.shape[0] > 0:
-                    for j in range(d):
-                        lo[j] = load(bmin, (b, p, kvh, j), lut)
-                        hi[j] = load(bmax, (b, p, kvh, j), lut)
-                else:
-                    lo[:] = np.inf
-                    hi[:] = -np.inf
-                    for t in range(p * unit, min((p + 1) * unit, length)):
-                        pg, r = _kv_row(page_table, b, t, page_size)
-                        for j in range(d):
-                            kv_ = load(k_pages, (pg, r, kvh, j), lut)
-                            lo[j] = min(lo[j], kv_)
-                            hi[j] = max(hi[j], kv_)
-                bound = np.float32(0)
-                for i in range(nh):
-                    for j in range(d):
-                        qj = load(q, (b, h0 + i, j), lut)
-                        bound += max(qj * lo[j], qj * hi[j])
-                score[p] = bound
-        free = np.ones(n_units, np.bool_)
-        chosen = np.zeros(n_units, np.bool_)
-        for t in range(min(sink, length)):
-            chosen[t // unit] = True
-        for t in range(max(length - window, 0), length):
-            chosen[t // unit] = True
-        for p in range(n_units):
-            free[p] = not chosen[p]
-        _take_top(score, free, k, chosen)
-        c = 0
-        for p in range(n_units):
-            if chosen[p]:
-                indices[b, u, c] = p
-                c += 1
-        counts[b, u] = c
-        indices[b, u, c:] = -1
+    computes them from the keys. :func:`select_topk_serial`: the same rows on the calling thread."""
+    for task in prange(counts.shape[0] * counts.shape[1]):
+        _select_task(task, q, k_pages, page_table, lengths, k, sink, window, shared, quest_page, bmin, bmax, lut,
+                     indices, counts)
+
+
+@njit(**_TASK)
+def select_topk_serial(q, k_pages, page_table, lengths, k, sink, window, shared, quest_page, bmin, bmax, lut,
+                       indices, counts):
+    for task in range(counts.shape[0] * counts.shape[1]):
+        _select_task(task, q, k_pages, page_table, lengths, k, sink, window, shared, quest_page, bmin, bmax, lut,
+                     indices, counts)
