@@ -22,7 +22,7 @@ from .formats import (
                       tiled_ell_to_csr,
                       tiled_ell_to_dense,
 )
-from .explain import SlowPathWarning, SparsecoreWarning, explain
+from .ops.explain import SlowPathWarning, SparsecoreWarning, explain
 from .ops import (
     DecodePlan,
     dense_decode,

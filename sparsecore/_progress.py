@@ -49,6 +49,11 @@ class Progress:
         line = f"{self.label} [{self.i}/{self.total}] {what} ({_clock(el)} elapsed{eta})"
         self._write(line)
 
+    def status(self, what: str) -> None:
+        """Say what happens between steps (preparing inputs) without counting a step."""
+        if self.enabled:
+            self._write(f"{self.label} [{self.i}/{self.total}] {what} ({_clock(self.elapsed())} elapsed)")
+
     def note(self, text: str) -> None:
         """A line that stays (a warning, a file written)."""
         if self.enabled:

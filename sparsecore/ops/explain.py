@@ -39,7 +39,7 @@ def slow_path_note(inp: Any, backend: type) -> str | None:
     """Why ``backend`` (chosen for ``inp``) is the slow path, or None when it is not."""
     if getattr(backend, "BACKEND", "") != "reference":
         return None
-    from .ops.dispatcher import implementations
+    from .dispatcher import implementations
 
     fast = [c.NAME for c in implementations(inp.OP) if c.BACKEND != "reference" and not c.availability_reasons()
             and c.DEVICE == inp.device]
@@ -51,7 +51,7 @@ def slow_path_note(inp: Any, backend: type) -> str | None:
 
 
 def _dtypes(op: str, names: list[str]) -> list[str]:
-    from .ops.dispatcher import implementations
+    from .dispatcher import implementations
 
     out: list[str] = []
     for c in implementations(op):
@@ -72,8 +72,8 @@ def warn_if_slow(inp: Any, backend: type, *, forced: bool = False, stacklevel: i
 
 
 def _describe(v: Any) -> str:
-    from ._arrays import dtype_name, is_array
-    from .formats._summary import place, shape_text
+    from .._arrays import dtype_name, is_array
+    from ..formats._summary import place, shape_text
 
     if is_array(v):
         return f"{shape_text(v.shape)} {dtype_name(v)}, {place(v)}"
@@ -93,7 +93,7 @@ class Explanation:
     notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        from .ops.dispatcher import BACKEND_PRIORITY
+        from .dispatcher import BACKEND_PRIORITY
 
         lines = [f"sparsecore.explain: {self.op}(" + ", ".join(self.arguments) + ")"]
         lines += [f"  {k} = {v}" for k, v in self.arguments.items()]
@@ -128,9 +128,9 @@ def explain(op: str, *args: Any, **kwargs: Any) -> Explanation:
           ...
           runs on: numba_cpu (the first that can, in priority cupy > cuda_python > numba_cuda > numba_cpu > reference)
     """
-    from . import ops
-    from .ops.dispatcher import implementations, select
-    from .ops.table import OPS, spec
+    from .. import ops
+    from .dispatcher import implementations, select
+    from .table import OPS, spec
 
     if op not in OPS:
         raise ValueError(f"explain: op = {op!r} is unknown; allowed: {', '.join(OPS)}")
@@ -165,7 +165,7 @@ def explain(op: str, *args: Any, **kwargs: Any) -> Explanation:
         if note:
             notes.append(note)
         if cls.BACKEND == "numba_cpu":
-            from .warmup import cache_dir
+            from ..warmup import cache_dir
 
             notes.append(f"numba_cpu compiles each kernel on its first use with new argument types (seconds) "
                          f"and caches it in {cache_dir()}; `python3 -m sparsecore warmup` compiles ahead of time")
