@@ -699,7 +699,7 @@ def main(suite: str = "main", *, quick: bool = False, scale: str = "small", json
     try:
         from .warmup import install_compile_notice
 
-        install_compile_notice(sys.stderr)  # a first call that compiles says so
+        install_compile_notice()  # a first call that compiles says so
     except Exception:  # noqa: BLE001 - the notice is a courtesy
         pass
     problems = check_reference(default_suite(scale)) if suite == "ops" else []

@@ -59,7 +59,7 @@ class CompileRecord:
 
 @dataclass
 class _State:
-    stream: TextIO | None = None  # None: record only, print nothing
+    stream: TextIO | str | None = None  # None: record only; "stderr": sys.stderr at the time of writing
     told: set[tuple[str, str]] = field(default_factory=set)
     log: list[CompileRecord] = field(default_factory=list)
     starts: dict[int, list[float]] = field(default_factory=dict)
@@ -103,11 +103,15 @@ def _make_listener() -> Any:
                 _STATE.starts.setdefault(threading.get_ident(), []).append(time.perf_counter())
                 first = (op, dtype) not in _STATE.told
                 _STATE.told.add((op, dtype))
-            if first and _STATE.stream is not None:
-                _STATE.stream.write(f"sparsecore: compiling numba_cpu kernels for {op} {dtype} (first use; takes "
-                                    f"seconds once, then cached in {cache_dir()}; `python3 -m sparsecore warmup` "
-                                    "compiles ahead of time)\n")
-                _STATE.stream.flush()
+            stream = sys.stderr if _STATE.stream == "stderr" else _STATE.stream
+            if first and stream is not None:
+                try:
+                    stream.write(f"sparsecore: compiling numba_cpu kernels for {op} {dtype} (first use; takes "
+                                 f"seconds once, then cached in {cache_dir()}; `python3 -m sparsecore warmup` "
+                                 "compiles ahead of time)\n")
+                    stream.flush()
+                except (ValueError, OSError):  # a closed stream: the notice must never break a call
+                    pass
 
         def on_end(self, event: Any) -> None:
             if not _is_ours(event):
@@ -123,9 +127,10 @@ def _make_listener() -> Any:
     return Notice()
 
 
-def install_compile_notice(stream: TextIO | None = sys.stderr) -> bool:
+def install_compile_notice(stream: TextIO | str | None = "stderr") -> bool:
     """Print one line on ``stream`` the first time each (op, dtype) compiles numba_cpu kernels in this
-    process (``stream=None``: only record, see :func:`compile_log`). Imports numba; returns False when
+    process (default: whatever ``sys.stderr`` is when it prints; ``stream=None``: only record, see
+    :func:`compile_log`). Imports numba; returns False when
     numba is not installed. Idempotent (a later call only changes the stream)."""
     _STATE.stream = stream
     if _STATE.installed:
