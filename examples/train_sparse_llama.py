@@ -242,6 +242,7 @@ def train(model: LlamaForCausalLM, data: list[torch.Tensor], args: argparse.Name
     times, log = [], []
     gen = torch.Generator().manual_seed(args.seed + 7)
     reinit_log: list[dict] = []
+    t_start = time.perf_counter()
     for step, win in enumerate(data):
         if (l1 and args.reinit_every and step and step % args.reinit_every == 0
                 and step <= args.reinit_until * len(data)):
@@ -265,7 +266,10 @@ def train(model: LlamaForCausalLM, data: list[torch.Tensor], args: argparse.Name
                 rec["l1_coef"] = l1_at(step, args)
                 rec["sparsity_per_layer"] = [1.0 - d for d in dens]
             log.append(rec)
-            print(f"[{label}] " + json.dumps(rec), file=sys.stderr, flush=True)
+            elapsed = time.perf_counter() - t_start
+            left = elapsed / (step + 1) * (len(data) - step - 1)
+            print(f"[{label}] step {step + 1}/{len(data)}, {elapsed:.0f} s elapsed, about {left:.0f} s left "
+                  + json.dumps(rec), file=sys.stderr, flush=True)
     tail = times[len(times) // 2:]  # the second half: the sparse model's sparsity has settled by then
     return {"log": log, "reinit_log": reinit_log, "step_s_median_second_half": statistics.median(tail),
             "step_s_median_all": statistics.median(times), "train_s": sum(times)}
@@ -291,7 +295,8 @@ def time_steps(model: LlamaForCausalLM, data: list[torch.Tensor], args: argparse
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--steps", type=int, default=2500)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)

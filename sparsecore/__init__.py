@@ -22,6 +22,7 @@ from .formats import (
                       tiled_ell_to_csr,
                       tiled_ell_to_dense,
 )
+from .ops.explain import SlowPathWarning, SparsecoreWarning, explain
 from .ops import (
     DecodePlan,
     dense_decode,
@@ -45,4 +46,5 @@ __all__ = [
     "csr_from_dense", "csr_to_dense", "csr_to_scipy", "csr_from_scipy", "csr_to_torch", "csr_from_torch",
     "pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn",
     "page_bounds", "select_topk", "sparse_decode", "dense_decode", "merge_attention", "DecodePlan",
+    "explain", "SparsecoreWarning", "SlowPathWarning",
 ]

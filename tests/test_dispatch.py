@@ -196,11 +196,14 @@ def test_bench_runs_checks_and_writes_json(tmp_path, capsys):
     from sparsecore.cli import main
 
     path = tmp_path / "bench.json"
-    assert main(["bench", "--min-time", "0", "--json", str(path)]) == 0
+    assert main(["bench", "--suite", "ops", "--quick", "--min-time", "0", "--json", str(path)]) == 0
     out = capsys.readouterr().out
     assert "MISMATCH" not in out
     data = json.loads(path.read_text())
     ops = {r["op"] for r in data["rows"]}
     assert ops == set(D.OPS) - {"unpack"}
-    assert all(r["ms"] > 0 and r["baseline_ms"] > 0 for r in data["rows"] if "ms" in r)
+    timed = [r for r in data["rows"] if "median_ms" in r]
+    assert all(r["median_ms"] > 0 and r["ok"] for r in timed)
+    assert {r["op"] for r in timed if not r["ours"]} == ops  # a dense baseline beside every op
+    assert all(r["speedup"] > 0 for r in timed if not r["main"])
     assert data["environment"]["versions"]["numpy"] == np.__version__

@@ -7,24 +7,27 @@ random byte-level LLaMA instead (a smoke run). A model directory with a tokenize
 
 Writes ``density.json`` (:func:`sparsecore.analysis.density.density_study`), ``probe.json`` (synthetic
 recovery, recovery versus m on the first model, and per probed input the recovered units, the execution
-plan built from them and its output error and times), ``summary.json`` and the figures.
+plan built from them and its output error and times), ``summary.json`` and the figures. Progress goes to
+stderr, one line per traced input and per probed input; stdout gets a short summary and the files written.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 
-def add_parser(sub: Any) -> None:
-    a = sub.add_parser("analyze", help="s-Trace, computation density and the compressed-sensing probe of a model "
+def add_parser(sub: Any, formatter: type[argparse.HelpFormatter] = argparse.ArgumentDefaultsHelpFormatter) -> None:
+    a = sub.add_parser("analyze", formatter_class=formatter, help="s-Trace, computation density and the compressed-sensing probe of a model "
                        "on a text file (JSON + plots)", description=__doc__)
     a.add_argument("text", help="a text file (UTF-8 or bytes)")
     a.add_argument("--model", action="append", default=[], help="a transformers model directory (repeat for a "
@@ -45,10 +48,11 @@ def add_parser(sub: Any) -> None:
     a.add_argument("--probe-scheme", choices=("central", "forward"), default="central",
                    help="central differences (two forwards per measurement, second-order terms cancel) or forward")
     a.add_argument("--ffn-block", type=int, default=64, help="FFN channels per probe gate")
-    a.add_argument("--synthetic-p", type=int, default=256)
-    a.add_argument("--synthetic-k", type=int, default=8)
-    a.add_argument("--threads", type=int, default=None)
-    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--synthetic-p", type=int, default=256, help="synthetic recovery: signal length")
+    a.add_argument("--synthetic-k", type=int, default=8, help="synthetic recovery: non-zeros of the signal")
+    a.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    a.add_argument("--seed", type=int, default=0, help="seed of the random controls and the probe")
+    a.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
 
 
 def _ints(s: str, name: str) -> list[int]:
@@ -99,6 +103,44 @@ def token_ids(data: bytes, tok: Any, vocab: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8).astype(np.int64)
 
 
+@contextlib.contextmanager
+def _on_trace(module: Any, on_call: Callable[[Any], None]) -> Iterator[None]:
+    """Call ``on_call(input_ids)`` before each ``module.trace_input`` while the block runs (the density
+    study's per-input progress; ``density_study`` takes no progress callback), then restore it."""
+    original = module.trace_input
+
+    def traced(model: Any, input_ids: Any, *a: Any, **k: Any) -> Any:
+        on_call(input_ids)
+        return original(model, input_ids, *a, **k)
+
+    module.trace_input = traced
+    try:
+        yield
+    finally:
+        module.trace_input = original
+
+
+def short_summary(summary: dict[str, Any], files: list[Path]) -> list[str]:
+    """A few lines for the terminal; the full results are in the JSON files."""
+    lines = [f"analyze: {len(summary['models'])} model(s), {summary['inputs']} inputs of {summary['length']} tokens"]
+    for name, d in summary["density"].items():
+        q = d.get("quantiles", {})
+        corr = summary["correlations"][name]["density_entropy"]
+        lines.append(f"  {name}: computation density mean {d['mean']:.4g}, median {q.get('0.5', float('nan')):.4g} "
+                     f"(n {d['n']}); density vs entropy rho {_num(corr.get('rho'))}, p {_num(corr.get('p'))}")
+    for c in summary.get("cross_model") or []:
+        lines.append(f"  cross-model density rho {_num(c.get('rho'))}, p {_num(c.get('p'))} ({c['a']} vs {c['b']})")
+    for i, p in enumerate(summary.get("plans", [])):
+        lines.append(f"  plan {i}: tv {_num(p.get('tv'))}, top1 {p.get('top1')}, time plan/full "
+                     f"{_num(p.get('time_plan_s'))}/{_num(p.get('time_full_s'))} s")
+    lines += [f"wrote {f}" for f in files]
+    return lines
+
+
+def _num(v: Any) -> str:
+    return "-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
 def main(args: argparse.Namespace) -> int:
     # numba's OpenMP workers busy-wait after each parallel kernel and steal the cores from torch, which
     # distorts the execution-plan timings several-fold on small machines (docs/analysis.md); must be set
@@ -144,12 +186,24 @@ def main(args: argparse.Namespace) -> int:
     windows = torch.from_numpy(np.stack([ids[s:s + args.length] for s in starts]))
     counts = np.bincount(ids, minlength=int(models[first].config.vocab_size)).astype(np.float64)
 
+    from . import density as density_module
+    from .._progress import Progress
+
+    show = not getattr(args, "no_progress", False)
+    p = Progress(len(models) * args.inputs, "analyze: density study", enabled=show)
+
+    def on_trace(input_ids: Any) -> None:
+        if int(input_ids.shape[-1]) == args.length:  # a full window starts; shorter contexts follow it
+            model_i = p.i // args.inputs
+            p.step(f"model {model_i + 1}/{len(models)}, input {p.i % args.inputs + 1}/{args.inputs}")
+
     t0 = time.perf_counter()
-    study = density_study(models, windows, corpus_counts=counts, context_lengths=ctx, key=args.key, seed=args.seed)
+    with _on_trace(density_module, on_trace):
+        study = density_study(models, windows, corpus_counts=counts, context_lengths=ctx, key=args.key,
+                              seed=args.seed)
+    p.done(f"{len(models)} model(s) x {args.inputs} inputs")
     (out / "density.json").write_text(json.dumps(study, indent=1) + "\n")
     figures = {k: str(v) for k, v in plot_all(study, out).items()}
-    print(f"density study: {len(models)} model(s) x {args.inputs} inputs in {time.perf_counter() - t0:.1f} s",
-          file=sys.stderr)
 
     probe: dict[str, Any] = {"synthetic": synthetic_recovery(args.synthetic_p, args.synthetic_k,
                                                              _ints(args.probe_m, "probe-m"), trials=20,
@@ -157,20 +211,24 @@ def main(args: argparse.Namespace) -> int:
     figures["synthetic_recovery"] = str(plot_synthetic_recovery(probe["synthetic"], out / "probe_synthetic.png"))
     model = models[first]
     n_probe = min(args.probe_inputs, args.inputs)
+    pp = Progress(n_probe + 1, "analyze: probe", enabled=show and n_probe > 0)
     if n_probe:
         ms = _ints(args.probe_m, "probe-m")
+        pp.step("recovery versus m")
         probe["recovery_vs_m"] = recovery_vs_m(model, windows[0], ms, ffn_block_size=args.ffn_block, seeds=(0, 1),
                                                 delta=args.probe_delta, scheme=args.probe_scheme)
         figures["probe_recovery"] = str(plot_model_recovery(probe["recovery_vs_m"], out / "probe_recovery.png"))
         probe["inputs"] = []
         for j in range(n_probe):
             w = windows[int(j * (args.inputs // n_probe))]
+            pp.step(f"input {j + 1}/{n_probe}")
             res = probe_model(model, w, m=args.probe_plan_m, ffn_block_size=args.ffn_block, seed=args.seed + j,
                               delta=args.probe_delta, scheme=args.probe_scheme)
             plan = ExecutionPlan.from_probe(res, mass=args.probe_keep)
             probe["inputs"].append({"probe": res.to_json(), "plan": plan.to_json(), "run": run_plan(model, w, plan)})
             if j == 0:
                 figures["probe_vs_truth"] = str(plot_probe_vs_truth(res, out / "probe_vs_truth.png"))
+    pp.done(f"{n_probe} input(s)")
     (out / "probe.json").write_text(json.dumps(probe, indent=1, default=_json_default) + "\n")
 
     summary = {"models": list(models), "inputs": args.inputs, "length": args.length, "figures": figures,
@@ -180,7 +238,8 @@ def main(args: argparse.Namespace) -> int:
                "plans": [{k: p["run"][k] for k in ("tv", "top1", "time_hf_s", "time_full_s", "time_plan_s")
                           if k in p["run"]} | {"kept": p["plan"].get("fractions")} for p in probe.get("inputs", [])]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default) + "\n")
-    print(json.dumps(summary, indent=1, default=_json_default))
+    files = [out / "density.json", out / "probe.json", out / "summary.json"] + [Path(f) for f in figures.values()]
+    print("\n".join(short_summary(json.loads(json.dumps(summary, default=_json_default)), files)))
     return 0
 
 

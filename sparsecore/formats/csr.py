@@ -20,6 +20,7 @@ import numpy as np
 
 from .._arrays import VALUE_DTYPES, dtype_name, to_host
 from .._checks import check_dtype, check_int, check_ndim, fail
+from . import _summary
 
 INDEX_DTYPES = ("int32", "int64")
 
@@ -58,6 +59,18 @@ class CSR:
     @property
     def dtype(self) -> str:
         return dtype_name(self.data)
+
+    @property
+    def density(self) -> float:
+        """``nnz / (M * K)`` (0.0 for an empty matrix); read from shapes, no data."""
+        size = self.shape[0] * self.shape[1]
+        return self.nnz / size if size else 0.0
+
+    def __repr__(self) -> str:
+        size = self.shape[0] * self.shape[1]
+        return (_summary.head("CSR", self.shape, self.data) + f", nnz {self.nnz} "
+                f"({_summary.density_text(self.nnz, size)}), {_summary.place(self.indices).split()[0]} "
+                f"{dtype_name(self.indices)} indices" + ("" if self.sorted else ", unsorted") + ")")
 
     def map_arrays(self, fn: Callable[[Any], Any]) -> CSR:
         return CSR(fn(self.indptr), fn(self.indices), fn(self.data), self.shape, self.sorted)

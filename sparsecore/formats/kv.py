@@ -35,6 +35,7 @@ import numpy as np
 
 from .._arrays import VALUE_DTYPES, dtype_name, to_host
 from .._checks import check_dtype, check_ndim, check_same_dtype, fail
+from . import _summary
 
 
 def _check_lengths(w: str, lengths: Any, batch: int) -> None:
@@ -64,6 +65,13 @@ def _validate_lengths(w: str, lengths: Any, hi: int, what: str) -> np.ndarray:
     return ln
 
 
+def _tokens_text(lengths: Any, size: int) -> str:
+    if not _summary.on_host(lengths):
+        return "tokens not counted on the device (.tokens copies lengths to the host)"
+    n = _summary.total(lengths)
+    return f"{n} tokens ({_summary.density_text(n, size)} filled)"
+
+
 @dataclass(frozen=True, eq=False)
 class DenseKV:
     k: Any
@@ -80,6 +88,22 @@ class DenseKV:
     num_kv_heads = property(lambda self: int(self.k.shape[2]))
     head_dim = property(lambda self: int(self.k.shape[3]))
     dtype = property(lambda self: dtype_name(self.k))
+
+    @property
+    def tokens(self) -> int:
+        """Filled tokens over the batch: ``lengths.sum()``. Device arrays: copies ``lengths`` to the
+        host (a synchronisation)."""
+        return _summary.total(self.lengths)
+
+    @property
+    def density(self) -> float:
+        """Filled share of the cache: ``tokens / (B * S)``; device arrays: as :attr:`tokens`."""
+        size = self.batch * self.max_len
+        return self.tokens / size if size else 0.0
+
+    def __repr__(self) -> str:
+        return (f"DenseKV(B {self.batch}, S {self.max_len}, Hkv {self.num_kv_heads}, D {self.head_dim} {self.dtype}, "
+                f"{_summary.place(self.k)}, {_tokens_text(self.lengths, self.batch * self.max_len)})")
 
     def map_arrays(self, fn: Callable[[Any], Any]) -> DenseKV:
         return DenseKV(fn(self.k), fn(self.v), fn(self.lengths))
@@ -119,6 +143,23 @@ class PagedKV:
     num_kv_heads = property(lambda self: int(self.k_pages.shape[2]))
     head_dim = property(lambda self: int(self.k_pages.shape[3]))
     dtype = property(lambda self: dtype_name(self.k_pages))
+
+    @property
+    def tokens(self) -> int:
+        """Filled tokens over the batch: ``lengths.sum()``. Device arrays: copies ``lengths`` to the
+        host (a synchronisation)."""
+        return _summary.total(self.lengths)
+
+    @property
+    def density(self) -> float:
+        """Filled share of the pages: ``tokens / (P * page_size)``; device arrays: as :attr:`tokens`."""
+        size = self.num_pages * self.page_size
+        return self.tokens / size if size else 0.0
+
+    def __repr__(self) -> str:
+        return (f"PagedKV(P {self.num_pages} pages of {self.page_size}, Hkv {self.num_kv_heads}, D {self.head_dim} "
+                f"{self.dtype}, {_summary.place(self.k_pages)}, B {self.batch} x {self.page_table.shape[1]} pages, "
+                f"{_tokens_text(self.lengths, self.num_pages * self.page_size)})")
 
     def map_arrays(self, fn: Callable[[Any], Any]) -> PagedKV:
         return PagedKV(fn(self.k_pages), fn(self.v_pages), fn(self.page_table), fn(self.lengths))
@@ -171,6 +212,10 @@ class PageBounds:
     num_kv_heads = property(lambda self: int(self.kmin.shape[2]))
     head_dim = property(lambda self: int(self.kmin.shape[3]))
     dtype = property(lambda self: dtype_name(self.kmin))
+
+    def __repr__(self) -> str:
+        return (f"PageBounds(B {self.batch}, P {self.num_pages} pages of {self.page_size}, Hkv {self.num_kv_heads}, "
+                f"D {self.head_dim} {self.dtype}, {_summary.place(self.kmin)})")
 
     def map_arrays(self, fn: Callable[[Any], Any]) -> PageBounds:
         return PageBounds(fn(self.kmin), fn(self.kmax), self.page_size)

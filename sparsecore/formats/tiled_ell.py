@@ -29,6 +29,7 @@ import numpy as np
 from .._arrays import VALUE_DTYPES, dtype_name, to_host
 from .._checks import check_dtype, check_int, check_ndim, fail
 from .csr import CSR
+from . import _summary
 
 MAX_TILE = 32768
 
@@ -95,6 +96,28 @@ class TiledELL:
     @property
     def dtype(self) -> str:
         return dtype_name(self.values)
+
+    @property
+    def nnz(self) -> int:
+        """Stored entries: filled slots plus overflow entries. Device arrays: copies ``counts`` to the
+        host (a synchronisation)."""
+        return _summary.total(self.counts) + (self.overflow.nnz if self.overflow is not None else 0)
+
+    @property
+    def density(self) -> float:
+        """``nnz / (M * K)`` (0.0 for an empty matrix); device arrays: as :attr:`nnz`."""
+        size = self.shape[0] * self.shape[1]
+        return self.nnz / size if size else 0.0
+
+    def __repr__(self) -> str:
+        s = _summary.head("TiledELL", self.shape, self.values) + f", tile {self.tile}, capacity {self.capacity}"
+        if _summary.on_host(self.counts):
+            nnz = self.nnz
+            s += f", nnz {nnz} ({_summary.density_text(nnz, self.shape[0] * self.shape[1])})"
+        else:
+            s += ", nnz not counted on the device (.nnz copies counts to the host)"
+        s += ", no overflow" if self.overflow is None else f", overflow {self.overflow.nnz} entries"
+        return s + ("" if self.sorted else ", unsorted") + ")"
 
     def map_arrays(self, fn: Callable[[Any], Any]) -> TiledELL:
         ov = None if self.overflow is None else self.overflow.map_arrays(fn)

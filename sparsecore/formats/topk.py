@@ -23,6 +23,7 @@ import numpy as np
 
 from .._arrays import to_host
 from .._checks import check_choice, check_dtype, check_int, check_ndim, fail
+from . import _summary
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,6 +54,23 @@ class TopKIndex:
     batch = property(lambda self: int(self.indices.shape[0]))
     groups = property(lambda self: int(self.indices.shape[1]))
     k_max = property(lambda self: int(self.indices.shape[2]))
+
+    @property
+    def nnz(self) -> int:
+        """Selected units (tokens or pages) over all rows: ``counts.sum()``. Device arrays: copies
+        ``counts`` to the host (a synchronisation)."""
+        return _summary.total(self.counts)
+
+    def __repr__(self) -> str:
+        unit = "tokens" if self.granularity == "token" else f"pages of {self.page_size}"
+        s = (f"TopKIndex(B {self.batch}, G {self.groups}, k_max {self.k_max} {unit}, "
+             f"{_summary.place(self.indices)}")
+        if _summary.on_host(self.counts):
+            nnz = self.nnz
+            s += f", selected {nnz} ({_summary.density_text(nnz, self.batch * self.groups * self.k_max)} of the slots)"
+        else:
+            s += ", selected not counted on the device (.nnz copies counts to the host)"
+        return s + ")"
 
     def map_arrays(self, fn: Callable[[Any], Any]) -> TopKIndex:
         return TopKIndex(fn(self.indices), fn(self.counts), self.granularity, self.page_size)

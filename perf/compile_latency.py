@@ -1,0 +1,82 @@
+"""Cold and warm first call of every op on numba_cpu, each in a fresh process.
+
+    python perf/compile_latency.py [--dtype float32] [--ops spmm,pack] [--json perf/results/<machine>/compile.json]
+
+Cold: an empty ``NUMBA_CACHE_DIR`` (a new temporary folder per op), so the first call compiles.
+Warm: a second fresh process on the folder the cold one filled, so the first call loads from the cache.
+Per op, the first call is :func:`sparsecore.warmup.example_calls`' first (decode size, no overflow).
+Reported per process: ``import sparsecore``, ``import numba`` (timed on its own, before the call), the
+first call, and each kernel compiled with its seconds (numba's ``numba:compile`` event). The first call
+a user sees is ``numba_s + first_call_s``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+CHILD = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import sparsecore
+t_import = time.perf_counter() - t0
+from sparsecore import warmup as w
+op, dtype = sys.argv[1], sys.argv[2]
+label, call = w.example_calls(op, dtype)[0]
+t0 = time.perf_counter()
+import numba
+t_numba = time.perf_counter() - t0
+w.install_compile_notice(None)
+t0 = time.perf_counter()
+call()
+t_call = time.perf_counter() - t0
+t0 = time.perf_counter()
+call()
+t_second = time.perf_counter() - t0
+print(json.dumps({"op": op, "dtype": dtype, "call": label, "import_s": t_import, "numba_s": t_numba,
+                  "first_call_s": t_call, "second_call_s": t_second,
+                  "compiled": [[r.kernel, r.seconds] for r in w.compile_log()]}))
+"""
+
+
+def measure(op: str, dtype: str, cache: str) -> dict:
+    env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+    res = subprocess.run([sys.executable, "-c", CHILD, op, dtype], env=env, capture_output=True, text=True,
+                         check=False)
+    if res.returncode:
+        raise RuntimeError(f"{op} {dtype}: child failed:\n{res.stderr}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    from sparsecore.ops.table import OPS
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtype", default="float32", help="value dtype (default: float32)")
+    p.add_argument("--ops", default=",".join(OPS), help="comma-separated ops (default: all)")
+    p.add_argument("--json", help="write the rows to this file")
+    args = p.parse_args()
+    rows = []
+    print(f"{'op':<16}{'cold first call s':>18}{'warm first call s':>18}{'second call ms':>15}  kernels compiled "
+          "(cold: s each)", flush=True)
+    for op in [o for o in args.ops.split(",") if o]:
+        with tempfile.TemporaryDirectory(prefix="sc-numba-cache-") as cache:
+            cold = measure(op, args.dtype, cache)
+            warm = measure(op, args.dtype, cache)
+        rows.append({"op": op, "cold": cold, "warm": warm})
+        kern = ", ".join(f"{k} {s:.1f}" for k, s in cold["compiled"])
+        print(f"{op:<16}{cold['numba_s'] + cold['first_call_s']:>18.2f}{warm['numba_s'] + warm['first_call_s']:>18.2f}"
+              f"{warm['second_call_s'] * 1e3:>15.2f}  {kern}  (warm compiled {len(warm['compiled'])})", flush=True)
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"python": sys.version, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
