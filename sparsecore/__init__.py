@@ -22,21 +22,21 @@ from .formats import (
                       tiled_ell_to_csr,
                       tiled_ell_to_dense,
 )
-from .ops.explain import SlowPathWarning, SparsecoreWarning, explain
 from .ops import (
-    DecodePlan,
-    dense_decode,
-    gated_ffn,
-    merge_attention,
-    pack,
-    page_bounds,
-    sddmm,
-    select_topk,
-    sparse_decode,
-    spmm,
-    spmm_t,
-    unpack,
+                      DecodePlan,
+                      dense_decode,
+                      gated_ffn,
+                      merge_attention,
+                      pack,
+                      page_bounds,
+                      sddmm,
+                      select_topk,
+                      sparse_decode,
+                      spmm,
+                      spmm_t,
+                      unpack,
 )
+from .ops.explain import SlowPathWarning, SparsecoreWarning, explain
 
 __version__ = "0.1.0"
 

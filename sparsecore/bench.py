@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import sys
 import time
@@ -36,8 +35,8 @@ import numpy as np
 from . import formats as F
 from . import ops
 from ._arrays import to_host
-from ._progress import Progress
 from ._env import git_commit, gpus, host, library_versions
+from ._progress import Progress
 from .ops import inputs as I
 
 

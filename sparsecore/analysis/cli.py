@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,9 @@ import numpy as np
 
 
 def add_parser(sub: Any, formatter: type[argparse.HelpFormatter] = argparse.ArgumentDefaultsHelpFormatter) -> None:
-    a = sub.add_parser("analyze", formatter_class=formatter, help="s-Trace, computation density and the compressed-sensing probe of a model "
-                       "on a text file (JSON + plots)", description=__doc__)
+    a = sub.add_parser("analyze", formatter_class=formatter, description=__doc__,
+                       help="s-Trace, computation density and the compressed-sensing probe of a model on a text "
+                            "file (JSON + plots)")
     a.add_argument("text", help="a text file (UTF-8 or bytes)")
     a.add_argument("--model", action="append", default=[], help="a transformers model directory (repeat for a "
                    "second model: cross-model correlation)")
@@ -186,8 +186,8 @@ def main(args: argparse.Namespace) -> int:
     windows = torch.from_numpy(np.stack([ids[s:s + args.length] for s in starts]))
     counts = np.bincount(ids, minlength=int(models[first].config.vocab_size)).astype(np.float64)
 
-    from . import density as density_module
     from .._progress import Progress
+    from . import density as density_module
 
     show = not getattr(args, "no_progress", False)
     p = Progress(len(models) * args.inputs, "analyze: density study", enabled=show)
@@ -197,7 +197,6 @@ def main(args: argparse.Namespace) -> int:
             model_i = p.i // args.inputs
             p.step(f"model {model_i + 1}/{len(models)}, input {p.i % args.inputs + 1}/{args.inputs}")
 
-    t0 = time.perf_counter()
     with _on_trace(density_module, on_trace):
         study = density_study(models, windows, corpus_counts=counts, context_lengths=ctx, key=args.key,
                               seed=args.seed)

@@ -28,8 +28,8 @@ import numpy as np
 
 from .._arrays import VALUE_DTYPES, dtype_name, to_host
 from .._checks import check_dtype, check_int, check_ndim, fail
-from .csr import CSR
 from . import _summary
+from .csr import CSR
 
 MAX_TILE = 32768
 

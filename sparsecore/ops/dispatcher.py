@@ -132,7 +132,11 @@ def plan(inp: OpInputs, backend: str | None = None) -> Plan:
             object.__setattr__(inp, n, v)
         return found
     inp.validate()
-    made = Plan(select(inp, backend), tuple(inp.scalars().items()), inp.device, _REGISTRY[inp.OP],
+    chosen = select(inp, backend)
+    from .explain import warn_if_slow
+
+    warn_if_slow(inp, chosen, forced=name is not None)  # float64 on the reference: said once per op and dtype
+    made = Plan(chosen, tuple(inp.scalars().items()), inp.device, _REGISTRY[inp.OP],
                 len(_REGISTRY[inp.OP]))
     if key is not None:
         if len(_PLANS) >= PLAN_CACHE_SIZE:

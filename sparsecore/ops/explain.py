@@ -46,8 +46,8 @@ def slow_path_note(inp: Any, backend: type) -> str | None:
     if not fast:
         return None
     return (f"{inp.OP}: {inp.dtype} inputs run on the NumPy reference (float64 accumulation, much slower); "
-            f"the compiled backends ({', '.join(fast)}) take {', '.join(_dtypes(inp.OP, fast))}: cast the inputs to float32 "
-            "(or pass backend='reference' to silence this)")
+            f"the compiled backends ({', '.join(fast)}) take {', '.join(_dtypes(inp.OP, fast))}: cast the inputs "
+            "to float32 (or pass backend='reference' to silence this)")
 
 
 def _dtypes(op: str, names: list[str]) -> list[str]:

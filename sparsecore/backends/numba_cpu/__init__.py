@@ -42,6 +42,9 @@ def _k() -> Any:
 
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         numba.config.CACHE_DIR = os.path.join(base, "sparsecore", "numba")
+    from ...warmup import install_compile_notice
+
+    install_compile_notice()  # a first use that compiles says so on stderr, once per op and dtype
     from . import kernels as k
 
     return k
