@@ -269,7 +269,8 @@ def check_topk(case: DecodeCase, idx: TopKIndex, *, k: int, method: str, sink: i
     for b in range(case.batch):
         n = int(case.lengths[b])
         units = n if ps is None else cdiv(n, ps)
-        forced = forced_tokens(n, sink, window)
+        # a page selection always keeps the page being written (the newest token's), as if window >= 1
+        forced = forced_tokens(n, sink, window if ps is None else max(window, 1))
         forced = forced if ps is None else {t // ps for t in forced}
         s = unit_scores(case, b, ps)
         if shared:
@@ -285,6 +286,8 @@ def check_topk(case: DecodeCase, idx: TopKIndex, *, k: int, method: str, sink: i
             assert all(0 <= i < units for i in row), f"index out of range in {at}"
             chosen = set(row)
             assert forced <= chosen, f"forced {sorted(forced - chosen)} missing in {at}"
+            if ps is not None and n > 0:
+                assert (n - 1) // ps in chosen, f"the newest token's page {(n - 1) // ps} missing in {at}"
             free = sorted(chosen - forced)
             left = sorted(set(range(units)) - chosen)
             if free and left:

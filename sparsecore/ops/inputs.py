@@ -15,7 +15,7 @@ from .._checks import check_array, check_choice, check_dtype, check_int, check_n
 from ..formats.csr import CSR
 from ..formats.kv import DenseKV, PageBounds, PagedKV
 from ..formats.tiled_ell import TiledELL, check_tile_capacity
-from ..formats.topk import TopKIndex
+from ..formats.topk import TopKIndex, topk_capacity
 from .base import OpInputs
 
 SPARSE = (TiledELL, CSR)
@@ -347,6 +347,17 @@ class SelectTopkInputs(OpInputs):
         if self.bounds is not None:
             return self.bounds.page_size
         return _default_page_size(self.kv)
+
+    @property
+    def forced_window(self) -> int:
+        """The recent tokens always kept: ``window``, and for page selection at least the newest
+        token, so the page being written is always attended (docs/ops.md, ``select_topk``)."""
+        return max(int(self.window), 1) if self.method == "quest" else int(self.window)
+
+    @property
+    def k_max(self) -> int:
+        """The index's last axis, from shapes only (:func:`sparsecore.formats.topk.topk_capacity`)."""
+        return topk_capacity(int(self.k), int(self.sink), self.forced_window, self.kv.max_len, self.unit_page_size)
 
     def _validate(self) -> None:
         _check_kv(self.OP, self.kv)

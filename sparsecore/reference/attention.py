@@ -85,7 +85,10 @@ def quest_bounds(q: np.ndarray, lo: np.ndarray, hi: np.ndarray, group: int) -> n
 
 def forced_positions(length: int, sink: int, window: int, page_size: int | None = None) -> np.ndarray:
     """Token positions (or, with ``page_size``, the pages holding them) that are always kept: the
-    first ``sink`` tokens and the last ``window`` tokens of the sequence."""
+    first ``sink`` tokens and the last ``window`` tokens of the sequence; a page selection also
+    always keeps the page of the newest token (the one being written), as if ``window >= 1``."""
+    if page_size is not None:
+        window = max(window, 1)
     t = np.union1d(np.arange(min(sink, length)), np.arange(max(length - window, 0), length))
     return t if page_size is None else np.unique(t // page_size)
 
@@ -110,7 +113,7 @@ def select_topk(q: np.ndarray, kv: KV, k: int, *, method: str = "exact", sink: i
     if method == "quest":
         ps = page_size if page_size is not None else bounds.page_size if bounds is not None else \
             (kv.page_size if isinstance(kv, PagedKV) else 16)
-    k_max = topk_capacity(k, sink, window, kv.max_len, ps)
+    k_max = topk_capacity(k, sink, window if ps is None else max(window, 1), kv.max_len, ps)
     indices = np.full((bsz, n_groups, k_max), -1, dtype=np.int32)
     counts = np.zeros((bsz, n_groups), dtype=np.int32)
     for b in range(bsz):

@@ -567,7 +567,8 @@ def _(q, k_cache, v_cache, lengths, page_table, k, method, sink, window, shared,
                                 _bounds(bounds_min, bounds_max, page_size)).validate()
     g = k_cache.shape[2] if shared else q.shape[1]
     max_len = k_cache.shape[1] if page_table is None else page_table.shape[1] * k_cache.shape[1]
-    kmax = topk_capacity(k, sink, window, max_len, inp.unit_page_size)
+    kmax = topk_capacity(k, sink, window if method != "quest" else torch.sym_max(window, 1), max_len,
+                         inp.unit_page_size)
     b = q.shape[0]
     return q.new_empty((b, g, kmax), dtype=torch.int32), q.new_empty((b, g), dtype=torch.int32)
 

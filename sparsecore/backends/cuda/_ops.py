@@ -17,7 +17,7 @@ from ..._arrays import dtype_name
 from ...formats.csr import CSR
 from ...formats.kv import DenseKV, PageBounds, PagedKV
 from ...formats.tiled_ell import TiledELL
-from ...formats.topk import TopKIndex, topk_capacity
+from ...formats.topk import TopKIndex
 from ...ops import inputs as I
 from . import (
     ITYPE,
@@ -323,7 +323,7 @@ def select_topk(rt: Runtime, inp: I.SelectTopkInputs) -> TopKIndex:
     ps = inp.unit_page_size
     ups = 1 if ps is None else int(ps)
     n_units = cdiv(kv.max_len, ups)
-    k_max = topk_capacity(int(inp.k), int(inp.sink), int(inp.window), kv.max_len, ps)
+    k_max = inp.k_max
     indices = rt.empty((b, g_rows, k_max), "int32")
     counts = rt.empty((b, g_rows), "int32")
     if b * g_rows == 0:
@@ -344,7 +344,7 @@ def select_topk(rt: Runtime, inp: I.SelectTopkInputs) -> TopKIndex:
                       i32(n_units), *ba, _al(rt, [q, *kvarr, *barr], [d], dt), p(rt, scores)])
     _go(rt, "attention.cu", dt, f"topk_select<{NT_SELECT}>", (g_rows, b), NT_SELECT,
         [p(rt, scores), i32(max(n_units, 1)), kva[3], i32(int(ps is not None)), i32(ups), i32(int(inp.k)),
-         i32(int(inp.sink)), i32(int(inp.window)), i32(k_max), p(rt, indices), p(rt, counts)])
+         i32(int(inp.sink)), i32(inp.forced_window), i32(k_max), p(rt, indices), p(rt, counts)])
     return TopKIndex(indices, counts, "token" if ps is None else "page", ps)
 
 

@@ -21,7 +21,7 @@ from ..._arrays import BFLOAT16
 from ...formats.csr import CSR
 from ...formats.kv import DenseKV, PageBounds, PagedKV
 from ...formats.tiled_ell import TiledELL
-from ...formats.topk import TopKIndex, topk_capacity
+from ...formats.topk import TopKIndex
 from ...ops import inputs as I
 from ...ops.dispatcher import BackendOp, register
 
@@ -470,7 +470,7 @@ class SelectTopk(_NumbaCpu):
         k_pages, _, page_table = _as_pages(kv)
         ps = inp.unit_page_size
         rows = kv.num_kv_heads if inp.shared else inp.q.shape[1]
-        k_max = topk_capacity(inp.k, inp.sink, inp.window, kv.max_len, ps)
+        k_max = inp.k_max
         indices = np.empty((kv.batch, rows, k_max), np.int32)
         counts = np.empty((kv.batch, rows), np.int32)
         if inp.bounds is None:
@@ -478,8 +478,8 @@ class SelectTopk(_NumbaCpu):
         else:
             bmin, bmax = inp.bounds.kmin, inp.bounds.kmax
         kernel = _k().select_topk_serial if cls.serial(inp) else _k().select_topk
-        kernel(_bits(inp.q), _bits(k_pages), page_table, kv.lengths, inp.k, inp.sink, inp.window, inp.shared, ps or 0,
-               _bits(bmin), _bits(bmax), _lut_for(inp.dtype), indices, counts)
+        kernel(_bits(inp.q), _bits(k_pages), page_table, kv.lengths, inp.k, inp.sink, inp.forced_window, inp.shared,
+               ps or 0, _bits(bmin), _bits(bmax), _lut_for(inp.dtype), indices, counts)
         return TopKIndex(indices, counts, "token" if ps is None else "page", ps)
 
 

@@ -12,7 +12,7 @@ from ..._arrays import dtype_name
 from ...formats.csr import CSR
 from ...formats.kv import DenseKV, PageBounds, PagedKV
 from ...formats.tiled_ell import TiledELL
-from ...formats.topk import TopKIndex, topk_capacity
+from ...formats.topk import TopKIndex
 from ...ops import inputs as I
 from ._runtime import Place, common, kernels
 
@@ -220,7 +220,7 @@ def select_topk(inp: I.SelectTopkInputs) -> TopKIndex:
     ps = inp.unit_page_size
     ups = 1 if ps is None else int(ps)
     n_units = _cdiv(kv.max_len, ups)
-    k_max = topk_capacity(int(inp.k), int(inp.sink), int(inp.window), kv.max_len, ps)
+    k_max = inp.k_max
     nt = _nt()
     kern = kernels(dt)
     with Place(q) as P:
@@ -241,7 +241,7 @@ def select_topk(inp: I.SelectTopkInputs) -> TopKIndex:
                 else:
                     P.launch(kern.topk_scores_quest, grid, nt, P.view(q), kk, pt, lengths, kv_ps, dense, group,
                              shared, ups, sv)
-            P.launch(common().topk_select, (g_rows, b), nt, sv, lengths, ups, int(inp.sink), int(inp.window),
+            P.launch(common().topk_select, (g_rows, b), nt, sv, lengths, ups, int(inp.sink), inp.forced_window,
                      int(inp.k), iv, cv)
     return TopKIndex(indices, counts, "token" if ps is None else "page", ps)
 
