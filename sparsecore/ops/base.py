@@ -64,12 +64,15 @@ class OpInputs:
     @functools.cached_property
     def _arrays(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
+        for n in _field_names(type(self)):
+            v = getattr(self, n)
+            if v is None or isinstance(v, (int, float, str)):
+                continue
             if is_array(v):
-                out[f.name] = v
+                out[n] = v
             elif _is_format(v):
-                out.update({f"{f.name}.{n}": a for n, a in v.arrays().items()})
+                for name, a in v.arrays().items():
+                    out[f"{n}.{name}"] = a
         return out
 
     def named_arrays(self) -> dict[str, Any]:
@@ -77,7 +80,7 @@ class OpInputs:
         return self._arrays
 
     def map_arrays(self, fn: Callable[[Any], Any]) -> OpInputs:
-        changes = {f.name: map_arrays(fn, getattr(self, f.name)) for f in dataclasses.fields(self)}
+        changes = {n: map_arrays(fn, getattr(self, n)) for n in _field_names(type(self))}
         return dataclasses.replace(self, **changes)
 
     @functools.cached_property
