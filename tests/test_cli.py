@@ -76,11 +76,12 @@ def _block(impls: list[bench.Impl], title: str = "t") -> bench.Block:
 
 
 def test_rows_show_spread_speedup_and_say_slower():
-    slow = lambda: time.sleep(0.004)  # noqa: E731
+    slow = lambda: time.sleep(0.008)  # noqa: E731
+    middle = lambda: time.sleep(0.001)  # noqa: E731  (sleeps, not no-ops: the order must not be noise)
     fast = lambda: None  # noqa: E731
     out = io.StringIO()
     long = "a peer with a label far longer than any column width one would guess for it " * 2
-    rows = bench.run_blocks([_block([bench.Impl("sparsecore slow", slow, True), bench.Impl(long, fast, False),
+    rows = bench.run_blocks([_block([bench.Impl("sparsecore slow", slow, True), bench.Impl(long, middle, False),
                                      bench.Impl("sparsecore fast", fast, True, against=long)])],
                             min_time=0.0, max_repeat=5, out=out, progress=False)
     text = out.getvalue()
