@@ -12,7 +12,7 @@ else
 fi
 # numba (numba_cpu) and numba-cuda with NVVM and NVRTC, so numba.cuda.compile_ptx works without a GPU
 # (the compile tier); 13.0 matches the ptxas of the machine's CUDA 13.0 toolkit
-"$py" -m pip install -q "numba>=0.60" "numba-cuda==0.30.*" "cuda-bindings==13.*" "nvidia-cuda-nvrtc==13.0.*" \
+"$py" -m pip install -q "numba>=0.61" "numba-cuda==0.30.*" "cuda-bindings==13.*" "nvidia-cuda-nvrtc==13.0.*" \
   "nvidia-nvvm==13.0.*"
 "$py" -c "
 import importlib.metadata as md
