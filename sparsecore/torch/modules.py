@@ -16,6 +16,7 @@ registry (:mod:`sparsecore.torch.attention`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -295,8 +296,8 @@ def _gated_mlps(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def calibrate_thresholds(model: nn.Module, ids: Any, sparsity: float, *, batch_size: int = 1,
-                         max_samples: int = 1 << 22, seed: int = 0) -> dict[str, Any]:
+def calibrate_thresholds(model: nn.Module, ids: Any, sparsity: float | Sequence[float], *, batch_size: int = 1,
+                         max_samples: int = 1 << 22, seed: int = 0) -> dict[str, Any] | list[dict[str, Any]]:
     """Per-layer thresholds that make the fraction ``sparsity`` of each gated MLP's hidden
     activations (the input of ``down_proj``, ``act(gate_proj x) * up_proj x``) zero on the
     calibration tokens ``ids`` (``[N, T]`` or ``[T]`` int tensor, or a list of such): the
@@ -306,10 +307,14 @@ def calibrate_thresholds(model: nn.Module, ids: Any, sparsity: float, *, batch_s
     Runs the model (no grad, eval mode restored afterwards) with a hook on every ``down_proj``;
     returns a JSON-ready dict ``{"format", "version", "sparsity", "tokens", "model", "thresholds":
     {mlp module name: float}}`` for ``patch_model(model, ffn=dict(mode="threshold", thresholds=...))``
-    and :func:`save_thresholds`.
+    and :func:`save_thresholds`. A sequence of sparsities gives a list of such dicts from one pass
+    over the calibration text.
     """
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"calibrate_thresholds: sparsity = {sparsity!r}; must be a number in [0, 1)")
+    many = isinstance(sparsity, (list, tuple))
+    targets = list(sparsity) if many else [sparsity]
+    for sp in targets:
+        if isinstance(sp, bool) or not isinstance(sp, (int, float)) or not 0.0 <= sp < 1.0:
+            raise ValueError(f"calibrate_thresholds: sparsity = {sp!r}; must be a number in [0, 1)")
     mlps = _gated_mlps(model)
     if not mlps:
         raise ValueError(f"calibrate_thresholds: {type(model).__name__} has no gated MLP "
@@ -348,17 +353,17 @@ def calibrate_thresholds(model: nn.Module, ids: Any, sparsity: float, *, batch_s
         for h in handles:
             h.remove()
         model.train(was_training)
-    thresholds = {}
+    tables: list[dict[str, float]] = [{} for _ in targets]
     for name, chunks in samples.items():
-        a = torch.cat(chunks)
-        if sparsity == 0:
-            thresholds[name] = 0.0
-            continue
-        rank = min(a.numel(), max(1, int(round(sparsity * a.numel()))))
-        thresholds[name] = float(torch.kthvalue(a, rank).values)
+        a = torch.sort(torch.cat(chunks)).values
+        for table, sp in zip(tables, targets):
+            # the sp-quantile: |h| <= it for the fraction sp of the samples (0: only exact zeros)
+            table[name] = 0.0 if sp == 0 else float(a[min(a.numel(), max(1, int(round(sp * a.numel())))) - 1])
     cfg = getattr(model, "config", None)
-    return {"format": THRESHOLDS_FORMAT, "version": 1, "sparsity": float(sparsity), "tokens": n_tokens,
-            "model": getattr(cfg, "_name_or_path", None) or type(model).__name__, "thresholds": thresholds}
+    out = [{"format": THRESHOLDS_FORMAT, "version": 1, "sparsity": float(sp), "tokens": n_tokens,
+            "model": getattr(cfg, "_name_or_path", None) or type(model).__name__, "thresholds": table}
+           for sp, table in zip(targets, tables)]
+    return out if many else out[0]
 
 
 def save_thresholds(calibration: dict[str, Any], path: Any) -> None:

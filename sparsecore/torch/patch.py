@@ -8,9 +8,9 @@ from typing import Any
 from torch import nn
 
 from .modules import (
+    THRESHOLDS_FORMAT,
     SparseGatedMLP,
     ThresholdSparseMLP,
-    THRESHOLDS_FORMAT,
     _check_calibration,
     calibrate_thresholds,
     load_thresholds,
