@@ -370,6 +370,56 @@ def plots(res: dict, out: Path) -> list[str]:
     return files
 
 
+# ------------------------------------------------------------------------------------------ tables
+
+def tables(res: dict) -> str:
+    """Markdown tables of a results dict (what docs/real_model.md shows)."""
+    out = []
+    dec = res.get("decode") or []
+    for s in sorted({r["context"] for r in dec}):
+        rows = [r for r in dec if r["context"] == s]
+        r0 = rows[0]
+        out.append(f"**Decode, context {s}** ({r0['windows']} windows of {r0['text']} text x {r0['steps']} "
+                   f"teacher-forced decode steps; dense loss at those positions {r0['dense_loss']:.3f})\n")
+        out.append("| k | selection | keys read | loss increase (nats) | top-1 agreement | KL (nats) |")
+        out.append("|---|---|---:|---:|---:|---:|")
+        for r in rows:
+            k = f"S/{r['div']} ({r['k']} {'pages' if r['method'] == 'quest' else 'tokens'})"
+            out.append(f"| {k} | {r['config']} | {100 * r['read_fraction']:.1f} % | {r['delta_loss']:+.4f} | "
+                       f"{100 * r['top1_agreement']:.1f} % | {r['kl']:.4f} |")
+        out.append("")
+    ret = res.get("retrieval")
+    if ret:
+        out.append(f"**Retrieval** (context {ret['context']}, {ret['trials']} trials, exact match of a 5-digit "
+                   "number planted at a random depth)\n")
+        out.append("| model | accuracy |")
+        out.append("|---|---:|")
+        for k, v in ret["accuracy"].items():
+            out.append(f"| {k} | {100 * v:.0f} % |")
+        out.append("")
+    ffn = (res.get("ffn") or {}).get("rows") or []
+    if ffn:
+        out.append(f"**FFN threshold sparsity** (thresholds calibrated on {res['ffn']['calibration_tokens']} "
+                   f"English tokens; loss on {ffn[0]['tokens']} held-out tokens per text)\n")
+        out.append("| target sparsity | text | achieved (mean, min-max over layers) | dense loss | loss | increase |")
+        out.append("|---:|---|---|---:|---:|---:|")
+        for r in ffn:
+            out.append(f"| {r['target']:.1f} | {r['text']} | {r['achieved_sparsity']:.3f} "
+                       f"({r['min_layer_sparsity']:.2f}-{r['max_layer_sparsity']:.2f}) | {r['dense_loss']:.4f} | "
+                       f"{r['loss']:.4f} | {r['delta_loss']:+.4f} ({100 * r['rel_increase']:+.1f} %) |")
+        out.append("")
+    speed = res.get("speed") or []
+    if speed:
+        out.append(f"**Decode speed** (greedy, batch 1, after a {speed[0]['context']}-token prefill, "
+                   f"{speed[0]['steps']} timed steps)\n")
+        out.append("| threads | model | tokens/s | vs dense |")
+        out.append("|---:|---|---:|---:|")
+        for r in speed:
+            out.append(f"| {r['threads']} | {r['variant']} | {r['tokens_per_s']:.2f} | {r['speedup']:.2f}x |")
+        out.append("")
+    return "\n".join(out)
+
+
 # ------------------------------------------------------------------------------------------ main
 
 def machine() -> dict[str, Any]:
@@ -417,7 +467,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quality-threads", type=int, default=1,
                     help="threads for the quality sections (the results do not depend on it)")
+    ap.add_argument("--tables", metavar="RESULTS_JSON", help="print the markdown tables of a results.json and exit")
     args = ap.parse_args(argv)
+    if args.tables:
+        print(tables(json.loads(Path(args.tables).read_text())))
+        return 0
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -459,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         save()
     res["plots"] = plots(res, out)
     save()
+    (out / "tables.md").write_text(tables(res) + "\n")
     log(f"done: {out / 'results.json'}, plots {res['plots']}")
     return 0
 
