@@ -85,9 +85,10 @@ def set_decode(model: torch.nn.Module, opts: dict[str, Any] | None) -> list[TopK
     return states
 
 
-def decode_configs(context: int, per_head_divs: list[int], sink: int, window: int, page: int) -> list[dict[str, Any]]:
+def decode_configs(context: int, per_head_divs: list[int], sink: int, window: int, page: int,
+                   divs: tuple[int, ...] = (10, 20, 50, 100)) -> list[dict[str, Any]]:
     out = []
-    for div in (10, 20, 50, 100):
+    for div in divs:
         for method in ("exact", "quest"):
             k = max(1, context // div) if method == "exact" else max(1, round(context / div / page))
             for sw in ((0, 0), (sink, window)):
@@ -116,14 +117,14 @@ def teacher_forced(model: torch.nn.Module, cache: Any, feed: torch.Tensor) -> tu
 
 
 def eval_decode(model, tok, contexts, n_windows, steps, per_head_divs, sink, window, page, kind, save,
-                batch=4) -> list[dict]:
+                batch=4, divs=(10, 20, 50, 100)) -> list[dict]:
     """Every configuration over ``n_windows`` windows per context, ``batch`` windows at a time (one
     dense prefill per batch, shared by the configurations)."""
     patched = patch_model(copy.deepcopy(model), decode=dict(k=1))
     rows = []
     for s in contexts:
         ids_all = models.token_windows(tok, kind, s, n_windows, skip=0)
-        cfgs = decode_configs(s, per_head_divs, sink, window, page)
+        cfgs = decode_configs(s, per_head_divs, sink, window, page, tuple(divs))
         acc: dict[int, dict[str, list]] = {i: dict(nll=[], top=[], kl=[], read=[0, 0]) for i in range(len(cfgs))}
         dense_nll_all, dense_top_all = [], []
         for b0 in range(0, n_windows, batch):
@@ -479,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--contexts", nargs="+", type=int, default=[1024, 2048])
     ap.add_argument("--windows", type=int, default=4, help="real-text windows per context (batched)")
     ap.add_argument("--steps", type=int, default=12, help="teacher-forced decode steps at the end of each window")
+    ap.add_argument("--divs", nargs="+", type=int, default=[10, 20, 50, 100], help="k = context / div")
     ap.add_argument("--batch", type=int, default=4, help="windows per dense prefill (memory)")
     ap.add_argument("--text", default="english", choices=["english", "python"])
     ap.add_argument("--per-head-divs", nargs="*", type=int, default=[50],
@@ -535,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
                 save()
 
             eval_decode(model, tok, args.contexts, args.windows, args.steps, args.per_head_divs, args.sink,
-                        args.window, args.page_size, args.text, save_decode, batch=args.batch)
+                        args.window, args.page_size, args.text, save_decode, batch=args.batch, divs=args.divs)
         elif sec == "retrieval":
             s = args.retrieval_context
             cfgs = [dict(label="exact+sink/window k=S/50", opts=dict(default, k=s // 50)),
