@@ -124,8 +124,11 @@ def _build_cache(gguf: Path, folder: Path, stamp: dict[str, Any], verbose: bool)
     # save_pretrained refuse to serialise the model
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
+    for attr, value in (("hf_quantizer", None), ("is_quantized", False)):
+        try:
+            setattr(model, attr, value)
+        except AttributeError:  # a read-only property in some transformers versions
+            pass
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
