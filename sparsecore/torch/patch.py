@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from torch import nn
 
-from .modules import SparseGatedMLP
+from .modules import (
+    THRESHOLDS_FORMAT,
+    SparseGatedMLP,
+    ThresholdSparseMLP,
+    _check_calibration,
+    calibrate_thresholds,
+    load_thresholds,
+    save_thresholds,
+)
 
-__all__ = ["patch_model", "PatchReport"]
+__all__ = ["patch_model", "PatchReport", "calibrate_thresholds", "save_thresholds", "load_thresholds"]
 
-_FFN_KEYS = ("tile", "capacity", "threshold", "act")
+_FFN_KEYS = ("mode", "tile", "capacity", "threshold", "act", "sparsity", "thresholds", "calibration")
+_FFN_MODES = ("relu", "threshold")
+_FFN_MODE_KEYS = {"relu": ("mode", "tile", "capacity", "threshold", "act"),
+                  "threshold": ("mode", "tile", "capacity", "sparsity", "thresholds", "calibration")}
 _FFN_ACTS = ("relu",)
 _DECODE_KEYS = ("k", "method", "sink", "window", "shared", "page_size")
 
@@ -37,7 +49,7 @@ def _options(where: str, value: Any, allowed: tuple[str, ...], required: tuple[s
 
 
 def _is_llama_mlp(m: nn.Module) -> bool:
-    return (not isinstance(m, SparseGatedMLP)
+    return (not isinstance(m, (SparseGatedMLP, ThresholdSparseMLP))
             and all(isinstance(getattr(m, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")))
 
 
@@ -57,6 +69,63 @@ def _hidden_act(model: nn.Module, mlps: list[nn.Module]) -> str | None:
     return None
 
 
+def _threshold_options(model: nn.Module, opts: dict, names: list[str]) -> dict[str, dict]:
+    """Per-MLP keyword arguments of :meth:`ThresholdSparseMLP.from_dense` for ``ffn=dict(mode="threshold",
+    ...)``: the thresholds given (a :func:`calibrate_thresholds` result, a JSON file of one, or a plain
+    ``{mlp name: threshold}`` dict), or calibrated here on ``calibration`` token ids for ``sparsity``, or all 0
+    for ``sparsity=0``. Checks everything before anything changes."""
+    sparsity = opts.get("sparsity")
+    if sparsity is not None and (isinstance(sparsity, bool) or not isinstance(sparsity, (int, float))
+                                 or not 0.0 <= sparsity < 1.0):
+        raise ValueError(f"patch_model: ffn sparsity = {sparsity!r}; must be a number in [0, 1)")
+    given, calib = opts.get("thresholds"), opts.get("calibration")
+    if given is not None and calib is not None:
+        raise ValueError("patch_model: ffn has both thresholds and calibration; pass one (calibration ids are "
+                         "used to compute thresholds)")
+    if given is None:
+        if sparsity is None:
+            raise ValueError("patch_model: ffn mode='threshold' needs thresholds=... (from calibrate_thresholds, or "
+                             "a JSON file that save_thresholds wrote), or sparsity=s with calibration=token ids "
+                             "(or sparsity=0)")
+        if calib is not None:
+            given = calibrate_thresholds(model, calib, float(sparsity))
+        elif sparsity == 0:
+            given = {name: 0.0 for name in names}
+        else:
+            raise ValueError(f"patch_model: ffn sparsity = {sparsity} needs per-layer thresholds: pass "
+                             "thresholds=calibrate_thresholds(model, ids, sparsity) (or a JSON file of them), or "
+                             "calibration=token ids [N, T] of real text to calibrate here")
+    elif isinstance(given, (str, os.PathLike)):
+        given = load_thresholds(given)
+    if isinstance(given, dict) and "format" in given:
+        data = _check_calibration(given, "patch_model: ffn thresholds")
+        if sparsity is not None and abs(float(data["sparsity"]) - float(sparsity)) > 1e-9:
+            raise ValueError(f"patch_model: ffn sparsity = {sparsity} but the thresholds were calibrated for "
+                             f"sparsity = {data['sparsity']}; drop sparsity or calibrate again")
+        sparsity = float(data["sparsity"])
+        table = data["thresholds"]
+    elif isinstance(given, dict):
+        table = _check_calibration({"format": THRESHOLDS_FORMAT, "thresholds": given},
+                                   "patch_model: ffn thresholds")["thresholds"]
+    else:
+        raise TypeError(f"patch_model: ffn thresholds = {type(given).__name__}; expected a calibrate_thresholds "
+                        "result, a path to its JSON, or a dict {mlp module name: threshold}")
+    missing = [n for n in names if n not in table]
+    extra = sorted(set(table) - set(names))
+    if missing or extra:
+        raise ValueError(f"patch_model: ffn thresholds do not match the model's MLPs: missing {missing[:3]}"
+                         f"{'...' if len(missing) > 3 else ''} ({len(missing)}), unknown {extra[:3]}"
+                         f"{'...' if len(extra) > 3 else ''} ({len(extra)}); calibrate on this model")
+    kw = {k: opts[k] for k in ("tile", "capacity") if k in opts}
+    per_layer = {n: dict(threshold=float(table[n]), expected_sparsity=sparsity, **kw) for n in names}
+    # construct nothing yet, but check the packing options once (the same for every layer)
+    probe = dict(per_layer[names[0]]) if names else {}
+    if probe:
+        mlp = dict(model.named_modules())[names[0]]
+        ThresholdSparseMLP.from_dense(mlp, **probe)
+    return per_layer
+
+
 def patch_model(model: nn.Module, ffn: bool | dict | None = None, decode: bool | dict | None = None
                 ) -> nn.Module:
     """Make ``model`` (a Hugging Face LLaMA-family model) run on sparsecore's kernels, in place.
@@ -67,6 +136,16 @@ def patch_model(model: nn.Module, ffn: bool | dict | None = None, decode: bool |
     ``hidden_act`` is ``"relu"``; on any other model it raises, unless ``ffn=dict(act="relu")`` says
     that the gate is to become ReLU (a model you will fine-tune; the config's ``hidden_act`` is then
     set to ``"relu"``).
+
+    ``ffn=dict(mode="threshold", sparsity=s, thresholds=..., tile=256, capacity=None)`` is
+    training-free sparsity for a model of any activation (SiLU included): every MLP becomes a
+    :class:`~sparsecore.torch.modules.ThresholdSparseMLP` that keeps the model's activation and drops
+    the hidden activations (the input of ``down_proj``) with ``|h| <= `` its layer's threshold, then
+    multiplies the packed rest by ``down_proj`` with ``spmm``. ``thresholds`` is a
+    :func:`~sparsecore.torch.modules.calibrate_thresholds` result (or the path of the JSON that
+    :func:`~sparsecore.torch.modules.save_thresholds` wrote, or ``{mlp name: threshold}``); or pass
+    ``calibration=`` token ids of real text to calibrate here for ``sparsity``; ``sparsity=0`` alone
+    drops only exact zeros (the dense model's function).
 
     ``decode=dict(k=..., method="exact"|"quest", sink=0, window=0, shared=True, page_size=None)``
     gives every attention layer a :class:`~sparsecore.torch.attention.TopKDecode` (the attribute
@@ -95,16 +174,32 @@ def patch_model(model: nn.Module, ffn: bool | dict | None = None, decode: bool |
         if opts is not None and not found:
             kind = "MLP (gate_proj/up_proj/down_proj)" if what == "ffn" else "attention layer (q/k/v/o_proj)"
             raise ValueError(f"patch_model: {what} was requested but {type(model).__name__} has no LLaMA-style {kind}")
+    threshold_mode = False
     if ffn_opts is not None:
-        act = ffn_opts.pop("act", None)
-        if act is not None and act not in _FFN_ACTS:
-            raise ValueError(f"patch_model: ffn act = {act!r}; allowed: {', '.join(_FFN_ACTS)}")
-        have = _hidden_act(model, [m for *_, m in mlps])
-        if act is None and have != "relu":
-            raise ValueError(
-                f"patch_model: hidden_act = {have!r}; ffn=True keeps a model's function only when hidden_act is "
-                "'relu' (the sparse MLP gates with ReLU). Choices: a ReLU-gated model; or ffn=dict(act='relu') to "
-                "replace the gate by ReLU knowingly (the model's outputs change: fine-tune it afterwards)")
+        mode = ffn_opts.pop("mode", "relu")
+        if mode not in _FFN_MODES:
+            raise ValueError(f"patch_model: ffn mode = {mode!r}; allowed: {', '.join(map(repr, _FFN_MODES))}")
+        wrong = sorted(set(ffn_opts) - set(_FFN_MODE_KEYS[mode]))
+        if wrong:
+            raise ValueError(f"patch_model: ffn keys {wrong} do not apply to mode = {mode!r}; allowed with it: "
+                             f"{', '.join(_FFN_MODE_KEYS[mode])}")
+        threshold_mode = mode == "threshold"
+        if threshold_mode:
+            ffn_per_layer = _threshold_options(model, ffn_opts, [full for _, _, full, _ in mlps])
+        else:
+            act = ffn_opts.pop("act", None)
+            if act is not None and act not in _FFN_ACTS:
+                raise ValueError(f"patch_model: ffn act = {act!r}; allowed: {', '.join(_FFN_ACTS)}")
+            have = _hidden_act(model, [m for *_, m in mlps])
+            if act is None and have != "relu":
+                raise ValueError(
+                    f"patch_model: hidden_act = {have!r}; ffn=True keeps a model's function only when hidden_act "
+                    "is 'relu' (the sparse MLP gates with ReLU). Choices: a ReLU-gated model; "
+                    "ffn=dict(mode='threshold', sparsity=s, thresholds=calibrate_thresholds(model, ids, s)) for "
+                    "training-free sparsity that keeps the model's activation (the smallest hidden activations "
+                    "are dropped; the outputs change a little, measured in docs/real_model.md); or "
+                    "ffn=dict(act='relu') to replace the gate by ReLU knowingly (the model's outputs change: "
+                    "fine-tune it afterwards)")
     attn_name = None
     if dec_opts is not None:
         from .attention import PREFIX, TopKDecode, register_attention
@@ -119,7 +214,11 @@ def patch_model(model: nn.Module, ffn: bool | dict | None = None, decode: bool |
         attn_name = register_attention(fallback)
         states = [TopKDecode(**dec_opts) for _ in attns]  # all options checked before anything changes
     for parent, child_name, full, child in mlps:
-        setattr(parent, child_name, SparseGatedMLP.from_dense(child, **ffn_opts))
+        if threshold_mode:
+            new_mlp = ThresholdSparseMLP.from_dense(child, **ffn_per_layer[full])
+        else:
+            new_mlp = SparseGatedMLP.from_dense(child, **ffn_opts)
+        setattr(parent, child_name, new_mlp)
         report["ffn"].append(full)
     if attn_name is not None:
         for (full, child), state in zip(attns, states):
@@ -127,7 +226,7 @@ def patch_model(model: nn.Module, ffn: bool | dict | None = None, decode: bool |
             report["decode"].append(full)
         model.set_attn_implementation(attn_name)
     cfg = getattr(model, "config", None)
-    if report["ffn"] and cfg is not None and hasattr(cfg, "hidden_act"):
+    if report["ffn"] and not threshold_mode and cfg is not None and hasattr(cfg, "hidden_act"):
         cfg.hidden_act = "relu"
     model.sparsecore_patch = report
     return model

@@ -1,0 +1,143 @@
+"""Training-free threshold sparsity for gated MLPs of any activation: ThresholdSparseMLP,
+calibrate_thresholds / save / load, patch_model(ffn=dict(mode="threshold", ...)). Tiny random models;
+the real model is in tests/real_model."""
+
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers.models.llama.modeling_llama import LlamaMLP  # noqa: E402
+
+from sparsecore.torch.modules import (  # noqa: E402
+    ThresholdSparseMLP,
+    calibrate_thresholds,
+    ffn_sparsity_stats,
+    load_thresholds,
+    save_thresholds,
+)
+from sparsecore.torch.patch import patch_model  # noqa: E402
+
+
+def _model(act="silu", layers=2):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=160, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, hidden_act=act)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu"])
+@pytest.mark.parametrize("threshold", [0.0, 0.01, 0.05])
+@pytest.mark.parametrize("capacity", [None, 4])  # 4: most entries go to the overflow
+def test_threshold_mlp_is_the_masked_dense_mlp(act, threshold, capacity):
+    torch.manual_seed(1)
+    dense = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=160, hidden_act=act))
+    mlp = ThresholdSparseMLP.from_dense(dense, threshold=threshold, tile=32, capacity=capacity)
+    assert mlp.gate_proj is dense.gate_proj and mlp.act_fn is dense.act_fn  # shared, not copied
+    x = torch.randn(3, 7, 32)
+    with torch.no_grad():
+        h = dense.act_fn(dense.gate_proj(x)) * dense.up_proj(x)
+        keep = h.abs() > threshold
+        want = dense.down_proj(h * keep)
+        got = mlp(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert float(mlp.last_density) == pytest.approx(float(keep.float().mean()))
+    if threshold == 0:
+        torch.testing.assert_close(got, dense(x), atol=1e-5, rtol=1e-5)
+    else:
+        assert float(mlp.sparsity) > 0.05
+
+
+def test_threshold_mlp_errors():
+    dense = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=160, hidden_act="silu"))
+    with pytest.raises(ValueError, match=r"ThresholdSparseMLP: threshold = -1; must be a finite number >= 0"):
+        ThresholdSparseMLP.from_dense(dense, threshold=-1)
+    with pytest.raises(ValueError, match=r"ThresholdSparseMLP: tile = 48; must be a power of two >= 2"):
+        ThresholdSparseMLP.from_dense(dense, tile=48)
+    with pytest.raises(ValueError, match=r"ThresholdSparseMLP: capacity = 300; must be an int in \[1, tile = 256\]"):
+        ThresholdSparseMLP.from_dense(dense, capacity=300)
+    mlp = ThresholdSparseMLP.from_dense(dense)
+    with pytest.raises(ValueError, match=r"ThresholdSparseMLP: x has shape \(2, 5\); expected \[\.\.\., 32\]"):
+        mlp(torch.randn(2, 5))
+
+
+def test_calibration_hits_the_target_on_its_own_tokens_and_round_trips(tmp_path):
+    model = _model()
+    ids = torch.randint(0, 96, (3, 40))
+    cals = calibrate_thresholds(model, ids, [0.0, 0.3, 0.7])
+    assert [c["sparsity"] for c in cals] == [0.0, 0.3, 0.7] and all(c["tokens"] == 120 for c in cals)
+    assert set(cals[1]["thresholds"]) == {"model.layers.0.mlp", "model.layers.1.mlp"}
+    assert all(v == 0.0 for v in cals[0]["thresholds"].values())
+    assert all(a < b for a, b in zip(cals[1]["thresholds"].values(), cals[2]["thresholds"].values()))
+    assert calibrate_thresholds(model, ids, 0.3) == cals[1]  # one pass or several: the same
+    save_thresholds(cals[2], tmp_path / "t.json")
+    assert load_thresholds(tmp_path / "t.json") == cals[2]
+    patched = patch_model(copy.deepcopy(model), ffn=dict(mode="threshold", thresholds=tmp_path / "t.json"))
+    with torch.no_grad():
+        patched(ids)
+    stats = ffn_sparsity_stats(patched)
+    assert set(stats) == {"model.layers.0.mlp", "model.layers.1.mlp"}
+    for s in stats.values():  # the calibration tokens themselves: the target, up to ties
+        assert 1 - s["density"] == pytest.approx(0.7, abs=0.01)
+    assert patched.config.hidden_act == "silu"
+
+
+def test_patch_threshold_mode_calibrates_inline_and_keeps_state_dict():
+    model = _model()
+    ids = torch.randint(0, 96, (2, 24))
+    keys = list(model.state_dict())
+    patched = patch_model(copy.deepcopy(model), ffn=dict(mode="threshold", sparsity=0.5, calibration=ids, tile=64))
+    assert list(patched.state_dict()) == keys
+    assert patched.sparsecore_patch["ffn"] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    mlp = patched.model.layers[0].mlp
+    assert isinstance(mlp, ThresholdSparseMLP) and mlp.tile == 64 and mlp.expected_sparsity == 0.5
+    exact = patch_model(copy.deepcopy(model), ffn=dict(mode="threshold", sparsity=0))
+    with torch.no_grad():
+        torch.testing.assert_close(exact(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+    # patching twice does not wrap a ThresholdSparseMLP again
+    with pytest.raises(ValueError, match=r"ffn was requested but LlamaForCausalLM has no LLaMA-style MLP"):
+        patch_model(patched, ffn=dict(mode="threshold", sparsity=0))
+
+
+def test_patch_threshold_mode_errors(tmp_path):
+    model = _model()
+    ids = torch.randint(0, 96, (1, 16))
+    cal = calibrate_thresholds(model, ids, 0.5)
+    cases = [
+        (dict(mode="threshold", sparsity=0.5), r"ffn sparsity = 0.5 needs per-layer thresholds"),
+        (dict(mode="threshold"), r"ffn mode='threshold' needs thresholds="),
+        (dict(mode="threshold", sparsity=1.0), r"ffn sparsity = 1.0; must be a number in \[0, 1\)"),
+        (dict(mode="threshold", thresholds=cal, sparsity=0.3),
+         r"ffn sparsity = 0.3 but the thresholds were calibrated for sparsity = 0.5"),
+        (dict(mode="threshold", thresholds=cal, calibration=ids), r"ffn has both thresholds and calibration"),
+        (dict(mode="threshold", thresholds={"model.layers.0.mlp": 0.1}),
+         r"ffn thresholds do not match the model's MLPs: missing \['model.layers.1.mlp'\] \(1\), unknown \[\] \(0\)"),
+        (dict(mode="threshold", thresholds={"model.layers.0.mlp": -0.1, "model.layers.1.mlp": 0.1}),
+         r"thresholds\['model.layers.0.mlp'\]: threshold = -0.1; must be a finite number >= 0"),
+        (dict(mode="threshold", threshold=0.1), r"ffn keys \['threshold'\] do not apply to mode = 'threshold'"),
+        (dict(mode="relu", sparsity=0.5), r"ffn keys \['sparsity'\] do not apply to mode = 'relu'"),
+        (dict(mode="topk"), r"ffn mode = 'topk'; allowed: 'relu', 'threshold'"),
+        (dict(mode="threshold", thresholds=3), r"ffn thresholds = int; expected a calibrate_thresholds result"),
+    ]
+    for ffn, msg in cases:
+        m = copy.deepcopy(model)
+        with pytest.raises((ValueError, TypeError), match=msg):
+            patch_model(m, ffn=ffn)
+        assert not any(isinstance(x, ThresholdSparseMLP) for x in m.modules())  # nothing changed
+    (tmp_path / "bad.json").write_text('{"format": "other"}')
+    with pytest.raises(ValueError, match=r"load_thresholds\(.*bad.json\): expected a dict with format = "
+                                         r"'sparsecore-ffn-thresholds'"):
+        patch_model(copy.deepcopy(model), ffn=dict(mode="threshold", thresholds=str(tmp_path / "bad.json")))
+    with pytest.raises(ValueError, match=r"calibrate_thresholds: sparsity = 1.5; must be a number in \[0, 1\)"):
+        calibrate_thresholds(model, ids, 1.5)
+    with pytest.raises(ValueError, match=r"calibrate_thresholds: ids has dtype torch.float32"):
+        calibrate_thresholds(model, ids.float(), 0.5)
+
+
+def test_silu_error_lists_threshold_mode():
+    with pytest.raises(ValueError, match=r"hidden_act = 'silu'.*ffn=dict\(mode='threshold', sparsity=s, "
+                                         r"thresholds=calibrate_thresholds\(model, ids, s\)\).*ffn=dict\(act='relu'\)"):
+        patch_model(_model(), ffn=True)
