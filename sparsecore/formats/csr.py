@@ -20,7 +20,7 @@ import numpy as np
 
 from .._arrays import VALUE_DTYPES, dtype_name, to_host
 from .._checks import check_dtype, check_int, check_ndim, fail
-from . import _summary
+from . import _fastcheck, _summary
 
 INDEX_DTYPES = ("int32", "int64")
 
@@ -97,6 +97,8 @@ class CSR:
     def validate(self, where: str = "CSR.validate") -> CSR:
         """Check every invariant (reads the data; copies device buffers to the host). ``where``
         starts the error messages (a TiledELL names its overflow)."""
+        if _fastcheck.csr_ok(self):  # one compiled pass; any doubt runs the checks below
+            return self
         w = where
         indptr = to_host(self.indptr).astype(np.int64)
         indices = to_host(self.indices).astype(np.int64)

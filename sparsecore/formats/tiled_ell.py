@@ -28,7 +28,7 @@ import numpy as np
 
 from .._arrays import VALUE_DTYPES, dtype_name, to_host
 from .._checks import check_dtype, check_int, check_ndim, fail
-from . import _summary
+from . import _fastcheck, _summary
 from .csr import CSR
 
 MAX_TILE = 32768
@@ -159,6 +159,8 @@ class TiledELL:
 
     def validate(self) -> TiledELL:
         """Check every invariant (reads the data; copies device buffers to the host)."""
+        if _fastcheck.tiled_ell_ok(self):  # one compiled pass; any doubt runs the checks below
+            return self
         w = "TiledELL.validate"
         m, k = self.shape
         tile, cap = self.tile, self.capacity

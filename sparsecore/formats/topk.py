@@ -23,7 +23,7 @@ import numpy as np
 
 from .._arrays import to_host
 from .._checks import check_choice, check_dtype, check_int, check_ndim, fail
-from . import _summary
+from . import _fastcheck, _summary
 
 
 @dataclass(frozen=True, eq=False)
@@ -110,6 +110,11 @@ class TopKIndex:
     def validate(self, lengths: Any = None) -> TopKIndex:
         """Check every invariant; with ``lengths[B]`` (or a KV cache) also the index ranges."""
         w = "TopKIndex.validate"
+        if lengths is not None:  # one compiled pass; any doubt runs the checks below
+            ln = np.asarray(to_host(getattr(lengths, "lengths", lengths))).astype(np.int64)
+            units = -(-ln // self.page_size) if self.granularity == "page" else ln
+            if _fastcheck.topk_ok(self, units):
+                return self
         idx = to_host(self.indices).astype(np.int64)
         cnt = to_host(self.counts).astype(np.int64)
         kmax = self.k_max

@@ -1,0 +1,160 @@
+"""One compiled pass that says whether a host format satisfies every invariant of its ``validate()``.
+
+``TiledELL.validate``, ``CSR.validate`` and ``TopKIndex.validate`` check their invariants with a
+dozen NumPy passes each, which at decode sizes costs tens of microseconds per call, more than the
+kernels. When numba is installed and the buffers are NumPy arrays, they first ask the matching
+function here: ``True`` means every invariant holds and ``validate`` returns at once; ``False``
+(or no numba, or device arrays) runs the NumPy checks, which find the first broken invariant and
+name it. So these functions decide nothing alone: they are never less strict than the NumPy checks
+(the format tests break each invariant in turn and expect the NumPy message), only faster.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import numpy as np
+
+_SIGN_OFF = {2: np.uint16(0x7FFF), 4: np.uint32(0x7FFFFFFF), 8: np.uint64(0x7FFFFFFFFFFFFFFF)}
+_UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+@functools.cache
+def _kernels() -> Any | None:
+    """The compiled checks, or None without numba (the NumPy checks then run alone)."""
+    try:
+        import numba
+    except ImportError:
+        return None
+    if not os.environ.get("NUMBA_CACHE_DIR"):  # the package's cache folder, never the installed package
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        numba.config.CACHE_DIR = os.path.join(base, "sparsecore", "numba")
+    njit = numba.njit(cache=True, nogil=True)
+
+    @njit
+    def csr_ok(indptr, indices, k, sorted_, stamp):
+        m = indptr.shape[0] - 1
+        if indptr[0] != 0 or indptr[m] != indices.shape[0]:
+            return False
+        for r in range(m):
+            lo, hi = indptr[r], indptr[r + 1]
+            if hi < lo:
+                return False
+            prev = -1
+            for p in range(lo, hi):
+                c = indices[p]
+                if c < 0 or c >= k:
+                    return False
+                if sorted_:
+                    if c <= prev:
+                        return False
+                    prev = c
+                else:
+                    if stamp[c] == r + 1:
+                        return False
+                    stamp[c] = r + 1
+        return True
+
+    @njit
+    def tiled_ell_ok(counts, cols, bits, sign_off, tile, k, sorted_, ov_ptr, ov_idx, stamp):
+        m, nt, cap = cols.shape
+        mark = 0
+        for r in range(m):
+            for t in range(nt):
+                c = counts[r, t]
+                if c < 0 or c > cap:
+                    return False
+                width = min(tile, k - t * tile)
+                prev = -1
+                mark += 1
+                for s in range(cap):
+                    off = np.int64(cols[r, t, s])
+                    if s < c:
+                        if off < 0 or off >= width:
+                            return False
+                        if sorted_:
+                            if off <= prev:
+                                return False
+                            prev = off
+                        else:
+                            if stamp[off] == mark:
+                                return False
+                            stamp[off] = mark
+                    elif off != 0 or (bits[r, t, s] & sign_off) != 0:
+                        return False
+            for p in range(ov_ptr[r], ov_ptr[r + 1]):  # overflow: only entries of full tiles, none held twice
+                col = ov_idx[p]
+                t = col // tile
+                if counts[r, t] < cap:
+                    return False
+                for s in range(cap):
+                    if np.int64(cols[r, t, s]) == col - t * tile:
+                        return False
+        return True
+
+    @njit
+    def topk_ok(indices, counts, units, stamp):
+        b_n, g_n, kmax = indices.shape
+        mark = 0
+        for b in range(b_n):
+            n = units[b]
+            for g in range(g_n):
+                c = counts[b, g]
+                if c < 0 or c > kmax:
+                    return False
+                mark += 1
+                for j in range(kmax):
+                    i = indices[b, g, j]
+                    if j < c:
+                        if i < 0 or i >= n or stamp[i] == mark:
+                            return False
+                        stamp[i] = mark
+                    elif i != -1:
+                        return False
+        return True
+
+    return type("Kernels", (), {"csr_ok": staticmethod(csr_ok), "tiled_ell_ok": staticmethod(tiled_ell_ok),
+                                "topk_ok": staticmethod(topk_ok)})
+
+
+def _numpy(*arrays: Any) -> bool:
+    return all(type(a) is np.ndarray for a in arrays)
+
+
+def csr_ok(a: Any) -> bool:
+    """True when the NumPy CSR ``a`` holds every invariant of ``CSR.validate``."""
+    kern = _kernels()
+    if kern is None or not _numpy(a.indptr, a.indices):
+        return False
+    return bool(kern.csr_ok(a.indptr, a.indices, int(a.shape[1]), bool(a.sorted),
+                            np.zeros(0 if a.sorted else int(a.shape[1]), np.int64)))
+
+
+def tiled_ell_ok(a: Any) -> bool:
+    """True when the NumPy TiledELL ``a`` (and its overflow) holds every invariant of ``TiledELL.validate``."""
+    kern = _kernels()
+    ov = a.overflow
+    arrays = (a.counts, a.cols, a.values) + (() if ov is None else (ov.indptr, ov.indices))
+    size = a.values.dtype.itemsize
+    if kern is None or not _numpy(*arrays) or size not in _UINT:
+        return False
+    if ov is not None and not csr_ok(ov):
+        return False
+    m = int(a.shape[0])
+    ov_ptr = np.zeros(m + 1, np.int64) if ov is None else ov.indptr
+    ov_idx = np.zeros(0, np.int64) if ov is None else ov.indices
+    return bool(kern.tiled_ell_ok(a.counts, a.cols, a.values.view(_UINT[size]), _SIGN_OFF[size], int(a.tile),
+                                  int(a.shape[1]), bool(a.sorted), ov_ptr, ov_idx,
+                                  np.zeros(0 if a.sorted else int(a.tile), np.int64)))
+
+
+def topk_ok(index: Any, units: np.ndarray) -> bool:
+    """True when the NumPy TopKIndex ``index`` holds every invariant of ``TopKIndex.validate`` with
+    ``units[b]`` (int64) the number of selectable units of sequence ``b``."""
+    kern = _kernels()
+    if kern is None or not _numpy(index.indices, index.counts) or units.shape != (index.indices.shape[0],):
+        return False
+    top = int(units.max()) if units.size else 0
+    return bool(kern.topk_ok(index.indices, index.counts, units, np.zeros(max(top, 0), np.int64)))

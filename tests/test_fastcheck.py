@@ -1,0 +1,85 @@
+"""The compiled validity checks (sparsecore/formats/_fastcheck.py) agree with the NumPy checks of
+``validate()`` on valid formats and on formats with one buffer element broken at random: a compiled
+"valid" never lets through what the NumPy checks reject, and a valid format never pays for them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sparsecore as sc
+from sparsecore.formats import _fastcheck
+
+pytest.importorskip("numba")
+
+
+def _numpy_verdict(fmt: Any, *args: Any) -> bool:
+    """What the NumPy checks alone say (the compiled pass switched off)."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(_fastcheck, "_kernels", lambda: None)
+    try:
+        fmt.validate(*args)
+        return True
+    except ValueError:
+        return False
+    finally:
+        mp.undo()
+
+
+def _break(rng: np.random.Generator, arrays: dict[str, np.ndarray]) -> None:
+    """Change one element of one buffer (in place) to a value near, at or past its valid range."""
+    name = rng.choice(sorted(n for n, a in arrays.items() if a.size))
+    a = arrays[name]
+    i = tuple(int(rng.integers(0, s)) for s in a.shape)
+    if a.dtype.kind == "f" or a.dtype.kind == "V" or a.dtype.itemsize == 2 and a.dtype.kind not in "iu":
+        a[i] = rng.choice([0.0, -0.0, 1.0, np.nan])
+    else:
+        a[i] = int(a[i]) + int(rng.choice([-2, -1, 1, 2, 7]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(seed=st.integers(0, 2**31), m=st.integers(1, 4), k=st.integers(1, 40), tile=st.sampled_from([2, 4, 8, 16]),
+       density=st.sampled_from([0.1, 0.4, 0.9]), unsorted=st.booleans(), broken=st.booleans(),
+       dtype=st.sampled_from(["float32", "float16", "float64"]))
+def test_tiled_ell_and_csr(seed: int, m: int, k: int, tile: int, density: float, unsorted: bool, broken: bool,
+                           dtype: str) -> None:
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((m, k)) * (rng.random((m, k)) < density)).astype(dtype)
+    a = sc.pack(x, tile=tile, capacity=max(1, tile // 4), backend="reference")
+    c = sc.csr_from_dense(x)
+    if unsorted:
+        a = sc.TiledELL(a.values, a.cols, a.counts, a.shape, a.tile, a.overflow, sorted=False)
+        c = sc.CSR(c.indptr, c.indices, c.data, c.shape, sorted=False)
+    for fmt, arrays in ((a, {"counts": a.counts, "cols": a.cols, "values": a.values,
+                             **({} if a.overflow is None else {"ov.indptr": a.overflow.indptr,
+                                                               "ov.indices": a.overflow.indices})}),
+                        (c, {"indptr": c.indptr, "indices": c.indices})):
+        if broken:
+            _break(rng, arrays)
+        fast = _fastcheck.tiled_ell_ok(fmt) if isinstance(fmt, sc.TiledELL) else _fastcheck.csr_ok(fmt)
+        assert fast == _numpy_verdict(fmt), (fmt, fast)
+
+
+@settings(max_examples=300, deadline=None)
+@given(seed=st.integers(0, 2**31), b=st.integers(1, 3), g=st.integers(1, 3), kmax=st.integers(0, 6),
+       broken=st.booleans(), page=st.sampled_from([None, 4]))
+def test_topk_index(seed: int, b: int, g: int, kmax: int, broken: bool, page: int | None) -> None:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, 12, b).astype(np.int32)
+    units = lengths if page is None else -(-lengths // page)
+    ind = np.full((b, g, kmax), -1, np.int32)
+    cnt = np.zeros((b, g), np.int32)
+    for i in range(b):
+        for j in range(g):
+            n = int(min(kmax, units[i], rng.integers(0, kmax + 1)))
+            ind[i, j, :n] = rng.permutation(int(units[i]))[:n]
+            cnt[i, j] = n
+    index = sc.TopKIndex(ind, cnt, "token" if page is None else "page", page)
+    if broken and ind.size:
+        _break(rng, {"indices": ind, "counts": cnt})
+    units64 = np.asarray(units, np.int64)
+    assert _fastcheck.topk_ok(index, units64) == _numpy_verdict(index, lengths)
