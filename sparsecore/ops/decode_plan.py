@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
+
 from .._arrays import dtype_name
 from .._checks import fail
 from ..formats.kv import DenseKV, PageBounds, PagedKV
@@ -97,25 +99,34 @@ class DecodePlan:
                                    f"{'with' if self._has_bounds else 'without'} them")
         opts = dict(self._options, bounds=bounds)
         select_inp = I.SelectTopkInputs(q, kv, **opts)
-        check_no_grad(select_inp)
+        if type(q) is not np.ndarray:  # NumPy arrays carry no gradient
+            check_no_grad(select_inp)
         checking = os.environ.get("SPARSECORE_VALIDATE") == "always"
         if checking:
             select_inp.validate()
             select_inp.validate_data()
         elif self._host:  # the cache's lengths and page table: cheap, and what keeps a kernel in bounds
             kv.check_bounds("DecodePlan.run", "kv")
-        index = self._select.backend.apply(select_inp)
+        index = self._launch(self._select.backend, select_inp, q)
         self.last_index = index
         decode_inp = I.SparseDecodeInputs(q, kv, index, self.scale)
         if checking:
             decode_inp.validate()
             decode_inp.validate_data()
-        result = self._decode.backend.apply(decode_inp)
+        result = self._launch(self._decode.backend, decode_inp, q)
         if out is None:
             return result
         _write(out, result)
         return out
 
+
+    def _launch(self, backend: Any, inp: Any, q: Any) -> Any:
+        """``backend.apply(inp)``; NumPy inputs of a host backend whose call needs no thread pool go
+        straight to its ``run`` (nothing to convert, nothing to lock: the planned path's overhead)."""
+        if type(q) is np.ndarray and backend.DEVICE == "host" and getattr(backend, "serial", None) is not None \
+                and backend.serial(inp):
+            return backend.run(inp)
+        return backend.apply(inp)
 
     def _grown(self, q: Any, kv: DenseKV | PagedKV, bounds: PageBounds | None) -> None:
         """The cache's capacity changed: check that ``k`` still fits; a GPU backend's limits may
