@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from sparsecore.backends import cuda as C
-from sparsecore.backends.cuda._emulate import CpuRuntime
 from tests._util import check_topk_against_reference
+from tests.cuda_emulate import CpuRuntime
 
 pytestmark = pytest.mark.compile
 
@@ -394,7 +394,7 @@ def test_every_launch_matches_its_kernel_signature(dtype: str) -> None:
     assert every <= seen, f"kernels never launched: {sorted(every - seen)}"
 
 
-# ---- the kernels themselves, run on the CPU (sparsecore.backends.cuda._emulate) --------------------
+# ---- the kernels themselves, run on the CPU (tests/cuda_emulate.py) --------------------
 # One std::thread per CUDA thread, real barriers and warp exchanges: the kernels' logic against the
 # reference on tiny shapes. Not a substitute for the GPU tier (no memory model, no alignment faults).
 
@@ -404,7 +404,7 @@ EMU_TOL = {"float32": 2e-5, "float16": 3e-3, "bfloat16": 2e-2}
 
 @functools.cache
 def _emu() -> Any:
-    from sparsecore.backends.cuda import _emulate
+    from tests import cuda_emulate as _emulate
 
     if _emulate.compiler() is None:
         return None

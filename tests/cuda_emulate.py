@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from ..._arrays import BFLOAT16
-from . import names_for, source
+from sparsecore._arrays import BFLOAT16
+from sparsecore.backends.cuda import names_for, source
 
 HEADER = r"""
 #include <algorithm>
@@ -160,7 +160,7 @@ def library(src: str, dtype: str) -> tuple[Any, dict[str, Any]]:
     """The shared library of (source, dtype), built once into a temp cache folder."""
     cxx = compiler()
     if cxx is None:
-        raise RuntimeError("cuda._emulate: no C++ compiler (g++) found")
+        raise RuntimeError("cuda_emulate: no C++ compiler (g++) found")
     code, names = _program(src, dtype)
     key = hashlib.sha256(code.encode()).hexdigest()[:16]
     d = Path(tempfile.gettempdir()) / f"sparsecore-emu-{os.getuid() if hasattr(os, 'getuid') else 0}"
@@ -173,7 +173,7 @@ def library(src: str, dtype: str) -> tuple[Any, dict[str, Any]]:
         res = subprocess.run([cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", "-o", str(tmp), str(cpp)],
                              capture_output=True, text=True)
         if res.returncode:
-            raise RuntimeError(f"cuda._emulate: {cxx} failed on {src} ({dtype}):\n{res.stderr[-6000:]}")
+            raise RuntimeError(f"cuda_emulate: {cxx} failed on {src} ({dtype}):\n{res.stderr[-6000:]}")
         os.replace(tmp, so)
     lib = ctypes.CDLL(str(so))
     funcs = {}
