@@ -91,7 +91,7 @@ def make_classes(backend: str, availability: Callable[[], list[str]], runtime: R
     out: list[type[BackendOp]] = []
     for op in OPS:
         camel = "".join(w.capitalize() for w in op.split("_"))
-        cls = type(camel, (_Base,), {"OP": op, "__doc__": f"{op} as CUDA C kernels launched by {backend}.",
+        cls = type(f"{camel}Op", (_Base,), {"OP": op, "__doc__": f"{op} as CUDA C kernels launched by {backend}.",
                                      "__module__": f"sparsecore.backends.{backend}"})
         out.append(cls)
     return out

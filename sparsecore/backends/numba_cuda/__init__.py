@@ -112,7 +112,7 @@ class GatedFfn(_NumbaCuda):
 
 
 @register
-class PageBounds(_NumbaCuda):
+class PageBoundsOp(_NumbaCuda):
     OP = "page_bounds"
 
     @classmethod
@@ -168,5 +168,5 @@ class MergeAttention(_NumbaCuda):
         return _impl().merge_attention(inp)
 
 
-__all__ = ["Pack", "Unpack", "Spmm", "Sddmm", "SpmmT", "GatedFfn", "PageBounds", "SelectTopk", "SparseDecode",
+__all__ = ["Pack", "Unpack", "Spmm", "Sddmm", "SpmmT", "GatedFfn", "PageBoundsOp", "SelectTopk", "SparseDecode",
            "DenseDecode", "MergeAttention"]
