@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from .._arrays import kind_of, to_numpy
+
 _SIGN_OFF = {2: np.uint16(0x7FFF), 4: np.uint32(0x7FFFFFFF), 8: np.uint64(0x7FFFFFFFFFFFFFFF)}
 _UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 
@@ -119,16 +121,28 @@ def _kernels() -> Any | None:
                                 "topk_ok": staticmethod(topk_ok)})
 
 
-def _numpy(*arrays: Any) -> bool:
-    return all(type(a) is np.ndarray for a in arrays)
+def _host(*arrays: Any) -> tuple[np.ndarray, ...] | None:
+    """NumPy views of host arrays (NumPy, or CPU torch tensors: zero-copy); None when any is on a
+    device or of another kind (the NumPy checks then decide)."""
+    out = []
+    for a in arrays:
+        if type(a) is np.ndarray:
+            out.append(a)
+        elif kind_of(a) == "torch" and a.device.type == "cpu":
+            out.append(to_numpy(a))
+        else:
+            return None
+    return tuple(out)
 
 
 def csr_ok(a: Any) -> bool:
-    """True when the NumPy CSR ``a`` holds every invariant of ``CSR.validate``."""
+    """True when the host CSR ``a`` holds every invariant of ``CSR.validate``."""
     kern = _kernels()
-    if kern is None or not _numpy(a.indptr, a.indices):
+    arrays = None if kern is None else _host(a.indptr, a.indices)
+    if arrays is None:
         return False
-    return bool(kern.csr_ok(a.indptr, a.indices, int(a.shape[1]), bool(a.sorted),
+    indptr, indices = arrays
+    return bool(kern.csr_ok(indptr, indices, int(a.shape[1]), bool(a.sorted),
                             np.zeros(0 if a.sorted else int(a.shape[1]), np.int64)))
 
 
@@ -136,16 +150,18 @@ def tiled_ell_ok(a: Any) -> bool:
     """True when the NumPy TiledELL ``a`` (and its overflow) holds every invariant of ``TiledELL.validate``."""
     kern = _kernels()
     ov = a.overflow
-    arrays = (a.counts, a.cols, a.values) + (() if ov is None else (ov.indptr, ov.indices))
-    size = a.values.dtype.itemsize
-    if kern is None or not _numpy(*arrays) or size not in _UINT:
+    arrays = None if kern is None else _host(a.counts, a.cols, a.values,
+                                             *(() if ov is None else (ov.indptr, ov.indices)))
+    if arrays is None or arrays[2].dtype.itemsize not in _UINT:
         return False
     if ov is not None and not csr_ok(ov):
         return False
+    counts, cols, values = arrays[:3]
+    size = values.dtype.itemsize
     m = int(a.shape[0])
-    ov_ptr = np.zeros(m + 1, np.int64) if ov is None else ov.indptr
-    ov_idx = np.zeros(0, np.int64) if ov is None else ov.indices
-    return bool(kern.tiled_ell_ok(a.counts, a.cols, a.values.view(_UINT[size]), _SIGN_OFF[size], int(a.tile),
+    ov_ptr = np.zeros(m + 1, np.int64) if ov is None else arrays[3]
+    ov_idx = np.zeros(0, np.int64) if ov is None else arrays[4]
+    return bool(kern.tiled_ell_ok(counts, cols, values.view(_UINT[size]), _SIGN_OFF[size], int(a.tile),
                                   int(a.shape[1]), bool(a.sorted), ov_ptr, ov_idx,
                                   np.zeros(0 if a.sorted else int(a.tile), np.int64)))
 
@@ -154,7 +170,8 @@ def topk_ok(index: Any, units: np.ndarray) -> bool:
     """True when the NumPy TopKIndex ``index`` holds every invariant of ``TopKIndex.validate`` with
     ``units[b]`` (int64) the number of selectable units of sequence ``b``."""
     kern = _kernels()
-    if kern is None or not _numpy(index.indices, index.counts) or units.shape != (index.indices.shape[0],):
+    arrays = None if kern is None else _host(index.indices, index.counts)
+    if arrays is None or units.shape != (arrays[0].shape[0],):
         return False
     top = int(units.max()) if units.size else 0
-    return bool(kern.topk_ok(index.indices, index.counts, units, np.zeros(max(top, 0), np.int64)))
+    return bool(kern.topk_ok(arrays[0], arrays[1], units, np.zeros(max(top, 0), np.int64)))

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+import sparsecore as sc
+
 __all__ = ["SparseGatedMLP", "ThresholdSparseMLP", "total_l1", "ffn_sparsity_stats", "calibrate_thresholds",
            "save_thresholds", "load_thresholds", "THRESHOLDS_FORMAT"]
 
@@ -34,8 +36,8 @@ def _functional() -> Any:
 
 
 def _nnz(packed: Any) -> torch.Tensor:
-    """Stored entries of a packed TiledELL (slots and overflow), as a 0-d int64 tensor."""
-    if hasattr(packed, "nnz"):
+    """Stored entries of a packed TiledELL (slots and overflow), as a 0-d int64 tensor (no host sync)."""
+    if callable(getattr(type(packed), "nnz", None)):  # a TorchTiledELL (sparsecore.TiledELL's nnz is an int)
         return packed.nnz()
     n = packed.counts.sum(dtype=torch.int64)
     ov = getattr(packed, "overflow", None)
@@ -261,8 +263,14 @@ class ThresholdSparseMLP(nn.Module):
 
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.hidden_size)
-        packed = ops.pack(self.hidden(x2), threshold=self.threshold, tile=self.tile, capacity=self.capacity)
-        out = ops.spmm(packed, self._w_down())
+        h = self.hidden(x2)
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and h.requires_grad):
+            # traced, or differentiated: the custom ops (fakes for the compiler, gradients registered)
+            packed = ops.pack(h, threshold=self.threshold, tile=self.tile, capacity=self.capacity)
+            out = ops.spmm(packed, self._w_down())
+        else:  # inference: the public ops on the same tensors (zero-copy), without custom-op dispatch
+            packed = sc.pack(h.detach(), threshold=self.threshold, tile=self.tile, capacity=self.capacity)
+            out = sc.spmm(packed, self._w_down().detach())
         with torch.no_grad():
             nnz = _nnz(packed).to(torch.float64)
             slots = float(x2.shape[0] * self.intermediate_size)
