@@ -195,3 +195,12 @@ def test_validate_always_checks_every_run(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("SPARSECORE_VALIDATE", "always")
     with pytest.raises(ValueError, match=r"lengths\[0\] = 17"):
         plan.run(q, broken)
+
+
+def test_the_planning_call_checks_its_data() -> None:
+    """The constructor runs one real selection: its data is checked as a public call's would be."""
+    rng = np.random.default_rng(7)
+    k, v = (rng.standard_normal((1, 16, 1, 4)).astype(np.float32) for _ in range(2))
+    q = rng.standard_normal((1, 1, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"lengths\[0\] = 17"):
+        sc.DecodePlan(q, sc.DenseKV(k, v, np.array([17], np.int32)), 2)

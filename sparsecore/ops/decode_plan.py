@@ -19,7 +19,7 @@ from .._checks import fail
 from ..formats.kv import DenseKV, PageBounds, PagedKV
 from ..formats.topk import TopKIndex
 from . import inputs as I
-from .dispatcher import check_no_grad, plan
+from .dispatcher import _deep_validation, check_no_grad, plan
 
 __all__ = ["DecodePlan"]
 
@@ -65,6 +65,11 @@ class DecodePlan:
         self._backend = backend
         self._select = plan(select_inp, backend)
         self._options = select_inp.scalars()
+        check_no_grad(select_inp)
+        if _deep_validation(self._select.device):  # the planning call's data, as a public call checks it
+            select_inp.validate_data()
+        elif self._select.device == "host":
+            select_inp.check_bounds()
         index = self._select.backend.apply(select_inp)
         decode_inp = I.SparseDecodeInputs(q, kv, index, scale)
         self._decode = plan(decode_inp, backend)
