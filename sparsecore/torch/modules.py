@@ -46,6 +46,16 @@ def _nnz(packed: Any) -> torch.Tensor:
     return n
 
 
+def _check_llama_mlp(where: str, mlp: nn.Module) -> None:
+    """``mlp`` has bias-free ``nn.Linear`` ``gate_proj``, ``up_proj`` and ``down_proj`` (LlamaMLP's)."""
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        lin = getattr(mlp, name, None)
+        if not isinstance(lin, nn.Linear):
+            raise TypeError(f"{where}: mlp.{name} is {type(lin).__name__}; expected an nn.Linear (a LLaMA-style MLP)")
+        if lin.bias is not None:
+            raise ValueError(f"{where}: mlp.{name} has a bias; only bias-free MLPs (mlp_bias=False) are supported")
+
+
 class SparseGatedMLP(nn.Module):
     """``down_proj(relu(gate_proj(x)) * up_proj(x))`` over the gate's non-zeros only.
 
@@ -88,14 +98,7 @@ class SparseGatedMLP(nn.Module):
         """A SparseGatedMLP that shares ``mlp``'s projection modules (no copy). The activation becomes
         ReLU whatever ``mlp.act_fn`` was: exact for a ReLU-gated model, an approximation to be
         fine-tuned otherwise."""
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            lin = getattr(mlp, name, None)
-            if not isinstance(lin, nn.Linear):
-                raise TypeError(f"SparseGatedMLP.from_dense: mlp.{name} is {type(lin).__name__}; "
-                                "expected an nn.Linear (a LLaMA-style MLP)")
-            if lin.bias is not None:
-                raise ValueError(f"SparseGatedMLP.from_dense: mlp.{name} has a bias; only bias-free MLPs "
-                                 "(mlp_bias=False) are supported")
+        _check_llama_mlp("SparseGatedMLP.from_dense", mlp)
         w = mlp.gate_proj.weight
         new = cls(mlp.gate_proj.in_features, mlp.gate_proj.out_features, mlp.down_proj.out_features, tile=tile,
                   capacity=capacity, threshold=threshold, device="meta", dtype=w.dtype)
@@ -236,14 +239,7 @@ class ThresholdSparseMLP(nn.Module):
                    expected_sparsity: float | None = None) -> ThresholdSparseMLP:
         """A ThresholdSparseMLP sharing ``mlp``'s ``gate_proj``, ``up_proj``, ``down_proj`` and
         ``act_fn`` (no copy)."""
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            lin = getattr(mlp, name, None)
-            if not isinstance(lin, nn.Linear):
-                raise TypeError(f"ThresholdSparseMLP.from_dense: mlp.{name} is {type(lin).__name__}; "
-                                "expected an nn.Linear (a LLaMA-style MLP)")
-            if lin.bias is not None:
-                raise ValueError(f"ThresholdSparseMLP.from_dense: mlp.{name} has a bias; only bias-free MLPs "
-                                 "(mlp_bias=False) are supported")
+        _check_llama_mlp("ThresholdSparseMLP.from_dense", mlp)
         act = getattr(mlp, "act_fn", None)
         if act is None or not callable(act):
             raise TypeError(f"ThresholdSparseMLP.from_dense: mlp ({type(mlp).__name__}) has no callable act_fn")
