@@ -24,8 +24,10 @@ from .formats import (
 )
 from .ops import (
                       DecodePlan,
+                      OpPlan,
                       dense_decode,
                       gated_ffn,
+                      gated_pack,
                       merge_attention,
                       pack,
                       page_bounds,
@@ -44,7 +46,7 @@ __all__ = [
     "CSR", "TiledELL", "DenseKV", "PagedKV", "PageBounds", "TopKIndex",
     "tiled_ell_from_dense", "tiled_ell_to_dense", "tiled_ell_to_csr", "csr_to_tiled_ell",
     "csr_from_dense", "csr_to_dense", "csr_to_scipy", "csr_from_scipy", "csr_to_torch", "csr_from_torch",
-    "pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn",
-    "page_bounds", "select_topk", "sparse_decode", "dense_decode", "merge_attention", "DecodePlan",
+    "pack", "gated_pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn",
+    "page_bounds", "select_topk", "sparse_decode", "dense_decode", "merge_attention", "DecodePlan", "OpPlan",
     "explain", "SparsecoreWarning", "SlowPathWarning",
 ]

@@ -89,6 +89,12 @@ def default_suite(scale: str = "small", seed: int = 0) -> list[Case]:
     nnz = int((x != 0).sum())
     cases.append(Case("pack", f"M={m} K={k} density={dens:.0%}", I.PackInputs(x), "numpy nonzero",
                       lambda: np.nonzero(x), bytes=x.nbytes + nnz * 6, flops=0))
+    gate_in = rng.standard_normal((m, k)).astype(f32) - 2.3  # relu keeps about 1 %
+    up_in = rng.standard_normal((m, k)).astype(f32)
+    cases.append(Case("gated_pack", f"M={m} K={k} relu(gate) * up, about 1 % kept",
+                      I.GatedPackInputs(gate_in, up_in), "numpy relu, product and nonzero",
+                      lambda: np.nonzero(np.maximum(gate_in, 0) * up_in), bytes=2 * x.nbytes + nnz * 6,
+                      flops=m * k))
     cases.append(Case("spmm", f"M={m} K={k} N={n} density={dens:.0%}", I.SpmmInputs(a, w), "numpy dense matmul",
                       lambda: x @ w, bytes=nnz * 6 + nnz * n * 4 + m * n * 4, flops=2.0 * nnz * n))
     try:

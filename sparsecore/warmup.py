@@ -196,6 +196,10 @@ def example_calls(op: str, dtype: str = "float32", backend: str = "numba_cpu") -
         x = _cast(rng.standard_normal((4, k_dim)).astype(np.float32), dtype)
         calls.append(("M=4, relu", lambda: ops.pack(x, activation="relu", **be)))
         return calls
+    if op == "gated_pack":
+        g, u = (_cast(rng.standard_normal((4, k_dim)).astype(np.float32), dtype) for _ in range(2))
+        calls.append(("M=4, relu", lambda: ops.gated_pack(g, u, **be)))
+        return calls
     shapes = {"decode": ffn(4, 0.05), "decode, overflow": ffn(4, 0.5), "prefill": ffn(big_m, 0.05),
               "prefill, overflow": ffn(big_m, 0.5)}
     shapes["decode, CSR"] = (shapes["decode"][0], F.csr_from_dense(shapes["decode"][0]))

@@ -175,7 +175,7 @@ def test_warmup_compiles_then_loads_and_the_first_call_says_so(tmp_path):
 def test_warmup_rejects_unknown_names():
     from sparsecore.warmup import warmup
 
-    with pytest.raises(ValueError, match=r"--ops 'nope' is not allowed; allowed: pack, unpack"):
+    with pytest.raises(ValueError, match=r"--ops 'nope' is not allowed; allowed: pack, gated_pack, unpack"):
         warmup(["nope"])
     with pytest.raises(ValueError, match=r"--dtypes 'float64' is not allowed; allowed: float32, float16, bfloat16"):
         warmup(["spmm"], ["float64"])

@@ -224,10 +224,14 @@ def test_alignment_and_threshold() -> None:
 
 
 def test_launchers_register_and_explain() -> None:
+    from sparsecore.backends.cuda import _ops
     from sparsecore.ops.dispatcher import OPS, implementations
 
     for op in OPS:
         names = [c.NAME for c in implementations(op)]
+        if not hasattr(_ops, op):  # no CUDA C kernels for this op (gated_pack): none registered
+            assert "cupy" not in names and "cuda_python" not in names, op
+            continue
         assert names[:2] == ["cupy", "cuda_python"]
         for c in implementations(op)[:2]:
             assert c.DEVICE == "cuda"

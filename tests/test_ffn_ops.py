@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import sparsecore as sc
 from sparsecore._arrays import dtype_name
+from sparsecore.ops import dispatcher as D
 from tests._util import TOLERANCES, assert_close, backend_takes, host_backend_params
 from tests.strategies_ffn import (
     DTYPES,
@@ -173,6 +174,36 @@ def test_pack_keeps_nan_factories(case: SparseCase) -> None:
 def test_pack_property(case: SparseCase, threshold: float, activation: str | None, nan_frac: float) -> None:
     x = with_nans(case.dense, np.random.default_rng(case.seed), nan_frac) if nan_frac else case.dense
     check_pack(x, threshold, activation, case.tile, case.capacity)
+
+
+@given(case=sparse_cases(), threshold=st.sampled_from([0.0, 0.3]), activation=st.sampled_from([None, "relu"]),
+       nan_frac=st.sampled_from([0.0, 0.1]))
+def test_gated_pack_property(case: SparseCase, threshold: float, activation: str | None, nan_frac: float) -> None:
+    """gated_pack(gate, up) is pack(act(gate) * up) with the product rounded once from float32."""
+    rng = np.random.default_rng(case.seed)
+    gate = with_nans(case.dense, rng, nan_frac) if nan_frac else case.dense
+    up = random_values(rng, case.shape, case.dtype)
+    g = np.maximum(gate, np.zeros((), gate.dtype)) if activation == "relu" else gate
+    acc = np.float64 if case.dtype == "float64" else np.float32
+    h = (g.astype(acc) * up.astype(acc)).astype(gate.dtype)
+    check_pack(h, threshold, None, case.tile, case.capacity)  # the meaning, through pack
+    cls = next(c for c in D.implementations("gated_pack") if c.BACKEND == BACKEND)
+    be = BACKEND if case.dtype in cls.DTYPES else "reference"  # numba_cpu: float32 only
+    got = sc.gated_pack(gate, up, threshold=threshold, activation=activation, tile=case.tile,
+                        capacity=case.capacity, backend=be)
+    want = sc.pack(h, threshold=threshold, tile=case.tile, capacity=case.capacity, backend="reference")
+    np.testing.assert_array_equal(got.counts, want.counts)
+    np.testing.assert_array_equal(got.cols, want.cols)
+    np.testing.assert_array_equal(f64(got.values), f64(want.values))
+    np.testing.assert_array_equal(f64(sc.unpack(got, backend="reference")), f64(sc.unpack(want, backend="reference")))
+
+
+def test_gated_pack_rejects_mismatched_up() -> None:
+    gate = np.ones((2, 8), np.float32)
+    with pytest.raises(ValueError, match=r"^gated_pack: up has shape \(2, 7\) float32; expected \(2, 8\) float32"):
+        sc.gated_pack(gate, np.ones((2, 7), np.float32), backend=on(gate))
+    with pytest.raises(ValueError, match=r"activation"):
+        sc.gated_pack(gate, gate, activation="gelu", backend=on(gate))
 
 
 def check_unpack(case: SparseCase, layout: str) -> None:

@@ -15,6 +15,7 @@ from sparsecore.ops import dispatcher as D
 from sparsecore.ops import inputs as I
 from tests._util import assert_close, backend_takes, host_backend_params
 from tests.strategies_decode import decode_cases
+from tests.strategies_ffn import np_dtype, random_values, sparse_cases
 
 # ---------------------------------------------------------------- the dispatcher's plan memo
 
@@ -190,9 +191,9 @@ def test_validate_always_checks_every_run(monkeypatch: pytest.MonkeyPatch) -> No
     rng = np.random.default_rng(5)
     k, v = (rng.standard_normal((1, 16, 1, 4)).astype(np.float32) for _ in range(2))
     q = rng.standard_normal((1, 1, 4)).astype(np.float32)
+    monkeypatch.setenv("SPARSECORE_VALIDATE", "always")  # read when the plan is made
     plan = sc.DecodePlan(q, sc.DenseKV(k, v, np.array([16], np.int32)), 2)
     broken = sc.DenseKV(k, v, np.array([17], np.int32))  # a length past the cache's capacity
-    monkeypatch.setenv("SPARSECORE_VALIDATE", "always")
     with pytest.raises(ValueError, match=r"lengths\[0\] = 17"):
         plan.run(q, broken)
 
@@ -204,3 +205,62 @@ def test_the_planning_call_checks_its_data() -> None:
     q = rng.standard_normal((1, 1, 4)).astype(np.float32)
     with pytest.raises(ValueError, match=r"lengths\[0\] = 17"):
         sc.DecodePlan(q, sc.DenseKV(k, v, np.array([17], np.int32)), 2)
+
+
+# ---------------------------------------------------------------- OpPlan
+
+
+@settings(max_examples=30, deadline=None)
+@given(case=sparse_cases(), n=st.integers(0, 9), fmt=st.sampled_from(["ell", "csr"]), data=st.data())
+def test_op_plan_runs_equal_the_public_ffn_ops(backend: str, case: Any, n: int, fmt: str,
+                                                data: st.DataObject) -> None:
+    """An OpPlan of spmm / gated_ffn / spmm_t / sddmm gives what the public op gives, run after run,
+    on new data of the plan's shapes (a decode loop's new activations each step)."""
+    backend_takes(backend, case.dtype)
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31 - 1)))
+    a = case.tiled_ell() if fmt == "ell" else case.csr()
+    m, k = case.shape
+    dt = np_dtype(case.dtype)
+    w = random_values(rng, (k, n), case.dtype)
+    x, w_up = random_values(rng, (m, 5), case.dtype), random_values(rng, (k, 5), case.dtype)
+    dy = random_values(rng, (m, n), case.dtype)
+    plans = {"spmm": ((a, w), sc.spmm), "gated_ffn": ((x, a, w_up, w), sc.gated_ffn),
+             "spmm_t": ((a, dy), sc.spmm_t), "sddmm": ((x, w_up, a), sc.sddmm)}
+    for op, (args, public) in plans.items():
+        plan = sc.OpPlan(op, *args, backend=backend)
+        assert plan.backend == backend
+        for step in range(2):
+            if step:  # new data, same shapes: the launcher path
+                args = tuple(np.ascontiguousarray(rng.permutation(v.ravel()).reshape(v.shape)).astype(dt)
+                             if type(v) is np.ndarray else v for v in args)
+            got = plan.run(*args)
+            want = public(*args, backend=backend)
+            if op == "sddmm":
+                dense = (lambda s: sc.unpack(s, backend="reference")) if fmt == "ell" else sc.csr_to_dense
+                got, want = dense(got), dense(want)
+            assert_close(got, want, case.dtype, what=op)
+
+
+def test_op_plan_checks_bounds_and_new_shapes() -> None:
+    """A run with the plan's metadata still checks a format's bounds (one compiled pass); a run of
+    other shapes is checked in full, as a public call, and refused as one would be."""
+    a, w = _spmm_args(2)
+    plan = sc.OpPlan("spmm", a, w)
+    np.testing.assert_allclose(plan.run(a, w), sc.spmm(a, w), rtol=1e-6)
+    bad = sc.TiledELL(a.values, a.cols.copy(), a.counts, a.shape, a.tile, a.overflow, a.sorted)
+    bad.cols[0, 0, 0] = 40  # past the tile
+    with pytest.raises(ValueError, match=r"cols of tile 0 holds offset 40, out of range"):
+        plan.run(bad, w)
+    with pytest.raises(ValueError, match=r"^spmm: .*w"):
+        plan.run(a, np.zeros((31, 5), np.float32))
+    wide = np.ones((32, 7), np.float32)
+    np.testing.assert_allclose(plan.run(a, wide), sc.spmm(a, wide), rtol=1e-6)  # a new shape, planned anew
+    with pytest.raises(TypeError, match=r"takes 2 arguments \(a, w\), got 1"):
+        plan.run(a)
+    with pytest.raises(TypeError, match=r"spmm has no argument 'bias'"):
+        sc.OpPlan("spmm", a, w, bias=1)
+    with pytest.raises(ValueError, match=r"op = 'spmv' is unknown"):
+        sc.OpPlan("spmv", a, w)
+    p = sc.OpPlan("pack", np.ones((2, 8), np.float32), threshold=0.5, tile=4)
+    np.testing.assert_array_equal(sc.unpack(p.run(np.full((2, 8), 0.25, np.float32))), 0)
+    assert "pack(x, threshold=0.5, tile=4)" in repr(p)

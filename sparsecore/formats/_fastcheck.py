@@ -117,8 +117,45 @@ def _kernels() -> Any | None:
                         return False
         return True
 
+    @njit
+    def ell_bounds_ok(counts, cols, tile, k):
+        m, nt, cap = cols.shape
+        for r in range(m):
+            for t in range(nt):
+                c = counts[r, t]
+                if c < 0 or c > cap:
+                    return False
+                width = min(tile, k - t * tile)
+                for s in range(cap):
+                    off = np.int64(cols[r, t, s])
+                    if off < 0 or off >= width or (s >= c and off != 0):
+                        return False
+        return True
+
+    @njit
+    def lengths_ok(lengths, hi):
+        for b in range(lengths.shape[0]):
+            if lengths[b] < 0 or lengths[b] > hi:
+                return False
+        return True
+
+    @njit
+    def paged_ok(page_table, lengths, page_size, num_pages):
+        max_pages = page_table.shape[1]
+        for b in range(lengths.shape[0]):
+            n = lengths[b]
+            if n < 0 or n > max_pages * page_size:
+                return False
+            for j in range((n + page_size - 1) // page_size):  # only the pages in use are read
+                p = page_table[b, j]
+                if p < 0 or p >= num_pages:
+                    return False
+        return True
+
     return type("Kernels", (), {"csr_ok": staticmethod(csr_ok), "tiled_ell_ok": staticmethod(tiled_ell_ok),
-                                "topk_ok": staticmethod(topk_ok)})
+                                "topk_ok": staticmethod(topk_ok), "lengths_ok": staticmethod(lengths_ok),
+                                "paged_ok": staticmethod(paged_ok),
+                                "ell_bounds_ok": staticmethod(ell_bounds_ok)})
 
 
 def _host(*arrays: Any) -> tuple[np.ndarray, ...] | None:
@@ -159,11 +196,17 @@ def tiled_ell_ok(a: Any) -> bool:
     counts, cols, values = arrays[:3]
     size = values.dtype.itemsize
     m = int(a.shape[0])
-    ov_ptr = np.zeros(m + 1, np.int64) if ov is None else arrays[3]
-    ov_idx = np.zeros(0, np.int64) if ov is None else arrays[4]
+    ov_ptr = _zeros(m + 1) if ov is None else arrays[3]
+    ov_idx = _zeros(0) if ov is None else arrays[4]
     return bool(kern.tiled_ell_ok(counts, cols, values.view(_UINT[size]), _SIGN_OFF[size], int(a.tile),
                                   int(a.shape[1]), bool(a.sorted), ov_ptr, ov_idx,
                                   np.zeros(0 if a.sorted else int(a.tile), np.int64)))
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros(n: int) -> np.ndarray:
+    """Shared int64 zeros (an empty overflow's pointers): the checks only read them."""
+    return np.zeros(n, np.int64)
 
 
 def topk_ok(index: Any, units: np.ndarray) -> bool:
@@ -175,3 +218,25 @@ def topk_ok(index: Any, units: np.ndarray) -> bool:
         return False
     top = int(units.max()) if units.size else 0
     return bool(kern.topk_ok(arrays[0], arrays[1], units, np.zeros(max(top, 0), np.int64)))
+
+
+def dense_kv_ok(lengths: Any, max_len: int) -> bool:
+    """True when every ``lengths[b]`` of a host DenseKV is in ``0..max_len``."""
+    kern = _kernels()
+    arrays = None if kern is None else _host(lengths)
+    return arrays is not None and bool(kern.lengths_ok(arrays[0], max_len))
+
+
+def paged_kv_ok(page_table: Any, lengths: Any, page_size: int, num_pages: int) -> bool:
+    """True when a host PagedKV's lengths are in range and every page id in use is ``0 <= id < P``."""
+    kern = _kernels()
+    arrays = None if kern is None else _host(page_table, lengths)
+    return arrays is not None and bool(kern.paged_ok(arrays[0], arrays[1], page_size, num_pages))
+
+
+def tiled_ell_bounds_ok(a: Any) -> bool:
+    """True when the slots of a host TiledELL are in bounds (``TiledELL.check_bounds`` without the
+    overflow: counts in ``0..capacity``, offsets inside their tile, padding offsets 0)."""
+    kern = _kernels()
+    arrays = None if kern is None else _host(a.counts, a.cols)
+    return arrays is not None and bool(kern.ell_bounds_ok(arrays[0], arrays[1], int(a.tile), int(a.shape[1])))

@@ -35,7 +35,7 @@ import numpy as np
 
 from .._arrays import VALUE_DTYPES, dtype_name, to_host
 from .._checks import check_dtype, check_ndim, check_same_dtype, fail
-from . import _summary
+from . import _fastcheck, _summary
 
 
 def _check_lengths(w: str, lengths: Any, batch: int) -> None:
@@ -112,7 +112,8 @@ class DenseKV:
         return {"k": self.k, "v": self.v, "lengths": self.lengths}
 
     def validate(self, where: str = "DenseKV.validate") -> DenseKV:
-        _validate_lengths(where, self.lengths, self.max_len, "S")
+        if not _fastcheck.dense_kv_ok(self.lengths, self.max_len):  # compiled pass; the NumPy one names the fault
+            _validate_lengths(where, self.lengths, self.max_len, "S")
         return self
 
     def check_bounds(self, where: str, name: str) -> None:
@@ -170,17 +171,13 @@ class PagedKV:
 
     def check_bounds(self, where: str, name: str) -> None:
         """:meth:`validate` (O(B * max_pages), lengths and the page ids in use): the ops run it on
-        host inputs even with SPARSECORE_VALIDATE=never. Fast path: every entry of the page table is
-        a page id (no -1 padding) and the lengths are in range."""
-        pt = to_host(self.page_table)
-        ln = to_host(self.lengths)
-        if pt.size and ln.size and int(pt.min()) >= 0 and int(pt.max()) < self.num_pages \
-                and int(ln.min()) >= 0 and int(ln.max()) <= self.max_len:
-            return
+        host inputs even with SPARSECORE_VALIDATE=never (one compiled pass when numba is there)."""
         self.validate(f"{where}: {name}")
 
     def validate(self, where: str = "PagedKV.validate") -> PagedKV:
         w = where
+        if _fastcheck.paged_kv_ok(self.page_table, self.lengths, self.page_size, self.num_pages):
+            return self  # one compiled pass over the pages in use; the NumPy checks below name a fault
         ln = _validate_lengths(w, self.lengths, self.max_len, "max_pages * page_size")
         pt = to_host(self.page_table).astype(np.int64)
         used = np.arange(pt.shape[1])[None, :] < -(-ln // self.page_size)[:, None]

@@ -13,10 +13,11 @@ from ..formats.topk import TopKIndex
 from . import inputs as I
 from .decode_plan import DecodePlan
 from .dispatcher import BACKEND_PRIORITY, OPS, BackendOp, dispatch, implementations, register, select
+from .op_plan import OpPlan
 
-__all__ = ["pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn", "page_bounds", "select_topk", "sparse_decode",
-           "dense_decode", "merge_attention", "dispatch", "select", "implementations", "register",
-           "BackendOp", "BACKEND_PRIORITY", "OPS", "DecodePlan"]
+__all__ = ["pack", "gated_pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn", "page_bounds", "select_topk",
+           "sparse_decode", "dense_decode", "merge_attention", "dispatch", "select", "implementations", "register",
+           "BackendOp", "BACKEND_PRIORITY", "OPS", "DecodePlan", "OpPlan"]
 
 Sparse = TiledELL | CSR
 KV = DenseKV | PagedKV
@@ -34,6 +35,20 @@ def pack(x: Any, *, threshold: float = 0.0, activation: str | None = None, tile:
     entries past a full tile go to the overflow CSR, never dropped.
     """
     return dispatch(I.PackInputs(x, threshold, activation, tile, capacity), backend)
+
+
+def gated_pack(gate: Any, up: Any, *, threshold: float = 0.0, activation: str | None = "relu", tile: int = 256,
+               capacity: int | None = None, backend: str | None = None) -> TiledELL:
+    """:func:`pack` of a gated FFN's hidden state, in one call (activation, product and pack)::
+
+        g = np.maximum(gate, 0) if activation == "relu" else gate     # activation: "relu" or None
+        h = (g.astype(np.float32) * up.astype(np.float32)).astype(gate.dtype)   # float64 stays float64
+        return pack(h, threshold=threshold, tile=tile, capacity=capacity)
+
+    ``gate`` and ``up`` are ``[M, K]`` of one dtype (``x @ w_gate.T`` and ``x @ w_up.T``); the result
+    feeds :func:`spmm` with ``w_down.T`` (a ReLU-gated FFN's down projection).
+    """
+    return dispatch(I.GatedPackInputs(gate, up, threshold, activation, tile, capacity), backend)
 
 
 def unpack(a: TiledELL, *, backend: str | None = None) -> Any:

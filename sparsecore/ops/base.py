@@ -17,8 +17,36 @@ from .._checks import _device_label, check_same_place
 __all__ = ["OpInputs", "BackendOp", "signature", "map_arrays"]
 
 
+_IS_FORMAT: dict[type, bool] = {}
+
+
 def _is_format(x: Any) -> bool:
-    return hasattr(x, "map_arrays") and hasattr(x, "arrays")
+    """A sparsecore format (or anything with ``map_arrays`` and ``arrays``), memoised per type."""
+    t = type(x)
+    f = _IS_FORMAT.get(t)
+    if f is None:
+        f = _IS_FORMAT[t] = hasattr(x, "map_arrays") and hasattr(x, "arrays")
+    return f
+
+
+def _buffers(fmt: Any) -> dict[str, Any]:
+    """``fmt.arrays()``, kept on the format: a format is a frozen dataclass, so its buffers (the
+    array objects, not their data) never change after construction."""
+    d = fmt.__dict__.get("_sc_buffers") if hasattr(fmt, "__dict__") else None
+    if d is None:
+        d = fmt.arrays()
+        if hasattr(fmt, "__dict__"):
+            object.__setattr__(fmt, "_sc_buffers", d)
+    return d
+
+
+def _all_numpy_format(fmt: Any) -> bool:
+    f = fmt.__dict__.get("_sc_numpy") if hasattr(fmt, "__dict__") else None
+    if f is None:
+        f = all(type(a) is np.ndarray for a in _buffers(fmt).values())
+        if hasattr(fmt, "__dict__"):
+            object.__setattr__(fmt, "_sc_numpy", f)
+    return f
 
 
 def map_arrays(fn: Callable[[Any], Any], obj: Any) -> Any:
@@ -33,6 +61,7 @@ def map_arrays(fn: Callable[[Any], Any], obj: Any) -> Any:
 
 
 _FIELDS: dict[type, tuple[str, ...]] = {}
+_PLAIN = frozenset({int, float, str, bool, type(None), tuple})
 
 
 def _field_names(t: type) -> tuple[str, ...]:
@@ -46,12 +75,20 @@ def signature(v: Any) -> Any:
     """What validation may read of ``v``: an array's library, device, dtype and shape (and, for a
     NumPy array, whether it is writeable); a format's class and the signature of each field; any
     other value itself (it must be hashable)."""
-    if type(v) is np.ndarray:
+    t = type(v)
+    if t is np.ndarray:
         return (v.dtype, v.shape, v.flags.writeable)
+    if t in _PLAIN:
+        return v
     if is_array(v):
         return (type(v), dtype_name(v), tuple(v.shape), _device_label(v))
     if _is_format(v):
-        return (type(v),) + tuple(signature(getattr(v, n)) for n in _field_names(type(v)))
+        sig = v.__dict__.get("_sc_signature") if hasattr(v, "__dict__") else None
+        if sig is None:
+            sig = (type(v),) + tuple(signature(getattr(v, n)) for n in _field_names(type(v)))
+            if hasattr(v, "__dict__"):  # kept on the format: frozen, its buffers' shapes and dtypes are fixed
+                object.__setattr__(v, "_sc_signature", sig)
+        return sig
     return v
 
 
@@ -71,9 +108,35 @@ class OpInputs:
             if is_array(v):
                 out[n] = v
             elif _is_format(v):
-                for name, a in v.arrays().items():
+                for name, a in _buffers(v).items():
                     out[f"{n}.{name}"] = a
         return out
+
+    def _first_array(self) -> Any:
+        for n in _field_names(type(self)):
+            v = getattr(self, n)
+            if type(v) is np.ndarray or is_array(v):
+                return v
+            if _is_format(v):
+                bufs = _buffers(v)
+                if bufs:
+                    return next(iter(bufs.values()))
+        return None
+
+    @functools.cached_property
+    def all_numpy(self) -> bool:
+        """True when every buffer of the call is a NumPy array (nothing to convert for a host backend)."""
+        for n in _field_names(type(self)):
+            v = getattr(self, n)
+            t = type(v)
+            if t is np.ndarray or t in _PLAIN:
+                continue
+            if _is_format(v):
+                if not _all_numpy_format(v):
+                    return False
+            elif is_array(v):
+                return False
+        return True
 
     def named_arrays(self) -> dict[str, Any]:
         """Every array buffer of the call by a readable name (``a.values``, ``kv.lengths``)."""
@@ -85,13 +148,13 @@ class OpInputs:
 
     @functools.cached_property
     def device(self) -> str:
-        arrs = self.named_arrays()
-        return device_of(next(iter(arrs.values()))) if arrs else "host"
+        a = self._first_array()
+        return "host" if a is None else device_of(a)
 
     @functools.cached_property
     def kind(self) -> str:
-        arrs = self.named_arrays()
-        return kind_of(next(iter(arrs.values()))) if arrs else "numpy"
+        a = self._first_array()
+        return "numpy" if a is None else kind_of(a)
 
     @property
     def dtype(self) -> str:
@@ -173,9 +236,9 @@ class BackendOp:
     def apply(cls, inp: Any) -> Any:
         """Run the op on ``inp`` and return arrays of the kind the caller gave."""
         if cls.DEVICE == "host":
-            kind = inp.kind
-            if kind == "numpy" and all(k == "numpy" for k in map(kind_of, inp.named_arrays().values())):
+            if inp.all_numpy:
                 return cls.run(inp)  # nothing to convert either way (a decode step's overhead matters)
+            kind = inp.kind
             out = cls.run(inp.map_arrays(to_numpy))
             return map_arrays(lambda a: from_numpy(a, kind), out)
         return cls.run(inp)

@@ -4,7 +4,8 @@ A decode step of one layer is ``select_topk`` then ``sparse_decode``. Everything
 decide from shapes (validation, the backend, ``k_max``, the default scale) is the same for every
 layer of a model and every step of a batch, so :class:`DecodePlan` decides it once; each
 :meth:`DecodePlan.run` then only launches, with no validation of the unchanged metadata and no host
-synchronisation. ``SPARSECORE_VALIDATE=always`` makes every run check its data, for debugging.
+synchronisation. ``SPARSECORE_VALIDATE=always`` when the plan is made makes every run check its data,
+for debugging.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ class DecodePlan:
     long as it still holds ``k`` units. Each run returns new ``out`` and
     ``lse`` unless ``out=(out, lse)`` gives buffers to write. The index of the last run is
     :attr:`last_index` (it is overwritten by the next run).
+
+    A plan holds workspace buffers (FlashInfer's wrappers do too): run one plan from one thread at
+    a time; make a plan per thread to decode in parallel.
     """
 
     def __init__(self, q: Any, kv: DenseKV | PagedKV, k: int, *, method: str = "exact", sink: int = 0,
@@ -78,7 +82,30 @@ class DecodePlan:
         self._capacity = _capacity(kv)
         self._has_bounds = bounds is not None
         self._host = select_inp.device == "host"
-        self.last_index: TopKIndex | None = index
+        self._last: TopKIndex | tuple[Any, Any] | None = index
+        self._granularity = (index.granularity, index.page_size)
+        self._bind(select_inp, I.SparseDecodeInputs(q, kv, index, self.scale))
+
+    def _bind(self, select_inp: I.SelectTopkInputs, decode_inp: I.SparseDecodeInputs) -> None:
+        """The launchers of the fast path: NumPy inputs of host backends that offer them
+        (``BackendOp.launcher``: closures that hold every shape decision and only allocate and
+        launch). ``_seen`` is the metadata of the last run that was checked in full: a run with the
+        same metadata skips straight to the launch."""
+        sel, dec = getattr(self._select.backend, "launcher", None), getattr(self._decode.backend, "launcher", None)
+        fast = (os.environ.get("SPARSECORE_VALIDATE") != "always" and type(select_inp.q) is np.ndarray
+                and self._host and sel is not None and dec is not None
+                and all(type(a) is np.ndarray for a in select_inp.named_arrays().values()))
+        self._fast_select = sel(select_inp) if fast else None
+        self._fast_decode = dec(decode_inp) if fast else None
+        self._seen: Any = None
+
+    @property
+    def last_index(self) -> TopKIndex | None:
+        """The selection of the last run (a NumPy plan's index buffers are its workspace: the next
+        run overwrites them; copy them to keep them)."""
+        if isinstance(self._last, tuple):
+            self._last = TopKIndex(*self._last, *self._granularity)
+        return self._last
 
     @property
     def backends(self) -> dict[str, str]:
@@ -92,6 +119,10 @@ class DecodePlan:
     def run(self, q: Any, kv: DenseKV | PagedKV, *, bounds: PageBounds | None = None,
             out: tuple[Any, Any] | None = None) -> tuple[Any, Any]:
         """``(out[B, Hq, D], lse[B, Hq])`` of this step (see the class docstring)."""
+        if self._fast_select is not None and type(q) is np.ndarray:
+            seen = _metadata(q, kv, bounds)
+            if seen is not None and seen == self._seen:
+                return self._run_fast(q, kv, bounds, out)
         if _shape_of(q, kv) != self._shape:
             fail("DecodePlan.run", f"q {tuple(q.shape)} {dtype_name(q)} with cache rows {_shape_of(q, kv)[3]} "
                                    f"does not match the plan's q {self._shape[1]} {self._shape[2]} with cache rows "
@@ -112,8 +143,12 @@ class DecodePlan:
             select_inp.validate_data()
         elif self._host:  # the cache's lengths and page table: cheap, and what keeps a kernel in bounds
             kv.check_bounds("DecodePlan.run", "kv")
+        if self._fast_select is not None and type(q) is np.ndarray and not checking:
+            select_inp.validate()  # in full, once per change of the metadata (a new cache, other bounds)
+            self._seen = _metadata(q, kv, bounds)
+            return self._run_fast(q, kv, bounds, out)
         index = self._launch(self._select.backend, select_inp, q)
-        self.last_index = index
+        self._last = index
         decode_inp = I.SparseDecodeInputs(q, kv, index, self.scale)
         if checking:
             decode_inp.validate()
@@ -124,6 +159,28 @@ class DecodePlan:
         _write(out, result)
         return out
 
+    def _run_fast(self, q: np.ndarray, kv: DenseKV | PagedKV, bounds: PageBounds | None,
+                  out: tuple[Any, Any] | None) -> tuple[Any, Any]:
+        """The launch of a run whose metadata was checked: the cache's lengths (and page ids in use)
+        are checked (one compiled pass, what keeps the kernels in bounds), then two launches."""
+        kv.check_bounds("DecodePlan.run", "kv")
+        indices, counts = self._fast_select(q, kv, bounds)
+        self._last = (indices, counts)
+        b, hq, d = q.shape
+        if out is None:
+            o, lse = np.empty((b, hq, d), q.dtype), np.empty((b, hq), np.float32)
+            self._fast_decode(q, kv, indices, counts, o, lse)
+            return o, lse
+        if (type(out) is tuple and len(out) == 2 and type(out[0]) is np.ndarray and type(out[1]) is np.ndarray
+                and out[0].shape == (b, hq, d) and out[0].dtype == q.dtype and out[0].flags.c_contiguous
+                and out[1].shape == (b, hq) and out[1].dtype == np.float32 and out[1].flags.c_contiguous
+                and out[0].flags.writeable and out[1].flags.writeable):
+            self._fast_decode(q, kv, indices, counts, out[0], out[1])
+            return out
+        o, lse = np.empty((b, hq, d), q.dtype), np.empty((b, hq), np.float32)
+        self._fast_decode(q, kv, indices, counts, o, lse)
+        _write(out, (o, lse))
+        return out
 
     def _launch(self, backend: Any, inp: Any, q: Any) -> Any:
         """``backend.apply(inp)``; NumPy inputs of a host backend whose call needs no thread pool go
@@ -146,7 +203,32 @@ class DecodePlan:
             self._select = plan(inp, self._backend)
             index = self._select.backend.apply(inp)
             self._decode = plan(I.SparseDecodeInputs(q, kv, index, self.scale), self._backend)
+        elif self._fast_select is not None:  # k_max and the split count follow the capacity
+            inp.validate()
+            k_max = inp.k_max
+            index = TopKIndex(np.zeros((kv.batch, self._last_groups(q, kv), k_max), np.int32),
+                              np.zeros((kv.batch, self._last_groups(q, kv)), np.int32), *self._granularity)
+            self._bind(inp, I.SparseDecodeInputs(q, kv, index, self.scale))
         self._capacity = _capacity(kv)
+
+    def _last_groups(self, q: Any, kv: DenseKV | PagedKV) -> int:
+        return kv.num_kv_heads if self._options["shared"] else int(q.shape[1])
+
+
+def _metadata(q: np.ndarray, kv: DenseKV | PagedKV, bounds: PageBounds | None) -> tuple[Any, ...] | None:
+    """Everything a run's full check reads but the data: each NumPy buffer's shape, dtype, strides
+    and flags (None when any buffer is not NumPy: such runs take the checked path)."""
+    parts: list[Any] = [q.shape, q.dtype, q.strides, type(kv)]
+    paged = isinstance(kv, PagedKV)
+    arrays = (kv.k_pages, kv.v_pages, kv.page_table, kv.lengths) if paged else (kv.k, kv.v, kv.lengths)
+    if bounds is not None:
+        arrays += (bounds.kmin, bounds.kmax)
+        parts.append(bounds.page_size)
+    for a in arrays:
+        if type(a) is not np.ndarray:
+            return None
+        parts += (a.shape, a.dtype, a.strides, a.flags.c_contiguous)
+    return tuple(parts)
 
 
 def _write(out: tuple[Any, Any], result: tuple[Any, Any]) -> None:

@@ -100,6 +100,9 @@ class PackInputs(OpInputs):
     def _validate(self) -> None:
         check_ndim(self.OP, "x", self.x, 2, "[M, K]")
         check_dtype(self.OP, "x", self.x, VALUE_DTYPES)
+        self._validate_scalars()
+
+    def _validate_scalars(self) -> None:
         thr = check_real(self.OP, "threshold", self.threshold, allowed="a finite number >= 0")
         check_choice(self.OP, "activation", self.activation, (None, "relu"))
         tile = check_int(self.OP, "tile", self.tile)
@@ -108,6 +111,31 @@ class PackInputs(OpInputs):
         object.__setattr__(self, "threshold", thr)
         object.__setattr__(self, "tile", tile)
         object.__setattr__(self, "capacity", cap)
+
+
+@dataclass(frozen=True, eq=False)
+class GatedPackInputs(OpInputs):
+    OP: ClassVar[str] = "gated_pack"
+    gate: Any
+    up: Any
+    threshold: float = 0.0
+    activation: str | None = "relu"
+    tile: int = 256
+    capacity: int | None = None
+
+    @property
+    def dtype(self) -> str:
+        return dtype_name(self.gate)
+
+    threshold_f32 = PackInputs.threshold_f32
+
+    def _validate(self) -> None:
+        check_ndim(self.OP, "gate", self.gate, 2, "[M, K]")
+        check_dtype(self.OP, "gate", self.gate, VALUE_DTYPES)
+        if tuple(self.up.shape) != tuple(self.gate.shape) or dtype_name(self.up) != dtype_name(self.gate):
+            fail(self.OP, f"up has shape {tuple(self.up.shape)} {dtype_name(self.up)}; expected "
+                          f"{tuple(self.gate.shape)} {dtype_name(self.gate)} like gate")
+        PackInputs._validate_scalars(self)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, eq=False)

@@ -32,6 +32,21 @@ def pack(x: np.ndarray, *, threshold: float = 0.0, activation: str | None = None
     return tiled_ell_from_mask(a, keep, tile, capacity)
 
 
+def gated_pack(gate: np.ndarray, up: np.ndarray, *, threshold: float = 0.0, activation: str | None = "relu",
+               tile: int = 256, capacity: int | None = None) -> TiledELL:
+    """:func:`pack` of a gated FFN's hidden state ``act(gate) * up``, fused (``gate``, ``up`` ``[M, K]``,
+    one dtype; the product is rounded once, from float32, or float64 for float64 inputs)::
+
+        g = np.maximum(gate, 0) if activation == "relu" else gate
+        h = (g.astype(np.float32) * up.astype(np.float32)).astype(gate.dtype)
+        return pack(h, threshold=threshold, tile=tile, capacity=capacity)
+    """
+    acc = np.float64 if gate.dtype == np.float64 else np.float32
+    g = np.maximum(gate, np.zeros((), gate.dtype)) if activation == "relu" else gate
+    h = (g.astype(acc) * up.astype(acc)).astype(gate.dtype)
+    return pack(h, threshold=threshold, tile=tile, capacity=capacity)
+
+
 def unpack(a: TiledELL) -> np.ndarray:
     """The dense matrix back: ``out = np.zeros(a.shape); out[rows, cols] = values`` over the filled
     slots (``t * tile + cols[m, t, s]`` for ``s < counts[m, t]``) and the overflow entries."""

@@ -72,9 +72,15 @@ def _out_dtype(dtype: str) -> Any:
     return BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype)
 
 
+@functools.lru_cache(maxsize=64)
+def _no_overflow(m: int, value_dtype: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The empty overflow of an M-row TiledELL (shared: kernels only read it)."""
+    return np.zeros(m + 1, np.int64), np.zeros(0, np.int64), np.zeros(0, value_dtype)
+
+
 def _overflow(a: TiledELL, value_dtype: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if a.overflow is None:
-        return np.zeros(a.shape[0] + 1, np.int64), np.zeros(0, np.int64), np.zeros(0, value_dtype)
+        return _no_overflow(a.shape[0], np.dtype(value_dtype))
     return a.overflow.indptr, a.overflow.indices, a.overflow.data
 
 
@@ -191,6 +197,11 @@ class Pack(_NumbaCpu):
     OP = "pack"
 
     @classmethod
+    def serial(cls, inp: I.PackInputs) -> bool:
+        """Decode-size packs (up to ROW_KERNEL_MAX_ROWS rows) run one serial pass."""
+        return inp.x.shape[0] <= ROW_KERNEL_MAX_ROWS and math.prod(inp.x.shape) < PARALLEL_MIN_WORK
+
+    @classmethod
     def run(cls, inp: I.PackInputs) -> TiledELL:
         k = _k()
         x = inp.x
@@ -199,9 +210,15 @@ class Pack(_NumbaCpu):
         nt = -(-kk // tile)
         lut = _lut_for(inp.dtype)
         relu = inp.activation == "relu"
+        thr = np.float32(inp.threshold_f32)
+        if cls.serial(inp):
+            values = np.zeros((m, nt, cap), x.dtype)
+            cols = np.zeros((m, nt, cap), np.int16)
+            counts = np.empty((m, nt), np.int32)
+            if k.pack_slots_serial(_bits(x), thr, relu, tile, cap, lut, _bits(values), cols, counts) == 0:
+                return TiledELL(values, cols, counts, (m, kk), tile, None)
         counts = np.empty((m, nt), np.int32)
         row_over = np.empty(m, np.int64)
-        thr = np.float32(inp.threshold_f32)
         k.pack_count(_bits(x), thr, relu, tile, cap, lut, counts, row_over)
         values = np.zeros((m, nt, cap), x.dtype)
         cols = np.zeros((m, nt, cap), np.int16)
@@ -217,6 +234,18 @@ class Pack(_NumbaCpu):
             idx_t = np.int32 if max(kk, n_over) < 2**31 else np.int64
             overflow = CSR(o_ptr.astype(idx_t), o_idx.astype(idx_t), o_val, (m, kk))
         return TiledELL(values, cols, counts, (m, kk), tile, overflow)
+
+
+@register
+class GatedPack(_NumbaCpu):
+    OP = "gated_pack"
+    DTYPES: ClassVar[tuple[str, ...]] = ("float32",)  # 16-bit products round like the reference: not yet
+
+    @classmethod
+    def run(cls, inp: I.GatedPackInputs) -> TiledELL:
+        h = np.empty(inp.gate.shape, np.float32)
+        _k().gated_product(inp.gate, inp.up, inp.activation == "relu", h)
+        return Pack.run(I.PackInputs(h, inp.threshold, None, inp.tile, inp.capacity))
 
 
 @register
@@ -299,6 +328,23 @@ class Spmm(_NumbaCpu):
         chunk, block = _tiles(a.shape[0], w.shape[1])
         ptr, rows, vals, _ = _group(a, chunk, lut)
         return _finish(_spmm_grouped(ptr, rows, vals, w, lut, a.shape[0], chunk, block), inp.dtype)
+
+    @classmethod
+    def launcher(cls, inp: I.SpmmInputs) -> Any:
+        """``launch(a, w) -> out`` for calls of ``inp``'s plan (sparsecore.OpPlan): the row kernel
+        of a decode-size call bound once; other sizes run :meth:`apply`."""
+        if not cls.serial(inp):
+            return lambda a, w: cls.apply(type(inp)(a, w))
+        m, n, dtype = inp.a.shape[0], int(inp.w.shape[1]), inp.dtype
+        lut = _lut_for(dtype)
+        kernel = _k().spmm_rows
+
+        def launch(a: Any, w: np.ndarray) -> np.ndarray:
+            out = np.empty((m, n), np.float32)
+            kernel(*_sparse_args(a), np.ascontiguousarray(_bits(w)), lut, out)
+            return _finish(out, dtype)
+
+        return launch
 
 
 @register
@@ -407,6 +453,29 @@ class GatedFfn(_NumbaCpu):
             c = np.ascontiguousarray
             _k().gated_rows(*_sparse_args(g), c(_bits(inp.x)), c(_bits(inp.w_up)), c(_bits(inp.w_down)), lut, out)
             return _finish(out, inp.dtype)
+        return cls._grouped(inp, lut)
+
+    @classmethod
+    def launcher(cls, inp: I.GatedFfnInputs) -> Any:
+        """``launch(x, gate, w_up, w_down) -> out`` for calls of ``inp``'s plan (sparsecore.OpPlan)."""
+        if not cls.serial(inp):
+            return lambda *args: cls.apply(type(inp)(*args))
+        m, n, dtype = inp.gate.shape[0], int(inp.w_down.shape[1]), inp.dtype
+        lut = _lut_for(dtype)
+        kernel = _k().gated_rows
+
+        def launch(x: np.ndarray, gate: Any, w_up: np.ndarray, w_down: np.ndarray) -> np.ndarray:
+            out = np.empty((m, n), np.float32)
+            c = np.ascontiguousarray
+            kernel(*_sparse_args(gate), c(_bits(x)), c(_bits(w_up)), c(_bits(w_down)), lut, out)
+            return _finish(out, dtype)
+
+        return launch
+
+    @classmethod
+    def _grouped(cls, inp: I.GatedFfnInputs, lut: np.ndarray) -> np.ndarray:
+        g = inp.gate
+        m = g.shape[0]
         chunk, block = _tiles(m, inp.w_down.shape[1])
         ptr, rows, vals, _ = _group(g, chunk, lut)
         h = np.empty(rows.shape[0], np.float32)
@@ -447,6 +516,22 @@ class PageBoundsOp(_NumbaCpu):
         return out
 
 
+def _guarded(fn: Any, serial: bool) -> Any:
+    """``fn`` as the backend calls a kernel: a serial kernel as it is; a parallel one under the
+    workqueue lock (see :func:`_serialise`)."""
+    if serial:
+        return fn
+
+    def guarded(*args: Any) -> Any:
+        lock = _serialise()
+        if lock is None:
+            return fn(*args)
+        with lock:
+            return fn(*args)
+
+    return guarded
+
+
 @register
 class SelectTopk(_NumbaCpu):
     OP = "select_topk"
@@ -481,6 +566,35 @@ class SelectTopk(_NumbaCpu):
         kernel(_bits(inp.q), _bits(k_pages), page_table, kv.lengths, inp.k, inp.sink, inp.forced_window, inp.shared,
                ps or 0, _bits(bmin), _bits(bmax), _lut_for(inp.dtype), indices, counts)
         return TopKIndex(indices, counts, "token" if ps is None else "page", ps)
+
+    @classmethod
+    def launcher(cls, inp: I.SelectTopkInputs) -> Any:
+        """``launch(q, kv, bounds) -> (indices, counts)`` for calls of ``inp``'s plan (same shapes but
+        for the cache's length, same scalars): every shape decision made here, once (DecodePlan).
+        The two buffers it returns are the launcher's own, overwritten by its next launch."""
+        kv, ps, shared = inp.kv, inp.unit_page_size, inp.shared
+        b = kv.batch
+        rows = kv.num_kv_heads if shared else int(inp.q.shape[1])
+        k_max, k, sink, window = inp.k_max, int(inp.k), int(inp.sink), inp.forced_window
+        kernel = _k().select_topk_serial if cls.serial(inp) else _k().select_topk
+        lut = _lut_for(inp.dtype)
+        paged = isinstance(kv, PagedKV)
+        dense_table = np.arange(b, dtype=np.int32)[:, None]
+        none = _bits(np.zeros((0, 0, 0, 0), _out_dtype(inp.dtype)))
+
+        indices = np.empty((b, rows, k_max), np.int32)  # the plan's workspace: each launch overwrites it
+        counts = np.empty((b, rows), np.int32)
+
+        def launch(q: np.ndarray, kv: Any, bounds: Any) -> tuple[np.ndarray, np.ndarray]:
+            if bounds is None:
+                bmin = bmax = none
+            else:
+                bmin, bmax = _bits(bounds.kmin), _bits(bounds.kmax)
+            kernel(_bits(q), _bits(kv.k_pages if paged else kv.k), kv.page_table if paged else dense_table,
+                   kv.lengths, k, sink, window, shared, ps or 0, bmin, bmax, lut, indices, counts)
+            return indices, counts
+
+        return _guarded(launch, cls.serial(inp))
 
 
 #: decode splits each row so that a call has about this many tasks (a few per core on a 16-core host).
@@ -544,6 +658,48 @@ class SparseDecode(_NumbaCpu):
     @classmethod
     def run(cls, inp: I.SparseDecodeInputs) -> tuple[np.ndarray, np.ndarray]:
         return _decode(inp.q, inp.kv, inp.index, inp.scale, inp.dtype, cls.serial(inp))
+
+    @classmethod
+    def launcher(cls, inp: I.SparseDecodeInputs) -> Any:
+        """``launch(q, kv, indices, counts, out, lse)`` for calls of ``inp``'s plan: writes the step's
+        output into ``out`` (q's dtype) and ``lse`` (float32), both NumPy ``[B, Hq, D]`` / ``[B, Hq]``."""
+        kern = _k()
+        q, kv, index = inp.q, inp.kv, inp.index
+        bsz, hq, d = q.shape
+        unit = index.page_size if index.granularity == "page" else 1
+        shared = index.groups == kv.num_kv_heads
+        n_split = _n_split(bsz * index.groups, index.k_max * unit)
+        scale = np.float32(1.0 / np.sqrt(d) if inp.scale is None else inp.scale)
+        serial = cls.serial(inp)
+        partial = kern.decode_partial_serial if serial else kern.decode_partial
+        merge = kern.merge_splits_serial if serial else kern.merge_splits
+        lut = _lut_for(inp.dtype)
+        paged = isinstance(kv, PagedKV)
+        dense_table = np.arange(bsz, dtype=np.int32)[:, None]
+        f32 = inp.dtype == "float32"
+
+        o_part = np.empty((bsz, hq, n_split, d), np.float32)  # workspace, overwritten by each launch
+        lse_part = np.empty((bsz, hq, n_split), np.float32)
+
+        def launch(q: np.ndarray, kv: Any, indices: np.ndarray, counts: np.ndarray, out: np.ndarray,
+                   lse: np.ndarray) -> None:
+            if paged:
+                kp, vp, pt = kv.k_pages, kv.v_pages, kv.page_table
+            else:
+                kp, vp, pt = kv.k, kv.v, dense_table
+            partial(_bits(q), _bits(kp), _bits(vp), pt, kv.lengths, indices, counts, unit, False, shared, scale,
+                    n_split, lut, o_part, lse_part)
+            if n_split == 1:
+                out[...] = o_part[:, :, 0]
+                lse[...] = lse_part[:, :, 0]
+            elif f32 and out.flags.c_contiguous:
+                merge(o_part, lse_part, out, lse)
+            else:
+                o32 = np.empty((bsz, hq, d), np.float32)
+                merge(o_part, lse_part, o32, lse)
+                out[...] = o32
+
+        return _guarded(launch, serial)
 
 
 @register

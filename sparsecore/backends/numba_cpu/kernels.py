@@ -85,6 +85,47 @@ def pack_fill(x, threshold, relu, tile, capacity, lut, values, cols, o_ptr, o_id
                     c += 1
 
 
+@njit(**_OPTS)
+def pack_slots_serial(x, threshold, relu, tile, capacity, lut, values, cols, counts):
+    """Decode-size pack in one pass on the calling thread: the slots and counts (``values`` and
+    ``cols`` zeroed by the caller); returns the number of entries past full tiles (the overflow,
+    which this pass does not store: when it is not 0 the caller runs pack_count and pack_fill)."""
+    m_rows, k = x.shape
+    n_tiles = counts.shape[1]
+    zero = x.dtype.type(0)
+    over = 0
+    for m in range(m_rows):
+        for t in range(n_tiles):
+            c = 0
+            for j in range(t * tile, min((t + 1) * tile, k)):
+                a = load(x, (m, j), lut)
+                if relu and a < 0:
+                    raw = zero
+                    a = np.float32(0)
+                else:
+                    raw = x[m, j]
+                if not abs(a) <= threshold:  # NaN is kept
+                    if c < capacity:
+                        values[m, t, c] = raw
+                        cols[m, t, c] = j - t * tile
+                    c += 1
+            counts[m, t] = min(c, capacity)
+            over += max(c - capacity, 0)
+    return over
+
+
+@njit(**_OPTS)
+def gated_product(gate, up, relu, out):
+    """out = act(gate) * up, float32 (gated_pack's hidden state; one rounding, as the reference)."""
+    m_rows, k = gate.shape
+    for m in range(m_rows):
+        for j in range(k):
+            g = gate[m, j]
+            if relu and g < 0:
+                g = np.float32(0)
+            out[m, j] = g * up[m, j]
+
+
 @njit(**_PAR)
 def unpack(values, cols, counts, tile, o_ptr, o_idx, o_val, out):
     m_rows, n_tiles, _ = values.shape
