@@ -4,10 +4,11 @@
 
 Each row times the same work three ways, in one process, interleaved rounds (the minimum of each is
 reported with the median): the numba_cpu kernels called directly with prepared buffers (what the
-call cannot go below), the planned call (``sc.DecodePlan.run``; for the FFN ops the dispatcher's
-per-signature plan), and the public call with the default validation (``SPARSECORE_VALIDATE=auto``:
-data checks on host inputs) and with ``never`` (bounds checks only). The overhead is the call minus
-the kernel. Targets of the plan/run work: planned <= 10 us, public <= 30 us.
+call cannot go below), the planned call (``sc.DecodePlan.run``, on NumPy arrays and on CPU torch
+tensors; for spmm ``sc.OpPlan``), and the public call with the default validation
+(``SPARSECORE_VALIDATE=auto``: data checks on host inputs) and with ``never`` (bounds checks only),
+beside the peers (SciPy CSR and torch dense for spmm, torch SDPA over the whole cache for decode).
+The overhead is the call minus the kernel. Targets of the plan/run work: planned <= 10 us, public <= 30 us.
 """
 
 # ruff: noqa: B023  (each closure is timed inside the loop iteration that made it)
@@ -62,7 +63,14 @@ def spmm_rows() -> list[dict[str, Any]]:
             def public(a: Any = a, w: Any = w) -> Any:
                 return sc.spmm(a, w)
 
-            t = _times({"kernel": kernel, "public": public})
+            plan = sc.OpPlan("spmm", a, w)
+            import scipy.sparse as sp
+            import torch
+
+            csr = sp.csr_matrix(x)
+            xt, wt = torch.from_numpy(x), torch.from_numpy(w)
+            t = _times({"kernel": kernel, "planned": lambda: plan.run(a, w), "public": public,
+                        "scipy_csr": lambda: csr @ w, "torch_dense": lambda: xt @ wt})
             os.environ["SPARSECORE_VALIDATE"] = "never"
             t["public_never"] = _times({"public": public})["public"]
             del os.environ["SPARSECORE_VALIDATE"]
@@ -110,11 +118,22 @@ def decode_rows() -> list[dict[str, Any]]:
         def planned() -> Any:
             return plan.run(q, kv, bounds=bounds)
 
+        import torch
+
+        to_t = torch.from_numpy
+        kv_t = sc.DenseKV(to_t(kk), to_t(vv), to_t(kv.lengths))
+        q_t = to_t(q)
+        bounds_t = sc.PageBounds(to_t(bounds.kmin), to_t(bounds.kmax), 16)
+        plan_t = sc.DecodePlan(q_t, kv_t, k_pages, method="quest", bounds=bounds_t)
+
+        def planned_torch() -> Any:
+            return plan_t.run(q_t, kv_t, bounds=bounds_t)
+
         def public() -> Any:
             idx = sc.select_topk(q, kv, k_pages, method="quest", bounds=bounds)
             return sc.sparse_decode(q, kv, idx)
 
-        t = _times({"kernel": kernel, "planned": planned, "public": public})
+        t = _times({"kernel": kernel, "planned": planned, "planned_torch": planned_torch, "public": public})
         os.environ["SPARSECORE_VALIDATE"] = "never"
         t["public_never"] = _times({"public": public})["public"]
         del os.environ["SPARSECORE_VALIDATE"]
@@ -144,10 +163,11 @@ def main() -> int:
     for r in rows:
         k = r["kernel"]["min_us"]
         parts = [f"{r['op']:<44} {r['shape']:<28} kernel {k:7.1f} us"]
-        for name in ("planned", "public", "public_never", "torch_sdpa_dense"):
+        for name in ("planned", "planned_torch", "public", "public_never", "scipy_csr", "torch_dense",
+                     "torch_sdpa_dense"):
             if name in r:
                 v = r[name]["min_us"]
-                extra = f" (+{v - k:.1f})" if name != "torch_sdpa_dense" else ""
+                extra = f" (+{v - k:.1f})" if name in ("planned", "planned_torch", "public", "public_never") else ""
                 parts.append(f"{name} {v:7.1f}{extra}")
         print("  ".join(parts))
     if args.json:

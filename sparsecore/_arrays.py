@@ -86,12 +86,10 @@ def to_numpy(x: Any) -> np.ndarray:
     if k == "torch":
         if x.device.type != "cpu":
             raise ValueError(f"to_numpy: tensor is on {x.device}; device arrays never move to the host implicitly")
-        t = x.detach()
-        if t.dtype == _torch().bfloat16:
-            return np.from_dlpack(t.view(_torch().int16)).view(BFLOAT16)
-        if t.dtype == _torch().bool:
-            return t.numpy()
-        return np.from_dlpack(t)
+        t = x.detach() if x.requires_grad else x
+        if t.dtype == _torch().bfloat16:  # NumPy has no bfloat16: its bits, viewed as ml_dtypes' bfloat16
+            return t.view(_torch().int16).numpy().view(BFLOAT16)
+        return t.numpy()  # shares the memory (a few times cheaper than DLPack for the small tensors of decode)
     raise TypeError(f"to_numpy: expected a NumPy array or a CPU torch tensor, got {type(x).__name__}")
 
 

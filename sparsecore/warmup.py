@@ -99,6 +99,8 @@ def _make_listener() -> Any:
             if not _is_ours(event):
                 return
             op, dtype = _caller_op()
+            if op == "?":  # launched by a plan's launcher (no op class on the stack): name the kernel
+                op, dtype = getattr(event.data["dispatcher"].py_func, "__name__", "?"), "(planned call)"
             with _LOCK:
                 _STATE.starts.setdefault(threading.get_ident(), []).append(time.perf_counter())
                 first = (op, dtype) not in _STATE.told

@@ -264,3 +264,95 @@ def test_op_plan_checks_bounds_and_new_shapes() -> None:
     p = sc.OpPlan("pack", np.ones((2, 8), np.float32), threshold=0.5, tile=4)
     np.testing.assert_array_equal(sc.unpack(p.run(np.full((2, 8), 0.25, np.float32))), 0)
     assert "pack(x, threshold=0.5, tile=4)" in repr(p)
+
+
+def test_fast_runs_check_lengths_bounds_and_growth() -> None:
+    """Runs with the plan's metadata skip validation but still check what keeps the kernels in
+    bounds: each run's lengths, the bounds' page count against a grown cache, k against it."""
+    rng = np.random.default_rng(8)
+    k, v = (rng.standard_normal((1, 64, 1, 4)).astype(np.float32) for _ in range(2))
+    q = rng.standard_normal((1, 2, 4)).astype(np.float32)
+    lengths = np.array([64], np.int32)
+    kv = sc.DenseKV(k, v, lengths)
+    bounds = sc.page_bounds(kv, 8)
+    plan = sc.DecodePlan(q, kv, 2, method="quest", bounds=bounds)
+    for _ in range(3):  # the first run is checked in full; the next ones take the launchers
+        out, _ = plan.run(q, kv, bounds=bounds)
+        want, _ = _public(q, kv, 2, bounds, method="quest")
+        np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+    lengths[0] = 65  # in place, past the capacity
+    with pytest.raises(ValueError, match=r"lengths\[0\] = 65"):
+        plan.run(q, kv, bounds=bounds)
+    lengths[0] = 64
+    k2, v2 = (np.concatenate([a, a], 1)[:, :120] for a in (k, v))  # the cache grew to 120 tokens
+    grown = sc.DenseKV(k2, v2, np.array([120], np.int32))
+    with pytest.raises(ValueError, match=r"bounds hold 8 pages; the cache's capacity of 120 tokens needs 15"):
+        plan.run(q, grown, bounds=bounds)  # the launchers' path (same metadata, a capacity they still fit)
+    wider = sc.DenseKV(*(np.concatenate([a, a], 1) for a in (k, v)), np.array([128], np.int32))
+    with pytest.raises(ValueError, match=r"bounds has kmin/kmax of shape \(1, 8, 1, 4\)"):
+        plan.run(q, wider, bounds=bounds)  # a capacity past the launchers' range: checked in full
+    b2 = sc.page_bounds(grown, 8)
+    out, _ = plan.run(q, grown, bounds=b2)
+    np.testing.assert_allclose(out, _public(q, grown, 2, b2, method="quest")[0], rtol=1e-6, atol=1e-6)
+    small = sc.DecodePlan(q, kv, 7)
+    small.run(q, kv)
+    small.run(q, kv)
+    tiny = sc.DenseKV(k[:, :6].copy(), v[:, :6].copy(), np.array([6], np.int32))
+    with pytest.raises(ValueError, match=r"k = 7 exceeds the cache's capacity of 6 tokens"):
+        small.run(q, tiny)
+
+
+def test_torch_runs_take_the_launchers_and_refuse_gradients() -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(9)
+    q = torch.from_numpy(rng.standard_normal((2, 4, 8)).astype(np.float32))
+    plan = None
+    for s in (24, 25, 26, 40):  # a growing cache, as transformers' DynamicCache
+        k, v = (torch.from_numpy(rng.standard_normal((2, s, 2, 8)).astype(np.float32)) for _ in range(2))
+        kv = sc.DenseKV(k, v, torch.tensor([s, s - 1], dtype=torch.int32))
+        plan = plan or sc.DecodePlan(q, kv, 3, sink=1, window=2, shared=False)
+        for _ in range(2):
+            out, lse = plan.run(q, kv)
+            want = _public(q, kv, 3, sink=1, window=2, shared=False)
+            assert isinstance(out, torch.Tensor) and isinstance(lse, torch.Tensor)
+            torch.testing.assert_close(out, want[0])
+            torch.testing.assert_close(lse, want[1])
+            assert isinstance(plan.last_index.counts, torch.Tensor)
+    q.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"q requires grad"):
+        plan.run(q, kv)
+    with torch.no_grad():
+        torch.testing.assert_close(plan.run(q, kv)[0], want[0])
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_run_updates_the_bounds_of_a_growing_cache(kind: str) -> None:
+    """update_from: one call is a Quest decode step (bounds update, select, attend), equal to the
+    three public calls, step after step on a cache that grows by a token."""
+    rng = np.random.default_rng(10)
+    cap, start_len = 96, 40
+    k, v = (rng.standard_normal((2, cap, 2, 8)).astype(np.float32) for _ in range(2))
+    q = rng.standard_normal((2, 4, 8)).astype(np.float32)
+    if kind == "torch":
+        torch = pytest.importorskip("torch")
+        conv: Any = torch.from_numpy
+    else:
+        conv = np.asarray
+    lengths = np.array([start_len, start_len - 5], np.int32)
+    kv = sc.DenseKV(conv(k), conv(v), conv(lengths))
+    bounds = sc.page_bounds(kv, 8)
+    want_bounds = sc.page_bounds(kv, 8)
+    plan = sc.DecodePlan(conv(q), kv, 2, method="quest", window=3, bounds=bounds)
+    for _ in range(12):
+        before = lengths.copy()
+        lengths += 1  # one token appended (the cache's rows were already there)
+        out, lse = plan.run(conv(q), kv, bounds=bounds, update_from=conv(before))
+        sc.page_bounds(kv, out=want_bounds, start=conv(before))
+        want = _public(conv(q), kv, 2, want_bounds, method="quest", window=3)
+        np.testing.assert_array_equal(np.asarray(bounds.kmin), np.asarray(want_bounds.kmin))
+        np.testing.assert_array_equal(np.asarray(bounds.kmax), np.asarray(want_bounds.kmax))
+        np.testing.assert_allclose(np.asarray(out), np.asarray(want[0]), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"start\[1\] = 99; allowed 0 <= start\[b\] <= lengths\[1\]"):
+        plan.run(conv(q), kv, bounds=bounds, update_from=conv(np.array([0, 99], np.int32)))
+    with pytest.raises(ValueError, match=r"update_from is given without bounds"):
+        sc.DecodePlan(conv(q), kv, 2).run(conv(q), kv, update_from=conv(before))

@@ -133,6 +133,15 @@ def _kernels() -> Any | None:
         return True
 
     @njit
+    def start_ok(start, lengths):
+        if start.shape[0] != lengths.shape[0]:
+            return False
+        for b in range(lengths.shape[0]):
+            if start[b] < 0 or start[b] > lengths[b]:
+                return False
+        return True
+
+    @njit
     def lengths_ok(lengths, hi):
         for b in range(lengths.shape[0]):
             if lengths[b] < 0 or lengths[b] > hi:
@@ -155,7 +164,7 @@ def _kernels() -> Any | None:
     return type("Kernels", (), {"csr_ok": staticmethod(csr_ok), "tiled_ell_ok": staticmethod(tiled_ell_ok),
                                 "topk_ok": staticmethod(topk_ok), "lengths_ok": staticmethod(lengths_ok),
                                 "paged_ok": staticmethod(paged_ok),
-                                "ell_bounds_ok": staticmethod(ell_bounds_ok)})
+                                "ell_bounds_ok": staticmethod(ell_bounds_ok), "start_ok": staticmethod(start_ok)})
 
 
 def _host(*arrays: Any) -> tuple[np.ndarray, ...] | None:
@@ -240,3 +249,9 @@ def tiled_ell_bounds_ok(a: Any) -> bool:
     kern = _kernels()
     arrays = None if kern is None else _host(a.counts, a.cols)
     return arrays is not None and bool(kern.ell_bounds_ok(arrays[0], arrays[1], int(a.tile), int(a.shape[1])))
+
+
+def start_ok(start: np.ndarray, lengths: np.ndarray) -> bool:
+    """True when NumPy ``start[B]`` has ``0 <= start[b] <= lengths[b]`` for every sequence."""
+    kern = _kernels()
+    return kern is not None and start.ndim == 1 and bool(kern.start_ok(start, lengths))

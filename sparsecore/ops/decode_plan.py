@@ -11,16 +11,18 @@ for debugging.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import numpy as np
 
-from .._arrays import dtype_name
+from .._arrays import dtype_name, from_numpy, kind_of, to_numpy
 from .._checks import fail
+from ..formats import _fastcheck
 from ..formats.kv import DenseKV, PageBounds, PagedKV
-from ..formats.topk import TopKIndex
+from ..formats.topk import TopKIndex, topk_capacity
 from . import inputs as I
-from .dispatcher import _deep_validation, check_no_grad, plan
+from .dispatcher import _deep_validation, check_no_grad, dispatch, plan
 
 __all__ = ["DecodePlan"]
 
@@ -34,8 +36,12 @@ def _shape_of(q: Any, kv: DenseKV | PagedKV) -> tuple[Any, ...]:
     return type(kv), tuple(q.shape), dtype_name(q), tuple(kv.k.shape[2:])
 
 
-def _capacity(kv: DenseKV | PagedKV) -> int:
-    return int(kv.page_table.shape[1]) * int(kv.k_pages.shape[1]) if isinstance(kv, PagedKV) else int(kv.k.shape[1])
+def _capacity(kv: Any) -> int:
+    """Tokens the cache can hold: ``S``, or ``max_pages * page_size`` (a DenseKV, a PagedKV, or their
+    NumPy views)."""
+    if isinstance(kv, PagedKV) or (type(kv) is _HostKV and kv.paged):
+        return int(kv.page_table.shape[1]) * int(kv.k_pages.shape[1])
+    return int(kv.k.shape[1])
 
 
 class DecodePlan:
@@ -82,30 +88,66 @@ class DecodePlan:
         self._capacity = _capacity(kv)
         self._has_bounds = bounds is not None
         self._host = select_inp.device == "host"
+        self._unit, self._forced_window = select_inp.unit_page_size, select_inp.forced_window
         self._last: TopKIndex | tuple[Any, Any] | None = index
         self._granularity = (index.granularity, index.page_size)
         self._bind(select_inp, I.SparseDecodeInputs(q, kv, index, self.scale))
 
     def _bind(self, select_inp: I.SelectTopkInputs, decode_inp: I.SparseDecodeInputs) -> None:
-        """The launchers of the fast path: NumPy inputs of host backends that offer them
-        (``BackendOp.launcher``: closures that hold every shape decision and only allocate and
-        launch). ``_seen`` is the metadata of the last run that was checked in full: a run with the
-        same metadata skips straight to the launch."""
+        """The launchers of the fast path: host inputs (NumPy, or CPU torch tensors through zero-copy
+        NumPy views) of backends that offer them (``BackendOp.launcher``: closures that hold every
+        shape decision and the workspace, and only launch). ``_seen`` is the metadata of the last run
+        checked in full (:func:`_metadata`: everything but the data and the cache's capacity); a run
+        with the same metadata goes straight to the launchers."""
         sel, dec = getattr(self._select.backend, "launcher", None), getattr(self._decode.backend, "launcher", None)
-        fast = (os.environ.get("SPARSECORE_VALIDATE") != "always" and type(select_inp.q) is np.ndarray
-                and self._host and sel is not None and dec is not None
-                and all(type(a) is np.ndarray for a in select_inp.named_arrays().values()))
-        self._fast_select = sel(select_inp) if fast else None
-        self._fast_decode = dec(decode_inp) if fast else None
+        self._fast_select = self._fast_decode = None
         self._seen: Any = None
+        if os.environ.get("SPARSECORE_VALIDATE") == "always" or not self._host or sel is None or dec is None \
+                or select_inp.kind not in ("numpy", "torch"):
+            return
+        if select_inp.kind == "torch":
+            select_inp, decode_inp = select_inp.map_arrays(to_numpy), decode_inp.map_arrays(to_numpy)
+        self._fast_select, self._fast_decode = sel(select_inp), dec(decode_inp)
+        self._fast_bounds = None
+        if select_inp.bounds is not None:  # update_from: the page_bounds launcher
+            pb_inp = I.PageBoundsInputs(select_inp.kv, None, select_inp.bounds,
+                                        np.zeros(select_inp.kv.batch, np.int32))
+            pb = getattr(plan(pb_inp, self._backend).backend, "launcher", None)
+            self._fast_bounds = None if pb is None else pb(pb_inp)
+        self._k_max = select_inp.k_max
+        self._bucket = _capacity(select_inp.kv).bit_length()  # the launchers' kernel choice holds in this range
+
+    def _capacity_fits(self, capacity: int) -> bool:
+        """A run's cache capacity differs from the last one (a growing cache): True when the bound
+        launchers still fit (same ``k_max`` and capacity range); ``k`` past the capacity is an error."""
+        ps = self._unit
+        units = capacity if ps is None else -(-capacity // ps)
+        if self._options["k"] > units:
+            fail("DecodePlan.run", f"k = {self._options['k']} exceeds the cache's capacity of {units} "
+                                   f"{'tokens' if ps is None else 'pages'}; make a plan with a smaller k")
+        o = self._options
+        fits = (topk_capacity(o["k"], o["sink"], self._forced_window, capacity, ps) == self._k_max
+                and capacity.bit_length() == self._bucket)
+        if fits:
+            self._capacity = capacity
+        return fits
 
     @property
     def last_index(self) -> TopKIndex | None:
         """The selection of the last run (a NumPy plan's index buffers are its workspace: the next
         run overwrites them; copy them to keep them)."""
         if isinstance(self._last, tuple):
-            self._last = TopKIndex(*self._last, *self._granularity)
+            indices, counts, torch = self._last
+            if torch:
+                indices, counts = from_numpy(indices, "torch"), from_numpy(counts, "torch")
+            self._last = TopKIndex(indices, counts, *self._granularity)
         return self._last
+
+    @property
+    def last_counts(self) -> Any:
+        """``last_index.counts`` without building the index (a NumPy array for host plans that ran
+        their launchers, whatever the inputs' kind: statistics read it without a conversion)."""
+        return self._last[1] if isinstance(self._last, tuple) else None if self._last is None else self._last.counts
 
     @property
     def backends(self) -> dict[str, str]:
@@ -116,13 +158,18 @@ class DecodePlan:
         opts = ", ".join(f"{k}={v!r}" for k, v in self._options.items())
         return f"DecodePlan(q {self._shape[1]} {self._shape[2]}, {opts}; backends {self.backends})"
 
-    def run(self, q: Any, kv: DenseKV | PagedKV, *, bounds: PageBounds | None = None,
+    def run(self, q: Any, kv: DenseKV | PagedKV, *, bounds: PageBounds | None = None, update_from: Any = None,
             out: tuple[Any, Any] | None = None) -> tuple[Any, Any]:
-        """``(out[B, Hq, D], lse[B, Hq])`` of this step (see the class docstring)."""
-        if self._fast_select is not None and type(q) is np.ndarray:
-            seen = _metadata(q, kv, bounds)
-            if seen is not None and seen == self._seen:
-                return self._run_fast(q, kv, bounds, out)
+        """``(out[B, Hq, D], lse[B, Hq])`` of this step (see the class docstring). ``update_from[B]``
+        int32 (with ``bounds``): first bring ``bounds`` up to date in place for the tokens from
+        ``update_from[b]`` on, ``page_bounds(kv, out=bounds, start=update_from)`` (a decode step that
+        appended tokens passes the lengths before it), so that one call is update + select + attend."""
+        if self._fast_select is not None and (update_from is None or self._fast_bounds is not None):
+            views = _host_views(q, kv, bounds, update_from)
+            if views is not None and _metadata(*views) == self._seen:
+                capacity = _capacity(views[1])
+                if capacity == self._capacity or self._capacity_fits(capacity):
+                    return self._run_fast(q, kv, views, out)
         if _shape_of(q, kv) != self._shape:
             fail("DecodePlan.run", f"q {tuple(q.shape)} {dtype_name(q)} with cache rows {_shape_of(q, kv)[3]} "
                                    f"does not match the plan's q {self._shape[1]} {self._shape[2]} with cache rows "
@@ -133,6 +180,8 @@ class DecodePlan:
             fail("DecodePlan.run", f"bounds is {'given' if bounds is not None else 'missing'}; a plan made "
                                    f"{'with' if self._has_bounds else 'without'} bounds runs "
                                    f"{'with' if self._has_bounds else 'without'} them")
+        if update_from is not None and bounds is None:
+            fail("DecodePlan.run", "update_from is given without bounds; it updates the bounds of a Quest plan")
         opts = dict(self._options, bounds=bounds)
         select_inp = I.SelectTopkInputs(q, kv, **opts)
         if type(q) is not np.ndarray:  # NumPy arrays carry no gradient
@@ -143,10 +192,18 @@ class DecodePlan:
             select_inp.validate_data()
         elif self._host:  # the cache's lengths and page table: cheap, and what keeps a kernel in bounds
             kv.check_bounds("DecodePlan.run", "kv")
-        if self._fast_select is not None and type(q) is np.ndarray and not checking:
-            select_inp.validate()  # in full, once per change of the metadata (a new cache, other bounds)
-            self._seen = _metadata(q, kv, bounds)
-            return self._run_fast(q, kv, bounds, out)
+        if self._fast_select is not None and not checking and (update_from is None or self._fast_bounds is not None):
+            views = _host_views(q, kv, bounds, update_from)
+            if views is not None:
+                select_inp.validate()  # in full, once per change of the metadata (a new cache, other bounds)
+                if update_from is not None:
+                    I.PageBoundsInputs(kv, None, bounds, update_from).validate()
+                if select_inp.k_max != self._k_max or _capacity(kv).bit_length() != self._bucket:
+                    self._bind(select_inp, I.SparseDecodeInputs(q, kv, self._example_index(select_inp), self.scale))
+                self._seen = _metadata(*views)
+                return self._run_fast(q, kv, views, out)
+        if update_from is not None:
+            dispatch(I.PageBoundsInputs(kv, None, bounds, update_from), self._backend)
         index = self._launch(self._select.backend, select_inp, q)
         self._last = index
         decode_inp = I.SparseDecodeInputs(q, kv, index, self.scale)
@@ -159,28 +216,45 @@ class DecodePlan:
         _write(out, result)
         return out
 
-    def _run_fast(self, q: np.ndarray, kv: DenseKV | PagedKV, bounds: PageBounds | None,
+    def _run_fast(self, q: Any, kv: DenseKV | PagedKV, views: tuple[Any, Any, Any, Any],
                   out: tuple[Any, Any] | None) -> tuple[Any, Any]:
-        """The launch of a run whose metadata was checked: the cache's lengths (and page ids in use)
-        are checked (one compiled pass, what keeps the kernels in bounds), then two launches."""
-        kv.check_bounds("DecodePlan.run", "kv")
-        indices, counts = self._fast_select(q, kv, bounds)
-        self._last = (indices, counts)
-        b, hq, d = q.shape
+        """The launch of a run whose metadata was checked: the bounds' pages and the cache's lengths
+        (and page ids in use) are checked (one compiled pass: what keeps the kernels in bounds),
+        then the two launchers run on the NumPy views."""
+        qn, kvn, bn, start = views
+        if bn is not None and bn.kmin.shape[1] < -(-self._capacity // bn.page_size):
+            fail("DecodePlan.run", f"bounds hold {bn.kmin.shape[1]} pages; the cache's capacity of "
+                                   f"{self._capacity} tokens needs {-(-self._capacity // bn.page_size)}")
+        if not (_fastcheck.paged_kv_ok(kvn.page_table, kvn.lengths, kvn.k_pages.shape[1], kvn.k_pages.shape[0])
+                if kvn.paged else _fastcheck.dense_kv_ok(kvn.lengths, kvn.k.shape[1])):
+            kv.check_bounds("DecodePlan.run", "kv")  # names the fault
+        if start is not None:
+            if not _fastcheck.start_ok(start, kvn.lengths):
+                I.PageBoundsInputs(kv, None, None, start)._check_start()  # names the fault
+                fail("DecodePlan.run", f"update_from has shape {start.shape}; expected ({kvn.lengths.shape[0]},)")
+            self._fast_bounds(kvn, bn, start)
+        indices, counts = self._fast_select(qn, kvn, bn)
+        self._last = (indices, counts, qn is not q)  # made a TopKIndex (of q's kind) when asked for
+        b, hq, d = qn.shape
+        if out is not None:
+            dst = _host_out(out, qn)
+            if dst is not None:
+                self._fast_decode(qn, kvn, indices, counts, *dst)
+                return out
+        o, lse = np.empty((b, hq, d), qn.dtype), np.empty((b, hq), np.float32)
+        self._fast_decode(qn, kvn, indices, counts, o, lse)
+        result = (o, lse) if qn is q else (from_numpy(o, "torch"), from_numpy(lse, "torch"))
         if out is None:
-            o, lse = np.empty((b, hq, d), q.dtype), np.empty((b, hq), np.float32)
-            self._fast_decode(q, kv, indices, counts, o, lse)
-            return o, lse
-        if (type(out) is tuple and len(out) == 2 and type(out[0]) is np.ndarray and type(out[1]) is np.ndarray
-                and out[0].shape == (b, hq, d) and out[0].dtype == q.dtype and out[0].flags.c_contiguous
-                and out[1].shape == (b, hq) and out[1].dtype == np.float32 and out[1].flags.c_contiguous
-                and out[0].flags.writeable and out[1].flags.writeable):
-            self._fast_decode(q, kv, indices, counts, out[0], out[1])
-            return out
-        o, lse = np.empty((b, hq, d), q.dtype), np.empty((b, hq), np.float32)
-        self._fast_decode(q, kv, indices, counts, o, lse)
-        _write(out, (o, lse))
+            return result
+        _write(out, result)
         return out
+
+    def _example_index(self, select_inp: I.SelectTopkInputs) -> TopKIndex:
+        """An index of the shape select_topk gives ``select_inp`` (for binding the decode launcher)."""
+        g = select_inp.kv.num_kv_heads if select_inp.shared else int(select_inp.q.shape[1])
+        shape = (select_inp.kv.batch, g)
+        return TopKIndex(np.zeros(shape + (select_inp.k_max,), np.int32), np.zeros(shape, np.int32),
+                         *self._granularity)
 
     def _launch(self, backend: Any, inp: Any, q: Any) -> Any:
         """``backend.apply(inp)``; NumPy inputs of a host backend whose call needs no thread pool go
@@ -203,31 +277,108 @@ class DecodePlan:
             self._select = plan(inp, self._backend)
             index = self._select.backend.apply(inp)
             self._decode = plan(I.SparseDecodeInputs(q, kv, index, self.scale), self._backend)
-        elif self._fast_select is not None:  # k_max and the split count follow the capacity
-            inp.validate()
-            k_max = inp.k_max
-            index = TopKIndex(np.zeros((kv.batch, self._last_groups(q, kv), k_max), np.int32),
-                              np.zeros((kv.batch, self._last_groups(q, kv)), np.int32), *self._granularity)
-            self._bind(inp, I.SparseDecodeInputs(q, kv, index, self.scale))
         self._capacity = _capacity(kv)
 
-    def _last_groups(self, q: Any, kv: DenseKV | PagedKV) -> int:
-        return kv.num_kv_heads if self._options["shared"] else int(q.shape[1])
+
+class _HostKV:
+    """NumPy views of a cache's buffers (what the launchers read), and whether it is paged."""
+
+    __slots__ = ("k", "v", "k_pages", "v_pages", "page_table", "lengths", "paged")
+
+    def __init__(self, kv: DenseKV | PagedKV, conv: Any) -> None:
+        self.paged = isinstance(kv, PagedKV)
+        if self.paged:
+            self.k_pages, self.v_pages, self.page_table = conv(kv.k_pages), conv(kv.v_pages), conv(kv.page_table)
+        else:
+            self.k, self.v = conv(kv.k), conv(kv.v)
+        self.lengths = conv(kv.lengths)
 
 
-def _metadata(q: np.ndarray, kv: DenseKV | PagedKV, bounds: PageBounds | None) -> tuple[Any, ...] | None:
-    """Everything a run's full check reads but the data: each NumPy buffer's shape, dtype, strides
-    and flags (None when any buffer is not NumPy: such runs take the checked path)."""
-    parts: list[Any] = [q.shape, q.dtype, q.strides, type(kv)]
-    paged = isinstance(kv, PagedKV)
-    arrays = (kv.k_pages, kv.v_pages, kv.page_table, kv.lengths) if paged else (kv.k, kv.v, kv.lengths)
-    if bounds is not None:
-        arrays += (bounds.kmin, bounds.kmax)
-        parts.append(bounds.page_size)
-    for a in arrays:
-        if type(a) is not np.ndarray:
+class _HostBounds:
+    __slots__ = ("kmin", "kmax", "page_size")
+
+    def __init__(self, bounds: PageBounds, conv: Any) -> None:
+        self.kmin, self.kmax, self.page_size = conv(bounds.kmin), conv(bounds.kmax), bounds.page_size
+
+
+def _host_views(q: Any, kv: DenseKV | PagedKV, bounds: PageBounds | None, start: Any = None
+                ) -> tuple[Any, Any, Any, Any] | None:
+    """``(q, kv, bounds)`` as NumPy (views of CPU torch tensors, zero-copy), or None for anything
+    else: device arrays, other kinds, or a tensor that requires grad while grad mode is on (the
+    checked path refuses it)."""
+    t = type(q)
+    if t is np.ndarray:
+        conv = _same
+    elif kind_of(q) == "torch" and q.device.type == "cpu":
+        torch = sys.modules["torch"]
+        if torch.is_grad_enabled() and any(getattr(a, "requires_grad", False) for a in (q, *_values(kv, bounds))):
             return None
-        parts += (a.shape, a.dtype, a.strides, a.flags.c_contiguous)
+        conv = _torch_view
+    else:
+        return None
+    try:
+        return (conv(q), _HostKV(kv, conv), None if bounds is None else _HostBounds(bounds, conv),
+                None if start is None else conv(start))
+    except _NotHost:
+        return None
+
+
+class _NotHost(Exception):
+    pass
+
+
+def _same(a: Any) -> np.ndarray:
+    if type(a) is not np.ndarray:
+        raise _NotHost
+    return a
+
+
+def _torch_view(a: Any) -> np.ndarray:
+    if kind_of(a) != "torch" or a.device.type != "cpu":
+        raise _NotHost
+    return to_numpy(a)
+
+
+def _values(kv: DenseKV | PagedKV, bounds: PageBounds | None) -> tuple[Any, ...]:
+    vals = (kv.k_pages, kv.v_pages) if isinstance(kv, PagedKV) else (kv.k, kv.v)
+    return vals if bounds is None else vals + (bounds.kmin, bounds.kmax)
+
+
+def _host_out(out: Any, q: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """NumPy views of ``out=(out, lse)`` when the launcher can write them directly (C-contiguous,
+    writeable, the step's shapes and dtypes); None otherwise (the result is then copied in)."""
+    if type(out) is not tuple or len(out) != 2:
+        return None
+    try:
+        o, lse = (_same(a) if type(a) is np.ndarray else _torch_view(a) for a in out)
+    except _NotHost:
+        return None
+    b, hq, d = q.shape
+    if o.shape == (b, hq, d) and o.dtype == q.dtype and lse.shape == (b, hq) and lse.dtype == np.float32 \
+            and o.flags.c_contiguous and lse.flags.c_contiguous and o.flags.writeable and lse.flags.writeable:
+        return o, lse
+    return None
+
+
+def _metadata(q: np.ndarray, kv: _HostKV, bounds: _HostBounds | None, start: np.ndarray | None) -> tuple[Any, ...]:
+    """Everything a run's full check reads but the data and the cache's capacity (which may grow,
+    a decode loop's cache: checked on its own): each buffer's shape, dtype, strides and layout with
+    the capacity's axis left out."""
+    parts: list[Any] = [q.shape, q.dtype, q.strides, kv.paged,
+                        None if start is None else (start.shape, start.dtype, start.strides)]
+    if kv.paged:  # capacity: max_pages (page_table's axis 1); the page pool's size P may change too
+        arrays = ((kv.k_pages, 1), (kv.v_pages, 1), (kv.page_table, 2), (kv.lengths, 0))
+    else:  # capacity: S, axis 1
+        arrays = ((kv.k, 2), (kv.v, 2), (kv.lengths, 0))
+    if bounds is not None:  # their page count may grow with the cache (checked against the capacity)
+        arrays += ((bounds.kmin, 2), (bounds.kmax, 2))
+        parts += (bounds.page_size, bounds.kmin.shape[:1], bounds.kmax.shape[:1])
+    for a, keep in arrays:
+        if keep == 0:
+            parts += (a.shape, a.dtype, a.strides)
+        else:
+            parts += (a.shape[:1] if keep == 2 else (), a.shape[keep:], a.dtype, a.strides[keep:],
+                      a.flags.c_contiguous, a.flags.writeable)
     return tuple(parts)
 
 

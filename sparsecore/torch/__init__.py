@@ -13,6 +13,7 @@ from .ops import (
     TorchTopKIndex,
     dense_decode,
     gated_ffn,
+    gated_pack,
     merge_attention,
     pack,
     page_bounds,
@@ -28,7 +29,7 @@ from .ops import (
 __all__ = [
     "functional", "ops", "relu_gated_ffn", "l1_penalty",
     "TorchTiledELL", "TorchCSR", "TorchTopKIndex", "TorchPageBounds",
-    "pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn", "relu_gate", "page_bounds",
+    "pack", "gated_pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn", "relu_gate", "page_bounds",
     "select_topk", "sparse_decode", "dense_decode", "merge_attention",
 ]
 

@@ -25,6 +25,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 import sparsecore as sc
@@ -86,12 +87,13 @@ class TopKDecode:
         self.decode_steps = 0
         self.dense_fallbacks = 0
         self.keys_total = 0
-        self._keys_read: torch.Tensor | None = None
+        self._keys_read: torch.Tensor | None = None  # counted on the device (GPU plans, compiled steps)
+        self._keys_read_host = 0  # counted on the host (host plans)
 
     @property
     def keys_read(self) -> int:
         """Keys the sparse decode steps read (summed over sequences and selection groups)."""
-        return 0 if self._keys_read is None else int(self._keys_read)
+        return self._keys_read_host + (0 if self._keys_read is None else int(self._keys_read))
 
     @property
     def read_fraction(self) -> float:
@@ -144,15 +146,23 @@ class TopKDecode:
             bounds = sct.page_bounds(kv, unit) if self.method == "quest" else None
             sel = sct.select_topk(q, kv, k_eff, bounds=bounds, **opts)
             out, _ = sct.sparse_decode(q, kv, sel, scale=scaling)
+            counts = None
         else:  # decode attention has no gradient: it runs in inference only (eval mode, one query)
             with torch.no_grad():
-                bounds = self._quest_bounds(kv, unit, lens) if self.method == "quest" else None
-                out, _ = self._plan(q, kv, k_eff, bounds, scaling, opts).run(q, kv, bounds=bounds)
-            sel = self._last_plan.last_index
-        # keys read per (sequence, group) row, on the device: a page counts page_size keys, at most the length
-        read = torch.minimum(sel.counts.to(torch.int64) * unit, kv.lengths.to(torch.int64)[:, None]).sum()
-        self._keys_read = read if self._keys_read is None else self._keys_read + read
-        self.keys_total += int(sel.counts.shape[1]) * rep * sum(lens)
+                bounds, start = self._quest_bounds(kv, unit, lens) if self.method == "quest" else (None, None)
+                out, _ = self._plan(q, kv, k_eff, bounds, scaling, opts).run(q, kv, bounds=bounds,
+                                                                             update_from=start)
+            counts = self._last_plan.last_counts
+        if isinstance(counts, np.ndarray):  # a host plan's launchers: counted on the host, no tensor ops
+            read_host = np.minimum(counts.astype(np.int64) * unit, np.asarray(seq_lens, np.int64)[:, None])
+            self._keys_read_host += int(read_host.sum())
+        else:
+            # keys read per (sequence, group) row, on the device: a page counts page_size keys, at most the length
+            c = sel.counts if torch.compiler.is_compiling() else self._last_plan.last_index.counts
+            read = torch.minimum(c.to(torch.int64) * unit, kv.lengths.to(torch.int64)[:, None]).sum()
+            self._keys_read = read if self._keys_read is None else self._keys_read + read
+        n_rows = int(counts.shape[1]) if counts is not None else int(c.shape[1])
+        self.keys_total += n_rows * rep * sum(lens)
         self.decode_steps += 1
         return out.reshape(b, hq, d)
 
@@ -169,7 +179,10 @@ class TopKDecode:
         self._last_plan = found
         return found
 
-    def _quest_bounds(self, kv: sc.DenseKV, unit: int, lens: tuple[int, ...]) -> sc.PageBounds:
+    def _quest_bounds(self, kv: sc.DenseKV, unit: int, lens: tuple[int, ...]) -> tuple[sc.PageBounds, Any]:
+        """This step's Quest bounds and where their update starts: the previous step's bounds (grown
+        if the cache outgrew them) with ``update_from`` the lengths before this step's token, for
+        :meth:`DecodePlan.run` to update in the same call; or new bounds of the whole cache and None."""
         view = (tuple(kv.k.shape[:1]) + tuple(kv.k.shape[2:]), unit, kv.k.dtype, kv.k.device)
         need = -(-int(kv.k.shape[1]) // unit)
         prev = self._bounds
@@ -182,11 +195,11 @@ class TopKDecode:
                 grown.kmin[:, :bounds.num_pages] = bounds.kmin
                 grown.kmax[:, :bounds.num_pages] = bounds.kmax
                 bounds = grown
-            bounds = sc.page_bounds(kv, out=bounds, start=kv.lengths - 1)
+            start = kv.lengths - 1
         else:
-            bounds = sc.page_bounds(kv, unit)
+            bounds, start = sc.page_bounds(kv, unit), None
         self._bounds = (view, lens, bounds)
-        return bounds
+        return bounds, start
 
     def forget_bounds(self) -> None:
         self._bounds = None

@@ -235,6 +235,32 @@ def _pack_backward(ctx: Any, g_values: Tensor | None, g_cols: Any, g_counts: Any
 torch.library.register_autograd("sparsecore::pack", _pack_backward, setup_context=_pack_setup)
 
 
+# gated_pack(gate, up, threshold, activation, tile, capacity, backend): pack(act(gate) * up)
+def _gated_pack_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    gate, up = inputs[0], inputs[1]
+    ctx.shape = (gate.shape[0], gate.shape[-1])
+    ctx.tile = inputs[4]
+    ctx.relu = inputs[3] == "relu"
+    ctx.backend = inputs[-1]
+    ctx.save_for_backward(*output[1:5], gate, up)
+
+
+def _gated_pack_backward(ctx: Any, g_values: Tensor | None, g_cols: Any, g_counts: Any, g_ip: Any, g_ix: Any,
+                         g_ov: Tensor | None) -> tuple[Any, ...]:
+    gate, up = ctx.saved_tensors[4:]
+    dh = _ops.unpack(*_packed_grad(ctx, g_values, g_ov, gate), ctx.backend)  # zero where nothing was kept
+    act = torch.relu(gate) if ctx.relu else gate
+    d_gate = d_up = None
+    if ctx.needs_input_grad[0]:
+        d_gate = dh * up * (gate > 0).to(gate.dtype) if ctx.relu else dh * up
+    if ctx.needs_input_grad[1]:
+        d_up = dh * act
+    return (d_gate, d_up, None, None, None, None, None)
+
+
+torch.library.register_autograd("sparsecore::gated_pack", _gated_pack_backward, setup_context=_gated_pack_setup)
+
+
 # relu_gate(x, w_gate, threshold, tile, capacity, backend): pack(relu(x @ w_gate.T))
 def _relu_gate_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
     x, w_gate = inputs[0], inputs[1]

@@ -42,14 +42,14 @@ from ..formats.topk import TopKIndex, topk_capacity
 from ..ops import inputs as _I
 
 __all__ = ["TorchTiledELL", "TorchCSR", "TorchTopKIndex", "TorchPageBounds", "as_torch_sparse", "as_torch_index",
-           "pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn", "relu_gate", "page_bounds",
+           "pack", "gated_pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn", "relu_gate", "page_bounds",
            "select_topk", "sparse_decode", "dense_decode", "merge_attention", "OP_NAMES", "SparseArgs", "N_SPARSE"]
 
 NS = "sparsecore"
 Tensor = torch.Tensor
 
 #: the qualified names of the custom ops, ``torch.ops.sparsecore.<name>``.
-OP_NAMES: tuple[str, ...] = ("pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn", "relu_gate",
+OP_NAMES: tuple[str, ...] = ("pack", "gated_pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn", "relu_gate",
                              "page_bounds", "page_bounds_update", "select_topk", "sparse_decode", "dense_decode",
                              "merge_attention")
 
@@ -390,6 +390,23 @@ def _(x, threshold, activation, tile, capacity, backend):
     return _pack_fake_outputs(x, inp.tile, inp.capacity)
 
 
+@torch.library.custom_op(f"{NS}::gated_pack", mutates_args=())
+def _gated_pack(gate: Tensor, up: Tensor, threshold: float, activation: str | None, tile: int, capacity: int | None,
+                backend: str | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    a = _ops.gated_pack(gate, up, threshold=threshold, activation=activation, tile=tile, capacity=capacity,
+                        backend=backend)
+    return _pack_outputs(a, gate, up)
+
+
+@_gated_pack.register_fake
+def _(gate, up, threshold, activation, tile, capacity, backend):
+    if not _concrete(tile, capacity):
+        return _pack_fake_outputs(gate, tile, capacity if capacity is not None else torch.sym_max(tile // 8, 1))
+    inp = _I.GatedPackInputs(gate, up, threshold, activation, tile, capacity)
+    inp.validate()
+    return _pack_fake_outputs(gate, inp.tile, inp.capacity)
+
+
 @torch.library.custom_op(f"{NS}::relu_gate", mutates_args=())
 def _relu_gate(x: Tensor, w_gate: Tensor, threshold: float, tile: int, capacity: int | None,
                backend: str | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -632,6 +649,14 @@ def pack(x: Tensor, *, threshold: float = 0.0, activation: str | None = None, ti
     kept entries only; with ``activation="relu"`` the ReLU is fused)."""
     outs = torch.ops.sparsecore.pack(x, threshold, activation, tile, capacity, backend)
     return _ell_from_outputs(outs, tuple(x.shape), tile)
+
+
+def gated_pack(gate: Tensor, up: Tensor, *, threshold: float = 0.0, activation: str | None = "relu", tile: int = 256,
+               capacity: int | None = None, backend: str | None = None) -> TorchTiledELL:
+    """:func:`sparsecore.gated_pack` as a custom op; differentiable w.r.t. ``gate`` and ``up`` (the
+    gradient reaches the kept entries only)."""
+    outs = torch.ops.sparsecore.gated_pack(gate, up, threshold, activation, tile, capacity, backend)
+    return _ell_from_outputs(outs, tuple(gate.shape), tile)
 
 
 def relu_gate(x: Tensor, w_gate: Tensor, *, threshold: float = 0.0, tile: int = 256, capacity: int | None = None,

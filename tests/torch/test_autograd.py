@@ -283,3 +283,28 @@ def test_compile_dynamic_token_count_relu_gated_ffn():
             torch.testing.assert_close(a.grad, b.grad)
     real = [gm for gm in counter.graphs if any(n.op == "placeholder" for n in gm.graph.nodes)]
     assert len(real) == 1, "a new token count must not recompile"
+
+
+@pytest.mark.parametrize("activation", ["relu", None])
+def test_gradcheck_gated_pack(activation):
+    """gated_pack's gradient w.r.t. gate and up, through the kept entries (with an overflow)."""
+    gate, up = _rand(4, 24, seed=11).requires_grad_(), _rand(4, 24, seed=12).requires_grad_()
+
+    def f(g, u):
+        a = sct.gated_pack(g, u, activation=activation, threshold=0.1, tile=8, capacity=2, backend=REF)
+        return a.values, a.overflow_data
+
+    assert sct.gated_pack(gate, up, activation=activation, threshold=0.1, tile=8, capacity=2,
+                          backend=REF).overflow_indices.shape[0] > 0
+    assert gradcheck(f, (gate, up))
+    # the same gradient as pack over the dense product
+    g2, u2 = gate.detach().clone().requires_grad_(), up.detach().clone().requires_grad_()
+    h = (torch.relu(g2) if activation == "relu" else g2) * u2
+    want = sct.unpack(sct.pack(h, threshold=0.1, tile=8, capacity=2, backend=REF), backend=REF)
+    got = sct.unpack(sct.gated_pack(gate, up, activation=activation, threshold=0.1, tile=8, capacity=2, backend=REF),
+                     backend=REF)
+    w = _rand(4, 24, seed=13)
+    (got * w).sum().backward()
+    (want * w).sum().backward()
+    torch.testing.assert_close(gate.grad, g2.grad)
+    torch.testing.assert_close(up.grad, u2.grad)

@@ -394,3 +394,11 @@ def test_pack_fake_shapes_match_real(tile, m, k):
     for r, f in zip(real[:4], fake[:4]):
         assert tuple(r.shape) == tuple(f.shape)
     assert isinstance(fake[4].shape[0], torch.SymInt)  # the overflow size is data-dependent
+
+
+@pytest.mark.parametrize("activation", ["relu", None])
+def test_opcheck_gated_pack(activation):
+    g = torch.Generator().manual_seed(3)
+    gate = torch.randn(5, 40, generator=g, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(5, 40, generator=g, dtype=torch.float64, requires_grad=True)
+    _opcheck(OPS.gated_pack.default, (gate, up, 0.2, activation, 8, 2, None))

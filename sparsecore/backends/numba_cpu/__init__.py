@@ -515,6 +515,19 @@ class PageBoundsOp(_NumbaCpu):
         kernel(_bits(k_pages), page_table, kv.lengths, first, ps, _lut_for(inp.dtype), _bits(out.kmin), _bits(out.kmax))
         return out
 
+    @classmethod
+    def launcher(cls, inp: I.PageBoundsInputs) -> Any:
+        """``launch(kv, out, start)``: a decode step's update of ``out`` in place from ``start``
+        (DecodePlan's ``update_from``), on the calling thread (a step adds a page or two)."""
+        ps, lut, kernel = inp.unit_page_size, _lut_for(inp.dtype), _k().page_bounds_serial
+        dense_table = np.arange(inp.kv.batch, dtype=np.int32)[:, None]
+
+        def launch(kv: Any, out: Any, start: np.ndarray) -> None:
+            kp, pt = (kv.k_pages, kv.page_table) if kv.paged else (kv.k, dense_table)
+            kernel(_bits(kp), pt, kv.lengths, start.astype(np.int64) // ps, ps, lut, _bits(out.kmin), _bits(out.kmax))
+
+        return launch
+
 
 def _guarded(fn: Any, serial: bool) -> Any:
     """``fn`` as the backend calls a kernel: a serial kernel as it is; a parallel one under the
