@@ -279,7 +279,8 @@ FFN_SHAPES: dict[str, tuple[int, int]] = {"SmolLM2-135M": (1536, 576), "2B": (56
 #: decode shapes: (name, B, Hq, Hkv, D)
 DECODE_SHAPES: dict[str, tuple[int, int, int, int]] = {"SmolLM2-135M": (1, 9, 3, 64), "Hq32-Hkv8-D128": (1, 32, 8, 128)}
 FFN_NAMES = ["sparsecore spmm", "torch dense matmul", "torch sparse CSR @ dense", "SciPy CSR @ dense",
-             "NumPy dense matmul", "sparsecore pack + spmm (from dense activations)"]
+             "NumPy dense matmul", "sparsecore pack + spmm (from dense activations)",
+             "sparsecore OpPlan.run (spmm, planned)"]
 DECODE_NAMES = ["sparsecore sparse_decode (given the top-k)", "torch gather + SDPA (same keys)", "torch dense SDPA",
                 "NumPy dense decode", "sparsecore select_topk exact + sparse_decode",
                 "sparsecore select_topk quest + sparse_decode", "sparsecore DecodePlan.run (quest)"]
@@ -330,6 +331,9 @@ def _ffn_block(shape: str, m: int, density: float, seed: int) -> Block:
         impls.append(Impl(FFN_NAMES[4], lambda: x @ w, False, chk))
         against = FFN_NAMES[1] if torch is not None else FFN_NAMES[4]
         impls.append(Impl(FFN_NAMES[5], lambda: ops.spmm(ops.pack(x), w), True, chk, against=against))
+        plan = ops.OpPlan("spmm", a, w)  # the decode loop's call: planned once, run per step
+        impls.append(Impl(FFN_NAMES[6], lambda: plan.run(a, w), True, chk,
+                          against=FFN_NAMES[3] if sp is not None else against))
         return impls
 
     params = {"family": "ffn", "op": "spmm", "shape": shape, "M": m, "K": k, "N": n, "density": density}

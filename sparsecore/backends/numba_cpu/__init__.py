@@ -198,7 +198,7 @@ class Pack(_NumbaCpu):
 
     @classmethod
     def serial(cls, inp: I.PackInputs) -> bool:
-        """Decode-size packs (up to ROW_KERNEL_MAX_ROWS rows) run one serial pass."""
+        """Decode-size packs (up to ROW_KERNEL_MAX_ROWS rows, small) run the serial launchers."""
         return inp.x.shape[0] <= ROW_KERNEL_MAX_ROWS and math.prod(inp.x.shape) < PARALLEL_MIN_WORK
 
     @classmethod
@@ -211,15 +211,10 @@ class Pack(_NumbaCpu):
         lut = _lut_for(inp.dtype)
         relu = inp.activation == "relu"
         thr = np.float32(inp.threshold_f32)
-        if cls.serial(inp):
-            values = np.zeros((m, nt, cap), x.dtype)
-            cols = np.zeros((m, nt, cap), np.int16)
-            counts = np.empty((m, nt), np.int32)
-            if k.pack_slots_serial(_bits(x), thr, relu, tile, cap, lut, _bits(values), cols, counts) == 0:
-                return TiledELL(values, cols, counts, (m, kk), tile, None)
+        serial = cls.serial(inp)  # decode size: the same rows on the calling thread
         counts = np.empty((m, nt), np.int32)
         row_over = np.empty(m, np.int64)
-        k.pack_count(_bits(x), thr, relu, tile, cap, lut, counts, row_over)
+        (k.pack_count_serial if serial else k.pack_count)(_bits(x), thr, relu, tile, cap, lut, counts, row_over)
         values = np.zeros((m, nt, cap), x.dtype)
         cols = np.zeros((m, nt, cap), np.int16)
         o_ptr = np.zeros(m + 1, np.int64)
@@ -227,8 +222,8 @@ class Pack(_NumbaCpu):
         n_over = int(o_ptr[-1])
         o_idx = np.empty(n_over, np.int64)
         o_val = np.empty(n_over, x.dtype)
-        k.pack_fill(_bits(x), thr, relu, tile, cap, lut, _bits(values), cols, o_ptr, o_idx,
-                    _bits(o_val))
+        (k.pack_fill_serial if serial else k.pack_fill)(_bits(x), thr, relu, tile, cap, lut, _bits(values), cols,
+                                                         o_ptr, o_idx, _bits(o_val))
         overflow = None
         if n_over:
             idx_t = np.int32 if max(kk, n_over) < 2**31 else np.int64
@@ -240,6 +235,10 @@ class Pack(_NumbaCpu):
 class GatedPack(_NumbaCpu):
     OP = "gated_pack"
     DTYPES: ClassVar[tuple[str, ...]] = ("float32",)  # 16-bit products round like the reference: not yet
+
+    @classmethod
+    def serial(cls, inp: I.GatedPackInputs) -> bool:
+        return inp.gate.shape[0] <= ROW_KERNEL_MAX_ROWS and math.prod(inp.gate.shape) < PARALLEL_MIN_WORK
 
     @classmethod
     def run(cls, inp: I.GatedPackInputs) -> TiledELL:

@@ -37,81 +37,73 @@ def _load(a, idx, lut):
 # FFN: pack, unpack, spmm, sddmm, spmm_t, gated_ffn
 
 
+@njit(**_TASK)
+def _pack_count_row(m, x, threshold, relu, tile, capacity, lut, counts, row_overflow):
+    k = x.shape[1]
+    over = 0
+    for t in range(counts.shape[1]):
+        c = 0
+        for j in range(t * tile, min((t + 1) * tile, k)):
+            a = load(x, (m, j), lut)
+            if relu and a < 0:
+                a = np.float32(0)
+            if not abs(a) <= threshold:  # NaN is kept
+                c += 1
+        counts[m, t] = min(c, capacity)
+        over += max(c - capacity, 0)
+    row_overflow[m] = over
+
+
 @njit(**_PAR)
 def pack_count(x, threshold, relu, tile, capacity, lut, counts, row_overflow):
     """Pass 1: slots used per (row, tile) and overflow entries per row."""
-    m_rows, k = x.shape
-    n_tiles = counts.shape[1]
-    for m in prange(m_rows):
-        over = 0
-        for t in range(n_tiles):
-            c = 0
-            for j in range(t * tile, min((t + 1) * tile, k)):
-                a = load(x, (m, j), lut)
-                if relu and a < 0:
-                    a = np.float32(0)
-                if not abs(a) <= threshold:  # NaN is kept
-                    c += 1
-            counts[m, t] = min(c, capacity)
-            over += max(c - capacity, 0)
-        row_overflow[m] = over
+    for m in prange(x.shape[0]):
+        _pack_count_row(m, x, threshold, relu, tile, capacity, lut, counts, row_overflow)
+
+
+@njit(**_TASK)
+def pack_count_serial(x, threshold, relu, tile, capacity, lut, counts, row_overflow):
+    for m in range(x.shape[0]):
+        _pack_count_row(m, x, threshold, relu, tile, capacity, lut, counts, row_overflow)
+
+
+@njit(**_TASK)
+def _pack_fill_row(m, x, threshold, relu, tile, capacity, lut, values, cols, o_ptr, o_idx, o_val):
+    k = x.shape[1]
+    zero = x.dtype.type(0)
+    p = o_ptr[m]
+    for t in range(values.shape[1]):
+        c = 0
+        for j in range(t * tile, min((t + 1) * tile, k)):
+            a = load(x, (m, j), lut)
+            if relu and a < 0:
+                raw = zero
+                a = np.float32(0)
+            else:
+                raw = x[m, j]
+            if not abs(a) <= threshold:
+                if c < capacity:
+                    values[m, t, c] = raw
+                    cols[m, t, c] = j - t * tile
+                else:
+                    o_idx[p] = j
+                    o_val[p] = raw
+                    p += 1
+                c += 1
 
 
 @njit(**_PAR)
 def pack_fill(x, threshold, relu, tile, capacity, lut, values, cols, o_ptr, o_idx, o_val):
-    """Pass 2: first ``capacity`` kept columns of a tile to its slots, the rest to the overflow."""
-    m_rows, k = x.shape
-    n_tiles = values.shape[1]
-    zero = x.dtype.type(0)
-    for m in prange(m_rows):
-        p = o_ptr[m]
-        for t in range(n_tiles):
-            c = 0
-            for j in range(t * tile, min((t + 1) * tile, k)):
-                a = load(x, (m, j), lut)
-                if relu and a < 0:
-                    raw = zero
-                    a = np.float32(0)
-                else:
-                    raw = x[m, j]
-                if not abs(a) <= threshold:
-                    if c < capacity:
-                        values[m, t, c] = raw
-                        cols[m, t, c] = j - t * tile
-                    else:
-                        o_idx[p] = j
-                        o_val[p] = raw
-                        p += 1
-                    c += 1
+    """Pass 2: first ``capacity`` kept columns of a tile to its slots, the rest to the overflow.
+    :func:`pack_count_serial` / :func:`pack_fill_serial`: the same rows on the calling thread."""
+    for m in prange(x.shape[0]):
+        _pack_fill_row(m, x, threshold, relu, tile, capacity, lut, values, cols, o_ptr, o_idx, o_val)
 
 
-@njit(**_OPTS)
-def pack_slots_serial(x, threshold, relu, tile, capacity, lut, values, cols, counts):
-    """Decode-size pack in one pass on the calling thread: the slots and counts (``values`` and
-    ``cols`` zeroed by the caller); returns the number of entries past full tiles (the overflow,
-    which this pass does not store: when it is not 0 the caller runs pack_count and pack_fill)."""
-    m_rows, k = x.shape
-    n_tiles = counts.shape[1]
-    zero = x.dtype.type(0)
-    over = 0
-    for m in range(m_rows):
-        for t in range(n_tiles):
-            c = 0
-            for j in range(t * tile, min((t + 1) * tile, k)):
-                a = load(x, (m, j), lut)
-                if relu and a < 0:
-                    raw = zero
-                    a = np.float32(0)
-                else:
-                    raw = x[m, j]
-                if not abs(a) <= threshold:  # NaN is kept
-                    if c < capacity:
-                        values[m, t, c] = raw
-                        cols[m, t, c] = j - t * tile
-                    c += 1
-            counts[m, t] = min(c, capacity)
-            over += max(c - capacity, 0)
-    return over
+@njit(**_TASK)
+def pack_fill_serial(x, threshold, relu, tile, capacity, lut, values, cols, o_ptr, o_idx, o_val):
+    for m in range(x.shape[0]):
+        _pack_fill_row(m, x, threshold, relu, tile, capacity, lut, values, cols, o_ptr, o_idx, o_val)
 
 
 @njit(**_OPTS)
