@@ -233,6 +233,14 @@ class BackendOp:
         raise NotImplementedError
 
     @classmethod
+    def launcher(cls, inp: Any) -> Any:
+        """For plans (:class:`~sparsecore.DecodePlan`, :class:`~sparsecore.OpPlan`) of host backends:
+        a callable bound to ``inp``'s shapes that later calls of the same metadata run without
+        validation or dispatch (each op documents its arguments), or None when this backend or
+        call has none (the plan then runs the public path)."""
+        return None
+
+    @classmethod
     def apply(cls, inp: Any) -> Any:
         """Run the op on ``inp`` and return arrays of the kind the caller gave."""
         if cls.DEVICE == "host":

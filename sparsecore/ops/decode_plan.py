@@ -99,21 +99,22 @@ class DecodePlan:
         shape decision and the workspace, and only launch). ``_seen`` is the metadata of the last run
         checked in full (:func:`_metadata`: everything but the data and the cache's capacity); a run
         with the same metadata goes straight to the launchers."""
-        sel, dec = getattr(self._select.backend, "launcher", None), getattr(self._decode.backend, "launcher", None)
         self._fast_select = self._fast_decode = None
         self._seen: Any = None
-        if os.environ.get("SPARSECORE_VALIDATE") == "always" or not self._host or sel is None or dec is None \
+        if os.environ.get("SPARSECORE_VALIDATE") == "always" or not self._host \
                 or select_inp.kind not in ("numpy", "torch"):
             return
         if select_inp.kind == "torch":
             select_inp, decode_inp = select_inp.map_arrays(to_numpy), decode_inp.map_arrays(to_numpy)
-        self._fast_select, self._fast_decode = sel(select_inp), dec(decode_inp)
+        fs, fd = self._select.backend.launcher(select_inp), self._decode.backend.launcher(decode_inp)
+        if fs is None or fd is None:
+            return
+        self._fast_select, self._fast_decode = fs, fd
         self._fast_bounds = None
         if select_inp.bounds is not None:  # update_from: the page_bounds launcher
             pb_inp = I.PageBoundsInputs(select_inp.kv, None, select_inp.bounds,
                                         np.zeros(select_inp.kv.batch, np.int32))
-            pb = getattr(plan(pb_inp, self._backend).backend, "launcher", None)
-            self._fast_bounds = None if pb is None else pb(pb_inp)
+            self._fast_bounds = plan(pb_inp, self._backend).backend.launcher(pb_inp)
         self._k_max = select_inp.k_max
         self._bucket = _capacity(select_inp.kv).bit_length()  # the launchers' kernel choice holds in this range
 

@@ -92,10 +92,8 @@ class OpPlan:
         self._bind(inp)
 
     def _bind(self, inp: Any) -> None:
-        launcher = getattr(self._plan.backend, "launcher", None)
-        fast = (launcher is not None and self._plan.device == "host" and inp.all_numpy
-                and os.environ.get("SPARSECORE_VALIDATE") != "always")
-        self._launch = launcher(inp) if fast else None
+        fast = self._plan.device == "host" and inp.all_numpy and os.environ.get("SPARSECORE_VALIDATE") != "always"
+        self._launch = self._plan.backend.launcher(inp) if fast else None
         self._formats = tuple(i for i, n in enumerate(self._names) if _is_format(getattr(inp, n)))
         self._seen = _metadata(tuple(getattr(inp, n) for n in self._names)) if fast else None
 
