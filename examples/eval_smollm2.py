@@ -494,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ffn-eval-len", type=int, default=384)
     ap.add_argument("--speed-context", type=int, default=2048)
     ap.add_argument("--speed-steps", type=int, default=8)
+    ap.add_argument("--speed-method", default="exact", choices=["exact", "quest"],
+                    help="decode selection of the speed section (k = context / 50 tokens, or as many in pages)")
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--speed-rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
@@ -551,7 +553,9 @@ def main(argv: list[str] | None = None) -> int:
         elif sec == "speed":
             s = args.speed_context
             cal = calibrate_thresholds(model, models.token_windows(tok, "english", 256, 2, skip=0), 0.5)
-            res["speed"] = eval_speed(model, tok, s, args.speed_steps, args.threads, dict(default, k=s // 50), cal,
+            opts = dict(default, k=s // 50) if args.speed_method == "exact" else \
+                dict(default, method="quest", k=max(1, round(s / 50 / args.page_size)), page_size=args.page_size)
+            res["speed"] = eval_speed(model, tok, s, args.speed_steps, args.threads, opts, cal,
                                       save, rounds=args.speed_rounds)
             set_threads(args.quality_threads)
         res["seconds"][sec] = time.perf_counter() - t
