@@ -241,10 +241,11 @@ def eval_retrieval(model, tok, length, trials, configs, seed, save) -> dict:
 
 # ------------------------------------------------------------------------------------------ FFN sparsity
 
-def eval_ffn(model, tok, sparsities, calib_windows, calib_len, eval_len, save) -> dict:
+def eval_ffn(model, tok, sparsities, calib_windows, calib_len, eval_len, save, input_sparsity=None) -> dict:
     calib = models.token_windows(tok, "english", calib_len, calib_windows, skip=0)
-    log(f"ffn: calibrating thresholds on {calib.numel()} English tokens for sparsity {sparsities}...")
-    cals = calibrate_thresholds(model, calib, list(sparsities))
+    log(f"ffn: calibrating thresholds on {calib.numel()} English tokens for sparsity {sparsities}"
+        f" (input sparsity {input_sparsity})...")
+    cals = calibrate_thresholds(model, calib, list(sparsities), input_sparsity=input_sparsity)
     held = {"english": models.token_windows(tok, "english", eval_len, 1, skip=60000),
             "python": models.token_windows(tok, "python", eval_len, 1, skip=50000)}
     rows = []
@@ -260,7 +261,8 @@ def eval_ffn(model, tok, sparsities, calib_windows, calib_len, eval_len, save) -
                         m.reset_stats()
                 loss = float(p(ids, labels=ids).loss)
                 sp = [float(m.sparsity) for m in p.modules() if isinstance(m, ThresholdSparseMLP)]
-                rows.append(dict(target=cal["sparsity"], text=kind, tokens=int(ids.numel()), dense_loss=dense[kind],
+                rows.append(dict(target=cal["sparsity"], input_sparsity=input_sparsity, text=kind,
+                                 tokens=int(ids.numel()), dense_loss=dense[kind],
                                  loss=loss, delta_loss=loss - dense[kind],
                                  rel_increase=(loss - dense[kind]) / dense[kind],
                                  achieved_sparsity=sum(sp) / len(sp), min_layer_sparsity=min(sp),
@@ -492,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--retrieval-trials", type=int, default=6)
     ap.add_argument("--ffn-sparsity", nargs="+", type=float, default=[0.3, 0.5, 0.7, 0.9])
     ap.add_argument("--ffn-eval-len", type=int, default=384)
+    ap.add_argument("--ffn-input-sparsity", type=float, default=None,
+                    help="also drop this fraction of each MLP's inputs (TEAL), in the ffn and speed sections")
     ap.add_argument("--speed-context", type=int, default=2048)
     ap.add_argument("--speed-steps", type=int, default=8)
     ap.add_argument("--speed-method", default="exact", choices=["exact", "quest"],
@@ -549,10 +553,12 @@ def main(argv: list[str] | None = None) -> int:
                     dict(label="exact k=S/50", opts=dict(k=s // 50))]
             res["retrieval"] = eval_retrieval(model, tok, s, args.retrieval_trials, cfgs, args.seed, save)
         elif sec == "ffn":
-            res["ffn"] = eval_ffn(model, tok, args.ffn_sparsity, 4, 256, args.ffn_eval_len, save)
+            res["ffn"] = eval_ffn(model, tok, args.ffn_sparsity, 4, 256, args.ffn_eval_len, save,
+                                  input_sparsity=args.ffn_input_sparsity)
         elif sec == "speed":
             s = args.speed_context
-            cal = calibrate_thresholds(model, models.token_windows(tok, "english", 256, 2, skip=0), 0.5)
+            cal = calibrate_thresholds(model, models.token_windows(tok, "english", 256, 2, skip=0), 0.5,
+                                       input_sparsity=args.ffn_input_sparsity)
             opts = dict(default, k=s // 50) if args.speed_method == "exact" else \
                 dict(default, method="quest", k=max(1, round(s / 50 / args.page_size)), page_size=args.page_size)
             res["speed"] = eval_speed(model, tok, s, args.speed_steps, args.threads, opts, cal,

@@ -188,7 +188,10 @@ def _check_threshold(where: str, threshold: Any) -> float:
 class ThresholdSparseMLP(nn.Module):
     """A LLaMA-style gated MLP whose hidden activations below a threshold are dropped::
 
-        h = act(gate_proj(x)) * up_proj(x)          # dense, act as the model had it (SiLU, GELU, ...)
+        x[|x| <= input_threshold] = 0               # optional (default 0: nothing dropped), TEAL's input
+                                                    # sparsity: spmm(pack(x), [gate | up].T) reads only
+                                                    # the kept columns of gate_proj and up_proj
+        h = act(gate_proj(x)) * up_proj(x)          # act as the model had it (SiLU, GELU, ...)
         h[|h| <= threshold] = 0                     # pack(h, threshold=threshold): TiledELL
         out = spmm(h, down_proj.weight.T)           # only the kept rows of down_proj are read
 
@@ -207,7 +210,8 @@ class ThresholdSparseMLP(nn.Module):
 
     def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear, act_fn: Any, *,
                  threshold: float = 0.0, tile: int = 256, capacity: int | None = None,
-                 expected_sparsity: float | None = None) -> None:
+                 expected_sparsity: float | None = None, input_threshold: float = 0.0,
+                 expected_input_sparsity: float | None = None) -> None:
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
         self.act_fn = act_fn
@@ -215,6 +219,15 @@ class ThresholdSparseMLP(nn.Module):
         self.intermediate_size = gate_proj.out_features
         self.out_size = down_proj.out_features
         self.threshold = _check_threshold("ThresholdSparseMLP", threshold)
+        self.input_threshold = _check_threshold("ThresholdSparseMLP: input", input_threshold)
+        if expected_input_sparsity is not None and not 0.0 <= float(expected_input_sparsity) <= 1.0:
+            raise ValueError(f"ThresholdSparseMLP: expected_input_sparsity = {expected_input_sparsity!r}; must be "
+                             "in [0, 1]")
+        self.input_tile = min(256, 1 << max(1, (self.hidden_size - 1).bit_length()))
+        keep_in = 1.0 if expected_input_sparsity is None else 1.0 - float(expected_input_sparsity)
+        cap_in = int(self.input_tile * min(1.0, keep_in * 1.25 + 0.02) + 0.999)
+        self.input_capacity = max(1, min(self.input_tile, cap_in))
+        self._w_gate_up_cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
         if isinstance(tile, bool) or not isinstance(tile, int) or tile < 2 or tile & (tile - 1):
             raise ValueError(f"ThresholdSparseMLP: tile = {tile!r}; must be a power of two >= 2")
         if expected_sparsity is not None and not 0.0 <= float(expected_sparsity) <= 1.0:
@@ -236,7 +249,8 @@ class ThresholdSparseMLP(nn.Module):
 
     @classmethod
     def from_dense(cls, mlp: nn.Module, *, threshold: float = 0.0, tile: int = 256, capacity: int | None = None,
-                   expected_sparsity: float | None = None) -> ThresholdSparseMLP:
+                   expected_sparsity: float | None = None, input_threshold: float = 0.0,
+                   expected_input_sparsity: float | None = None) -> ThresholdSparseMLP:
         """A ThresholdSparseMLP sharing ``mlp``'s ``gate_proj``, ``up_proj``, ``down_proj`` and
         ``act_fn`` (no copy)."""
         _check_llama_mlp("ThresholdSparseMLP.from_dense", mlp)
@@ -244,13 +258,34 @@ class ThresholdSparseMLP(nn.Module):
         if act is None or not callable(act):
             raise TypeError(f"ThresholdSparseMLP.from_dense: mlp ({type(mlp).__name__}) has no callable act_fn")
         return cls(mlp.gate_proj, mlp.up_proj, mlp.down_proj, act, threshold=threshold, tile=tile,
-                   capacity=capacity, expected_sparsity=expected_sparsity).train(mlp.training)
+                   capacity=capacity, expected_sparsity=expected_sparsity, input_threshold=input_threshold,
+                   expected_input_sparsity=expected_input_sparsity).train(mlp.training)
 
     _w_down = SparseGatedMLP._w_down  # down_proj.weight.T [K, N], a contiguous copy kept without autograd
 
     def hidden(self, x2: torch.Tensor) -> torch.Tensor:
-        """The dense hidden activations ``act(gate_proj x) * up_proj x`` of ``x2[M, D]``."""
+        """The hidden activations ``act(gate_proj x) * up_proj x`` of ``x2[M, D]`` (with
+        ``input_threshold > 0``: of ``x2`` with ``|x| <= input_threshold`` set to 0; NaN is kept)."""
+        t_in = self.input_threshold
+        if t_in > 0:
+            if torch.compiler.is_compiling() or (torch.is_grad_enabled() and x2.requires_grad) \
+                    or self.gate_proj.bias is not None or self.up_proj.bias is not None:
+                x2 = torch.where(x2.abs() <= t_in, torch.zeros((), dtype=x2.dtype, device=x2.device), x2)
+            else:  # inference: only the kept inputs' columns of gate_proj and up_proj are read
+                xs = sc.pack(x2.detach(), threshold=t_in, tile=self.input_tile, capacity=self.input_capacity)
+                gu = sc.spmm(xs, self._w_gate_up())
+                k = self.intermediate_size
+                return self.act_fn(gu[:, :k]) * gu[:, k:]
         return self.act_fn(self.gate_proj(x2)) * self.up_proj(x2)
+
+    def _w_gate_up(self) -> torch.Tensor:
+        """``[gate_proj.weight.T | up_proj.weight.T]`` ``[D, 2K]``, a contiguous copy kept until a weight
+        changes (the input-sparse path gathers its rows)."""
+        wg, wu = self.gate_proj.weight, self.up_proj.weight
+        key = tuple((w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape)) for w in (wg, wu))
+        if self._w_gate_up_cache is None or self._w_gate_up_cache[0] != key:
+            self._w_gate_up_cache = (key, torch.cat([wg.detach().t(), wu.detach().t()], dim=1).contiguous())
+        return self._w_gate_up_cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.hidden_size:
@@ -281,7 +316,8 @@ class ThresholdSparseMLP(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
-                f"threshold={self.threshold:.6g}, tile={self.tile}, capacity={self.capacity}")
+                f"threshold={self.threshold:.6g}, tile={self.tile}, capacity={self.capacity}"
+                + (f", input_threshold={self.input_threshold:.6g}" if self.input_threshold else ""))
 
 
 THRESHOLDS_FORMAT = "sparsecore-ffn-thresholds"
@@ -301,7 +337,8 @@ def _gated_mlps(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def calibrate_thresholds(model: nn.Module, ids: Any, sparsity: float | Sequence[float], *, batch_size: int = 1,
-                         max_samples: int = 1 << 22, seed: int = 0) -> dict[str, Any] | list[dict[str, Any]]:
+                         max_samples: int = 1 << 22, seed: int = 0, input_sparsity: float | None = None
+                         ) -> dict[str, Any] | list[dict[str, Any]]:
     """Per-layer thresholds that make the fraction ``sparsity`` of each gated MLP's hidden
     activations (the input of ``down_proj``, ``act(gate_proj x) * up_proj x``) zero on the
     calibration tokens ``ids`` (``[N, T]`` or ``[T]`` int tensor, or a list of such): the
@@ -312,8 +349,13 @@ def calibrate_thresholds(model: nn.Module, ids: Any, sparsity: float | Sequence[
     returns a JSON-ready dict ``{"format", "version", "sparsity", "tokens", "model", "thresholds":
     {mlp module name: float}}`` for ``patch_model(model, ffn=dict(mode="threshold", thresholds=...))``
     and :func:`save_thresholds`. A sequence of sparsities gives a list of such dicts from one pass
-    over the calibration text.
+    over the calibration text. ``input_sparsity`` (TEAL's input sparsity) also calibrates, from the
+    same pass, per-layer thresholds of the MLP's input ``x`` (the input of ``gate_proj`` and
+    ``up_proj``): the dicts then carry ``"input_sparsity"`` and ``"input_thresholds"``.
     """
+    if input_sparsity is not None and (isinstance(input_sparsity, bool) or not isinstance(input_sparsity, (int, float))
+                                       or not 0.0 <= input_sparsity < 1.0):
+        raise ValueError(f"calibrate_thresholds: input_sparsity = {input_sparsity!r}; must be a number in [0, 1)")
     many = isinstance(sparsity, (list, tuple))
     targets = list(sparsity) if many else [sparsity]
     for sp in targets:
@@ -336,16 +378,19 @@ def calibrate_thresholds(model: nn.Module, ids: Any, sparsity: float | Sequence[
     per_call = max(1, max_samples // max(1, len(batches)))
     gen = torch.Generator().manual_seed(seed)
     samples: dict[str, list[torch.Tensor]] = {name: [] for name, _ in mlps}
+    in_samples: dict[str, list[torch.Tensor]] = {name: [] for name, _ in mlps}
 
-    def hook(name: str) -> Any:
+    def hook(name: str, into: dict[str, list[torch.Tensor]]) -> Any:
         def fn(_mod: nn.Module, args: tuple[Any, ...]) -> None:
             a = args[0].detach().reshape(-1).abs().float()
             if a.numel() > per_call:
                 a = a[torch.randint(a.numel(), (per_call,), generator=gen).to(a.device)]
-            samples[name].append(a.cpu())
+            into[name].append(a.cpu())
         return fn
 
-    handles = [m.down_proj.register_forward_pre_hook(hook(name)) for name, m in mlps]
+    handles = [m.down_proj.register_forward_pre_hook(hook(name, samples)) for name, m in mlps]
+    if input_sparsity is not None:
+        handles += [m.gate_proj.register_forward_pre_hook(hook(name, in_samples)) for name, m in mlps]
     was_training = model.training
     model.eval()
     try:
@@ -357,16 +402,21 @@ def calibrate_thresholds(model: nn.Module, ids: Any, sparsity: float | Sequence[
         for h in handles:
             h.remove()
         model.train(was_training)
-    tables: list[dict[str, float]] = [{} for _ in targets]
-    for name, chunks in samples.items():
+    def quantile(chunks: list[torch.Tensor], sp: float) -> float:
+        # the sp-quantile: |h| <= it for the fraction sp of the samples (0: only exact zeros)
         a = torch.sort(torch.cat(chunks)).values
-        for table, sp in zip(tables, targets):
-            # the sp-quantile: |h| <= it for the fraction sp of the samples (0: only exact zeros)
-            table[name] = 0.0 if sp == 0 else float(a[min(a.numel(), max(1, int(round(sp * a.numel())))) - 1])
+        return 0.0 if sp == 0 else float(a[min(a.numel(), max(1, int(round(sp * a.numel())))) - 1])
+
+    tables = [{name: quantile(chunks, sp) for name, chunks in samples.items()} for sp in targets]
     cfg = getattr(model, "config", None)
     out = [{"format": THRESHOLDS_FORMAT, "version": 1, "sparsity": float(sp), "tokens": n_tokens,
             "model": getattr(cfg, "_name_or_path", None) or type(model).__name__, "thresholds": table}
            for sp, table in zip(targets, tables)]
+    if input_sparsity is not None:
+        inputs = {name: quantile(chunks, float(input_sparsity)) for name, chunks in in_samples.items()}
+        for d in out:
+            d["input_sparsity"] = float(input_sparsity)
+            d["input_thresholds"] = dict(inputs)
     return out if many else out[0]
 
 
@@ -401,4 +451,10 @@ def _check_calibration(data: Any, where: str) -> dict[str, Any]:
         raise ValueError(f"{where}: thresholds must be a non-empty dict of module name -> threshold")
     for name, v in th.items():
         _check_threshold(f"{where}: thresholds[{name!r}]", v)
+    inp = data.get("input_thresholds")
+    if inp is not None:
+        if not isinstance(inp, dict) or set(inp) != set(th):
+            raise ValueError(f"{where}: input_thresholds must be a dict with the same module names as thresholds")
+        for name, v in inp.items():
+            _check_threshold(f"{where}: input_thresholds[{name!r}]", v)
     return data

@@ -19,10 +19,12 @@ from .modules import (
 
 __all__ = ["patch_model", "PatchReport", "calibrate_thresholds", "save_thresholds", "load_thresholds"]
 
-_FFN_KEYS = ("mode", "tile", "capacity", "threshold", "act", "sparsity", "thresholds", "calibration")
+_FFN_KEYS = ("mode", "tile", "capacity", "threshold", "act", "sparsity", "thresholds", "calibration",
+             "input_sparsity")
 _FFN_MODES = ("relu", "threshold")
 _FFN_MODE_KEYS = {"relu": ("mode", "tile", "capacity", "threshold", "act"),
-                  "threshold": ("mode", "tile", "capacity", "sparsity", "thresholds", "calibration")}
+                  "threshold": ("mode", "tile", "capacity", "sparsity", "thresholds", "calibration",
+                                "input_sparsity")}
 _FFN_ACTS = ("relu",)
 _DECODE_KEYS = ("k", "method", "sink", "window", "shared", "page_size")
 
@@ -88,7 +90,7 @@ def _threshold_options(model: nn.Module, opts: dict, names: list[str]) -> dict[s
                              "a JSON file that save_thresholds wrote), or sparsity=s with calibration=token ids "
                              "(or sparsity=0)")
         if calib is not None:
-            given = calibrate_thresholds(model, calib, float(sparsity))
+            given = calibrate_thresholds(model, calib, float(sparsity), input_sparsity=opts.get("input_sparsity"))
         elif sparsity == 0:
             given = {name: 0.0 for name in names}
         else:
@@ -104,6 +106,8 @@ def _threshold_options(model: nn.Module, opts: dict, names: list[str]) -> dict[s
                              f"sparsity = {data['sparsity']}; drop sparsity or calibrate again")
         sparsity = float(data["sparsity"])
         table = data["thresholds"]
+        in_table = data.get("input_thresholds")
+        in_sparsity = data.get("input_sparsity")
     elif isinstance(given, dict):
         table = _check_calibration({"format": THRESHOLDS_FORMAT, "thresholds": given},
                                    "patch_model: ffn thresholds")["thresholds"]
@@ -116,8 +120,22 @@ def _threshold_options(model: nn.Module, opts: dict, names: list[str]) -> dict[s
         raise ValueError(f"patch_model: ffn thresholds do not match the model's MLPs: missing {missing[:3]}"
                          f"{'...' if len(missing) > 3 else ''} ({len(missing)}), unknown {extra[:3]}"
                          f"{'...' if len(extra) > 3 else ''} ({len(extra)}); calibrate on this model")
+    want_in = opts.get("input_sparsity")
+    if want_in is not None:
+        if not isinstance(given, dict) or "format" not in given or in_table is None:
+            raise ValueError(f"patch_model: ffn input_sparsity = {want_in!r} needs input thresholds: pass "
+                             "calibration=token ids, or thresholds=calibrate_thresholds(model, ids, sparsity, "
+                             "input_sparsity=...)")
+        if abs(float(in_sparsity) - float(want_in)) > 1e-9:
+            raise ValueError(f"patch_model: ffn input_sparsity = {want_in} but the thresholds were calibrated for "
+                             f"input_sparsity = {in_sparsity}; drop input_sparsity or calibrate again")
+    elif not isinstance(given, dict) or "format" not in given:
+        in_table = None
     kw = {k: opts[k] for k in ("tile", "capacity") if k in opts}
     per_layer = {n: dict(threshold=float(table[n]), expected_sparsity=sparsity, **kw) for n in names}
+    if in_table is not None:  # calibrated with input sparsity: used whenever present
+        for n in names:
+            per_layer[n].update(input_threshold=float(in_table[n]), expected_input_sparsity=in_sparsity)
     # construct nothing yet, but check the packing options once (the same for every layer)
     probe = dict(per_layer[names[0]]) if names else {}
     if probe:
@@ -145,7 +163,11 @@ def patch_model(model: nn.Module, ffn: bool | dict | None = None, decode: bool |
     :func:`~sparsecore.torch.modules.calibrate_thresholds` result (or the path of the JSON that
     :func:`~sparsecore.torch.modules.save_thresholds` wrote, or ``{mlp name: threshold}``); or pass
     ``calibration=`` token ids of real text to calibrate here for ``sparsity``; ``sparsity=0`` alone
-    drops only exact zeros (the dense model's function).
+    drops only exact zeros (the dense model's function). ``input_sparsity=s_in`` (with
+    ``calibration=``, or thresholds calibrated with ``input_sparsity``) also drops the smallest
+    fraction ``s_in`` of each MLP's input ``x`` as TEAL does, so that decode reads only the kept
+    columns of ``gate_proj`` and ``up_proj`` (``spmm`` over the packed ``x``); thresholds calibrated
+    with input sparsity apply it whenever they are given.
 
     ``decode=dict(k=..., method="exact"|"quest", sink=0, window=0, shared=True, page_size=None)``
     gives every attention layer a :class:`~sparsecore.torch.attention.TopKDecode` (the attribute

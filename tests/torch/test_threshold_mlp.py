@@ -141,3 +141,53 @@ def test_silu_error_lists_threshold_mode():
     with pytest.raises(ValueError, match=r"hidden_act = 'silu'.*ffn=dict\(mode='threshold', sparsity=s, "
                                          r"thresholds=calibrate_thresholds\(model, ids, s\)\).*ffn=dict\(act='relu'\)"):
         patch_model(_model(), ffn=True)
+
+
+@pytest.mark.parametrize("input_threshold", [0.3, 0.8])
+def test_input_sparsity_is_the_masked_input(input_threshold):
+    """TEAL's input sparsity: inference reads only the kept inputs' columns of gate/up (spmm over the
+    packed x); it equals the dense MLP of the masked x, and so does the differentiable path."""
+    torch.manual_seed(2)
+    dense = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=160, hidden_act="silu"))
+    mlp = ThresholdSparseMLP.from_dense(dense, threshold=0.01, tile=32, input_threshold=input_threshold,
+                                        expected_input_sparsity=0.4)
+    x = torch.randn(3, 5, 32)
+    x[0, 0, 3] = float("nan")  # NaN is kept, as pack keeps it
+    with torch.no_grad():
+        xm = torch.where(x.abs() <= input_threshold, torch.zeros(()), x)
+        h = dense.act_fn(dense.gate_proj(xm)) * dense.up_proj(xm)
+        want = dense.down_proj(h * ~(h.abs() <= 0.01))
+        got = mlp(x)
+    assert torch.isnan(got[0, 0]).all() and not torch.isnan(got[1:]).any()
+    torch.testing.assert_close(got[1:], want[1:], atol=1e-5, rtol=1e-5)
+    xg = x[1:].clone().requires_grad_()
+    out = mlp(xg)  # the differentiable path: the masked input through the dense projections
+    torch.testing.assert_close(out.detach(), want[1:], atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert xg.grad is not None and (xg.grad[xg.detach().abs() <= input_threshold] == 0).all()
+    assert "input_threshold=" in repr(mlp)
+    with pytest.raises(ValueError, match=r"ThresholdSparseMLP: input: threshold = -0.5"):
+        ThresholdSparseMLP.from_dense(dense, input_threshold=-0.5)
+
+
+def test_patch_with_input_sparsity_calibrates_both():
+    model = _model()
+    ids = torch.randint(0, 96, (2, 24))
+    cal = calibrate_thresholds(model, ids, 0.5, input_sparsity=0.3)
+    assert cal["input_sparsity"] == 0.3 and set(cal["input_thresholds"]) == set(cal["thresholds"])
+    assert all(v > 0 for v in cal["input_thresholds"].values())
+    patched = patch_model(copy.deepcopy(model), ffn=dict(mode="threshold", sparsity=0.5, input_sparsity=0.3,
+                                                         calibration=ids))
+    mlp = patched.model.layers[0].mlp
+    assert mlp.input_threshold == pytest.approx(cal["input_thresholds"]["model.layers.0.mlp"])
+    same = patch_model(copy.deepcopy(model), ffn=dict(mode="threshold", thresholds=cal))
+    with torch.no_grad():
+        torch.testing.assert_close(same(ids).logits, patched(ids).logits)
+    with pytest.raises(ValueError, match=r"input_sparsity = 0.3 needs input thresholds"):
+        patch_model(copy.deepcopy(model), ffn=dict(mode="threshold", input_sparsity=0.3,
+                                                   thresholds=calibrate_thresholds(model, ids, 0.5)))
+    with pytest.raises(ValueError, match=r"input_sparsity = 0.2 but the thresholds were calibrated for "
+                                         r"input_sparsity = 0.3"):
+        patch_model(copy.deepcopy(model), ffn=dict(mode="threshold", input_sparsity=0.2, thresholds=cal))
+    with pytest.raises(ValueError, match=r"calibrate_thresholds: input_sparsity = 1.5"):
+        calibrate_thresholds(model, ids, 0.5, input_sparsity=1.5)
