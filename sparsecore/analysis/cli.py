@@ -34,8 +34,9 @@ def add_parser(sub: Any, formatter: type[argparse.HelpFormatter] = argparse.Argu
                    "second model: cross-model correlation), or 'smollm2': the real SmolLM2-135M on real English "
                    "and Python text (sparsecore.models), with the byte-level model of --second-model as the "
                    "second model (docs/analysis.md)")
-    a.add_argument("--second-model", default=str(_DEFAULT_SECOND), help="with --model smollm2: the second "
-                   "model's directory (a byte-level model; 'none' for none)")
+    a.add_argument("--second-model", default="auto", help="with --model smollm2: the second model's directory "
+                   "(a byte-level model; 'auto': the repository's perf/results/cpu-amd-epyc-2core/models/l1_seed0 "
+                   "when present; 'none' for none)")
     a.add_argument("--random", action="store_true", help="use a tiny random byte-level LLaMA (two seeds) instead")
     a.add_argument("--out", required=True, help="output directory")
     a.add_argument("--inputs", type=int, default=None, help="number of evenly spaced windows of the text "

@@ -507,14 +507,19 @@ def main(args: Any) -> int:
     probe_m = 96 if args.probe_plan_m is None else args.probe_plan_m
     ffn_block = args.ffn_block or 128
     show = not args.no_progress
-    total = n * (2 if args.second_model != "none" else 1) + 2 * probe_n
+    second_dir = args.second_model
+    if second_dir == "auto":
+        from .cli import _DEFAULT_SECOND
+
+        second_dir = str(_DEFAULT_SECOND) if (_DEFAULT_SECOND / "config.json").is_file() else "none"
+    total = n * (2 if second_dir != "none" else 1) + 2 * probe_n
     p = Progress(total, "analyze smollm2", enabled=show)
     model, tok = smollm2(verbose=show)
     second = None
-    if args.second_model != "none":
+    if second_dir != "none":
         from .cli import load
 
-        second, _ = load(args.second_model)
+        second, _ = load(second_dir)
     texts = {"english": real_text("english"), "python": real_text("python")}
     res = run_study(model, lambda s: tok(s, add_special_tokens=False)["input_ids"],
                     lambda ids: tok.decode(ids), texts, n=n, length=length, context_lengths=ctx, second=second,
@@ -522,7 +527,7 @@ def main(args: Any) -> int:
                     progress=p.step)
     p.done(f"{n} inputs")
     res["command"] = ("python3 -m sparsecore analyze --model smollm2 --out " + str(args.out)
-                      + f" --inputs {n} --length {length} --threads {args.threads}")
+                      + f" --inputs {n} --length {length}" + (f" --threads {args.threads}" if args.threads else ""))
     res["torch_threads"] = torch.get_num_threads()
     (out / "study.json").write_text(json.dumps(res, indent=1) + "\n")
     figs = plot_real(res, out)
