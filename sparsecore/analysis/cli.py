@@ -29,30 +29,43 @@ def add_parser(sub: Any, formatter: type[argparse.HelpFormatter] = argparse.Argu
     a = sub.add_parser("analyze", formatter_class=formatter, description=__doc__,
                        help="s-Trace, computation density and the compressed-sensing probe of a model on a text "
                             "file (JSON + plots)")
-    a.add_argument("text", help="a text file (UTF-8 or bytes)")
+    a.add_argument("text", nargs="?", default=None, help="a text file (UTF-8 or bytes); not with --model smollm2")
     a.add_argument("--model", action="append", default=[], help="a transformers model directory (repeat for a "
-                   "second model: cross-model correlation)")
+                   "second model: cross-model correlation), or 'smollm2': the real SmolLM2-135M on real English "
+                   "and Python text (sparsecore.models), with the byte-level model of --second-model as the "
+                   "second model (docs/analysis.md)")
+    a.add_argument("--second-model", default="auto", help="with --model smollm2: the second model's directory "
+                   "(a byte-level model; 'auto': the repository's perf/results/cpu-amd-epyc-2core/models/l1_seed0 "
+                   "when present; 'none' for none)")
     a.add_argument("--random", action="store_true", help="use a tiny random byte-level LLaMA (two seeds) instead")
     a.add_argument("--out", required=True, help="output directory")
-    a.add_argument("--inputs", type=int, default=32, help="number of evenly spaced windows of the text")
-    a.add_argument("--length", type=int, default=128, help="tokens per window")
-    a.add_argument("--context-lengths", default="16,32,64,128", help="comma-separated; <= --length")
+    a.add_argument("--inputs", type=int, default=None, help="number of evenly spaced windows of the text "
+                   "(default 32; smollm2: 128)")
+    a.add_argument("--length", type=int, default=None, help="tokens per window (default 128; smollm2: 64)")
+    a.add_argument("--context-lengths", default=None, help="comma-separated; <= --length (default 16,32,64,128; "
+                   "smollm2: length/4, length/2, length)")
     a.add_argument("--key", choices=("flow", "local"), default="flow", help="s-Trace heap key")
-    a.add_argument("--probe-inputs", type=int, default=4, help="windows probed with the compressed-sensing probe")
+    a.add_argument("--probe-inputs", type=int, default=None, help="windows probed with the compressed-sensing "
+                   "probe (default 4)")
     a.add_argument("--probe-m", default="16,32,64,128,256", help="measurement counts for recovery versus m")
-    a.add_argument("--probe-plan-m", type=int, default=64, help="measurements of the probe behind each execution "
-                   "plan (fewer than the number of units: the compressed-sensing regime)")
+    a.add_argument("--probe-plan-m", type=int, default=None, help="measurements of the probe behind each "
+                   "execution plan (fewer than the number of units: the compressed-sensing regime; default 64, "
+                   "smollm2: 96)")
     a.add_argument("--probe-keep", type=float, default=0.9, help="execution plan: keep per unit kind the fewest "
                    "units holding this share of |x|")
     a.add_argument("--probe-delta", type=float, default=1e-3, help="gate perturbation size")
     a.add_argument("--probe-scheme", choices=("central", "forward"), default="central",
                    help="central differences (two forwards per measurement, second-order terms cancel) or forward")
-    a.add_argument("--ffn-block", type=int, default=64, help="FFN channels per probe gate")
+    a.add_argument("--ffn-block", type=int, default=None, help="FFN channels per probe gate (default 64; "
+                   "smollm2: 128)")
     a.add_argument("--synthetic-p", type=int, default=256, help="synthetic recovery: signal length")
     a.add_argument("--synthetic-k", type=int, default=8, help="synthetic recovery: non-zeros of the signal")
     a.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     a.add_argument("--seed", type=int, default=0, help="seed of the random controls and the probe")
     a.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+
+
+_DEFAULT_SECOND = Path(__file__).resolve().parents[2] / "perf" / "results" / "cpu-amd-epyc-2core" / "models" / "l1_seed0"
 
 
 def _ints(s: str, name: str) -> list[int]:
@@ -147,6 +160,18 @@ def main(args: argparse.Namespace) -> int:
     # before torch and numba load their OpenMP runtimes
     if "torch" not in sys.modules and "numba" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if args.model == ["smollm2"]:
+        if args.random:
+            raise SystemExit("analyze: --model smollm2 takes no --random")
+        from .real import main as real_main
+
+        return real_main(args)
+    if args.text is None:
+        raise SystemExit("analyze: a text file is needed (only --model smollm2 brings its own text)")
+    for name, default in (("inputs", 32), ("length", 128), ("context_lengths", "16,32,64,128"), ("probe_inputs", 4),
+                          ("probe_plan_m", 64), ("ffn_block", 64)):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     import torch
 
     from .density import density_study

@@ -102,6 +102,36 @@ def permutation_test(x: Any, y: Any, *, n_perm: int = 1000, seed: int = 0) -> di
     return {"rho": rho, "p": (1 + hits) / (1 + n_perm), "n": int(a.size), "n_perm": int(n_perm)}
 
 
+def bootstrap_ci(stat: Any, *arrays: Any, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict[str, Any]:
+    """Percentile bootstrap interval of ``stat(*arrays)``: the arrays (1-D, equal length ``n``) are resampled
+    together, ``n`` rows with replacement, ``n_boot`` times (``numpy.random.default_rng(seed)``).
+    Returns ``{"value", "lo", "hi", "level", "n_boot"}``; resamples where ``stat`` is ``nan`` (e.g. a
+    constant resample for :func:`spearman`) are left out of the quantiles."""
+    arrs = [np.asarray(a, dtype=float).reshape(-1) for a in arrays]
+    n = arrs[0].size
+    if any(a.size != n for a in arrs):
+        fail("bootstrap_ci", f"arrays must have equal lengths, got {[a.size for a in arrs]}")
+    value = float(stat(*arrs))
+    if n < 2:
+        return {"value": value, "lo": float("nan"), "hi": float("nan"), "level": level, "n_boot": int(n_boot)}
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    vals = np.array([float(stat(*[a[ix] for a in arrs])) for ix in idx])
+    vals = vals[np.isfinite(vals)]
+    a = (1.0 - level) / 2
+    lo, hi = (float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))) if vals.size else (float("nan"),) * 2
+    return {"value": value, "lo": lo, "hi": hi, "level": level, "n_boot": int(n_boot)}
+
+
+def correlation(x: Any, y: Any, *, n_perm: int = 1000, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """:func:`permutation_test` of ``x`` and ``y`` plus a bootstrap interval of Spearman's rho
+    (``"ci": [lo, hi]``, 95 %)."""
+    out = permutation_test(x, y, n_perm=n_perm, seed=seed)
+    b = bootstrap_ci(spearman, x, y, n_boot=n_boot, seed=seed)
+    out["ci"] = [b["lo"], b["hi"]]
+    return out
+
+
 def loglog_slope(x: Sequence[float], y: Sequence[float]) -> float:
     """Least-squares slope of ``log(y)`` against ``log(x)`` over the pairs where both are finite and positive
     (``y = a x^k`` gives ``k``); ``nan`` when fewer than 2 such pairs with distinct ``x``."""
@@ -202,10 +232,10 @@ def _clean(x: Any) -> Any:
     return x
 
 
-def _curves(traces: list[TraceResult]) -> dict[str, dict[str, dict[str, list[float]]]]:
+def _curves(traces: list[TraceResult], methods: Sequence[str] = METHODS) -> dict[str, dict[str, dict[str, list[float]]]]:
     """Per method and metric: mean, 25th and 75th percentile across traces, per snapshot fraction."""
     out: dict[str, dict[str, dict[str, list[float]]]] = {}
-    for method in METHODS:
+    for method in methods:
         out[method] = {}
         for metric in ("tv", "top1", "top_p"):
             a = np.asarray([t.metrics[method][metric] for t in traces], dtype=float)
@@ -267,10 +297,19 @@ def density_study(models: dict[str, Any], windows: torch.Tensor, *, corpus_count
                   context_lengths: Sequence[int] = (16, 32, 64, 128),
                   fractions: tuple[float, ...] = DEFAULT_FRACTIONS, key: str = "flow", top_p: float = 0.9,
                   tv_threshold: float = 0.1, n_perm: int = 1000, seed: int = 0,
-                  batch: int = 32) -> dict[str, Any]:
+                  batch: int = 32, methods: tuple[str, ...] = METHODS,
+                  context_methods: tuple[str, ...] | None = None, targets: Any = None,
+                  progress: Any = None) -> dict[str, Any]:
     """Computation density of every model on every window, its correlates, its context-length scaling and the
     agreement between models (see the module docstring). Input ``i`` is traced with ``seed + i`` for the random
     controls; lengths in ``context_lengths`` equal to ``T`` reuse the full-length trace.
+
+    ``methods``: the subgraph families evaluated on the full-length traces (:func:`~.strace.trace_input`);
+    ``context_methods``: those evaluated on the truncations (default ``methods``; ``("strace",)`` skips the
+    controls there, which only the full-length curves need). ``targets``: ``[n_inputs]`` token ids of the
+    text's real next tokens; each record then also has ``"target"``, ``"target_freq"`` (its corpus frequency)
+    and ``"target_logp"``, and the correlations ``"density_target_freq"`` and ``"density_target_logp"``.
+    ``progress``: called as ``progress(model_name, i)`` before input ``i`` of each model is traced.
 
     Returns (JSON-able; ``None`` for non-finite values)::
 
@@ -301,6 +340,13 @@ def density_study(models: dict[str, Any], windows: torch.Tensor, *, corpus_count
                                                for m in models.values()])
         counts = np.bincount(windows.reshape(-1).numpy(), minlength=vmax).astype(float)
     freq = counts / counts.sum()
+    methods = tuple(dict.fromkeys(("strace",) + tuple(methods)))
+    c_methods = methods if context_methods is None else tuple(dict.fromkeys(("strace",) + tuple(context_methods)))
+    tg = None
+    if targets is not None:
+        tg = np.asarray(targets, dtype=np.int64).reshape(-1)
+        if tg.size != n_in or tg.min() < 0 or tg.max() >= freq.size:
+            fail("density_study", f"targets must hold {n_in} token ids in [0, {freq.size}), got {tg.size} ids")
     out_models: dict[str, Any] = {}
     for name, model in models.items():
         tm = time.perf_counter()
@@ -308,12 +354,16 @@ def density_study(models: dict[str, Any], windows: torch.Tensor, *, corpus_count
         full_traces: list[TraceResult] = []
         for i in range(n_in):
             w = windows[i]
-            full = trace_input(model, w, fractions=fractions, key=key, top_p=top_p, seed=seed + i, batch=batch)
+            if progress is not None:
+                progress(name, i)
+            tgt = None if tg is None else int(tg[i])
+            full = trace_input(model, w, fractions=fractions, key=key, top_p=top_p, seed=seed + i, batch=batch,
+                               methods=methods, target=tgt)
             full_traces.append(full)
             ctx = []
             for c in cl:
                 r = full if c == t_len else trace_input(model, w[-c:], fractions=fractions, key=key, top_p=top_p,
-                                                        seed=seed + i, batch=batch)
+                                                        seed=seed + i, batch=batch, methods=c_methods)
                 ctx.append({"c": c, "density": r.density, "n_edges": r.n_edges,
                             "edges_needed": edges_needed(r.sizes, r.metrics["strace"]["tv"], tv_threshold,
                                                          empty_tv=r.empty_tv)})
@@ -327,6 +377,8 @@ def density_study(models: dict[str, Any], windows: torch.Tensor, *, corpus_count
                                              empty_tv=full.empty_tv),
                 "context": ctx,
                 "slope_edges_needed": loglog_slope(cl, [x["edges_needed"] for x in ctx])})
+            if tgt is not None:
+                records[-1].update(target=tgt, target_freq=float(freq[tgt]), target_logp=full.extra["target_logp"])
         dens = np.array([r["density"] for r in records])
         ent = np.array([r["entropy"] for r in records])
         pf = np.array([r["predicted_freq"] for r in records])
@@ -340,7 +392,12 @@ def density_study(models: dict[str, Any], windows: torch.Tensor, *, corpus_count
             "inputs": records,
             "density": distribution(dens),
             "correlations": {"density_entropy": permutation_test(dens, ent, n_perm=n_perm, seed=seed),
-                             "density_predicted_freq": permutation_test(dens, pf, n_perm=n_perm, seed=seed)},
+                             "density_predicted_freq": permutation_test(dens, pf, n_perm=n_perm, seed=seed),
+                             **({} if tg is None else {
+                                 "density_target_freq": permutation_test(
+                                     dens, [r["target_freq"] for r in records], n_perm=n_perm, seed=seed),
+                                 "density_target_logp": permutation_test(
+                                     dens, [r["target_logp"] for r in records], n_perm=n_perm, seed=seed)})},
             "context": {"lengths": list(cl), "density_mean": c_dens.mean(0), "density_median": np.median(c_dens, 0),
                         "n_edges": n_e.mean(0), "edges_needed_median": need_med,
                         "n_reached": np.isfinite(need).sum(0),
@@ -348,7 +405,7 @@ def density_study(models: dict[str, Any], windows: torch.Tensor, *, corpus_count
                         "slope_edges_needed_median": float(np.median(fin)) if fin.size else float("nan"),
                         "slope_edges_needed_mean": float(fin.mean()) if fin.size else float("nan"),
                         "slope_edges_needed_of_median": loglog_slope(cl, need_med)},
-            "curves": _curves(full_traces),
+            "curves": _curves(full_traces, methods),
             "composition": _mean_composition(full_traces),
             "seconds": time.perf_counter() - tm}
     cross = []

@@ -62,7 +62,7 @@ from .._checks import fail
 from .hooks import layers_of, model_dims
 from .probe import ProbeResult
 
-__all__ = ["ExecutionPlan", "run_plan", "next_token_compare"]
+__all__ = ["ExecutionPlan", "run_plan", "run_plans", "next_token_compare"]
 
 
 @dataclass
@@ -108,7 +108,7 @@ class ExecutionPlan:
 
     @classmethod
     def from_probe(cls, result: ProbeResult, *, count: int | dict[str, int] | None = None,
-                   mass: float | None = None, which: str = "x") -> ExecutionPlan:
+                   mass: float | None = None, which: str = "x", sink: int = 0) -> ExecutionPlan:
         """Keep the top units of each probed kind by ``|x|`` (``which="gradient"`` or ``"knockout"``: by that
         vector instead). Exactly one of:
 
@@ -117,7 +117,10 @@ class ExecutionPlan:
         - ``mass``: ``0 <= mass <= 1``, keep per kind the fewest units whose ``|x|`` sum reaches ``mass`` of
           the kind's total (none when the total is 0).
 
-        Kinds the probe did not cover are kept whole. The last token is always kept.
+        Kinds the probe did not cover are kept whole. The last token is always kept, and so are the first
+        ``sink`` tokens (the attention sink: the probe's token gate scales attention weights without
+        renormalising, where the sink's small values make its gate look unimportant, but the plan's sparse
+        decode renormalises over the kept tokens, where dropping the sink moves most of the attention).
         """
         w = "ExecutionPlan.from_probe"
         if (count is None) == (mass is None):
@@ -149,6 +152,9 @@ class ExecutionPlan:
             k = np.zeros(score.size, bool)
             k[order[:n]] = True
             kept[kind] = k.reshape(shapes[kind])
+        if isinstance(sink, bool) or not isinstance(sink, (int, np.integer)) or sink < 0:
+            fail(w, f"sink = {sink!r}; must be an int >= 0")
+        kept["token"][:int(sink)] = True
         return cls(kept["head"], kept["ffn_block"], kept["token"], int(d["ffn_block_size"]))
 
     def fractions(self) -> dict[str, float]:
@@ -171,6 +177,11 @@ def _n_blocks(d: dict[str, int], bs: int) -> int:
 # the decode step
 # --------------------------------------------------------------------------------------------------
 
+def _is_silu(act: Any) -> bool:
+    """torch's SiLU or transformers' own SiLU module (``hidden_act="silu"`` builds the latter)."""
+    return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
 def _check_relu_mlp(model: Any) -> None:
     for i, layer in enumerate(layers_of(model)):
         mlp = layer.mlp
@@ -181,10 +192,9 @@ def _check_relu_mlp(model: Any) -> None:
                                  "LLaMA-style gated MLP (gate_proj, up_proj, down_proj) can run on gated_ffn")
             if lin.bias is not None:
                 fail("run_plan", f"layer {i}'s mlp.{name} has a bias; only bias-free MLPs are supported")
-        if not isinstance(getattr(mlp, "act_fn", None), torch.nn.ReLU):
+        if not (isinstance(getattr(mlp, "act_fn", None), torch.nn.ReLU) or _is_silu(getattr(mlp, "act_fn", None))):
             fail("run_plan", f"layer {i}'s mlp.act_fn is {type(getattr(mlp, 'act_fn', None)).__name__}; run_plan "
-                             "needs a ReLU-gated MLP (hidden_act='relu'): the gate is packed as relu(gate) and "
-                             "gated_ffn skips its zeros, which is exact only for ReLU")
+                             "needs a ReLU- or SiLU-gated MLP (hidden_act 'relu' or 'silu')")
         attn = layer.self_attn
         for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling"):
             if not hasattr(attn, name):
@@ -209,7 +219,8 @@ class _Step:
         toks = np.flatnonzero(plan.tokens_kept).astype(np.int32)
         bs = plan.ffn_block_size
         self.attn_idx: list[Any] = []
-        self.ffn_w: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
+        self.head_w: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
+        self.ffn_w: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None] = []
         for i, layer in enumerate(self.layers):
             heads = plan.heads_kept[i]
             if not heads.any():
@@ -222,6 +233,17 @@ class _Step:
                 idx[hk] = toks
                 cnt[hk] = toks.size
                 self.attn_idx.append(sc.TopKIndex(torch.from_numpy(idx).to(dev), torch.from_numpy(cnt).to(dev)))
+            # the kept heads' rows of q_proj and columns of o_proj (a dropped head's query and output are
+            # never computed); None: every head is kept, use the layer's own projections
+            if heads.any() and not heads.all():
+                at = layer.self_attn
+                hsel = torch.from_numpy(np.flatnonzero(heads)).to(dev)
+                with torch.no_grad():
+                    wq = at.q_proj.weight.view(self.h, self.dh, -1)[hsel].reshape(-1, at.q_proj.weight.shape[1])
+                    wo = at.o_proj.weight.view(at.o_proj.weight.shape[0], self.h, self.dh)[:, hsel]
+                    self.head_w.append((hsel, wq.contiguous(), wo.reshape(wo.shape[0], -1).contiguous()))
+            else:
+                self.head_w.append(None)
             blocks = plan.ffn_blocks_kept[i]
             if not blocks.any():
                 self.ffn_w.append(None)
@@ -229,8 +251,13 @@ class _Step:
             ch = torch.from_numpy(np.flatnonzero(np.repeat(blocks, bs))).to(dev)
             mlp = layer.mlp
             with torch.no_grad():
-                self.ffn_w.append((mlp.gate_proj.weight[ch].contiguous(), mlp.up_proj.weight[ch].contiguous(),
-                                   mlp.down_proj.weight[:, ch].t().contiguous()))
+                if _is_silu(mlp.act_fn):
+                    # gate and up rows of the kept channels stacked: one matmul for both
+                    self.ffn_w.append((torch.cat([mlp.gate_proj.weight[ch], mlp.up_proj.weight[ch]]).contiguous(),
+                                       None, mlp.down_proj.weight[:, ch].contiguous()))
+                else:
+                    self.ffn_w.append((mlp.gate_proj.weight[ch].contiguous(), mlp.up_proj.weight[ch].contiguous(),
+                                       mlp.down_proj.weight[:, ch].t().contiguous()))
         self.rope: list[Callable[..., Any]] = [sys.modules[type(layer.self_attn).__module__].apply_rotary_pos_emb
                                                for layer in self.layers]
 
@@ -247,7 +274,12 @@ class _Step:
             index = self.attn_idx[i]
             if index is not None:
                 a = layer.input_layernorm(h)
-                q = attn.q_proj(a).view(1, 1, self.h, self.dh).transpose(1, 2)
+                hw = self.head_w[i]
+                if hw is None:
+                    q = attn.q_proj(a).view(1, 1, self.h, self.dh).transpose(1, 2)
+                else:
+                    q = a.new_zeros(1, self.h, 1, self.dh)
+                    q[0, hw[0], 0] = torch.nn.functional.linear(a, hw[1]).view(-1, self.dh)
                 k = attn.k_proj(a).view(1, 1, self.hkv, self.dh).transpose(1, 2)
                 v = attn.v_proj(a).view(1, 1, self.hkv, self.dh).transpose(1, 2)
                 q, k = self.rope[i](q, k, cos, sin)
@@ -259,13 +291,23 @@ class _Step:
                                 torch.full((self.hkv,), self.n_tokens, dtype=torch.int32, device=h.device))
                 qq = q.reshape(self.hkv, self.group, self.dh).contiguous()
                 out, _ = sc.sparse_decode(qq, kv, index, scale=attn.scaling)       # [Hkv, group, D]
-                h = h + attn.o_proj(out.reshape(1, 1, self.h * self.dh))
+                if hw is None:
+                    h = h + attn.o_proj(out.reshape(1, 1, self.h * self.dh))
+                else:
+                    h = h + torch.nn.functional.linear(out.reshape(self.h, self.dh)[hw[0]].reshape(1, 1, -1), hw[2])
             wts = self.ffn_w[i]
             if wts is not None:
                 b = layer.post_attention_layernorm(h).reshape(1, -1)
                 w_gate, w_up, w_down = wts
-                gate = sc.pack(b @ w_gate.t(), activation="relu", tile=self.tile)
-                h = h + sc.gated_ffn(b, gate, w_up, w_down).reshape(1, 1, -1)
+                if w_up is None:
+                    # SiLU has no zeros to skip: the plan's sparsity is the channel slice itself (dense
+                    # matmuls on the kept rows / columns of the weights)
+                    gu = torch.nn.functional.linear(b, w_gate)
+                    g, u = gu.chunk(2, dim=-1)
+                    h = h + torch.nn.functional.linear(torch.nn.functional.silu(g) * u, w_down).reshape(1, 1, -1)
+                else:
+                    gate = sc.pack(b @ w_gate.t(), activation="relu", tile=self.tile)
+                    h = h + sc.gated_ffn(b, gate, w_up, w_down).reshape(1, 1, -1)
         return model.lm_head(inner.norm(h))[0, 0].float()
 
 
@@ -369,3 +411,70 @@ def run_plan(model: Any, input_ids: torch.Tensor, plan: ExecutionPlan, *, repeat
             "hf_cache_tv": next_token_compare(ref, hf_logits)["tv"], "time_hf_s": t_hf, "time_full_s": t_full,
             "time_plan_s": t_plan, "kept": plan.fractions(), "predicted": int(ref.argmax()),
             "plan_predicted": int(plan_logits.argmax()), "repeats": repeats, "timing_note": _timing_note()}
+
+
+@torch.no_grad()
+def run_plans(model: Any, input_ids: torch.Tensor, plans: list[ExecutionPlan], *, target: int | None = None,
+              repeats: int = 5, tile: int | None = None) -> dict[str, Any]:
+    """:func:`run_plan` for several plans of one prompt, sharing the reference forward, the prefill cache and
+    the dense timings. ``target``: the text's real next token; each result then has ``"loss"`` (``-log p`` of
+    it under the plan) and the reference has ``"loss"`` under the model.
+
+    Returns ``{"ref": {"time_hf_s", "time_full_s", "full_tv", "predicted", "loss"?, "timing_note"},
+    "plans": [{"tv", "top1", "time_plan_s", "kept", "plan_predicted", "loss"?}, ...]}``.
+    """
+    w = "run_plans"
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
+        fail(w, f"input_ids must be an integer torch tensor [T] or [1, T], got {type(input_ids).__name__}")
+    ids = input_ids.reshape(1, -1).long()
+    n = int(ids.shape[1])
+    if n < 2:
+        fail(w, f"input_ids has {n} token; T >= 2 is needed (prefill, then the decode step)")
+    if not isinstance(plans, list) or not all(isinstance(p, ExecutionPlan) for p in plans):
+        fail(w, "plans must be a list of ExecutionPlan", TypeError)
+    _check_relu_mlp(model)
+    d = model_dims(model)
+    for p in plans:
+        if p.heads_kept.shape != (d["layers"], d["heads"]) or p.tokens_kept.shape != (n,) \
+                or d["ffn"] != p.ffn_blocks_kept.shape[1] * p.ffn_block_size:
+            fail(w, "a plan's shapes do not match the model and the prompt")
+    if tile is None:
+        tile = min(256, 1 << max(1, (d["ffn"] - 1).bit_length()))
+    bs = plans[0].ffn_block_size if plans else d["ffn"]
+    was_training = model.training
+    model.eval()
+
+    def loss(logits: torch.Tensor) -> float:
+        return float(-torch.log_softmax(logits.double(), -1)[int(target)])
+
+    try:
+        ref = model(input_ids=ids, use_cache=False).logits[0, -1].float()
+        cache = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        last = ids[:, -1:]
+
+        def hf_step() -> torch.Tensor:
+            out = model(input_ids=last, past_key_values=cache, use_cache=True).logits[0, -1].float()
+            cache.crop(-1)
+            return out
+
+        full_step = _Step(model, ExecutionPlan.full(model, n, bs), n, tile)
+        full_logits = full_step(cache, last)
+        out_ref: dict[str, Any] = {"time_hf_s": _median_time(hf_step, repeats),
+                                   "time_full_s": _median_time(lambda: full_step(cache, last), repeats),
+                                   "full_tv": next_token_compare(ref, full_logits)["tv"],
+                                   "predicted": int(ref.argmax()), "repeats": repeats, "timing_note": _timing_note()}
+        if target is not None:
+            out_ref["loss"] = loss(ref)
+        results = []
+        for p in plans:
+            step = _Step(model, p, n, tile)
+            logits = step(cache, last)
+            r = next_token_compare(ref, logits)
+            r.update(time_plan_s=_median_time(lambda: step(cache, last), repeats), kept=p.fractions(),
+                     plan_predicted=int(logits.argmax()))
+            if target is not None:
+                r["loss"] = loss(logits)
+            results.append(r)
+    finally:
+        model.train(was_training)
+    return {"ref": out_ref, "plans": results}

@@ -51,7 +51,7 @@ def _panels(obj: Any, where: str) -> tuple[list[float], dict[str, dict[str, Any]
                     f"result; got {type(obj).__name__}", TypeError)
     fr = traces[0]["fractions"]
     curves: dict[str, dict[str, dict[str, list[float]]]] = {}
-    for method in METHOD_STYLE:
+    for method in [m for m in METHOD_STYLE if m in traces[0]["metrics"]]:
         curves[method] = {}
         for metric in ("tv", "top1", "top_p"):
             a = np.asarray([t["metrics"][method][metric] for t in traces], dtype=float)
@@ -77,6 +77,8 @@ def _metric_curves(obj: Any, path: str | Path, metric: str, ylabel: str, where: 
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False, sharey=True)
     for ax, (title, p) in zip(axes[0], panels.items()):
         for method, (label, color) in METHOD_STYLE.items():
+            if method not in p["curves"]:          # a study that skipped this control
+                continue
             c = p["curves"][method][metric]
             ax.plot(fr, _arr(c["mean"]), color=color, label=label, marker=".")
             ax.fill_between(fr, _arr(c["q25"]), _arr(c["q75"]), color=color, alpha=0.2, linewidth=0)

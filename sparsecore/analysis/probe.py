@@ -472,7 +472,7 @@ def _model_fn(tr: Tracer, ids: torch.Tensor, lay: _Layout, target: int, batch: i
         out = []
         for lo in range(0, G.shape[0], batch):
             g = torch.as_tensor(G[lo:lo + batch], dtype=torch.float32, device=device)
-            logits = tr.run(ids.expand(g.shape[0], -1), lay.intervention(g))
+            logits = tr.run(ids.expand(g.shape[0], -1), lay.intervention(g), last_only=True)
             out.append(torch.log_softmax(logits[:, -1].double(), -1)[:, target].cpu().numpy())
         return np.concatenate(out)
     return fn
@@ -481,7 +481,7 @@ def _model_fn(tr: Tracer, ids: torch.Tensor, lay: _Layout, target: int, batch: i
 def _baseline(tr: Tracer, ids: torch.Tensor, lay: _Layout, batch: int
               ) -> tuple[int, float, Callable[[np.ndarray], np.ndarray]]:
     """(the full model's top-1 next token, its log-probability ``f(1)``, ``f`` of a batch of gate rows)."""
-    logp = torch.log_softmax(tr.run(ids)[0, -1].double(), -1)
+    logp = torch.log_softmax(tr.run(ids, last_only=True)[0, -1].double(), -1)
     target = int(logp.argmax())
     return target, float(logp[target]), _model_fn(tr, ids, lay, target, batch)
 
@@ -498,7 +498,8 @@ def _autograd_gradient(tr: Tracer, ids: torch.Tensor, lay: _Layout, target: int)
 
 def probe_model(model: Any, input_ids: torch.Tensor, *, m: int, delta: float = 0.05, ffn_block_size: int = 64,
                 units: Sequence[str] = UNIT_KINDS, solver: str = "omp", k: int | None = None, seed: int = 0,
-                batch: int = 32, scheme: str = "forward", ground_truth: bool = True) -> ProbeResult:
+                batch: int = 32, scheme: str = "forward", ground_truth: bool = True,
+                knockout: bool = True) -> ProbeResult:
     """Probe one prompt (``input_ids [T]`` or ``[1, T]``) with ``m`` random gate directions; see the module
     docstring. ``f(g)`` is the log-probability of the full model's top-1 next token at the last position.
 
@@ -506,7 +507,8 @@ def probe_model(model: Any, input_ids: torch.Tensor, *, m: int, delta: float = 0
     backward) and the knock-out effects (``p`` forwards, ``batch`` rows each) and fills
     :attr:`ProbeResult.quality` with :func:`quality` of ``x`` against the gradient and of ``-x`` against the
     knock-outs (a knock-out moves its gate by -1, so to first order its effect is ``-x[j]``; beyond first order
-    they differ, so read that comparison for ranks and overlap). Forwards run ``batch`` gate rows at a time.
+    they differ, so read that comparison for ranks and overlap); ``knockout=False`` skips the knock-outs.
+    Forwards run ``batch`` gate rows at a time.
     """
     w = "probe_model"
     ids, lay = _check_model_args(w, model, input_ids, units, ffn_block_size)
@@ -526,7 +528,8 @@ def probe_model(model: Any, input_ids: torch.Tensor, *, m: int, delta: float = 0
             grad = knock = None
             if ground_truth:
                 grad = _autograd_gradient(tr, ids, lay, target)
-                knock = fn(1.0 - np.eye(p)) - f0
+                if knockout:                  # p more forwards: skip on a large model (knockout=False)
+                    knock = fn(1.0 - np.eye(p)) - f0
     finally:
         model.train(was_training)
     kk = (k if k is not None else default_k(m, p)) if solver in ("omp", "sklearn_omp") else None

@@ -67,3 +67,13 @@ def test_package_names_resolve_lazily() -> None:
     code = "import sys, sparsecore.cli, sparsecore.analysis.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_analyze_smollm2_arguments_are_checked_before_loading(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="--random"):
+        main(["analyze", "--model", "smollm2", "--random", "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="context-lengths"):
+        main(["analyze", "--model", "smollm2", "--out", str(tmp_path / "o"), "--length", "8",
+              "--context-lengths", "4,16"])
+    with pytest.raises(SystemExit, match="text file"):
+        main(["analyze", "--random", "--out", str(tmp_path / "o")])

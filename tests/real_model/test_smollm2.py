@@ -150,3 +150,20 @@ def test_real_text():
         models.real_text("latin")
     with pytest.raises(ValueError, match=r"real_text: offset \+ n_chars = .* but the english text has"):
         models.real_text("english", 10**9)
+
+
+def test_analysis_execution_plan_on_the_silu_model(smollm2):
+    """The analysis' decode step (sparsecore.analysis.plan) on SmolLM2's SiLU MLP: the full plan is the
+    model; a plan that drops heads, FFN blocks and tokens runs and differs."""
+    from sparsecore.analysis.plan import ExecutionPlan, run_plans
+
+    model, tok = smollm2
+    ids = _prompt(tok, 24)[0]
+    full = ExecutionPlan.full(model, 24, 128)
+    cut = ExecutionPlan.full(model, 24, 128)
+    cut.heads_kept[:, ::3] = False
+    cut.ffn_blocks_kept[:, ::4] = False
+    cut.tokens_kept[1:8] = False
+    res = run_plans(model, ids, [full, cut], target=int(ids[-1]), repeats=1)
+    assert res["ref"]["full_tv"] < 1e-4 and res["plans"][0]["tv"] < 1e-4
+    assert res["plans"][0]["top1"] == 1.0 and res["plans"][1]["tv"] > 1e-3
