@@ -91,7 +91,7 @@ def test_explain_float64_and_invalid_calls():
         assert "dtype float64 is not supported" in str(ex)
     bad = sc.explain("spmm", a, w[:3])
     assert bad.backend is None and "w has shape (3, 16)" in bad.error
-    with pytest.raises(ValueError, match=r"explain: op = 'spm' is unknown; allowed: pack, unpack, spmm"):
+    with pytest.raises(ValueError, match=r"explain: op = 'spm' is unknown; allowed: pack, gated_pack, unpack, spmm"):
         sc.explain("spm", a, w)
     with pytest.raises(TypeError, match="explain: the arguments do not fit spmm"):
         sc.explain("spmm", a)
