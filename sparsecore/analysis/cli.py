@@ -65,7 +65,8 @@ def add_parser(sub: Any, formatter: type[argparse.HelpFormatter] = argparse.Argu
     a.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
 
 
-_DEFAULT_SECOND = Path(__file__).resolve().parents[2] / "perf" / "results" / "cpu-amd-epyc-2core" / "models" / "l1_seed0"
+_DEFAULT_SECOND = (Path(__file__).resolve().parents[2] / "perf" / "results" / "cpu-amd-epyc-2core" / "models"
+                   / "l1_seed0")
 
 
 def _ints(s: str, name: str) -> list[int]:

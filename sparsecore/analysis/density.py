@@ -232,7 +232,8 @@ def _clean(x: Any) -> Any:
     return x
 
 
-def _curves(traces: list[TraceResult], methods: Sequence[str] = METHODS) -> dict[str, dict[str, dict[str, list[float]]]]:
+def _curves(traces: list[TraceResult], methods: Sequence[str] = METHODS
+            ) -> dict[str, dict[str, dict[str, list[float]]]]:
     """Per method and metric: mean, 25th and 75th percentile across traces, per snapshot fraction."""
     out: dict[str, dict[str, dict[str, list[float]]]] = {}
     for method in methods:

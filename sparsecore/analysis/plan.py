@@ -470,7 +470,7 @@ def run_plans(model: Any, input_ids: torch.Tensor, plans: list[ExecutionPlan], *
             step = _Step(model, p, n, tile)
             logits = step(cache, last)
             r = next_token_compare(ref, logits)
-            r.update(time_plan_s=_median_time(lambda: step(cache, last), repeats), kept=p.fractions(),
+            r.update(time_plan_s=_median_time(lambda step=step: step(cache, last), repeats), kept=p.fractions(),
                      plan_predicted=int(logits.argmax()))
             if target is not None:
                 r["loss"] = loss(logits)

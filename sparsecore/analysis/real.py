@@ -397,8 +397,8 @@ def plot_real(res: dict[str, Any], outdir: Path, model_name: str = "smollm2",
         if logx:
             ax.set_xscale("log")
         c = cl["correlations"].get(ck, {})
-        ax.set_title(f"rho={_f(c.get('rho'))} [{_f((c.get('ci') or [None])[0])}, {_f((c.get('ci') or [None, None])[1])}]"
-                     f", p={_f(c.get('p'))}", fontsize=9)
+        ci = c.get("ci") or [None, None]
+        ax.set_title(f"rho={_f(c.get('rho'))} [{_f(ci[0])}, {_f(ci[1])}], p={_f(c.get('p'))}", fontsize=9)
         ax.set_xlabel(label)
         ax.set_ylabel("density")
     axes[0].legend(fontsize=8)

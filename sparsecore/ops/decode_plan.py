@@ -335,9 +335,24 @@ def _same(a: Any) -> np.ndarray:
 
 
 def _torch_view(a: Any) -> np.ndarray:
-    if kind_of(a) != "torch" or a.device.type != "cpu":
+    """A zero-copy NumPy view of a CPU tensor (``Tensor.numpy()`` refuses device tensors and tensors
+    that require grad: those take the checked path)."""
+    if kind_of(a) != "torch":
         raise _NotHost
-    return to_numpy(a)
+    if a.dtype is _bfloat16():
+        return to_numpy(a) if a.device.type == "cpu" and not a.requires_grad else _refuse()
+    try:
+        return a.numpy()
+    except (TypeError, RuntimeError):
+        raise _NotHost from None
+
+
+def _refuse() -> np.ndarray:
+    raise _NotHost
+
+
+def _bfloat16() -> Any:
+    return sys.modules["torch"].bfloat16
 
 
 def _values(kv: DenseKV | PagedKV, bounds: PageBounds | None) -> tuple[Any, ...]:
