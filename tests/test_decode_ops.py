@@ -323,6 +323,75 @@ def run_topk(case: DecodeCase, args: dict) -> None:
         check_topk(case, sc.select_topk(case.q, case.dense, **dargs), **dargs, kv_name="dense copy")
 
 
+# --- select_topk with an adaptive budget (top_p): the mass it keeps -----------------------------------
+
+def attention_mass(case: DecodeCase, b: int, scale: float, shared: bool) -> np.ndarray:
+    """``[G, L]``: each query head's softmax of its scaled scores over the sequence, averaged over the
+    query heads of a KV group when shared; float64 from the stored values, written out here."""
+    tok = unit_scores(case, b, None) * scale  # [Hq, L]
+    mass = np.zeros_like(tok)
+    for h in range(case.hq):
+        if tok.shape[1]:
+            w = np.exp(tok[h] - tok[h].max())
+            mass[h] = w / w.sum()
+    return mass.reshape(case.hkv, case.group, -1).mean(axis=1) if shared else mass
+
+
+def check_top_p(case: DecodeCase, idx: TopKIndex, *, k: int, k_min: int, top_p: float, sink: int, window: int,
+                shared: bool, scale: float | None, kv_name: str = "kv") -> None:
+    """The adaptive budget by its properties: forced kept; ``k_min <= chosen <= k`` (as the candidates
+    allow); kept mass >= top_p unless ``k`` are chosen; no chosen key could be dropped with the mass
+    still >= top_p (the fewest), unless ``k_min`` asks for it; chosen by mass (threshold)."""
+    what = (f"select_topk(k={k}, top_p={top_p}, k_min={k_min}, sink={sink}, window={window}, shared={shared}, "
+            f"scale={scale}) on {kv_name} of {case!r}")
+    assert isinstance(idx, TopKIndex) and idx.granularity == "token", what
+    ind, cnt = np.asarray(as_f64(idx.indices)).astype(np.int64), np.asarray(as_f64(idx.counts)).astype(np.int64)
+    groups = case.hkv if shared else case.hq
+    assert ind.shape == (case.batch, groups, min(k + sink + window, case.kv.max_len)), (ind.shape, what)
+    sc_ = 1.0 / np.sqrt(case.head_dim) if scale is None else scale
+    for b in range(case.batch):
+        n = int(case.lengths[b])
+        forced = forced_tokens(n, sink, window)
+        mass = attention_mass(case, b, sc_, shared)
+        # float32 scores in the kernels: a mass is known to about this much (more for large scores)
+        tol = 1e-5 * (1 + np.abs(unit_scores(case, b, None) * sc_).max()) if n else 0.0
+        for g in range(groups):
+            c = int(cnt[b, g])
+            row = ind[b, g, :c].tolist()
+            at = f"row [{b}, {g}] = {row} (length {n}): {what}"
+            assert (ind[b, g, c:] == -1).all(), f"padding not -1 in {at}"
+            assert len(set(row)) == c and all(0 <= t < n for t in row), f"duplicate or out of range in {at}"
+            chosen = set(row)
+            assert forced <= chosen, f"forced {sorted(forced - chosen)} missing in {at}"
+            free = sorted(chosen - forced)
+            left = sorted(set(range(n)) - chosen)
+            cands = n - len(forced)
+            assert min(k_min, cands) <= len(free) <= min(k, cands), f"{len(free)} chosen outside [k_min, k] in {at}"
+            kept = mass[g, sorted(chosen)].sum()
+            assert kept >= top_p - tol or len(free) == min(k, cands), f"mass {kept} < top_p with room left in {at}"
+            if len(free) > k_min:
+                weakest = mass[g, free].min()
+                assert kept - weakest < top_p + tol, f"mass {kept} without {weakest} still >= top_p in {at}"
+            if free and left:
+                assert mass[g, free].min() >= mass[g, left].max() - tol, f"not chosen by mass in {at}"
+
+
+@st.composite
+def top_p_args(draw: st.DrawFn, case: DecodeCase) -> dict:
+    cap = case.kv.max_len
+    k = draw(st.one_of(st.integers(0, min(cap, 6)), st.integers(0, cap)))
+    return dict(k=k, k_min=draw(st.integers(0, k)), top_p=draw(st.sampled_from([0.05, 0.3, 0.5, 0.9, 0.99, 1.0])),
+                sink=draw(st.integers(0, 3)), window=draw(st.integers(0, 4)), shared=draw(st.booleans()),
+                scale=draw(st.sampled_from([None, 0.25, 1.0, 3.0])))
+
+
+def run_top_p(case: DecodeCase, args: dict) -> None:
+    needs(case.dtype)
+    check_top_p(case, sc.select_topk(case.q, case.kv, **args), **args)
+    if case.paged:
+        check_top_p(case, sc.select_topk(case.q, case.dense, **args), **args, kv_name="dense copy")
+
+
 # --- drawn cases ---------------------------------------------------------------------------------------
 
 @given(case=decode_cases(), scale=scales())
@@ -365,6 +434,45 @@ def test_select_topk_quest(case: DecodeCase, data: st.DataObject) -> None:
 def test_select_topk_ties(case: DecodeCase, data: st.DataObject) -> None:
     """Grid values: exact float64 scores and many ties; any tie break is right."""
     run_topk(case, data.draw(topk_args(case, data.draw(st.sampled_from(["exact", "quest"])))))
+
+
+@given(case=decode_cases(), data=st.data())
+def test_select_topk_top_p(case: DecodeCase, data: st.DataObject) -> None:
+    run_top_p(case, data.draw(top_p_args(case)))
+
+
+@given(case=decode_cases(grid=True), data=st.data())
+def test_select_topk_top_p_ties(case: DecodeCase, data: st.DataObject) -> None:
+    run_top_p(case, data.draw(top_p_args(case)))
+
+
+@pytest.mark.parametrize("name", sorted(EDGE_CASES))
+def test_select_topk_top_p_edge_cases(name: str) -> None:
+    case = EDGE_CASES[name]("float32")
+    longest = int(case.lengths.max())
+    for k in sorted({0, 1, longest}):
+        for k_min in sorted({0, k}):
+            for top_p in (0.5, 1.0):
+                for sink, window in ((0, 0), (1, 2)):
+                    for shared in (True, False):
+                        run_top_p(case, dict(k=k, k_min=k_min, top_p=top_p, sink=sink, window=window,
+                                             shared=shared, scale=None))
+
+
+def test_select_topk_top_p_one_dominant_key_keeps_one() -> None:
+    """A key that holds nearly all the mass is enough at top_p = 0.9; top_p = 1.0 keeps k."""
+    rng = np.random.default_rng(3)
+    k = rng.standard_normal((1, 32, 1, 8)).astype(np.float32)
+    q = np.zeros((1, 2, 8), np.float32)
+    q[0, :, 0] = 40.0
+    k[0, :, 0, 0] = 0.0
+    k[0, 17, 0, 0] = 2.0
+    kv = sc.DenseKV(k, k.copy(), np.array([32], np.int32))
+    idx = sc.select_topk(q, kv, 8, top_p=0.9)
+    assert idx.counts.tolist() == [[1]] and idx.indices[0, 0, 0] == 17 and idx.k_max == 8
+    assert sc.select_topk(q, kv, 8, top_p=1.0).counts.tolist() == [[8]]
+    assert sc.select_topk(q, kv, 8, top_p=0.9, k_min=3).counts.tolist() == [[3]]
+    assert sc.select_topk(q, kv, 8, top_p=0.9, window=2).counts.tolist() == [[3]]
 
 
 # --- page_bounds: stored Quest metadata ---------------------------------------------------------------

@@ -375,6 +375,35 @@ CASES = [
     case("select_topk-bounds-head_dim", V, lit("select_topk: bounds has kmin/kmax of shape (1, 2, 2, 3); for this kv "
                                                "and page_size 4 expected (B, P, Hkv, D) = (1, >= 2, 2, 4)"),
          lambda: sc.select_topk(q(), dkv(), 2, method="quest", bounds=pb((1, 2, 2, 3)))),
+    case("select_topk-top_p-over-one", V, lit("select_topk: top_p = 1.5; must be a float with 0 < top_p <= 1 (the "
+                                              "fraction of the estimated attention mass to keep)"),
+         lambda: sc.select_topk(q(), dkv(), 2, top_p=1.5)),
+    case("select_topk-top_p-zero", V, lit("select_topk: top_p = 0.0; must be a float with 0 < top_p <= 1 (the "
+                                          "fraction of the estimated attention mass to keep)"),
+         lambda: sc.select_topk(q(), dkv(), 2, top_p=0.0)),
+    case("select_topk-top_p-nan", V, lit("select_topk: top_p = nan; must be a float with 0 < top_p <= 1 (the "
+                                         "fraction of the estimated attention mass to keep)"),
+         lambda: sc.select_topk(q(), dkv(), 2, top_p=float("nan"))),
+    case("select_topk-top_p-str", T, lit("select_topk: top_p = '0.9' (str); must be a float with 0 < top_p <= 1 "
+                                         "(the fraction of the estimated attention mass to keep)"),
+         lambda: sc.select_topk(q(), dkv(), 2, top_p="0.9")),
+    case("select_topk-top_p-quest", V, lit("select_topk: top_p is only supported with method = 'exact' (method = "
+                                           "'quest'): the attention mass is estimated from every key's score"),
+         lambda: sc.select_topk(q(), dkv(), 1, method="quest", top_p=0.9)),
+    case("select_topk-k_min-over-k", V, lit("select_topk: k_min = 3 exceeds k = 2; allowed 0 <= k_min <= k (k is the "
+                                            "most keys chosen by score, k_min the fewest)"),
+         lambda: sc.select_topk(q(), dkv(), 2, top_p=0.9, k_min=3)),
+    case("select_topk-k_min-negative", V, lit("select_topk: k_min = -1; must be >= 0"),
+         lambda: sc.select_topk(q(), dkv(), 2, top_p=0.9, k_min=-1)),
+    case("select_topk-k_min-without-top_p", V, lit("select_topk: k_min = 1 is only used with top_p (the adaptive "
+                                                   "budget); give top_p or leave it out"),
+         lambda: sc.select_topk(q(), dkv(), 2, k_min=1)),
+    case("select_topk-scale-without-top_p", V, lit("select_topk: scale = 0.5 is only used with top_p (the adaptive "
+                                                   "budget); give top_p or leave it out"),
+         lambda: sc.select_topk(q(), dkv(), 2, scale=0.5)),
+    case("select_topk-top_p-scale-negative", V, lit("select_topk: scale = -1.0; must be a finite float > 0 (or None "
+                                                    "for 1 / sqrt(D))"),
+         lambda: sc.select_topk(q(), dkv(), 2, top_p=0.9, scale=-1.0)),
     # --- PageBounds and page_bounds ---------------------------------------------------------------
     case("PageBounds-kmin-ndim", V, lit("PageBounds: kmin has shape (2, 2, 4); expected 4 dimensions [B, P, Hkv, D]"),
          lambda: PageBounds(arr(2, 2, 4), arr(2, 2, 4), 4)),

@@ -98,6 +98,7 @@ def page_bounds(kv: KV, page_size: int | None = None, *, out: PageBounds | None 
 
 def select_topk(q: Any, kv: KV, k: int, *, method: str = "exact", sink: int = 0, window: int = 0,
                 shared: bool = True, page_size: int | None = None, bounds: PageBounds | None = None,
+                top_p: float | None = None, k_min: int = 0, scale: float | None = None,
                 backend: str | None = None) -> TopKIndex:
     """The keys each decode query attends to: the first ``sink`` and last ``window`` tokens always,
     plus the ``k`` best others::
@@ -111,8 +112,17 @@ def select_topk(q: Any, kv: KV, k: int, *, method: str = "exact", sink: int = 0,
     cache's, or 16. ``bounds`` (quest only, from :func:`page_bounds` of this cache and page size):
     the pages' ``kmin/kmax`` are read from it instead of computed from the keys (2 / page_size of
     the key bytes; the result is the same).
+
+    Adaptive budget (``top_p``, method="exact" only): keep, besides the forced units, as few keys
+    as cover ``top_p`` of the estimated attention mass, at least ``k_min`` and at most ``k``::
+
+        mass = softmax(scale * s_h) per query head h (its own scores); shared: mean over the group
+        keep = forced | the fewest top-mass others with mass[keep].sum() >= top_p, clamped to [k_min, k]
+
+    ``scale`` (top_p only) defaults to ``1 / sqrt(D)``. Counts are ragged, ``k_max`` is as for ``k``.
     """
-    return dispatch(I.SelectTopkInputs(q, kv, k, method, sink, window, shared, page_size, bounds), backend)
+    return dispatch(I.SelectTopkInputs(q, kv, k, method, sink, window, shared, page_size, bounds, top_p, k_min,
+                                       scale), backend)
 
 
 def sparse_decode(q: Any, kv: KV, index: TopKIndex, *, scale: float | None = None,

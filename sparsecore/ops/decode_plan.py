@@ -60,8 +60,11 @@ class DecodePlan:
 
     def __init__(self, q: Any, kv: DenseKV | PagedKV, k: int, *, method: str = "exact", sink: int = 0,
                  window: int = 0, shared: bool = True, page_size: int | None = None,
-                 bounds: PageBounds | None = None, scale: float | None = None, backend: str | None = None) -> None:
-        select_inp = I.SelectTopkInputs(q, kv, k, method, sink, window, shared, page_size, bounds)
+                 bounds: PageBounds | None = None, scale: float | None = None, top_p: float | None = None,
+                 k_min: int = 0, backend: str | None = None) -> None:
+        # an adaptive budget estimates the attention mass with the attention's own scale
+        select_inp = I.SelectTopkInputs(q, kv, k, method, sink, window, shared, page_size, bounds, top_p, k_min,
+                                        scale if top_p is not None else None)
         self._backend = backend
         self._select = plan(select_inp, backend)
         self._options = select_inp.scalars()

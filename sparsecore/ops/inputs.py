@@ -5,6 +5,7 @@ Messages start with the op's name, name the argument, show the bad value and say
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -332,6 +333,9 @@ class SelectTopkInputs(OpInputs):
     shared: bool = True
     page_size: int | None = None
     bounds: Any = None
+    top_p: float | None = None
+    k_min: int = 0
+    scale: float | None = None
 
     @property
     def dtype(self) -> str:
@@ -388,6 +392,33 @@ class SelectTopkInputs(OpInputs):
             n = -(-self.kv.max_len // ps)
             fail(self.OP, f"k = {k} exceeds the cache's capacity of {n} page{'s' * (n != 1)} of {ps} tokens; "
                           f"allowed 0 <= k <= {n}")
+        self._validate_top_p(k)
+
+    def _validate_top_p(self, k: int) -> None:
+        """The adaptive budget's arguments: ``top_p`` in (0, 1], ``0 <= k_min <= k``, ``scale``."""
+        if self.top_p is None:
+            for name, unused in (("k_min", isinstance(self.k_min, bool) or self.k_min != 0),
+                                 ("scale", self.scale is not None)):
+                if unused:
+                    fail(self.OP, f"{name} = {getattr(self, name)!r} is only used with top_p (the adaptive budget); "
+                                  "give top_p or leave it out")
+            return
+        allowed = "a float with 0 < top_p <= 1 (the fraction of the estimated attention mass to keep)"
+        if isinstance(self.top_p, (bool, np.bool_)) or not isinstance(self.top_p, numbers.Real):
+            fail(self.OP, f"top_p = {self.top_p!r} ({type(self.top_p).__name__}); must be {allowed}", TypeError)
+        p = float(self.top_p)
+        if not (0.0 < p <= 1.0):  # also NaN
+            fail(self.OP, f"top_p = {self.top_p!r}; must be {allowed}")
+        if self.method != "exact":
+            fail(self.OP, f"top_p is only supported with method = 'exact' (method = {self.method!r}): the "
+                          "attention mass is estimated from every key's score")
+        k_min = check_int(self.OP, "k_min", self.k_min, lo=0)
+        if k_min > k:
+            fail(self.OP, f"k_min = {k_min} exceeds k = {k}; allowed 0 <= k_min <= k (k is the most keys "
+                          "chosen by score, k_min the fewest)")
+        object.__setattr__(self, "top_p", p)
+        object.__setattr__(self, "k_min", k_min)
+        object.__setattr__(self, "scale", _check_scale(self.OP, self.scale))
 
     def validate_data(self) -> None:
         self.kv.validate()

@@ -61,7 +61,7 @@ class TopKDecode:
     """
 
     def __init__(self, *, k: int, method: str = "exact", sink: int = 0, window: int = 0, shared: bool = True,
-                 page_size: int | None = None) -> None:
+                 page_size: int | None = None, top_p: float | None = None, k_min: int = 0) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"TopKDecode: k = {k!r}; must be an int >= 0")
         if method not in _METHODS:
@@ -74,6 +74,14 @@ class TopKDecode:
             raise ValueError(f"TopKDecode: page_size = {page_size!r}; must be None or an int >= 1")
         if page_size is not None and method != "quest":
             raise ValueError(f"TopKDecode: page_size = {page_size} is for method='quest' only (method = {method!r})")
+        if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                                  or not 0 < top_p <= 1 or method != "exact"):
+            raise ValueError(f"TopKDecode: top_p = {top_p!r}; must be None or a float in (0, 1], with method='exact'")
+        if isinstance(k_min, bool) or not isinstance(k_min, int) or not 0 <= k_min <= k \
+                or (k_min and top_p is None):
+            raise ValueError(f"TopKDecode: k_min = {k_min!r}; must be an int with 0 <= k_min <= k = {k}, used with "
+                             "top_p only")
+        self.top_p, self.k_min = (None if top_p is None else float(top_p)), k_min
         self.k, self.method, self.sink, self.window = k, method, sink, window
         self.shared, self.page_size = bool(shared), page_size
         self.enabled = True
@@ -100,7 +108,7 @@ class TopKDecode:
 
     def options(self) -> dict[str, Any]:
         return dict(k=self.k, method=self.method, sink=self.sink, window=self.window, shared=self.shared,
-                    page_size=self.page_size)
+                    page_size=self.page_size, top_p=self.top_p, k_min=self.k_min)
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
@@ -137,12 +145,15 @@ class TopKDecode:
         opts: dict[str, Any] = dict(method=self.method, sink=self.sink, window=self.window, shared=self.shared)
         unit = (self.page_size or 16) if self.method == "quest" else 1
         k_eff = min(self.k, -(-s // unit))
+        if self.top_p is not None:
+            opts.update(top_p=self.top_p, k_min=min(self.k_min, k_eff))
         if torch.compiler.is_compiling():
             # traced by torch.compile: the custom ops (with their fakes), Quest bounds built each step
             from . import ops as sct
 
             bounds = sct.page_bounds(kv, unit) if self.method == "quest" else None
-            sel = sct.select_topk(q, kv, k_eff, bounds=bounds, **opts)
+            sel = sct.select_topk(q, kv, k_eff, bounds=bounds, **opts,
+                                  **({"scale": scaling} if self.top_p is not None else {}))
             out, _ = sct.sparse_decode(q, kv, sel, scale=scaling)
         else:  # decode attention has no gradient: it runs in inference only (eval mode, one query)
             with torch.no_grad():

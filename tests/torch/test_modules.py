@@ -252,6 +252,22 @@ def test_decode_with_few_keys_matches_topk_reference(method: str, k: int, sink: 
     assert state.read_fraction < 1
 
 
+def test_decode_with_top_p_matches_topk_reference() -> None:
+    """The adaptive budget through TopKDecode: the layer's own scale estimates the mass."""
+    attn, rope = _attention(2)
+    wrapped, state = _topk(attn, k=6, top_p=0.5, k_min=1, sink=1)
+    xs = torch.randn(2, 17, 64)
+    got = _run(wrapped, rope, xs, 16)[-1]
+    want = _reference_topk(attn, rope, xs, lambda q, kv: sc.select_topk(
+        q, kv, 6, top_p=0.5, k_min=1, sink=1, scale=attn.scaling, backend="reference"))
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    assert state.read_fraction < 1
+    with pytest.raises(ValueError, match="TopKDecode: top_p = 2"):
+        _topk(attn, k=6, top_p=2)
+    with pytest.raises(ValueError, match="TopKDecode: k_min = 7"):
+        _topk(attn, k=6, top_p=0.5, k_min=7)
+
+
 def test_quest_keeps_page_bounds_across_decode_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each decode step after the first updates the previous step's bounds from the new token only
     (``out`` + ``start``), and every step's output equals the one from bounds computed afresh; a new

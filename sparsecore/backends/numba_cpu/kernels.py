@@ -661,3 +661,119 @@ def select_topk_serial(q, k_pages, page_table, lengths, k, sink, window, shared,
     for task in range(counts.shape[0] * counts.shape[1]):
         _select_task(task, q, k_pages, page_table, lengths, k, sink, window, shared, quest_page, bmin, bmax, lut,
                      indices, counts)
+
+
+@njit(**_TASK)
+def _select_top_p_task(task, q, k_pages, page_table, lengths, k, k_min, sink, window, shared, top_p, scale, lut,
+                       indices, counts):
+    """One row of :func:`select_top_p`: (sequence b, selection row u)."""
+    hq, d = q.shape[1], q.shape[2]
+    page_size = k_pages.shape[1]
+    group = hq // k_pages.shape[2]
+    rows = counts.shape[1]
+    nh = group if shared else 1
+    b = task // rows
+    u = task % rows
+    h0 = u * nh
+    kvh = h0 // group
+    length = lengths[b]
+    qh = np.empty((nh, d), np.float32)
+    for i in range(nh):
+        for j in range(d):
+            qh[i, j] = load(q, (b, h0 + i, j), lut)
+    # each head's own scaled scores (NaN as -inf: it carries no mass), then its softmax
+    x = np.empty((nh, length), np.float32)
+    mx = np.full(nh, -np.inf, np.float32)
+    kr = np.empty(d, np.float32)
+    for t in range(length):
+        pg, r = _kv_row(page_table, b, t, page_size)
+        for j in range(d):
+            kr[j] = load(k_pages, (pg, r, kvh, j), lut)
+        for i in range(nh):
+            sc = np.float32(0)
+            for j in range(d):
+                sc += qh[i, j] * kr[j]
+            sc *= scale
+            if sc != sc:
+                sc = -np.inf
+            x[i, t] = sc
+            mx[i] = max(mx[i], sc)
+    mass = np.zeros(length, np.float64)
+    for i in range(nh):
+        m = mx[i]
+        if m == -np.inf:
+            continue
+        z = 0.0
+        for t in range(length):
+            w = (1.0 if x[i, t] == np.inf else 0.0) if m == np.inf else math.exp(x[i, t] - m)
+            x[i, t] = w
+            z += w
+        inv = 1.0 / (z * nh)
+        for t in range(length):
+            mass[t] += x[i, t] * inv
+    free = np.ones(length, np.bool_)
+    chosen = np.zeros(length, np.bool_)
+    for t in range(min(sink, length)):
+        chosen[t] = True
+    for t in range(max(length - window, 0), length):
+        chosen[t] = True
+    forced_mass = 0.0
+    for t in range(length):
+        free[t] = not chosen[t]
+        if chosen[t]:
+            forced_mass += mass[t]
+    _take_top(mass, free, k, chosen)  # the k candidates of highest mass; the budget is a prefix of them
+    n_sel = 0
+    for t in range(length):
+        if chosen[t] and free[t]:
+            n_sel += 1
+    pos = np.empty(n_sel, np.int64)
+    neg = np.empty(n_sel, np.float64)
+    c = 0
+    for t in range(length):
+        if chosen[t] and free[t]:
+            pos[c] = t
+            neg[c] = -mass[t]
+            c += 1
+    order = np.argsort(neg)
+    need = n_sel
+    if forced_mass >= top_p:
+        need = 0
+    else:
+        cum = forced_mass
+        for i in range(n_sel):
+            cum -= neg[order[i]]
+            if cum >= top_p:
+                need = i + 1
+                break
+    n = min(max(need, k_min), n_sel)
+    for i in range(n, n_sel):
+        chosen[pos[order[i]]] = False
+    c = 0
+    for t in range(length):
+        if chosen[t]:
+            indices[b, u, c] = t
+            c += 1
+    counts[b, u] = c
+    indices[b, u, c:] = -1
+
+
+@njit(**_PAR)
+def select_top_p(q, k_pages, page_table, lengths, k, k_min, sink, window, shared, top_p, scale, lut, indices,
+                 counts):
+    """Adaptive-budget exact selection per row: the forced sink and window, plus the fewest of the
+    ``k`` highest-mass other tokens (at least ``k_min``) whose estimated attention mass (each query
+    head's softmax of its scaled scores, averaged over the row's heads, in float64) brings the kept
+    mass to ``top_p``; rows in ascending order, padded with -1. :func:`select_top_p_serial`: the
+    same rows on the calling thread."""
+    for task in prange(counts.shape[0] * counts.shape[1]):
+        _select_top_p_task(task, q, k_pages, page_table, lengths, k, k_min, sink, window, shared, top_p, scale, lut,
+                           indices, counts)
+
+
+@njit(**_TASK)
+def select_top_p_serial(q, k_pages, page_table, lengths, k, k_min, sink, window, shared, top_p, scale, lut, indices,
+                        counts):
+    for task in range(counts.shape[0] * counts.shape[1]):
+        _select_top_p_task(task, q, k_pages, page_table, lengths, k, k_min, sink, window, shared, top_p, scale, lut,
+                           indices, counts)
