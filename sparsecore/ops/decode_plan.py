@@ -16,6 +16,7 @@ import numpy as np
 
 from .._arrays import dtype_name
 from .._checks import fail
+from ..formats.codes import KeyCodes
 from ..formats.kv import DenseKV, PageBounds, PagedKV
 from ..formats.topk import TopKIndex
 from . import inputs as I
@@ -61,10 +62,10 @@ class DecodePlan:
     def __init__(self, q: Any, kv: DenseKV | PagedKV, k: int, *, method: str = "exact", sink: int = 0,
                  window: int = 0, shared: bool = True, page_size: int | None = None,
                  bounds: PageBounds | None = None, scale: float | None = None, top_p: float | None = None,
-                 k_min: int = 0, backend: str | None = None) -> None:
+                 k_min: int = 0, codes: KeyCodes | None = None, rescore: int = 0, backend: str | None = None) -> None:
         # an adaptive budget estimates the attention mass with the attention's own scale
         select_inp = I.SelectTopkInputs(q, kv, k, method, sink, window, shared, page_size, bounds, top_p, k_min,
-                                        scale if top_p is not None else None)
+                                        scale if top_p is not None else None, codes, rescore)
         self._backend = backend
         self._select = plan(select_inp, backend)
         self._options = select_inp.scalars()
@@ -80,6 +81,7 @@ class DecodePlan:
         self._shape = _shape_of(q, kv)
         self._capacity = _capacity(kv)
         self._has_bounds = bounds is not None
+        self._has_codes = codes is not None
         self._host = select_inp.device == "host"
         self.last_index: TopKIndex | None = index
 
@@ -93,19 +95,25 @@ class DecodePlan:
         return f"DecodePlan(q {self._shape[1]} {self._shape[2]}, {opts}; backends {self.backends})"
 
     def run(self, q: Any, kv: DenseKV | PagedKV, *, bounds: PageBounds | None = None,
-            out: tuple[Any, Any] | None = None) -> tuple[Any, Any]:
+            out: tuple[Any, Any] | None = None, codes: KeyCodes | None = None) -> tuple[Any, Any]:
         """``(out[B, Hq, D], lse[B, Hq])`` of this step (see the class docstring)."""
         if _shape_of(q, kv) != self._shape:
             fail("DecodePlan.run", f"q {tuple(q.shape)} {dtype_name(q)} with cache rows {_shape_of(q, kv)[3]} "
                                    f"does not match the plan's q {self._shape[1]} {self._shape[2]} with cache rows "
                                    f"{self._shape[3]}; make a plan for this shape")
         if _capacity(kv) != self._capacity:
-            self._grown(q, kv, bounds)
+            self._grown(q, kv, bounds, codes)
         if (bounds is not None) != self._has_bounds:
             fail("DecodePlan.run", f"bounds is {'given' if bounds is not None else 'missing'}; a plan made "
                                    f"{'with' if self._has_bounds else 'without'} bounds runs "
                                    f"{'with' if self._has_bounds else 'without'} them")
-        opts = dict(self._options, bounds=bounds)
+        if (codes is not None) != self._has_codes:
+            fail("DecodePlan.run", f"codes are {'given' if codes is not None else 'missing'}; a plan made "
+                                   f"{'with' if self._has_codes else 'without'} codes runs "
+                                   f"{'with' if self._has_codes else 'without'} them")
+        if codes is not None and self._host:
+            codes.check_matches("DecodePlan.run", "codes", kv)  # shapes only: what keeps the kernel in bounds
+        opts = dict(self._options, bounds=bounds, codes=codes)
         select_inp = I.SelectTopkInputs(q, kv, **opts)
         if type(q) is not np.ndarray:  # NumPy arrays carry no gradient
             check_no_grad(select_inp)
@@ -136,10 +144,10 @@ class DecodePlan:
             return backend.run(inp)
         return backend.apply(inp)
 
-    def _grown(self, q: Any, kv: DenseKV | PagedKV, bounds: PageBounds | None) -> None:
+    def _grown(self, q: Any, kv: DenseKV | PagedKV, bounds: PageBounds | None, codes: KeyCodes | None) -> None:
         """The cache's capacity changed: check that ``k`` still fits; a GPU backend's limits may
         depend on the capacity, so its choice is made again (host backends have no such limits)."""
-        inp = I.SelectTopkInputs(q, kv, **dict(self._options, bounds=bounds))
+        inp = I.SelectTopkInputs(q, kv, **dict(self._options, bounds=bounds, codes=codes))
         ps = inp.unit_page_size
         units = kv.max_len if ps is None else -(-kv.max_len // ps)
         if self._options["k"] > units:

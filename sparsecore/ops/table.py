@@ -47,7 +47,7 @@ TABLE: tuple[OpSpec, ...] = (
     OpSpec("select_topk", I.SelectTopkInputs,
            lambda i: ref.select_topk(i.q, i.kv, i.k, method=i.method, sink=i.sink, window=i.window, shared=i.shared,
                                      page_size=i.unit_page_size, bounds=i.bounds, top_p=i.top_p, k_min=i.k_min,
-                                     scale=i.scale),
+                                     scale=i.scale, codes=i.codes, rescore=i.rescore),
            "decode", "TopKIndex [B, G, k_max]"),
     OpSpec("sparse_decode", I.SparseDecodeInputs, lambda i: ref.sparse_decode(i.q, i.kv, i.index, scale=i.scale),
            "decode", "(out [B, Hq, D], lse [B, Hq])"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..formats.codes import KeyCodes
 from ..formats.kv import DenseKV, PageBounds, PagedKV
 from ..formats.topk import TopKIndex, topk_capacity
 
@@ -128,7 +129,8 @@ def top_p_count(mass: np.ndarray, forced_mass: float, top_p: float, k_min: int, 
 
 def select_topk(q: np.ndarray, kv: KV, k: int, *, method: str = "exact", sink: int = 0, window: int = 0,
                 shared: bool = True, page_size: int | None = None, bounds: PageBounds | None = None,
-                top_p: float | None = None, k_min: int = 0, scale: float | None = None) -> TopKIndex:
+                top_p: float | None = None, k_min: int = 0, scale: float | None = None,
+                codes: KeyCodes | None = None, rescore: int = 0) -> TopKIndex:
     """Keys for each query: the ``sink`` first and ``window`` last tokens, plus the ``k`` best others::
 
         s = q[b, h] . K[b, t, h // group]          # method="exact", tokens
@@ -150,6 +152,11 @@ def select_topk(q: np.ndarray, kv: KV, k: int, *, method: str = "exact", sink: i
         keep = forced | order[:n]
 
     ``scale`` defaults to ``1 / sqrt(D)`` (the attention's own scale gives the true softmax).
+
+    Reduced-precision ranking (method="int8", ``codes`` from :func:`quantize_keys`)::
+
+        s = q[b, h] . (codes.codes[b, t, h // group] * codes.scales[b, t, h // group])   # NaN scale: NaN
+        rescore > k: best = the k best by the exact score among the rescore best by s
     """
     bsz, hq, _ = q.shape
     group = _group_size(q, kv)
@@ -175,6 +182,13 @@ def select_topk(q: np.ndarray, kv: KV, k: int, *, method: str = "exact", sink: i
             s = softmax_mass(sc * head_scores(q[b], keys, group))
             if shared:
                 s = s.reshape(n_groups, group, -1).mean(axis=1)
+        elif method == "int8":
+            n = keys.shape[0]
+            approx = np.asarray(codes.codes[b, :n], np.float64) * np.asarray(codes.scales[b, :n], np.float64)[..., None]
+            s = head_scores(q[b], approx, group)
+            exact = head_scores(q[b], keys, group) if rescore > k else None
+            if shared and exact is not None:
+                exact = exact.reshape(n_groups, group, -1).sum(axis=1)
         else:
             s = head_scores(q[b], keys, group)
         if shared and top_p is None:
@@ -187,6 +201,9 @@ def select_topk(q: np.ndarray, kv: KV, k: int, *, method: str = "exact", sink: i
             order = cand[np.argsort(-s[g, cand], kind="stable")]
             n = k if top_p is None else top_p_count(s[g, order], float(s[g, forced].sum()), top_p, k_min, k)
             best = order[:n]
+            if method == "int8" and rescore > k:
+                pool = order[:rescore]
+                best = pool[np.argsort(-exact[g, pool], kind="stable")[:k]]
             sel = np.sort(np.concatenate([forced, best]))
             indices[b, g, :len(sel)] = sel
             counts[b, g] = len(sel)

@@ -458,6 +458,8 @@ class SelectTopk(_NumbaCpu):
         kv, ps = inp.kv, inp.unit_page_size
         rows = kv.num_kv_heads if inp.shared else int(inp.q.shape[1])
         per_row = kv.max_len if ps is None or inp.bounds is None else 2 * -(-kv.max_len // ps)
+        if inp.method == "int8":  # a byte per element instead of 2 or 4
+            per_row = -(-kv.max_len // 4) + inp.rescore
         if inp.top_p is not None and inp.shared:  # one score per query head of the group
             per_row *= int(inp.q.shape[1]) // kv.num_kv_heads
         return kv.batch * rows * per_row * kv.head_dim
@@ -479,6 +481,12 @@ class SelectTopk(_NumbaCpu):
             bmin = bmax = np.zeros((0, 0, 0, 0), k_pages.dtype)
         else:
             bmin, bmax = inp.bounds.kmin, inp.bounds.kmax
+        if inp.method == "int8":
+            kernel = _k().select_int8_serial if cls.serial(inp) else _k().select_int8
+            kernel(_bits(inp.q), _bits(k_pages), page_table, kv.lengths, inp.codes.codes,
+                   inp.codes.scales, inp.k, inp.rescore, inp.sink, inp.window, inp.shared,
+                   _lut_for(inp.dtype), indices, counts)
+            return TopKIndex(indices, counts)
         if inp.top_p is not None:
             scale = inp.scale if inp.scale is not None else 1.0 / math.sqrt(kv.head_dim)
             kernel = _k().select_top_p_serial if cls.serial(inp) else _k().select_top_p

@@ -129,6 +129,8 @@ class SelectTopk(_NumbaCuda):
         reasons = cls._attention_reasons(inp.q, inp.kv, grouped=True)
         if inp.top_p is not None:
             reasons.append("top_p (the adaptive budget) is not implemented in numba_cuda yet")
+        if inp.method == "int8":
+            reasons.append("method = 'int8' (scoring over KeyCodes) is not implemented in numba_cuda yet")
         return reasons
 
     @classmethod
