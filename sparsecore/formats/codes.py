@@ -109,18 +109,29 @@ def quantize_keys(kv: DenseKV | PagedKV, *, out: KeyCodes | None = None, start: 
     if first.shape != (kv.batch,) or (first < 0).any() or (first > lengths).any():
         fail(w, f"start = {first.tolist()}; expected {kv.batch} ints with 0 <= start[b] <= lengths[b] = "
                 f"{lengths.tolist()}")
+    if isinstance(kv, DenseKV) and (lengths - first <= 1).all():
+        # a decode step: one new key per sequence, quantised in one vectorised pass
+        bs = np.flatnonzero(lengths - first == 1)
+        if bs.size:
+            c, sc = _quantize(to_host(kv.k)[bs, first[bs]].astype(np.float64))
+            codes[bs, first[bs]] = c
+            scales[bs, first[bs]] = sc
+        return res
     for b in range(kv.batch):
         lo, hi = int(first[b]), int(lengths[b])
         if hi <= lo:
             continue
-        k = _tokens(kv, b, lo, hi)
-        with np.errstate(invalid="ignore", over="ignore"):
-            amax = np.abs(k).max(axis=-1)
-            finite = np.isfinite(k).all(axis=-1)
-            scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32).astype(np.float64)  # as stored
-            c = np.where(finite[..., None], np.clip(np.rint(k / scale[..., None]), -127, 127), 0.0)
-        codes[b, lo:hi] = c.astype(np.int8)
-        scales[b, lo:hi] = np.where(finite, scale, np.nan).astype(np.float32)
+        codes[b, lo:hi], scales[b, lo:hi] = _quantize(_tokens(kv, b, lo, hi))
     if dtype_name(res.codes) != "int8":  # unreachable: constructed above
         fail(w, "internal: codes are not int8")
     return res
+
+
+def _quantize(k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(codes int8, scales float32)`` of keys ``k[..., D]`` (float64), as :func:`quantize_keys` says."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        amax = np.abs(k).max(axis=-1)
+        finite = np.isfinite(k).all(axis=-1)
+        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32).astype(np.float64)  # as stored
+        c = np.where(finite[..., None], np.clip(np.rint(k / scale[..., None]), -127, 127), 0.0)
+    return c.astype(np.int8), np.where(finite, scale, np.nan).astype(np.float32)
