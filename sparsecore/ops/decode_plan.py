@@ -47,7 +47,8 @@ class DecodePlan:
 
     ``run`` means exactly::
 
-        index = sc.select_topk(q, kv, k, method=..., sink=..., window=..., shared=..., bounds=bounds)
+        index = sc.select_topk(q, kv, k, method=..., sink=..., window=..., shared=..., bounds=bounds,
+                               top_p=..., k_min=..., scale=scale if top_p else None, codes=codes, rescore=...)
         out, lse = sc.sparse_decode(q, kv, index, scale=scale)
 
     ``q`` and ``kv`` given to the constructor are examples of the shapes to come (their data is
