@@ -39,3 +39,13 @@ def test_bad_arguments_name_themselves() -> None:
         estimate_ms("topp", context=1, **SHAPE)
     with pytest.raises(ValueError, match="estimate_ms: context = -1; must be an int >= 0"):
         estimate_ms("exact", context=-1, **SHAPE)
+
+
+def test_host_cpu_choices_for_smollm2_shapes() -> None:
+    """What docs/selection.md measured: one call per layer of 3 rows; with the per-step code update
+    int8 only pays off at long contexts on this host, and exact wins up to 8K."""
+    shape = dict(rows=3, head_dim=64)
+    assert choose_method(context=8192, k=163, **shape) == "exact"
+    assert choose_method(context=32768, k=655, **shape) == "int8"
+    without_update = Coefficients(**{**HOST_CPU.__dict__, "int8_update_us": 0.0})
+    assert choose_method(context=8192, k=163, coeffs=without_update, **shape) == "int8"

@@ -31,7 +31,8 @@ class Coefficients:
     """Per-host costs: ``bandwidth`` (bytes/s streamed by one selection row), the arithmetic per
     scored unit in ns (``exact_ns`` per key of 64 values, ``int8_ns`` per int8 row of 64,
     ``bound_ns`` per Quest page of 64), ``topk_ns`` per unit for the top-k pass, ``gather_ns`` per
-    re-scored key (a random row read) and ``call_us`` per call."""
+    re-scored key (a random row read) and ``call_us`` per call; ``int8_update_us`` and
+    ``quest_update_us``: the per-step update of the codes or bounds with the new key, per call."""
 
     bandwidth: float
     exact_ns: float
@@ -40,17 +41,24 @@ class Coefficients:
     topk_ns: float
     gather_ns: float
     call_us: float
+    int8_update_us: float = 0.0
+    quest_update_us: float = 0.0
 
 
-#: measured on the 2-core AMD EPYC VM of docs/selection.md (numba_cpu, one thread)
+#: measured on the 2-core AMD EPYC VM of docs/selection.md (numba_cpu, one thread): at 8K, 30 calls of
+#: 3 rows took 36 ms (exact), 22-25 ms (int8) and 17-19 ms (Quest, stored bounds) through the public
+#: op with torch tensors, of which about 0.4 ms per call is the call itself (views, dispatch, index);
+#: the per-step updates (quantize_keys of the new key: 0.39 ms, page_bounds of its page: 0.63 ms per
+#: layer) are what the decode-step timings of docs/selection.md add on top of the selection
 HOST_CPU = Coefficients(bandwidth=8.0e9, exact_ns=10.0, int8_ns=18.0, bound_ns=20.0, topk_ns=2.0, gather_ns=60.0,
-                        call_us=15.0)
+                        call_us=400.0, int8_update_us=390.0, quest_update_us=630.0)
 
 
 def estimate_ms(method: str, *, context: int, rows: int, head_dim: int, k: int, key_bytes: int = 4,
                 page_size: int = 16, rescore: int = 0, coeffs: Coefficients = HOST_CPU) -> float:
     """Modelled time in ms of one ``select_topk`` call of ``rows`` selection rows (B x G) over
-    ``context`` tokens, for ``method`` in ``"exact"``, ``"int8"``, ``"quest"`` (with stored bounds)."""
+    ``context`` tokens, for ``method`` in ``"exact"``, ``"int8"``, ``"quest"`` (with stored bounds),
+    with the per-step update of the codes or bounds that a decode step needs."""
     if method not in ("exact", "int8", "quest"):
         raise ValueError(f"estimate_ms: method = {method!r}; allowed: 'exact', 'int8', 'quest'")
     for name, v in (("context", context), ("rows", rows), ("head_dim", head_dim), ("k", k), ("key_bytes", key_bytes),
@@ -68,7 +76,8 @@ def estimate_ms(method: str, *, context: int, rows: int, head_dim: int, k: int, 
         units = -(-context // page_size)
         nbytes, arith = 2 * units * head_dim * key_bytes, units * coeffs.bound_ns * dim
     per_row_s = nbytes / coeffs.bandwidth + (arith + units * coeffs.topk_ns) * 1e-9
-    return 1e3 * rows * per_row_s + coeffs.call_us * 1e-3
+    update_us = {"exact": 0.0, "int8": coeffs.int8_update_us, "quest": coeffs.quest_update_us}[method]
+    return 1e3 * rows * per_row_s + (coeffs.call_us + update_us) * 1e-3
 
 
 def choose_method(*, context: int, rows: int, head_dim: int, k: int, key_bytes: int = 4, page_size: int = 16,
