@@ -7,6 +7,7 @@ sub-packages.
 from .formats import (
                       CSR,
                       DenseKV,
+                      KeyCodes,
                       PageBounds,
                       PagedKV,
                       TiledELL,
@@ -18,6 +19,7 @@ from .formats import (
                       csr_to_scipy,
                       csr_to_tiled_ell,
                       csr_to_torch,
+                      quantize_keys,
                       tiled_ell_from_dense,
                       tiled_ell_to_csr,
                       tiled_ell_to_dense,
@@ -43,7 +45,7 @@ from .ops.explain import SlowPathWarning, SparsecoreWarning, explain
 __version__ = "0.1.0"
 
 __all__ = [
-    "CSR", "TiledELL", "DenseKV", "PagedKV", "PageBounds", "TopKIndex",
+    "CSR", "TiledELL", "DenseKV", "PagedKV", "PageBounds", "KeyCodes", "TopKIndex", "quantize_keys",
     "tiled_ell_from_dense", "tiled_ell_to_dense", "tiled_ell_to_csr", "csr_to_tiled_ell",
     "csr_from_dense", "csr_to_dense", "csr_to_scipy", "csr_from_scipy", "csr_to_torch", "csr_from_torch",
     "pack", "gated_pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn",

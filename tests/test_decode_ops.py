@@ -323,6 +323,146 @@ def run_topk(case: DecodeCase, args: dict) -> None:
         check_topk(case, sc.select_topk(case.q, case.dense, **dargs), **dargs, kv_name="dense copy")
 
 
+# --- select_topk with an adaptive budget (top_p): the mass it keeps -----------------------------------
+
+def attention_mass(case: DecodeCase, b: int, scale: float, shared: bool) -> np.ndarray:
+    """``[G, L]``: each query head's softmax of its scaled scores over the sequence, averaged over the
+    query heads of a KV group when shared; float64 from the stored values, written out here."""
+    tok = unit_scores(case, b, None) * scale  # [Hq, L]
+    mass = np.zeros_like(tok)
+    for h in range(case.hq):
+        if tok.shape[1]:
+            w = np.exp(tok[h] - tok[h].max())
+            mass[h] = w / w.sum()
+    return mass.reshape(case.hkv, case.group, -1).mean(axis=1) if shared else mass
+
+
+def check_top_p(case: DecodeCase, idx: TopKIndex, *, k: int, k_min: int, top_p: float, sink: int, window: int,
+                shared: bool, scale: float | None, kv_name: str = "kv") -> None:
+    """The adaptive budget by its properties: forced kept; ``k_min <= chosen <= k`` (as the candidates
+    allow); kept mass >= top_p unless ``k`` are chosen; no chosen key could be dropped with the mass
+    still >= top_p (the fewest), unless ``k_min`` asks for it; chosen by mass (threshold)."""
+    what = (f"select_topk(k={k}, top_p={top_p}, k_min={k_min}, sink={sink}, window={window}, shared={shared}, "
+            f"scale={scale}) on {kv_name} of {case!r}")
+    assert isinstance(idx, TopKIndex) and idx.granularity == "token", what
+    ind, cnt = np.asarray(as_f64(idx.indices)).astype(np.int64), np.asarray(as_f64(idx.counts)).astype(np.int64)
+    groups = case.hkv if shared else case.hq
+    assert ind.shape == (case.batch, groups, min(k + sink + window, case.kv.max_len)), (ind.shape, what)
+    sc_ = 1.0 / np.sqrt(case.head_dim) if scale is None else scale
+    for b in range(case.batch):
+        n = int(case.lengths[b])
+        forced = forced_tokens(n, sink, window)
+        mass = attention_mass(case, b, sc_, shared)
+        # float32 scores in the kernels: a mass is known to about this much (more for large scores)
+        tol = 1e-5 * (1 + np.abs(unit_scores(case, b, None) * sc_).max()) if n else 0.0
+        for g in range(groups):
+            c = int(cnt[b, g])
+            row = ind[b, g, :c].tolist()
+            at = f"row [{b}, {g}] = {row} (length {n}): {what}"
+            assert (ind[b, g, c:] == -1).all(), f"padding not -1 in {at}"
+            assert len(set(row)) == c and all(0 <= t < n for t in row), f"duplicate or out of range in {at}"
+            chosen = set(row)
+            assert forced <= chosen, f"forced {sorted(forced - chosen)} missing in {at}"
+            free = sorted(chosen - forced)
+            left = sorted(set(range(n)) - chosen)
+            cands = n - len(forced)
+            assert min(k_min, cands) <= len(free) <= min(k, cands), f"{len(free)} chosen outside [k_min, k] in {at}"
+            kept = mass[g, sorted(chosen)].sum()
+            assert kept >= top_p - tol or len(free) == min(k, cands), f"mass {kept} < top_p with room left in {at}"
+            if len(free) > k_min:
+                weakest = mass[g, free].min()
+                assert kept - weakest < top_p + tol, f"mass {kept} without {weakest} still >= top_p in {at}"
+            if free and left:
+                assert mass[g, free].min() >= mass[g, left].max() - tol, f"not chosen by mass in {at}"
+
+
+@st.composite
+def top_p_args(draw: st.DrawFn, case: DecodeCase) -> dict:
+    cap = case.kv.max_len
+    k = draw(st.one_of(st.integers(0, min(cap, 6)), st.integers(0, cap)))
+    return dict(k=k, k_min=draw(st.integers(0, k)), top_p=draw(st.sampled_from([0.05, 0.3, 0.5, 0.9, 0.99, 1.0])),
+                sink=draw(st.integers(0, 3)), window=draw(st.integers(0, 4)), shared=draw(st.booleans()),
+                scale=draw(st.sampled_from([None, 0.25, 1.0, 3.0])))
+
+
+def run_top_p(case: DecodeCase, args: dict) -> None:
+    needs(case.dtype)
+    check_top_p(case, sc.select_topk(case.q, case.kv, **args), **args)
+    if case.paged:
+        check_top_p(case, sc.select_topk(case.q, case.dense, **args), **args, kv_name="dense copy")
+
+
+# --- select_topk(method="int8"): ranking over the int8 copy of the keys ----------------------------------
+
+def int8_keys(keys: np.ndarray) -> np.ndarray:
+    """What quantize_keys means, written out: ``[L, Hkv, D]`` float64 of codes * scale."""
+    amax = np.abs(keys).max(axis=-1, keepdims=True)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32).astype(np.float64)
+    return np.clip(np.rint(keys / scale), -127, 127) * scale
+
+
+def check_int8(case: DecodeCase, idx: TopKIndex, *, k: int, rescore: int, sink: int, window: int, shared: bool,
+               kv_name: str = "kv") -> None:
+    """Forced kept, ``min(units, forced + k)`` keys, the free ones the best by the int8 scores (or,
+    with ``rescore > k``, the best by the exact scores among a pool that is the best by the int8 ones)."""
+    what = f"select_topk(k={k}, method='int8', rescore={rescore}, sink={sink}, window={window}, " \
+           f"shared={shared}) on {kv_name} of {case!r}"
+    ind, cnt = np.asarray(as_f64(idx.indices)).astype(np.int64), np.asarray(as_f64(idx.counts)).astype(np.int64)
+    groups = case.hkv if shared else case.hq
+    assert idx.granularity == "token" and ind.shape[:2] == (case.batch, groups), what
+    for b in range(case.batch):
+        n = int(case.lengths[b])
+        forced = forced_tokens(n, sink, window)
+        qk = int8_keys(case.keys[b])
+        approx = np.array([[float(np.dot(case.q64[b, h], qk[t, h // case.group])) for t in range(n)]
+                           for h in range(case.hq)]).reshape(case.hq, n)
+        exact = unit_scores(case, b, None)
+        if shared:
+            approx = approx.reshape(case.hkv, case.group, n).sum(axis=1)
+            exact = exact.reshape(case.hkv, case.group, n).sum(axis=1)
+        tol = 1e-5 * (1 + (np.abs(exact).max() if exact.size else 0.0))
+        for g in range(groups):
+            c = int(cnt[b, g])
+            row = ind[b, g, :c].tolist()
+            at = f"row [{b}, {g}] = {row} (length {n}): {what}"
+            assert (ind[b, g, c:] == -1).all() and len(set(row)) == c, f"padding or duplicates in {at}"
+            assert c == min(n, len(forced) + k), f"count {c} in {at}"
+            chosen = set(row)
+            assert forced <= chosen and all(0 <= t < n for t in row), f"forced missing or out of range in {at}"
+            free = sorted(chosen - forced)
+            left = sorted(set(range(n)) - chosen)
+            if not (free and left):
+                continue
+            if rescore <= k:
+                assert approx[g, free].min() >= approx[g, left].max() - tol, f"not the int8 top-k in {at}"
+                continue
+            cands = sorted(set(range(n)) - forced)
+            pool_thr = np.sort(approx[g, cands])[::-1][min(rescore, len(cands)) - 1]
+            assert approx[g, free].min() >= pool_thr - tol, f"a chosen key outside the int8 pool in {at}"
+            sure = [t for t in left if approx[g, t] > pool_thr + tol]  # certainly in the pool
+            if sure:
+                assert exact[g, free].min() >= exact[g, sure].max() - tol, f"pool not re-ranked exactly in {at}"
+
+
+@st.composite
+def int8_args(draw: st.DrawFn, case: DecodeCase) -> dict:
+    cap = case.kv.max_len
+    k = draw(st.one_of(st.integers(0, min(cap, 4)), st.integers(0, cap)))
+    rescore = draw(st.sampled_from([0, k, min(cap, k + 3), min(cap, 2 * k + 1), cap]))
+    return dict(k=k, rescore=rescore if rescore >= k else 0, sink=draw(st.integers(0, 3)),
+                window=draw(st.integers(0, 4)), shared=draw(st.booleans()))
+
+
+def run_int8(case: DecodeCase, args: dict) -> None:
+    needs(case.dtype)
+    codes = sc.quantize_keys(case.kv)
+    check_int8(case, sc.select_topk(case.q, case.kv, method="int8", codes=codes, **args), **args)
+    if case.paged:  # the same logical tokens: the same codes
+        dcodes = sc.quantize_keys(case.dense)
+        check_int8(case, sc.select_topk(case.q, case.dense, method="int8", codes=dcodes, **args), **args,
+                   kv_name="dense copy")
+
+
 # --- drawn cases ---------------------------------------------------------------------------------------
 
 @given(case=decode_cases(), scale=scales())
@@ -365,6 +505,103 @@ def test_select_topk_quest(case: DecodeCase, data: st.DataObject) -> None:
 def test_select_topk_ties(case: DecodeCase, data: st.DataObject) -> None:
     """Grid values: exact float64 scores and many ties; any tie break is right."""
     run_topk(case, data.draw(topk_args(case, data.draw(st.sampled_from(["exact", "quest"])))))
+
+
+@given(case=decode_cases(), data=st.data())
+def test_select_topk_top_p(case: DecodeCase, data: st.DataObject) -> None:
+    run_top_p(case, data.draw(top_p_args(case)))
+
+
+@given(case=decode_cases(grid=True), data=st.data())
+def test_select_topk_top_p_ties(case: DecodeCase, data: st.DataObject) -> None:
+    run_top_p(case, data.draw(top_p_args(case)))
+
+
+@pytest.mark.parametrize("name", sorted(EDGE_CASES))
+def test_select_topk_top_p_edge_cases(name: str) -> None:
+    case = EDGE_CASES[name]("float32")
+    longest = int(case.lengths.max())
+    for k in sorted({0, 1, longest}):
+        for k_min in sorted({0, k}):
+            for top_p in (0.5, 1.0):
+                for sink, window in ((0, 0), (1, 2)):
+                    for shared in (True, False):
+                        run_top_p(case, dict(k=k, k_min=k_min, top_p=top_p, sink=sink, window=window,
+                                             shared=shared, scale=None))
+
+
+def test_select_topk_top_p_one_dominant_key_keeps_one() -> None:
+    """A key that holds nearly all the mass is enough at top_p = 0.9; top_p = 1.0 keeps k."""
+    rng = np.random.default_rng(3)
+    k = rng.standard_normal((1, 32, 1, 8)).astype(np.float32)
+    q = np.zeros((1, 2, 8), np.float32)
+    q[0, :, 0] = 40.0
+    k[0, :, 0, 0] = 0.0
+    k[0, 17, 0, 0] = 2.0
+    kv = sc.DenseKV(k, k.copy(), np.array([32], np.int32))
+    idx = sc.select_topk(q, kv, 8, top_p=0.9)
+    assert idx.counts.tolist() == [[1]] and idx.indices[0, 0, 0] == 17 and idx.k_max == 8
+    assert sc.select_topk(q, kv, 8, top_p=1.0).counts.tolist() == [[8]]
+    assert sc.select_topk(q, kv, 8, top_p=0.9, k_min=3).counts.tolist() == [[3]]
+    assert sc.select_topk(q, kv, 8, top_p=0.9, window=2).counts.tolist() == [[3]]
+
+
+@given(case=decode_cases(), data=st.data())
+def test_select_topk_int8(case: DecodeCase, data: st.DataObject) -> None:
+    run_int8(case, data.draw(int8_args(case)))
+
+
+@given(case=decode_cases(grid=True), data=st.data())
+def test_select_topk_int8_ties(case: DecodeCase, data: st.DataObject) -> None:
+    run_int8(case, data.draw(int8_args(case)))
+
+
+@pytest.mark.parametrize("name", sorted(EDGE_CASES))
+def test_select_topk_int8_edge_cases(name: str) -> None:
+    case = EDGE_CASES[name]("float32")
+    longest = int(case.lengths.max())
+    for k in sorted({0, 1, longest}):
+        for rescore in sorted({0, min(case.kv.max_len, k + 2)}):
+            for sink, window in ((0, 0), (1, 2)):
+                for shared in (True, False):
+                    run_int8(case, dict(k=k, rescore=rescore if rescore > k else 0, sink=sink, window=window,
+                                        shared=shared))
+
+
+@given(case=decode_cases(), data=st.data())
+def test_quantize_keys_codes_and_update_in_place(case: DecodeCase, data: st.DataObject) -> None:
+    """codes * scale is each key within half a step; rewriting from ``start`` equals a fresh copy."""
+    codes = sc.quantize_keys(case.kv)
+    assert codes.codes.shape == (case.batch, case.kv.max_len, case.hkv, case.head_dim)
+    for b in range(case.batch):
+        n = int(case.lengths[b])
+        got = codes.codes[b, :n].astype(np.float64) * codes.scales[b, :n, :, None].astype(np.float64)
+        np.testing.assert_allclose(got, int8_keys(case.keys[b]), rtol=1e-6, atol=1e-30)
+        step = codes.scales[b, :n].astype(np.float64)[..., None]
+        assert (np.abs(got - case.keys[b]) <= 0.5 * step * (1 + 1e-6)).all()
+    start = np.array([data.draw(st.integers(0, int(n))) for n in case.lengths], np.int32)
+    stale = sc.KeyCodes(codes.codes.copy(), codes.scales.copy())
+    for b in range(case.batch):
+        stale.codes[b, start[b]:] = 7
+        stale.scales[b, start[b]:] = -1.0
+    again = sc.quantize_keys(case.kv, out=stale, start=start)
+    assert again is stale
+    for b in range(case.batch):
+        n = int(case.lengths[b])
+        np.testing.assert_array_equal(stale.codes[b, :n], codes.codes[b, :n])
+        np.testing.assert_array_equal(stale.scales[b, :n], codes.scales[b, :n])
+
+
+def test_quantize_keys_nonfinite_key_gets_a_nan_scale() -> None:
+    k = np.ones((1, 4, 1, 3), np.float32)
+    k[0, 1, 0, 2] = np.nan
+    k[0, 2, 0, 0] = np.inf
+    codes = sc.quantize_keys(sc.DenseKV(k, k, np.array([4], np.int32)))
+    assert np.isnan(codes.scales[0, 1:3, 0]).all() and np.isfinite(codes.scales[0, [0, 3], 0]).all()
+    assert (codes.codes[0, 1:3] == 0).all() and (codes.codes[0, 0, 0] == 127).all()
+    q = np.ones((1, 1, 3), np.float32)
+    idx = sc.select_topk(q, sc.DenseKV(k, k, np.array([4], np.int32)), 2, method="int8", codes=codes)
+    assert set(idx.indices[0, 0].tolist()) == {0, 3}  # NaN scores rank last
 
 
 # --- page_bounds: stored Quest metadata ---------------------------------------------------------------

@@ -350,7 +350,7 @@ CASES = [
          lambda: sc.select_topk(q(), dkv(), 2, sink=-1)),
     case("select_topk-window-negative", V, lit("select_topk: window = -2; must be >= 0"),
          lambda: sc.select_topk(q(), dkv(), 2, window=-2)),
-    case("select_topk-method-unknown", V, lit("select_topk: method = 'topp'; allowed: 'exact', 'quest'"),
+    case("select_topk-method-unknown", V, lit("select_topk: method = 'topp'; allowed: 'exact', 'quest', 'int8'"),
          lambda: sc.select_topk(q(), dkv(), 2, method="topp")),
     case("select_topk-page_size-with-exact", V, lit("select_topk: page_size = 4 is only used by method = 'quest'"),
          lambda: sc.select_topk(q(), dkv(), 2, page_size=4)),
@@ -375,6 +375,58 @@ CASES = [
     case("select_topk-bounds-head_dim", V, lit("select_topk: bounds has kmin/kmax of shape (1, 2, 2, 3); for this kv "
                                                "and page_size 4 expected (B, P, Hkv, D) = (1, >= 2, 2, 4)"),
          lambda: sc.select_topk(q(), dkv(), 2, method="quest", bounds=pb((1, 2, 2, 3)))),
+    case("select_topk-top_p-over-one", V, lit("select_topk: top_p = 1.5; must be a float with 0 < top_p <= 1 (the "
+                                              "fraction of the estimated attention mass to keep)"),
+         lambda: sc.select_topk(q(), dkv(), 2, top_p=1.5)),
+    case("select_topk-top_p-zero", V, lit("select_topk: top_p = 0.0; must be a float with 0 < top_p <= 1 (the "
+                                          "fraction of the estimated attention mass to keep)"),
+         lambda: sc.select_topk(q(), dkv(), 2, top_p=0.0)),
+    case("select_topk-top_p-nan", V, lit("select_topk: top_p = nan; must be a float with 0 < top_p <= 1 (the "
+                                         "fraction of the estimated attention mass to keep)"),
+         lambda: sc.select_topk(q(), dkv(), 2, top_p=float("nan"))),
+    case("select_topk-top_p-str", T, lit("select_topk: top_p = '0.9' (str); must be a float with 0 < top_p <= 1 "
+                                         "(the fraction of the estimated attention mass to keep)"),
+         lambda: sc.select_topk(q(), dkv(), 2, top_p="0.9")),
+    case("select_topk-top_p-quest", V, lit("select_topk: top_p is only supported with method = 'exact' (method = "
+                                           "'quest'): the attention mass is estimated from every key's score"),
+         lambda: sc.select_topk(q(), dkv(), 1, method="quest", top_p=0.9)),
+    case("select_topk-k_min-over-k", V, lit("select_topk: k_min = 3 exceeds k = 2; allowed 0 <= k_min <= k (k is the "
+                                            "most keys chosen by score, k_min the fewest)"),
+         lambda: sc.select_topk(q(), dkv(), 2, top_p=0.9, k_min=3)),
+    case("select_topk-k_min-negative", V, lit("select_topk: k_min = -1; must be >= 0"),
+         lambda: sc.select_topk(q(), dkv(), 2, top_p=0.9, k_min=-1)),
+    case("select_topk-k_min-without-top_p", V, lit("select_topk: k_min = 1 is only used with top_p (the adaptive "
+                                                   "budget); give top_p or leave it out"),
+         lambda: sc.select_topk(q(), dkv(), 2, k_min=1)),
+    case("select_topk-scale-without-top_p", V, lit("select_topk: scale = 0.5 is only used with top_p (the adaptive "
+                                                   "budget); give top_p or leave it out"),
+         lambda: sc.select_topk(q(), dkv(), 2, scale=0.5)),
+    case("select_topk-top_p-scale-negative", V, lit("select_topk: scale = -1.0; must be a finite float > 0 (or None "
+                                                    "for 1 / sqrt(D))"),
+         lambda: sc.select_topk(q(), dkv(), 2, top_p=0.9, scale=-1.0)),
+    case("select_topk-int8-without-codes", V, lit("select_topk: method = 'int8' needs codes: the int8 copy of the keys "
+                                                  "(sparsecore.quantize_keys(kv))"),
+         lambda: sc.select_topk(q(), dkv(), 2, method="int8")),
+    case("select_topk-codes-with-exact", V, lit("select_topk: codes are only read by method = 'int8' (method = "
+                                                "'exact')"),
+         lambda: sc.select_topk(q(), dkv(), 2, codes=sc.quantize_keys(dkv()))),
+    case("select_topk-codes-not-codes", T, lit("select_topk: codes must be a KeyCodes (from sparsecore.quantize_keys), "
+                                               "got ndarray"),
+         lambda: sc.select_topk(q(), dkv(), 2, method="int8", codes=arr(1, 8, 2, 4))),
+    case("select_topk-codes-shape", V, lit("select_topk: codes has codes of shape (1, 4, 2, 4); for this kv expected "
+                                           "(B, S, Hkv, D) = (1, >= 8, 2, 4)"),
+         lambda: sc.select_topk(q(), dkv(), 2, method="int8", codes=sc.KeyCodes(np.zeros((1, 4, 2, 4), np.int8),
+                                                                                 np.zeros((1, 4, 2), np.float32)))),
+    case("select_topk-rescore-below-k", V, lit("select_topk: rescore = 1 is below k = 2; allowed 0 (no re-scoring) or "
+                                               "k <= rescore <= 8 (candidates re-scored from the keys)"),
+         lambda: sc.select_topk(q(), dkv(), 2, method="int8", codes=sc.quantize_keys(dkv()), rescore=1)),
+    case("select_topk-rescore-with-exact", V, lit("select_topk: rescore = 4 is only used by method = 'int8'"),
+         lambda: sc.select_topk(q(), dkv(), 2, rescore=4)),
+    case("KeyCodes-codes-dtype", T, lit("KeyCodes: codes has dtype float32; allowed: int8"),
+         lambda: sc.KeyCodes(np.zeros((1, 4, 2, 4), np.float32), np.zeros((1, 4, 2), np.float32))),
+    case("quantize_keys-start-over-length", V, lit("quantize_keys: start = [9]; expected 1 ints with 0 <= start[b] <= "
+                                                   "lengths[b] = [8]"),
+         lambda: sc.quantize_keys(dkv(), out=sc.quantize_keys(dkv()), start=np.array([9], np.int32))),
     # --- PageBounds and page_bounds ---------------------------------------------------------------
     case("PageBounds-kmin-ndim", V, lit("PageBounds: kmin has shape (2, 2, 4); expected 4 dimensions [B, P, Hkv, D]"),
          lambda: PageBounds(arr(2, 2, 4), arr(2, 2, 4), 4)),

@@ -16,6 +16,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import sparsecore as sc
+from sparsecore.reference import attention as ref_attention
 from tests._util import assert_close, backend_takes, host_backend_params
 from tests.nonfinite import NP, POISONS, decode_case, indices_for, merge_case, oracle_decode, oracle_merge
 
@@ -68,6 +69,39 @@ def test_the_named_cases_give_the_contracts_answers() -> None:
     assert np.isfinite(out).all() and np.isfinite(lse).all()
     out, lse = run("neg-inf-key-nan-value")
     assert np.isnan(out[0, 2:, 5]).all() and np.isfinite(lse).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("poison", list(POISONS))
+def test_top_p_selection_gives_nonfinite_scores_their_meaning(backend: str, poison: str) -> None:
+    """select_topk(top_p=...): a NaN score carries no mass (ranks last), +inf keys share all of their
+    head's mass, a head whose scores are all -inf or NaN carries none (the row then keeps up to k).
+    Checked against the reference: the same counts, and the same keys wherever the mass is not a
+    tie at 0 (which key of equal mass is kept is free)."""
+    for dtype in DTYPES:
+        backend_takes(backend, dtype)
+        q, kv = decode_case(poison, dtype)
+        for shared in (True, False):
+            args = dict(k=9, k_min=1, top_p=0.8, sink=1, window=2, shared=shared)
+            want = sc.select_topk(q, kv, **args, backend="reference")
+            got = sc.select_topk(q, kv, **args, backend=backend)
+            assert np.array_equal(got.counts, want.counts), (poison, dtype, shared, got.counts, want.counts)
+            for b in range(q.shape[0]):
+                n = int(kv.lengths[b])
+                keys = kv.k[b, :n].astype(np.float64)
+                for g in range(want.groups):
+                    heads = range(g * (q.shape[1] // want.groups), (g + 1) * (q.shape[1] // want.groups))
+                    x = np.stack([keys[:, h * kv.num_kv_heads // q.shape[1]] @ q[b, h].astype(np.float64)
+                                  for h in heads]) / np.sqrt(q.shape[2])
+                    mass = ref_attention.softmax_mass(x).mean(axis=0)
+                    sure = mass > 1e-6
+                    a = set(got.indices[b, g, :got.counts[b, g]].tolist())
+                    w = set(want.indices[b, g, :want.counts[b, g]].tolist())
+                    assert {t for t in a if sure[t]} == {t for t in w if sure[t]}, (poison, dtype, shared, b, g)
+    if poison == "nan-query":  # row 1's query head 2 is NaN: its head carries no mass, so that row keeps k
+        q, kv = decode_case(poison, "float32")
+        idx = sc.select_topk(q, kv, 9, top_p=0.8, shared=False, backend=backend)
+        assert idx.counts[1, 2] == 9
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,5 +1,6 @@
 """Data layouts: cheap constructors (shape and dtype checks) plus an explicit ``validate()``."""
 
+from .codes import KeyCodes, quantize_keys
 from .convert import (
                       csr_from_dense,
                       csr_from_scipy,
@@ -18,7 +19,7 @@ from .tiled_ell import TiledELL
 from .topk import TopKIndex
 
 __all__ = [
-    "CSR", "TiledELL", "DenseKV", "PagedKV", "PageBounds", "TopKIndex",
+    "CSR", "TiledELL", "DenseKV", "PagedKV", "PageBounds", "KeyCodes", "TopKIndex", "quantize_keys",
     "tiled_ell_from_dense", "tiled_ell_to_dense", "tiled_ell_to_csr", "csr_to_tiled_ell",
     "csr_from_dense", "csr_to_dense", "csr_to_scipy", "csr_from_scipy", "csr_to_torch", "csr_from_torch",
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..formats.codes import KeyCodes
 from ..formats.csr import CSR
 from ..formats.kv import DenseKV, PageBounds, PagedKV
 from ..formats.tiled_ell import TiledELL
@@ -113,7 +114,8 @@ def page_bounds(kv: KV, page_size: int | None = None, *, out: PageBounds | None 
 
 def select_topk(q: Any, kv: KV, k: int, *, method: str = "exact", sink: int = 0, window: int = 0,
                 shared: bool = True, page_size: int | None = None, bounds: PageBounds | None = None,
-                backend: str | None = None) -> TopKIndex:
+                top_p: float | None = None, k_min: int = 0, scale: float | None = None,
+                codes: KeyCodes | None = None, rescore: int = 0, backend: str | None = None) -> TopKIndex:
     """The keys each decode query attends to: the first ``sink`` and last ``window`` tokens always,
     plus the ``k`` best others::
 
@@ -126,8 +128,22 @@ def select_topk(q: Any, kv: KV, k: int, *, method: str = "exact", sink: int = 0,
     cache's, or 16. ``bounds`` (quest only, from :func:`page_bounds` of this cache and page size):
     the pages' ``kmin/kmax`` are read from it instead of computed from the keys (2 / page_size of
     the key bytes; the result is the same).
+
+    Adaptive budget (``top_p``, method="exact" only): keep, besides the forced units, as few keys
+    as cover ``top_p`` of the estimated attention mass, at least ``k_min`` and at most ``k``::
+
+        mass = softmax(scale * s_h) per query head h (its own scores); shared: mean over the group
+        keep = forced | the fewest top-mass others with mass[keep].sum() >= top_p, clamped to [k_min, k]
+
+    ``scale`` (top_p only) defaults to ``1 / sqrt(D)``. Counts are ragged, ``k_max`` is as for ``k``.
+
+    ``method="int8"``: exact ranking over the int8 copy ``codes`` of the keys (:func:`quantize_keys`),
+    ``score[t] = scales[b, t, h // group] * (q[b, h] . codes[b, t, h // group])``; with ``rescore``
+    (``>= k``), the ``rescore`` best by that score are re-scored from the keys and the ``k`` best of
+    them kept.
     """
-    return dispatch(I.SelectTopkInputs(q, kv, k, method, sink, window, shared, page_size, bounds), backend)
+    return dispatch(I.SelectTopkInputs(q, kv, k, method, sink, window, shared, page_size, bounds, top_p, k_min,
+                                       scale, codes, rescore), backend)
 
 
 def sparse_decode(q: Any, kv: KV, index: TopKIndex, *, scale: float | None = None,

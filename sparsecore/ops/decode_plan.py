@@ -19,6 +19,7 @@ import numpy as np
 from .._arrays import dtype_name, from_numpy, kind_of, to_numpy
 from .._checks import fail
 from ..formats import _fastcheck
+from ..formats.codes import KeyCodes
 from ..formats.kv import DenseKV, PageBounds, PagedKV
 from ..formats.topk import TopKIndex, topk_capacity
 from . import inputs as I
@@ -53,7 +54,8 @@ class DecodePlan:
 
     ``run`` means exactly::
 
-        index = sc.select_topk(q, kv, k, method=..., sink=..., window=..., shared=..., bounds=bounds)
+        index = sc.select_topk(q, kv, k, method=..., sink=..., window=..., shared=..., bounds=bounds,
+                               top_p=..., k_min=..., scale=scale if top_p else None, codes=codes, rescore=...)
         out, lse = sc.sparse_decode(q, kv, index, scale=scale)
 
     ``q`` and ``kv`` given to the constructor are examples of the shapes to come (their data is
@@ -70,8 +72,11 @@ class DecodePlan:
 
     def __init__(self, q: Any, kv: DenseKV | PagedKV, k: int, *, method: str = "exact", sink: int = 0,
                  window: int = 0, shared: bool = True, page_size: int | None = None,
-                 bounds: PageBounds | None = None, scale: float | None = None, backend: str | None = None) -> None:
-        select_inp = I.SelectTopkInputs(q, kv, k, method, sink, window, shared, page_size, bounds)
+                 bounds: PageBounds | None = None, scale: float | None = None, top_p: float | None = None,
+                 k_min: int = 0, codes: KeyCodes | None = None, rescore: int = 0, backend: str | None = None) -> None:
+        # an adaptive budget estimates the attention mass with the attention's own scale
+        select_inp = I.SelectTopkInputs(q, kv, k, method, sink, window, shared, page_size, bounds, top_p, k_min,
+                                        scale if top_p is not None else None, codes, rescore)
         self._backend = backend
         self._select = plan(select_inp, backend)
         self._options = select_inp.scalars()
@@ -87,6 +92,7 @@ class DecodePlan:
         self._shape = _shape_of(q, kv)
         self._capacity = _capacity(kv)
         self._has_bounds = bounds is not None
+        self._has_codes = codes is not None
         self._host = select_inp.device == "host"
         self._unit, self._forced_window = select_inp.unit_page_size, select_inp.forced_window
         self._last: TopKIndex | tuple[Any, Any] | None = index
@@ -160,12 +166,12 @@ class DecodePlan:
         return f"DecodePlan(q {self._shape[1]} {self._shape[2]}, {opts}; backends {self.backends})"
 
     def run(self, q: Any, kv: DenseKV | PagedKV, *, bounds: PageBounds | None = None, update_from: Any = None,
-            out: tuple[Any, Any] | None = None) -> tuple[Any, Any]:
+            out: tuple[Any, Any] | None = None, codes: KeyCodes | None = None) -> tuple[Any, Any]:
         """``(out[B, Hq, D], lse[B, Hq])`` of this step (see the class docstring). ``update_from[B]``
         int32 (with ``bounds``): first bring ``bounds`` up to date in place for the tokens from
         ``update_from[b]`` on, ``page_bounds(kv, out=bounds, start=update_from)`` (a decode step that
         appended tokens passes the lengths before it), so that one call is update + select + attend."""
-        if self._fast_select is not None and (update_from is None or self._fast_bounds is not None):
+        if self._fast_select is not None and codes is None and (update_from is None or self._fast_bounds is not None):
             views = _host_views(q, kv, bounds, update_from)
             if views is not None and _metadata(*views) == self._seen:
                 capacity = _capacity(views[1])
@@ -176,14 +182,20 @@ class DecodePlan:
                                    f"does not match the plan's q {self._shape[1]} {self._shape[2]} with cache rows "
                                    f"{self._shape[3]}; make a plan for this shape")
         if _capacity(kv) != self._capacity:
-            self._grown(q, kv, bounds)
+            self._grown(q, kv, bounds, codes)
         if (bounds is not None) != self._has_bounds:
             fail("DecodePlan.run", f"bounds is {'given' if bounds is not None else 'missing'}; a plan made "
                                    f"{'with' if self._has_bounds else 'without'} bounds runs "
                                    f"{'with' if self._has_bounds else 'without'} them")
         if update_from is not None and bounds is None:
             fail("DecodePlan.run", "update_from is given without bounds; it updates the bounds of a Quest plan")
-        opts = dict(self._options, bounds=bounds)
+        if (codes is not None) != self._has_codes:
+            fail("DecodePlan.run", f"codes are {'given' if codes is not None else 'missing'}; a plan made "
+                                   f"{'with' if self._has_codes else 'without'} codes runs "
+                                   f"{'with' if self._has_codes else 'without'} them")
+        if codes is not None and self._host:
+            codes.check_matches("DecodePlan.run", "codes", kv)  # shapes only: what keeps the kernel in bounds
+        opts = dict(self._options, bounds=bounds, codes=codes)
         select_inp = I.SelectTopkInputs(q, kv, **opts)
         if type(q) is not np.ndarray:  # NumPy arrays carry no gradient
             check_no_grad(select_inp)
@@ -193,7 +205,8 @@ class DecodePlan:
             select_inp.validate_data()
         elif self._host:  # the cache's lengths and page table: cheap, and what keeps a kernel in bounds
             kv.check_bounds("DecodePlan.run", "kv")
-        if self._fast_select is not None and not checking and (update_from is None or self._fast_bounds is not None):
+        if self._fast_select is not None and codes is None and not checking \
+                and (update_from is None or self._fast_bounds is not None):
             views = _host_views(q, kv, bounds, update_from)
             if views is not None:
                 select_inp.validate()  # in full, once per change of the metadata (a new cache, other bounds)
@@ -265,10 +278,10 @@ class DecodePlan:
             return backend.run(inp)
         return backend.apply(inp)
 
-    def _grown(self, q: Any, kv: DenseKV | PagedKV, bounds: PageBounds | None) -> None:
+    def _grown(self, q: Any, kv: DenseKV | PagedKV, bounds: PageBounds | None, codes: KeyCodes | None) -> None:
         """The cache's capacity changed: check that ``k`` still fits; a GPU backend's limits may
         depend on the capacity, so its choice is made again (host backends have no such limits)."""
-        inp = I.SelectTopkInputs(q, kv, **dict(self._options, bounds=bounds))
+        inp = I.SelectTopkInputs(q, kv, **dict(self._options, bounds=bounds, codes=codes))
         ps = inp.unit_page_size
         units = kv.max_len if ps is None else -(-kv.max_len // ps)
         if self._options["k"] > units:

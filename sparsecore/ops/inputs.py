@@ -5,6 +5,7 @@ Messages start with the op's name, name the argument, show the bad value and say
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -12,6 +13,7 @@ import numpy as np
 
 from .._arrays import VALUE_DTYPES, dtype_name, to_host
 from .._checks import check_array, check_choice, check_dtype, check_int, check_ndim, check_real, check_same_dtype, fail
+from ..formats.codes import KeyCodes
 from ..formats.csr import CSR
 from ..formats.kv import DenseKV, PageBounds, PagedKV
 from ..formats.tiled_ell import TiledELL, check_tile_capacity
@@ -360,6 +362,11 @@ class SelectTopkInputs(OpInputs):
     shared: bool = True
     page_size: int | None = None
     bounds: Any = None
+    top_p: float | None = None
+    k_min: int = 0
+    scale: float | None = None
+    codes: Any = None
+    rescore: int = 0
 
     @property
     def dtype(self) -> str:
@@ -390,7 +397,7 @@ class SelectTopkInputs(OpInputs):
     def _validate(self) -> None:
         _check_kv(self.OP, self.kv)
         _check_query(self.OP, self.q, self.kv)
-        check_choice(self.OP, "method", self.method, ("exact", "quest"))
+        check_choice(self.OP, "method", self.method, ("exact", "quest", "int8"))
         if not isinstance(self.shared, (bool, np.bool_)):
             fail(self.OP, f"shared = {self.shared!r}; must be True or False", TypeError)
         object.__setattr__(self, "shared", bool(self.shared))
@@ -416,6 +423,53 @@ class SelectTopkInputs(OpInputs):
             n = -(-self.kv.max_len // ps)
             fail(self.OP, f"k = {k} exceeds the cache's capacity of {n} page{'s' * (n != 1)} of {ps} tokens; "
                           f"allowed 0 <= k <= {n}")
+        self._validate_top_p(k)
+        self._validate_codes(k)
+
+    def _validate_codes(self, k: int) -> None:
+        """method="int8": ``codes`` (a KeyCodes of this cache) and ``rescore`` (0, or >= k)."""
+        if self.method != "int8":
+            if self.codes is not None:
+                fail(self.OP, f"codes are only read by method = 'int8' (method = {self.method!r})")
+            if isinstance(self.rescore, bool) or self.rescore != 0:
+                fail(self.OP, f"rescore = {self.rescore!r} is only used by method = 'int8'")
+            return
+        if self.codes is None:
+            fail(self.OP, "method = 'int8' needs codes: the int8 copy of the keys (sparsecore.quantize_keys(kv))")
+        if not isinstance(self.codes, KeyCodes):
+            fail(self.OP, f"codes must be a KeyCodes (from sparsecore.quantize_keys), got {type(self.codes).__name__}",
+                 TypeError)
+        self.codes.check_matches(self.OP, "codes", self.kv)
+        r = check_int(self.OP, "rescore", self.rescore, lo=0, hi=self.kv.max_len)
+        if 0 < r < k:
+            fail(self.OP, f"rescore = {r} is below k = {k}; allowed 0 (no re-scoring) or k <= rescore <= "
+                          f"{self.kv.max_len} (candidates re-scored from the keys)")
+
+    def _validate_top_p(self, k: int) -> None:
+        """The adaptive budget's arguments: ``top_p`` in (0, 1], ``0 <= k_min <= k``, ``scale``."""
+        if self.top_p is None:
+            for name, unused in (("k_min", isinstance(self.k_min, bool) or self.k_min != 0),
+                                 ("scale", self.scale is not None)):
+                if unused:
+                    fail(self.OP, f"{name} = {getattr(self, name)!r} is only used with top_p (the adaptive budget); "
+                                  "give top_p or leave it out")
+            return
+        allowed = "a float with 0 < top_p <= 1 (the fraction of the estimated attention mass to keep)"
+        if isinstance(self.top_p, (bool, np.bool_)) or not isinstance(self.top_p, numbers.Real):
+            fail(self.OP, f"top_p = {self.top_p!r} ({type(self.top_p).__name__}); must be {allowed}", TypeError)
+        p = float(self.top_p)
+        if not (0.0 < p <= 1.0):  # also NaN
+            fail(self.OP, f"top_p = {self.top_p!r}; must be {allowed}")
+        if self.method != "exact":
+            fail(self.OP, f"top_p is only supported with method = 'exact' (method = {self.method!r}): the "
+                          "attention mass is estimated from every key's score")
+        k_min = check_int(self.OP, "k_min", self.k_min, lo=0)
+        if k_min > k:
+            fail(self.OP, f"k_min = {k_min} exceeds k = {k}; allowed 0 <= k_min <= k (k is the most keys "
+                          "chosen by score, k_min the fewest)")
+        object.__setattr__(self, "top_p", p)
+        object.__setattr__(self, "k_min", k_min)
+        object.__setattr__(self, "scale", _check_scale(self.OP, self.scale))
 
     def validate_data(self) -> None:
         self.kv.validate()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..formats.codes import KeyCodes
 from ..formats.kv import DenseKV, PageBounds, PagedKV
 from ..formats.topk import TopKIndex, topk_capacity
 
@@ -93,8 +94,43 @@ def forced_positions(length: int, sink: int, window: int, page_size: int | None 
     return t if page_size is None else np.unique(t // page_size)
 
 
+def softmax_mass(x: np.ndarray) -> np.ndarray:
+    """Each row's softmax of ``x[H, T]`` in float64, with non-finite scores given a meaning::
+
+        x = where(isnan(x), -inf, x)              # a NaN score carries no mass (ranks last)
+        m = x.max(axis=1)
+        m = +inf: mass = (x == +inf) / count(x == +inf)   (the limit: the +inf keys share it all)
+        m = -inf: mass = 0                                (no key is known to matter)
+        else:     mass = exp(x - m) / sum(exp(x - m))
+    """
+    x = np.where(np.isnan(x), -np.inf, x.astype(np.float64))
+    if x.shape[1] == 0:
+        return np.zeros_like(x)
+    m = x.max(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", over="ignore"):
+        w = np.where(np.isposinf(m), (x == np.inf).astype(np.float64),
+                     np.where(np.isneginf(m), 0.0, np.exp(x - np.where(np.isfinite(m), m, 0.0))))
+    z = w.sum(axis=1, keepdims=True)
+    return np.divide(w, z, out=np.zeros_like(w), where=z > 0)
+
+
+def top_p_count(mass: np.ndarray, forced_mass: float, top_p: float, k_min: int, k: int) -> int:
+    """How many of the non-forced units, ``mass`` in descending order, an adaptive row keeps: the
+    fewest ``n`` with ``forced_mass + mass[:n].sum() >= top_p``, then clamped to ``[k_min, k]`` (and
+    to ``len(mass)``); ``n = k`` when no prefix reaches ``top_p``."""
+    cum = forced_mass + np.cumsum(mass)
+    if forced_mass >= top_p:
+        need = 0
+    else:
+        reach = np.flatnonzero(cum >= top_p)
+        need = int(reach[0]) + 1 if reach.size else k
+    return min(max(need, k_min), k, mass.shape[0])
+
+
 def select_topk(q: np.ndarray, kv: KV, k: int, *, method: str = "exact", sink: int = 0, window: int = 0,
-                shared: bool = True, page_size: int | None = None, bounds: PageBounds | None = None) -> TopKIndex:
+                shared: bool = True, page_size: int | None = None, bounds: PageBounds | None = None,
+                top_p: float | None = None, k_min: int = 0, scale: float | None = None,
+                codes: KeyCodes | None = None, rescore: int = 0) -> TopKIndex:
     """Keys for each query: the ``sink`` first and ``window`` last tokens, plus the ``k`` best others::
 
         s = q[b, h] . K[b, t, h // group]          # method="exact", tokens
@@ -105,6 +141,22 @@ def select_topk(q: np.ndarray, kv: KV, k: int, *, method: str = "exact", sink: i
 
     ``counts[b, g] = min(n_candidates, n_forced + k)``; ``k_max`` depends on shapes only
     (``min(k + sink + window, S)`` for tokens, in pages for quest); padding is -1.
+
+    Adaptive budget (``top_p`` given, method="exact"): ``k`` is the most units chosen by score,
+    ``k_min`` the fewest; in between, as few as cover ``top_p`` of the estimated attention mass::
+
+        mass = softmax_mass(scale * s_h)            # per query head h, s_h its own scores, over t < L
+        if shared: mass = mean of mass over the query heads of the group
+        order = non-forced units by descending mass (ties broken arbitrarily)
+        n = top_p_count(mass[order], mass[forced].sum(), top_p, k_min, k)
+        keep = forced | order[:n]
+
+    ``scale`` defaults to ``1 / sqrt(D)`` (the attention's own scale gives the true softmax).
+
+    Reduced-precision ranking (method="int8", ``codes`` from :func:`quantize_keys`)::
+
+        s = q[b, h] . (codes.codes[b, t, h // group] * codes.scales[b, t, h // group])   # NaN scale: NaN
+        rescore > k: best = the k best by the exact score among the rescore best by s
     """
     bsz, hq, _ = q.shape
     group = _group_size(q, kv)
@@ -125,16 +177,33 @@ def select_topk(q: np.ndarray, kv: KV, k: int, *, method: str = "exact", sink: i
                 n_pages = -(-keys.shape[0] // ps)
                 lo, hi = (x[b, :n_pages].astype(np.float64) for x in (bounds.kmin, bounds.kmax))
             s = quest_bounds(q[b], lo, hi, group)
+        elif top_p is not None:
+            sc = 1.0 / np.sqrt(q.shape[2]) if scale is None else scale
+            s = softmax_mass(sc * head_scores(q[b], keys, group))
+            if shared:
+                s = s.reshape(n_groups, group, -1).mean(axis=1)
+        elif method == "int8":
+            n = keys.shape[0]
+            approx = np.asarray(codes.codes[b, :n], np.float64) * np.asarray(codes.scales[b, :n], np.float64)[..., None]
+            s = head_scores(q[b], approx, group)
+            exact = head_scores(q[b], keys, group) if rescore > k else None
+            if shared and exact is not None:
+                exact = exact.reshape(n_groups, group, -1).sum(axis=1)
         else:
             s = head_scores(q[b], keys, group)
-        if shared:
+        if shared and top_p is None:
             s = s.reshape(n_groups, group, -1).sum(axis=1)
         forced = forced_positions(keys.shape[0], sink, window, ps)
         free = np.ones(s.shape[1], dtype=bool)
         free[forced] = False
         cand = np.flatnonzero(free)
         for g in range(n_groups):
-            best = cand[np.argsort(-s[g, cand], kind="stable")[:k]]
+            order = cand[np.argsort(-s[g, cand], kind="stable")]
+            n = k if top_p is None else top_p_count(s[g, order], float(s[g, forced].sum()), top_p, k_min, k)
+            best = order[:n]
+            if method == "int8" and rescore > k:
+                pool = order[:rescore]
+                best = pool[np.argsort(-exact[g, pool], kind="stable")[:k]]
             sel = np.sort(np.concatenate([forced, best]))
             indices[b, g, :len(sel)] = sel
             counts[b, g] = len(sel)

@@ -33,7 +33,7 @@ import sparsecore as sc
 __all__ = ["TopKDecode", "register_attention", "topk_decode_layers", "PREFIX"]
 
 PREFIX = "sparsecore_"
-_METHODS = ("exact", "quest")
+_METHODS = ("exact", "quest", "int8")
 # keyword arguments of the registry call that change what attention means; a step that gets any of
 # them with a value runs the fallback (sparse_decode computes plain softmax attention)
 _UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
@@ -62,7 +62,7 @@ class TopKDecode:
     """
 
     def __init__(self, *, k: int, method: str = "exact", sink: int = 0, window: int = 0, shared: bool = True,
-                 page_size: int | None = None) -> None:
+                 page_size: int | None = None, top_p: float | None = None, k_min: int = 0, rescore: int = 0) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"TopKDecode: k = {k!r}; must be an int >= 0")
         if method not in _METHODS:
@@ -75,6 +75,17 @@ class TopKDecode:
             raise ValueError(f"TopKDecode: page_size = {page_size!r}; must be None or an int >= 1")
         if page_size is not None and method != "quest":
             raise ValueError(f"TopKDecode: page_size = {page_size} is for method='quest' only (method = {method!r})")
+        if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                                  or not 0 < top_p <= 1 or method != "exact"):
+            raise ValueError(f"TopKDecode: top_p = {top_p!r}; must be None or a float in (0, 1], with method='exact'")
+        if isinstance(k_min, bool) or not isinstance(k_min, int) or not 0 <= k_min <= k \
+                or (k_min and top_p is None):
+            raise ValueError(f"TopKDecode: k_min = {k_min!r}; must be an int with 0 <= k_min <= k = {k}, used with "
+                             "top_p only")
+        if isinstance(rescore, bool) or not isinstance(rescore, int) or rescore < 0 or (rescore and method != "int8"):
+            raise ValueError(f"TopKDecode: rescore = {rescore!r}; must be an int >= 0, used with method='int8' only")
+        self.top_p, self.k_min, self.rescore = (None if top_p is None else float(top_p)), k_min, rescore
+        self._codes: tuple[Any, tuple[int, ...], sc.KeyCodes] | None = None  # int8: (view, lengths, codes)
         self.k, self.method, self.sink, self.window = k, method, sink, window
         self.shared, self.page_size = bool(shared), page_size
         self.enabled = True
@@ -102,7 +113,7 @@ class TopKDecode:
 
     def options(self) -> dict[str, Any]:
         return dict(k=self.k, method=self.method, sink=self.sink, window=self.window, shared=self.shared,
-                    page_size=self.page_size)
+                    page_size=self.page_size, top_p=self.top_p, k_min=self.k_min, rescore=self.rescore)
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
@@ -139,19 +150,29 @@ class TopKDecode:
         opts: dict[str, Any] = dict(method=self.method, sink=self.sink, window=self.window, shared=self.shared)
         unit = (self.page_size or 16) if self.method == "quest" else 1
         k_eff = min(self.k, -(-s // unit))
+        if self.top_p is not None:
+            opts.update(top_p=self.top_p, k_min=min(self.k_min, k_eff))
+        if self.method == "int8":
+            r = min(self.rescore, s)
+            opts["rescore"] = r if r > k_eff else 0
         if torch.compiler.is_compiling():
             # traced by torch.compile: the custom ops (with their fakes), Quest bounds built each step
             from . import ops as sct
 
+            if self.method == "int8":
+                raise NotImplementedError("TopKDecode: method='int8' runs eagerly only (no torch.compile "
+                                          "custom op for it yet)")
             bounds = sct.page_bounds(kv, unit) if self.method == "quest" else None
-            sel = sct.select_topk(q, kv, k_eff, bounds=bounds, **opts)
+            sel = sct.select_topk(q, kv, k_eff, bounds=bounds, **opts,
+                                  **({"scale": scaling} if self.top_p is not None else {}))
             out, _ = sct.sparse_decode(q, kv, sel, scale=scaling)
             counts = None
         else:  # decode attention has no gradient: it runs in inference only (eval mode, one query)
             with torch.no_grad():
                 bounds, start = self._quest_bounds(kv, unit, lens) if self.method == "quest" else (None, None)
-                out, _ = self._plan(q, kv, k_eff, bounds, scaling, opts).run(q, kv, bounds=bounds,
-                                                                             update_from=start)
+                codes = self._key_codes(kv, lens) if self.method == "int8" else None
+                out, _ = self._plan(q, kv, k_eff, bounds, scaling, opts, codes).run(q, kv, bounds=bounds,
+                                                                                    update_from=start, codes=codes)
             counts = self._last_plan.last_counts
         if isinstance(counts, np.ndarray):  # a host plan's launchers: counted on the host, no tensor ops
             read_host = np.minimum(counts.astype(np.int64) * unit, np.asarray(seq_lens, np.int64)[:, None])
@@ -161,21 +182,22 @@ class TopKDecode:
             c = sel.counts if torch.compiler.is_compiling() else self._last_plan.last_index.counts
             read = torch.minimum(c.to(torch.int64) * unit, kv.lengths.to(torch.int64)[:, None]).sum()
             self._keys_read = read if self._keys_read is None else self._keys_read + read
-        n_rows = int(counts.shape[1]) if counts is not None else int(c.shape[1])
+        n_rows = int(counts.shape[1]) if isinstance(counts, np.ndarray) else int(c.shape[1])
         self.keys_total += n_rows * rep * sum(lens)
         self.decode_steps += 1
         return out.reshape(b, hq, d)
 
     def _plan(self, q: torch.Tensor, kv: sc.DenseKV, k: int, bounds: sc.PageBounds | None, scaling: float | None,
-              opts: dict[str, Any]) -> sc.DecodePlan:
+              opts: dict[str, Any], codes: sc.KeyCodes | None = None) -> sc.DecodePlan:
         """The :class:`sparsecore.DecodePlan` of this step's shapes (made on the first step of a shape,
         kept for the next ones: the cache may grow, the plan follows it)."""
-        key = (tuple(q.shape), q.dtype, q.device, tuple(kv.k.shape[2:]), k, bounds is not None, scaling)
+        key = (tuple(q.shape), q.dtype, q.device, tuple(kv.k.shape[2:]), k, bounds is not None, scaling,
+               tuple(sorted(opts.items())))
         found = self._plans.get(key)
         if found is None:
             if len(self._plans) >= 64:
                 self._plans.clear()
-            found = self._plans[key] = sc.DecodePlan(q, kv, k, bounds=bounds, scale=scaling, **opts)
+            found = self._plans[key] = sc.DecodePlan(q, kv, k, bounds=bounds, scale=scaling, codes=codes, **opts)
         self._last_plan = found
         return found
 
@@ -201,8 +223,30 @@ class TopKDecode:
         self._bounds = (view, lens, bounds)
         return bounds, start
 
+    def _key_codes(self, kv: sc.DenseKV, lens: tuple[int, ...]) -> sc.KeyCodes:
+        """The int8 copy of the keys (:func:`sparsecore.quantize_keys`), kept between decode steps like
+        Quest's bounds: a step one position longer than the previous one quantises its new key only."""
+        view = (tuple(kv.k.shape[:1]) + tuple(kv.k.shape[2:]), kv.k.dtype, kv.k.device)
+        prev = self._codes
+        if prev is not None and prev[0] == view and len(prev[1]) == len(lens) \
+                and all(n == p + 1 for n, p in zip(lens, prev[1])):
+            codes = prev[2]
+            if codes.max_len < kv.max_len:  # a growing (dynamic) cache: amortised doubling
+                b, _, h, d = codes.codes.shape
+                grown = sc.KeyCodes(codes.codes.new_zeros((b, 2 * kv.max_len, h, d)),
+                                    codes.scales.new_zeros((b, 2 * kv.max_len, h)))
+                grown.codes[:, :codes.max_len] = codes.codes
+                grown.scales[:, :codes.max_len] = codes.scales
+                codes = grown
+            codes = sc.quantize_keys(kv, out=codes, start=kv.lengths - 1)
+        else:
+            codes = sc.quantize_keys(kv)
+        self._codes = (view, lens, codes)
+        return codes
+
     def forget_bounds(self) -> None:
         self._bounds = None
+        self._codes = None
 
 
 def _visible_lengths(mask: torch.Tensor | None, b: int, s: int) -> tuple[int, ...] | None | bool:

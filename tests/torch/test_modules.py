@@ -254,6 +254,41 @@ def test_decode_with_few_keys_matches_topk_reference(method: str, k: int, sink: 
     assert state.read_fraction < 1
 
 
+def test_decode_with_top_p_matches_topk_reference() -> None:
+    """The adaptive budget through TopKDecode: the layer's own scale estimates the mass."""
+    attn, rope = _attention(2)
+    wrapped, state = _topk(attn, k=6, top_p=0.5, k_min=1, sink=1)
+    xs = torch.randn(2, 17, 64)
+    got = _run(wrapped, rope, xs, 16)[-1]
+    want = _reference_topk(attn, rope, xs, lambda q, kv: sc.select_topk(
+        q, kv, 6, top_p=0.5, k_min=1, sink=1, scale=attn.scaling, backend="reference"))
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    assert state.read_fraction < 1
+    with pytest.raises(ValueError, match="TopKDecode: top_p = 2"):
+        _topk(attn, k=6, top_p=2)
+    with pytest.raises(ValueError, match="TopKDecode: k_min = 7"):
+        _topk(attn, k=6, top_p=0.5, k_min=7)
+
+
+def test_decode_with_int8_codes_matches_topk_reference_and_keeps_codes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """method='int8' through TopKDecode: each step after the first quantises its new key only, and
+    the output equals the reference selection over codes built afresh."""
+    attn, rope = _attention(2)
+    wrapped, state = _topk(attn, k=3, method="int8", rescore=6, sink=1)
+    calls = []
+    real = sc.quantize_keys
+    monkeypatch.setattr(sc, "quantize_keys", lambda kv, **kw: calls.append(kw.get("start")) or real(kv, **kw))
+    xs = torch.randn(2, 17, 64)
+    got = _run(wrapped, rope, xs, 12)[-1]
+    assert calls[0] is None and all(c is not None for c in calls[1:]) and len(calls) == 5
+    want = _reference_topk(attn, rope, xs, lambda q, kv: sc.select_topk(
+        q, kv, 3, method="int8", codes=real(kv), rescore=6, sink=1, backend="reference"))
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    assert state.read_fraction < 1
+    with pytest.raises(ValueError, match="TopKDecode: rescore = 4"):
+        _topk(attn, k=3, rescore=4)
+
+
 def test_quest_keeps_page_bounds_across_decode_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each decode step after the first updates the previous step's bounds from the new token only
     (``out`` + ``start``), and every step's output equals the one from bounds computed afresh; a new

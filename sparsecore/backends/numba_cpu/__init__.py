@@ -555,6 +555,10 @@ class SelectTopk(_NumbaCpu):
         kv, ps = inp.kv, inp.unit_page_size
         rows = kv.num_kv_heads if inp.shared else int(inp.q.shape[1])
         per_row = kv.max_len if ps is None or inp.bounds is None else 2 * -(-kv.max_len // ps)
+        if inp.method == "int8":  # a byte per element instead of 2 or 4
+            per_row = -(-kv.max_len // 4) + inp.rescore
+        if inp.top_p is not None and inp.shared:  # one score per query head of the group
+            per_row *= int(inp.q.shape[1]) // kv.num_kv_heads
         return kv.batch * rows * per_row * kv.head_dim
 
     @classmethod
@@ -574,6 +578,18 @@ class SelectTopk(_NumbaCpu):
             bmin = bmax = np.zeros((0, 0, 0, 0), k_pages.dtype)
         else:
             bmin, bmax = inp.bounds.kmin, inp.bounds.kmax
+        if inp.method == "int8":
+            kernel = _k().select_int8_serial if cls.serial(inp) else _k().select_int8
+            kernel(_bits(inp.q), _bits(k_pages), page_table, kv.lengths, inp.codes.codes,
+                   inp.codes.scales, inp.k, inp.rescore, inp.sink, inp.window, inp.shared,
+                   _lut_for(inp.dtype), indices, counts)
+            return TopKIndex(indices, counts)
+        if inp.top_p is not None:
+            scale = inp.scale if inp.scale is not None else 1.0 / math.sqrt(kv.head_dim)
+            kernel = _k().select_top_p_serial if cls.serial(inp) else _k().select_top_p
+            kernel(_bits(inp.q), _bits(k_pages), page_table, kv.lengths, inp.k, inp.k_min, inp.sink, inp.window,
+                   inp.shared, inp.top_p, np.float32(scale), _lut_for(inp.dtype), indices, counts)
+            return TopKIndex(indices, counts)
         kernel = _k().select_topk_serial if cls.serial(inp) else _k().select_topk
         kernel(_bits(inp.q), _bits(k_pages), page_table, kv.lengths, inp.k, inp.sink, inp.forced_window, inp.shared,
                ps or 0, _bits(bmin), _bits(bmax), _lut_for(inp.dtype), indices, counts)
@@ -583,12 +599,14 @@ class SelectTopk(_NumbaCpu):
     def launcher(cls, inp: I.SelectTopkInputs) -> Any:
         """``launch(q, kv, bounds) -> (indices, counts)`` for calls of ``inp``'s plan (same shapes but
         for the cache's length, same scalars): every shape decision made here, once (DecodePlan).
-        The two buffers it returns are the launcher's own, overwritten by its next launch."""
+        The two buffers it returns are the launcher's own, overwritten by its next launch. The int8
+        method (its codes change every step) has none: its plans run the checked path."""
+        if inp.method == "int8":
+            return None
         kv, ps, shared = inp.kv, inp.unit_page_size, inp.shared
         b = kv.batch
         rows = kv.num_kv_heads if shared else int(inp.q.shape[1])
         k_max, k, sink, window = inp.k_max, int(inp.k), int(inp.sink), inp.forced_window
-        kernel = _k().select_topk_serial if cls.serial(inp) else _k().select_topk
         lut = _lut_for(inp.dtype)
         paged = isinstance(kv, PagedKV)
         dense_table = np.arange(b, dtype=np.int32)[:, None]
@@ -596,6 +614,19 @@ class SelectTopk(_NumbaCpu):
 
         indices = np.empty((b, rows, k_max), np.int32)  # the plan's workspace: each launch overwrites it
         counts = np.empty((b, rows), np.int32)
+
+        if inp.top_p is not None:
+            top_p, k_min = inp.top_p, int(inp.k_min)
+            scale = np.float32(inp.scale if inp.scale is not None else 1.0 / math.sqrt(kv.head_dim))
+            adaptive = _k().select_top_p_serial if cls.serial(inp) else _k().select_top_p
+
+            def launch_p(q: np.ndarray, kv: Any, bounds: Any) -> tuple[np.ndarray, np.ndarray]:
+                adaptive(_bits(q), _bits(kv.k_pages if paged else kv.k), kv.page_table if paged else dense_table,
+                         kv.lengths, k, k_min, sink, inp.window, shared, top_p, scale, lut, indices, counts)
+                return indices, counts
+
+            return _guarded(launch_p, cls.serial(inp))
+        kernel = _k().select_topk_serial if cls.serial(inp) else _k().select_topk
 
         def launch(q: np.ndarray, kv: Any, bounds: Any) -> tuple[np.ndarray, np.ndarray]:
             if bounds is None:

@@ -524,23 +524,56 @@ def _kth_largest(a, k):
 
 @njit(**_OPTS)
 def _take_top(score, free, k, chosen):
-    """Mark in ``chosen`` the ``k`` free positions of highest score (NaN counts as -inf)."""
+    """Mark in ``chosen`` the ``k`` free positions of highest score (NaN counts as -inf); ties at the
+    k-th score are taken in position order. Long rows with a small ``k`` first estimate a threshold
+    from a sample of every 16th score and select among the scores at or above it: when at least ``k``
+    are, the k-th largest of the row is among them, so the result is the same as from every score
+    (otherwise every score is used)."""
     n = score.shape[0]
+    c = 0
+    for i in range(n):
+        if free[i]:
+            c += 1
+    if k >= c:
+        for i in range(n):
+            if free[i]:
+                chosen[i] = True
+        return
+    if k == 0:
+        return
+    lo = -np.inf
+    stride = 16
+    if c >= 2048 and k * 8 <= c:
+        smp = np.empty(-(-n // stride), np.float32)
+        m = 0
+        for i in range(0, n, stride):
+            if free[i]:
+                v = score[i]
+                smp[m] = v if v == v else -np.inf
+                m += 1
+        want = k // stride
+        rank = min(m, want + 2 * int(math.sqrt(want)) + 8)
+        if m > 0:
+            lo = _kth_largest(smp[:m], rank)
     cand = np.empty(n, np.float32)
     pos = np.empty(n, np.int64)
     c = 0
     for i in range(n):
         if free[i]:
             v = score[i]
-            cand[c] = v if v == v else -np.inf
-            pos[c] = i
-            c += 1
-    if k >= c:
-        for i in range(c):
-            chosen[pos[i]] = True
-        return
-    if k == 0:
-        return
+            v = v if v == v else -np.inf
+            if v >= lo:
+                cand[c] = v
+                pos[c] = i
+                c += 1
+    if c < k:  # the sample's threshold was too high: every free score
+        c = 0
+        for i in range(n):
+            if free[i]:
+                v = score[i]
+                cand[c] = v if v == v else -np.inf
+                pos[c] = i
+                c += 1
     thr = _kth_largest(cand[:c].copy(), k)
     taken = 0
     for i in range(c):
@@ -694,3 +727,192 @@ def select_topk_serial(q, k_pages, page_table, lengths, k, sink, window, shared,
     for task in range(counts.shape[0] * counts.shape[1]):
         _select_task(task, q, k_pages, page_table, lengths, k, sink, window, shared, quest_page, bmin, bmax, lut,
                      indices, counts)
+
+
+@njit(**_TASK)
+def _select_top_p_task(task, q, k_pages, page_table, lengths, k, k_min, sink, window, shared, top_p, scale, lut,
+                       indices, counts):
+    """One row of :func:`select_top_p`: (sequence b, selection row u)."""
+    hq, d = q.shape[1], q.shape[2]
+    page_size = k_pages.shape[1]
+    group = hq // k_pages.shape[2]
+    rows = counts.shape[1]
+    nh = group if shared else 1
+    b = task // rows
+    u = task % rows
+    h0 = u * nh
+    kvh = h0 // group
+    length = lengths[b]
+    qh = np.empty((nh, d), np.float32)
+    for i in range(nh):
+        for j in range(d):
+            qh[i, j] = load(q, (b, h0 + i, j), lut)
+    # each head's own scaled scores (NaN as -inf: it carries no mass), then its softmax
+    x = np.empty((nh, length), np.float32)
+    mx = np.full(nh, -np.inf, np.float32)
+    kr = np.empty(d, np.float32)
+    for t in range(length):
+        pg, r = _kv_row(page_table, b, t, page_size)
+        for j in range(d):
+            kr[j] = load(k_pages, (pg, r, kvh, j), lut)
+        for i in range(nh):
+            sc = np.float32(0)
+            for j in range(d):
+                sc += qh[i, j] * kr[j]
+            sc *= scale
+            if sc != sc:
+                sc = -np.inf
+            x[i, t] = sc
+            mx[i] = max(mx[i], sc)
+    mass = np.zeros(length, np.float64)
+    for i in range(nh):
+        m = mx[i]
+        if m == -np.inf:
+            continue
+        z = 0.0
+        for t in range(length):
+            w = (1.0 if x[i, t] == np.inf else 0.0) if m == np.inf else math.exp(x[i, t] - m)
+            x[i, t] = w
+            z += w
+        inv = 1.0 / (z * nh)
+        for t in range(length):
+            mass[t] += x[i, t] * inv
+    free = np.ones(length, np.bool_)
+    chosen = np.zeros(length, np.bool_)
+    for t in range(min(sink, length)):
+        chosen[t] = True
+    for t in range(max(length - window, 0), length):
+        chosen[t] = True
+    forced_mass = 0.0
+    for t in range(length):
+        free[t] = not chosen[t]
+        if chosen[t]:
+            forced_mass += mass[t]
+    _take_top(mass, free, k, chosen)  # the k candidates of highest mass; the budget is a prefix of them
+    n_sel = 0
+    for t in range(length):
+        if chosen[t] and free[t]:
+            n_sel += 1
+    pos = np.empty(n_sel, np.int64)
+    neg = np.empty(n_sel, np.float64)
+    c = 0
+    for t in range(length):
+        if chosen[t] and free[t]:
+            pos[c] = t
+            neg[c] = -mass[t]
+            c += 1
+    order = np.argsort(neg)
+    need = n_sel
+    if forced_mass >= top_p:
+        need = 0
+    else:
+        cum = forced_mass
+        for i in range(n_sel):
+            cum -= neg[order[i]]
+            if cum >= top_p:
+                need = i + 1
+                break
+    n = min(max(need, k_min), n_sel)
+    for i in range(n, n_sel):
+        chosen[pos[order[i]]] = False
+    c = 0
+    for t in range(length):
+        if chosen[t]:
+            indices[b, u, c] = t
+            c += 1
+    counts[b, u] = c
+    indices[b, u, c:] = -1
+
+
+@njit(**_PAR)
+def select_top_p(q, k_pages, page_table, lengths, k, k_min, sink, window, shared, top_p, scale, lut, indices,
+                 counts):
+    """Adaptive-budget exact selection per row: the forced sink and window, plus the fewest of the
+    ``k`` highest-mass other tokens (at least ``k_min``) whose estimated attention mass (each query
+    head's softmax of its scaled scores, averaged over the row's heads, in float64) brings the kept
+    mass to ``top_p``; rows in ascending order, padded with -1. :func:`select_top_p_serial`: the
+    same rows on the calling thread."""
+    for task in prange(counts.shape[0] * counts.shape[1]):
+        _select_top_p_task(task, q, k_pages, page_table, lengths, k, k_min, sink, window, shared, top_p, scale, lut,
+                           indices, counts)
+
+
+@njit(**_TASK)
+def select_top_p_serial(q, k_pages, page_table, lengths, k, k_min, sink, window, shared, top_p, scale, lut, indices,
+                        counts):
+    for task in range(counts.shape[0] * counts.shape[1]):
+        _select_top_p_task(task, q, k_pages, page_table, lengths, k, k_min, sink, window, shared, top_p, scale, lut,
+                           indices, counts)
+
+
+@njit(**_TASK)
+def _select_int8_task(task, q, k_pages, page_table, lengths, codes, scales, k, rescore, sink, window, shared, lut,
+                      indices, counts):
+    """One row of :func:`select_int8`: (sequence b, selection row u)."""
+    hq, d = q.shape[1], q.shape[2]
+    page_size = k_pages.shape[1]
+    group = hq // k_pages.shape[2]
+    rows = counts.shape[1]
+    nh = group if shared else 1
+    b = task // rows
+    u = task % rows
+    h0 = u * nh
+    kvh = h0 // group
+    length = lengths[b]
+    qs = np.zeros(d, np.float32)  # summed over the group: sum_h q_h . k = (sum_h q_h) . k
+    for i in range(nh):
+        for j in range(d):
+            qs[j] += load(q, (b, h0 + i, j), lut)
+    score = np.empty(length, np.float32)
+    for t in range(length):
+        acc = np.float32(0)
+        for j in range(d):
+            acc += qs[j] * np.float32(codes[b, t, kvh, j])
+        score[t] = acc * scales[b, t, kvh]
+    free = np.ones(length, np.bool_)
+    chosen = np.zeros(length, np.bool_)
+    for t in range(min(sink, length)):
+        chosen[t] = True
+    for t in range(max(length - window, 0), length):
+        chosen[t] = True
+    for t in range(length):
+        free[t] = not chosen[t]
+    if rescore > k:
+        pool = np.zeros(length, np.bool_)
+        _take_top(score, free, rescore, pool)
+        for t in range(length):  # the pool's exact scores; everything else is out
+            if pool[t]:
+                pg, r = _kv_row(page_table, b, t, page_size)
+                acc = np.float32(0)
+                for j in range(d):
+                    acc += qs[j] * load(k_pages, (pg, r, kvh, j), lut)
+                score[t] = acc
+        _take_top(score, pool, k, chosen)
+    else:
+        _take_top(score, free, k, chosen)
+    c = 0
+    for t in range(length):
+        if chosen[t]:
+            indices[b, u, c] = t
+            c += 1
+    counts[b, u] = c
+    indices[b, u, c:] = -1
+
+
+@njit(**_PAR)
+def select_int8(q, k_pages, page_table, lengths, codes, scales, k, rescore, sink, window, shared, lut, indices,
+                counts):
+    """Top-k per row by the int8 scores ``scales[b, t, h] * (q . codes[b, t, h])`` (summed over the
+    group when shared), plus the forced sink and window; with ``rescore > k`` the ``rescore`` best are
+    re-scored from the keys and their ``k`` best kept. :func:`select_int8_serial`: on the calling thread."""
+    for task in prange(counts.shape[0] * counts.shape[1]):
+        _select_int8_task(task, q, k_pages, page_table, lengths, codes, scales, k, rescore, sink, window, shared, lut,
+                          indices, counts)
+
+
+@njit(**_TASK)
+def select_int8_serial(q, k_pages, page_table, lengths, codes, scales, k, rescore, sink, window, shared, lut, indices,
+                       counts):
+    for task in range(counts.shape[0] * counts.shape[1]):
+        _select_int8_task(task, q, k_pages, page_table, lengths, codes, scales, k, rescore, sink, window, shared, lut,
+                          indices, counts)

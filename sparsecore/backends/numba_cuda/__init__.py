@@ -126,7 +126,12 @@ class SelectTopk(_NumbaCuda):
 
     @classmethod
     def input_reasons(cls, inp: I.SelectTopkInputs) -> list[str]:
-        return cls._attention_reasons(inp.q, inp.kv, grouped=True)
+        reasons = cls._attention_reasons(inp.q, inp.kv, grouped=True)
+        if inp.top_p is not None:
+            reasons.append("top_p (the adaptive budget) is not implemented in numba_cuda yet")
+        if inp.method == "int8":
+            reasons.append("method = 'int8' (scoring over KeyCodes) is not implemented in numba_cuda yet")
+        return reasons
 
     @classmethod
     def run(cls, inp: I.SelectTopkInputs) -> Any:

@@ -1,0 +1,446 @@
+"""Top-k selection methods on a real model (SmolLM2-135M-Instruct, CPU) at equal average budgets.
+
+Writes ``results.json`` to ``--out`` (and ``tables.md``), in three sections:
+
+1. **quality**: teacher-forced next-token loss change, top-1 agreement and KL against the dense
+   model, the fraction of the cached keys read, and the **attention mass kept** (the dense softmax
+   of every query head summed over the keys its selection kept, averaged over heads, layers and
+   steps), for exact top-k, Quest, int8 ranking (with and without re-scoring), the adaptive budget
+   (``top_p``) and exact top-k at the budget the adaptive one really used, at an average budget of
+   ``S / div`` keys per selection row.
+2. **attention**: time per decode step of the attention alone, summed over the 30 layers, on the
+   model's own queries and caches at each context: dense (torch sdpa, and sparsecore's
+   ``dense_decode``) against ``select_topk`` + ``sparse_decode`` of each method (a ``DecodePlan``,
+   as the patched model runs it), and ``select_topk`` alone.
+   The same section times whole decode steps of the patched model from that cache, dense against
+   each method.
+
+Every timed variant takes turns with the others, ``--rounds`` times, and the median is reported;
+one thread (``--threads``) for torch and numba.
+
+Example (the command behind docs/selection.md)::
+
+    nice -n 10 python examples/eval_selection.py --out perf/results/cpu-amd-epyc-2core/selection
+    python examples/eval_selection.py --tables perf/results/cpu-amd-epyc-2core/selection/results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import sparsecore as sc
+from sparsecore import models
+from sparsecore.torch.attention import TopKDecode
+from sparsecore.torch.patch import patch_model
+
+T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def set_threads(n: int) -> None:
+    torch.set_num_threads(n)
+    try:
+        import numba
+
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:
+        pass
+
+
+class Tracked(TopKDecode):
+    """A TopKDecode that also records the dense attention mass its selections keep, and the last
+    step's inputs (for the attention timing)."""
+
+    track_mass = True
+
+    def reset_stats(self) -> None:
+        super().reset_stats()
+        self.mass_sum, self.mass_n, self.last = 0.0, 0, None
+
+    def attend(self, q, keys, values, lengths, *, scaling=None):  # type: ignore[override]
+        out = super().attend(q, keys, values, lengths, scaling=scaling)
+        self.last = (q, keys, values, lengths, scaling)
+        if self.track_mass:
+            self._add_mass(q, keys, lengths, scaling, self._last_plan.last_index)
+        return out
+
+    def _add_mass(self, q, keys, lengths, scaling, index) -> None:
+        b, hkv, s, d = keys.shape
+        hq = q.shape[1]
+        group = hq // hkv
+        lens = torch.tensor([int(lengths)] * b if isinstance(lengths, int) else [int(n) for n in lengths])
+        scale = scaling if scaling is not None else d ** -0.5
+        logits = torch.einsum("bhd,bhsd->bhs", q.float(), keys.float().repeat_interleave(group, 1)) * scale
+        logits = logits.masked_fill(torch.arange(s)[None, None] >= lens[:, None, None], float("-inf"))
+        p = logits.softmax(-1)  # [b, hq, s]
+        ind, cnt = torch.as_tensor(index.indices).long(), torch.as_tensor(index.counts).long()
+        ps = index.page_size if index.granularity == "page" else 1
+        keep = torch.zeros(ind.shape[0], ind.shape[1], -(-s // ps) * ps, dtype=torch.bool)
+        valid = torch.arange(ind.shape[2])[None, None] < cnt[..., None]
+        rows = torch.where(valid, ind, 0)
+        for o in range(ps):
+            keep.scatter_(2, rows * ps + o, valid | keep.gather(2, rows * ps + o))
+        keep = keep[..., :s]
+        if ind.shape[0] == b * hkv:  # TopKDecode's layout: B * Hkv sequences, the group's heads as heads
+            keep = keep.reshape(b, hkv, ind.shape[1], s)
+            keep = keep.expand(b, hkv, group, s) if ind.shape[1] == 1 else keep
+            keep = keep.reshape(b, hq, s)
+        else:  # [B, G, s] with G = Hkv (shared) or Hq
+            keep = keep.repeat_interleave(group, 1) if ind.shape[1] == hkv else keep
+        self.mass_sum += float((p * keep).sum(-1).mean())
+        self.mass_n += 1
+
+    @property
+    def mass(self) -> float:
+        return self.mass_sum / max(self.mass_n, 1)
+
+
+def set_decode(model: torch.nn.Module, opts: dict[str, Any] | None, track: bool = True) -> list[Tracked]:
+    states = []
+    for m in model.modules():
+        if isinstance(getattr(m, "sparsecore_decode", None), TopKDecode):
+            if opts is None:
+                m.sparsecore_decode = Tracked(k=1)
+                m.sparsecore_decode.enabled = False
+            else:
+                m.sparsecore_decode = Tracked(**opts)
+            m.sparsecore_decode.track_mass = track
+            states.append(m.sparsecore_decode)
+    return states
+
+
+def configs(s: int, div: int, top_ps: list[float], sink: int, window: int, page: int, caps: tuple[int, ...] = (4,)
+            ) -> list[dict[str, Any]]:
+    """The methods at an average budget of ``s / div`` keys per selection row."""
+    budget = max(1, s // div)
+    out = [dict(label="exact", opts=dict(k=budget)),
+           dict(label=f"exact+sink{sink}/win{window}", opts=dict(k=max(1, budget - sink - window), sink=sink,
+                                                                  window=window)),
+           dict(label="quest", opts=dict(k=max(1, round(budget / page) - 1), method="quest", page_size=page))]
+    out.append(dict(label="int8", opts=dict(k=budget, method="int8")))
+    out.append(dict(label="int8+rescore", opts=dict(k=budget, method="int8", rescore=min(s, 2 * budget))))
+    for p in top_ps:
+        for cap in caps:
+            label = f"top_p {p}" if cap == 4 else f"top_p {p} k<={cap}x"
+            out.append(dict(label=label, opts=dict(k=min(s, cap * budget), k_min=max(1, budget // 8), top_p=p),
+                            match=True))
+    return out
+
+
+@torch.no_grad()
+def teacher_forced(model, cache, feed) -> tuple[torch.Tensor, list[float]]:
+    logps, times = [], []
+    for t in range(feed.shape[1]):
+        t0 = time.perf_counter()
+        out = model(feed[:, t:t + 1], past_key_values=cache, use_cache=True)
+        times.append(time.perf_counter() - t0)
+        cache = out.past_key_values
+        logps.append(out.logits[:, -1].float().log_softmax(-1))
+    return torch.stack(logps, 1), times
+
+
+def eval_quality(model, tok, s: int, n_windows: int, batch: int, steps: int, cfgs: list[dict], save) -> list[dict]:
+    patched = patch_model(copy.deepcopy(model), decode=dict(k=1))
+    ids_all = models.token_windows(tok, "english", s, n_windows, skip=0)
+    acc: dict[str, dict[str, Any]] = {}
+    dense_nll_all, dense_top_all = [], []
+
+    def run(label: str, opts: dict, cache0, feed, target, dense_lp, dense_nll, dense_top) -> dict:
+        t = time.perf_counter()
+        states = set_decode(patched, opts)
+        lp, _ = teacher_forced(patched, copy.deepcopy(cache0), feed)
+        a = acc.setdefault(label, dict(opts=opts, nll=[], top=[], kl=[], read=[0, 0], mass=[]))
+        a["nll"].append(-lp.gather(-1, target[..., None])[..., 0])
+        a["top"].append(lp.argmax(-1))
+        a["kl"].append((dense_lp.exp() * (dense_lp - lp)).sum(-1))
+        read = sum(st.keys_read for st in states), sum(st.keys_total for st in states)
+        a["read"][0] += read[0]
+        a["read"][1] += read[1]
+        a["mass"].append(sum(st.mass for st in states) / len(states))
+        log(f"  ctx {s} {label:<26} dloss {float((a['nll'][-1] - dense_nll).mean()):+.4f}  top1 "
+            f"{float((a['top'][-1] == dense_top).float().mean()):.3f}  read {read[0] / max(1, read[1]):.4f}  "
+            f"mass {a['mass'][-1]:.3f}  ({time.perf_counter() - t:.1f}s)")
+        return dict(read=read[0] / max(1, read[1]))
+
+    for b0 in range(0, n_windows, batch):
+        ids = ids_all[b0:b0 + batch]
+        log(f"quality: context {s}, windows {b0 + 1}-{b0 + ids.shape[0]} of {n_windows}, dense prefill...")
+        set_decode(patched, None)
+        with torch.no_grad():
+            cache0 = patched(ids[:, :s - steps - 1], use_cache=True).past_key_values
+        feed, target = ids[:, s - steps - 1:s - 1], ids[:, s - steps:s]
+        dense_lp, _ = teacher_forced(patched, copy.deepcopy(cache0), feed)
+        dense_nll = -dense_lp.gather(-1, target[..., None])[..., 0]
+        dense_top = dense_lp.argmax(-1)
+        dense_nll_all.append(dense_nll)
+        dense_top_all.append(dense_top)
+        for cfg in cfgs:
+            r = run(cfg["label"], cfg["opts"], cache0, feed, target, dense_lp, dense_nll, dense_top)
+            if cfg.get("match"):  # exact top-k at the budget the adaptive one really used (this batch)
+                k = max(1, round(r["read"] * s))
+                run(f"exact @ {cfg['label']}", dict(k=k), cache0, feed, target, dense_lp, dense_nll, dense_top)
+        del cache0
+    dense_nll, dense_top = torch.cat(dense_nll_all), torch.cat(dense_top_all)
+    rows = []
+    for label, a in acc.items():
+        nll, top, kl = torch.cat(a["nll"]), torch.cat(a["top"]), torch.cat(a["kl"])
+        rows.append(dict(context=s, config=label, opts=a["opts"], windows=n_windows, steps=steps,
+                         dense_loss=float(dense_nll.mean()), delta_loss=float((nll - dense_nll).mean()),
+                         delta_loss_per_window=[float(x) for x in (nll - dense_nll).mean(1)],
+                         top1_agreement=float((top == dense_top).float().mean()), kl=float(kl.mean()),
+                         read_fraction=a["read"][0] / max(1, a["read"][1]),
+                         mass_kept=float(np.mean(a["mass"]))))
+    save(rows)
+    return rows
+
+
+def _median_ms(ts: list[float]) -> float:
+    return float(np.median(ts)) * 1e3
+
+
+def _layer_inputs(q, k, v, scaling):
+    """One layer's decode inputs in TopKDecode's layout: B * Hkv sequences of one KV head each."""
+    b, hkv, s, d = k.shape
+    kv = sc.DenseKV(k.reshape(b * hkv, s, 1, d), v.reshape(b * hkv, s, 1, d),
+                    torch.full((b * hkv,), s, dtype=torch.int32))
+    return q.reshape(b * hkv, -1, d).contiguous(), kv, scaling
+
+
+def _sel_opts(opts: dict[str, Any], scaling: float | None) -> dict[str, Any]:
+    """``opts`` without ``k``; with ``scale`` for an adaptive budget when ``scaling`` is given."""
+    o = {n: v for n, v in opts.items() if n != "k"}
+    if o.get("top_p") is not None and scaling is not None:
+        o["scale"] = scaling
+    return o
+
+
+def eval_attention(model, tok, s: int, cfgs: list[dict], rounds: int, quality_rows: list[dict], save) -> dict:
+    """Per-layer attention of one decode step on the model's own q and cache, summed over layers:
+    each method is a DecodePlan per layer (select_topk + sparse_decode, as TopKDecode runs it), Quest
+    with its per-step bound update (the page of the new token) included."""
+    patched = patch_model(copy.deepcopy(model), decode=dict(k=1))
+    ids = models.token_windows(tok, "english", s, 1, skip=0)
+    states = set_decode(patched, dict(k=1), track=False)
+    with torch.no_grad():
+        cache = patched(ids[:, :-1], use_cache=True).past_key_values
+        patched(ids[:, -1:], past_key_values=cache, use_cache=True)  # one decode step records q, K, V per layer
+    raw = [st.last for st in states]
+    layers = [_layer_inputs(q, k, v, scaling) for q, k, v, _, scaling in raw]
+    variants: dict[str, dict[str, Any]] = {}
+    matched = {r["config"]: r for r in quality_rows if r["context"] == s}
+    for cfg in cfgs:
+        variants[cfg["label"]] = cfg["opts"]
+        if cfg.get("match") and f"exact @ {cfg['label']}" in matched:
+            variants[f"exact @ {cfg['label']}"] = matched[f"exact @ {cfg['label']}"]["opts"]
+    bounds = {label: [sc.page_bounds(kv, o["page_size"]) if o.get("method") == "quest" else None
+                      for _, kv, _ in layers] for label, o in variants.items()}
+    codes = {label: [sc.quantize_keys(kv) if o.get("method") == "int8" else None for _, kv, _ in layers]
+             for label, o in variants.items()}
+    plans = {label: [sc.DecodePlan(q, kv, o["k"], scale=scaling, bounds=bd, codes=cd, **_sel_opts(o, None))
+                     for (q, kv, scaling), bd, cd in zip(layers, bounds[label], codes[label])]
+             for label, o in variants.items()}
+    times: dict[str, list[float]] = {n: [] for n in ["dense sdpa", "dense_decode"] + list(variants)}
+    sel_times: dict[str, list[float]] = {n: [] for n in variants}
+    counts = {n: 0.0 for n in variants}
+    with torch.no_grad():
+        for r in range(rounds):
+            t = time.perf_counter()
+            for q, k, v, _, scaling in raw:
+                torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, scale=scaling, enable_gqa=True)
+            times["dense sdpa"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            for q, kv, scaling in layers:
+                sc.dense_decode(q, kv, scale=scaling)
+            times["dense_decode"].append(time.perf_counter() - t)
+            for label, o in variants.items():
+                t = time.perf_counter()
+                for (q, kv, _), plan, bd, cd in zip(layers, plans[label], bounds[label], codes[label]):
+                    if bd is not None:  # Quest: the new token's page is updated every step
+                        sc.page_bounds(kv, out=bd, start=kv.lengths - 1)
+                    if cd is not None:  # int8: the new token's key is quantised every step
+                        sc.quantize_keys(kv, out=cd, start=kv.lengths - 1)
+                    plan.run(q, kv, bounds=bd, codes=cd)
+                times[label].append(time.perf_counter() - t)
+                counts[label] = float(np.mean([float(p.last_index.counts.float().mean()) for p in plans[label]]))
+                t = time.perf_counter()
+                for (q, kv, scaling), bd, cd in zip(layers, bounds[label], codes[label]):
+                    sc.select_topk(q, kv, o["k"], bounds=bd, codes=cd, **_sel_opts(o, scaling))
+                sel_times[label].append(time.perf_counter() - t)
+            log(f"attention timing, context {s}, round {r + 1}/{rounds}: "
+                + ", ".join(f"{n} {1e3 * v[-1]:.1f}" for n, v in times.items()) + " ms")
+    step = _step_times(patched, cache, ids, variants, max(2, rounds // 2), steps=4)
+    dense = _median_ms(times["dense sdpa"])
+    res = dict(context=s, layers=len(layers), rounds=rounds, step_ms=step,
+               ms={n: _median_ms(v) for n, v in times.items()},
+               select_ms={n: _median_ms(v) for n, v in sel_times.items()},
+               mean_count=counts,
+               fraction_of_dense_sdpa={n: _median_ms(v) / dense for n, v in times.items()},
+               options=variants)
+    save(res)
+    return res
+
+
+def _step_times(patched, cache, ids, variants: dict[str, dict[str, Any]], rounds: int, steps: int) -> dict:
+    """Whole greedy-fed decode steps of the patched model from ``cache`` (the attention section's),
+    dense against each method, taking turns; the median step of the median round, in ms."""
+    feed = ids[:, -steps:]
+    runs: dict[str, list[float]] = {n: [] for n in ["dense"] + list(variants)}
+    for r in range(rounds):
+        for label in runs:
+            set_decode(patched, None if label == "dense" else variants[label], track=False)
+            _, ts = teacher_forced(patched, copy.deepcopy(cache), feed)
+            runs[label].append(float(np.median(ts[1:])))
+        log(f"step timing, round {r + 1}/{rounds}: " + ", ".join(f"{n} {1e3 * v[-1]:.0f}" for n, v in runs.items())
+            + " ms")
+    return {n: _median_ms(v) for n, v in runs.items()}
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = ""
+    import numba
+    import transformers
+
+    return dict(cpu=cpu, cores=os.cpu_count(), python=platform.python_version(), torch=torch.__version__,
+                numba=numba.__version__, transformers=transformers.__version__, commit=commit,
+                load_avg=os.getloadavg())
+
+
+def tables(res: dict) -> str:
+    out = []
+    for s in sorted({r["context"] for r in res.get("quality", [])}):
+        rows = [r for r in res["quality"] if r["context"] == s]
+        r0 = rows[0]
+        out.append(f"**Context {s}** ({r0['windows']} windows x {r0['steps']} teacher-forced steps; dense loss "
+                   f"{r0['dense_loss']:.3f})\n")
+        out.append("| method | keys read | attention mass kept | loss change (nats) | top-1 agreement | KL |")
+        out.append("|---|---|---|---|---|---|")
+        for r in rows:
+            out.append(f"| {r['config']} | {100 * r['read_fraction']:.2f} % | {r['mass_kept']:.3f} | "
+                       f"{r['delta_loss']:+.4f} | {100 * r['top1_agreement']:.1f} % | {r['kl']:.4f} |")
+        out.append("")
+    att = res.get("attention", [])
+    if att:
+        out.append("**Attention per decode step, summed over 30 layers** (ms, median of rounds; fraction of "
+                   "dense sdpa in brackets; select = `select_topk` alone)\n")
+        names = list(att[0]["ms"])
+        out.append("| context | " + " | ".join(names) + " |")
+        out.append("|---|" + "---|" * len(names))
+        for a in att:
+            cells = []
+            for n in names:
+                c = f"{a['ms'][n]:.1f} ({100 * a['fraction_of_dense_sdpa'][n]:.0f} %)"
+                if n in a["select_ms"]:
+                    c += f", select {a['select_ms'][n]:.1f}"
+                cells.append(c)
+            out.append(f"| {a['context']} | " + " | ".join(cells) + " |")
+        out.append("")
+    st = [a for a in att if "step_ms" in a]
+    if st:
+        out.append("**Whole decode step of the model** (ms, median; attention and everything else)\n")
+        names = list(st[0]["step_ms"])
+        out.append("| context | " + " | ".join(names) + " |")
+        out.append("|---|" + "---|" * len(names))
+        for a in st:
+            out.append(f"| {a['context']} | " + " | ".join(f"{a['step_ms'][n]:.0f}" for n in names) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--tables", type=Path, help="print the tables of this results.json and exit")
+    ap.add_argument("--sections", nargs="+", default=["quality", "attention"])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--div", type=int, default=50)
+    ap.add_argument("--top-p", type=float, nargs="+", default=[0.9, 0.95])
+    ap.add_argument("--top-p-cap", type=int, nargs="+", default=[4],
+                    help="top_p's k (its most keys) in budgets; several: each is a method")
+    ap.add_argument("--sink", type=int, default=4)
+    ap.add_argument("--window", type=int, default=16)
+    ap.add_argument("--page", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--merge", action="store_true", help="add to an existing results.json")
+    ap.add_argument("--configs", nargs="+", help="run only the methods with these labels (e.g. int8 quest)")
+    ap.add_argument("--merge-from", type=Path, nargs="+",
+                    help="fold the rows of these results.json files into --out's (same context and method: theirs win)")
+    a = ap.parse_args()
+    if a.tables:
+        print(tables(json.loads(a.tables.read_text())))
+        return
+    set_threads(a.threads)
+    a.out.mkdir(parents=True, exist_ok=True)
+    path = a.out / "results.json"
+    res: dict[str, Any] = json.loads(path.read_text()) if a.merge and path.exists() else {}
+    res.setdefault("runs", []).append(dict(argv=sys.argv[1:], machine=machine()))
+
+    def save(_: Any = None) -> None:
+        path.write_text(json.dumps(res, indent=1))
+        (a.out / "tables.md").write_text(tables(res))
+
+    if a.merge_from:
+        for other in a.merge_from:
+            o = json.loads(other.read_text())
+            res["runs"] += o.get("runs", [])
+            keys = {(r["context"], r["config"]) for r in o.get("quality", [])}
+            res["quality"] = sorted([r for r in res.get("quality", []) if (r["context"], r["config"]) not in keys]
+                                    + o.get("quality", []), key=lambda r: r["context"])
+            for sec in ("attention",):
+                ctx = {r["context"] for r in o.get(sec, [])}
+                res[sec] = sorted([r for r in res.get(sec, []) if r["context"] not in ctx] + o.get(sec, []),
+                                  key=lambda r: r["context"])
+        save()
+        return
+    model, tok = models.smollm2()
+    for s in a.contexts:
+        cfgs = configs(s, a.div, a.top_p, a.sink, a.window, a.page, tuple(a.top_p_cap))
+        if a.configs:
+            cfgs = [c for c in cfgs if c["label"] in a.configs]
+        if "quality" in a.sections:
+            rows = eval_quality(model, tok, s, a.windows, a.batch, a.steps, cfgs, lambda rows: None)
+            done = {r["config"] for r in rows}
+            res["quality"] = [r for r in res.get("quality", []) if r["context"] != s or r["config"] not in done]
+            res["quality"] += rows
+            res["quality"].sort(key=lambda r: r["context"])
+            save()
+        if "attention" in a.sections:
+            res["attention"] = [r for r in res.get("attention", []) if r["context"] != s]
+            res["attention"].append(eval_attention(model, tok, s, cfgs, a.rounds, res.get("quality", []),
+                                                   lambda r: None))
+            save()
+    log("done")
+
+
+if __name__ == "__main__":
+    main()
