@@ -616,13 +616,13 @@ class SelectTopk(_NumbaCpu):
         counts = np.empty((b, rows), np.int32)
 
         if inp.top_p is not None:
-            top_p, k_min = inp.top_p, int(inp.k_min)
+            top_p, k_min, win = inp.top_p, int(inp.k_min), int(inp.window)
             scale = np.float32(inp.scale if inp.scale is not None else 1.0 / math.sqrt(kv.head_dim))
             adaptive = _k().select_top_p_serial if cls.serial(inp) else _k().select_top_p
 
             def launch_p(q: np.ndarray, kv: Any, bounds: Any) -> tuple[np.ndarray, np.ndarray]:
                 adaptive(_bits(q), _bits(kv.k_pages if paged else kv.k), kv.page_table if paged else dense_table,
-                         kv.lengths, k, k_min, sink, inp.window, shared, top_p, scale, lut, indices, counts)
+                         kv.lengths, k, k_min, sink, win, shared, top_p, scale, lut, indices, counts)
                 return indices, counts
 
             return _guarded(launch_p, cls.serial(inp))
