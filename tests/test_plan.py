@@ -356,3 +356,31 @@ def test_run_updates_the_bounds_of_a_growing_cache(kind: str) -> None:
         plan.run(conv(q), kv, bounds=bounds, update_from=conv(np.array([0, 99], np.int32)))
     with pytest.raises(ValueError, match=r"update_from is given without bounds"):
         sc.DecodePlan(conv(q), kv, 2).run(conv(q), kv, update_from=conv(before))
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_adaptive_and_int8_plans_equal_the_public_calls(kind: str) -> None:
+    """A top-p plan runs its launcher, an int8 plan the checked path: both equal the public ops,
+    run after run."""
+    rng = np.random.default_rng(11)
+    k, v = (rng.standard_normal((2, 80, 2, 8)).astype(np.float32) for _ in range(2))
+    q = rng.standard_normal((2, 4, 8)).astype(np.float32)
+    if kind == "torch":
+        torch = pytest.importorskip("torch")
+        conv: Any = torch.from_numpy
+    else:
+        conv = np.asarray
+    kv = sc.DenseKV(conv(k), conv(v), conv(np.array([80, 61], np.int32)))
+    adaptive = sc.DecodePlan(conv(q), kv, 20, top_p=0.8, k_min=2, sink=1, window=2)
+    codes = sc.quantize_keys(kv)
+    int8 = sc.DecodePlan(conv(q), kv, 6, method="int8", codes=codes, rescore=12)
+    for _ in range(3):
+        out, _ = adaptive.run(conv(q), kv)
+        idx = sc.select_topk(conv(q), kv, 20, top_p=0.8, k_min=2, sink=1, window=2)
+        np.testing.assert_array_equal(np.asarray(adaptive.last_index.counts), np.asarray(idx.counts))
+        np.testing.assert_allclose(np.asarray(out), np.asarray(sc.sparse_decode(conv(q), kv, idx)[0]),
+                                   rtol=1e-6, atol=1e-6)
+        out, _ = int8.run(conv(q), kv, codes=codes)
+        idx = sc.select_topk(conv(q), kv, 6, method="int8", codes=codes, rescore=12)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(sc.sparse_decode(conv(q), kv, idx)[0]),
+                                   rtol=1e-6, atol=1e-6)
