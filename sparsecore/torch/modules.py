@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -39,6 +40,8 @@ def _nnz(packed: Any) -> torch.Tensor:
     """Stored entries of a packed TiledELL (slots and overflow), as a 0-d int64 tensor (no host sync)."""
     if callable(getattr(type(packed), "nnz", None)):  # a TorchTiledELL (sparsecore.TiledELL's nnz is an int)
         return packed.nnz()
+    if isinstance(packed.counts, np.ndarray):  # a host TiledELL of NumPy arrays: counted on the host
+        return packed.nnz
     n = packed.counts.sum(dtype=torch.int64)
     ov = getattr(packed, "overflow", None)
     if ov is not None:
@@ -272,8 +275,13 @@ class ThresholdSparseMLP(nn.Module):
                     or self.gate_proj.bias is not None or self.up_proj.bias is not None:
                 x2 = torch.where(x2.abs() <= t_in, torch.zeros((), dtype=x2.dtype, device=x2.device), x2)
             else:  # inference: only the kept inputs' columns of gate_proj and up_proj are read
-                xs = sc.pack(x2.detach(), threshold=t_in, tile=self.input_tile, capacity=self.input_capacity)
-                gu = sc.spmm(xs, self._w_gate_up())
+                if x2.device.type == "cpu" and x2.dtype == torch.float32:  # zero-copy NumPy views
+                    xs = sc.pack(x2.detach().numpy(), threshold=t_in, tile=self.input_tile,
+                                 capacity=self.input_capacity)
+                    gu = torch.from_numpy(sc.spmm(xs, self._w_gate_up().numpy()))
+                else:
+                    xs = sc.pack(x2.detach(), threshold=t_in, tile=self.input_tile, capacity=self.input_capacity)
+                    gu = sc.spmm(xs, self._w_gate_up())
                 k = self.intermediate_size
                 return self.act_fn(gu[:, :k]) * gu[:, k:]
         return self.act_fn(self.gate_proj(x2)) * self.up_proj(x2)
@@ -299,11 +307,17 @@ class ThresholdSparseMLP(nn.Module):
             # traced, or differentiated: the custom ops (fakes for the compiler, gradients registered)
             packed = ops.pack(h, threshold=self.threshold, tile=self.tile, capacity=self.capacity)
             out = ops.spmm(packed, self._w_down())
+        elif h.device.type == "cpu" and h.dtype == torch.float32:
+            # inference on the host: the public ops on zero-copy NumPy views (no per-buffer conversions)
+            hn = h.detach().numpy()
+            packed = sc.pack(hn, threshold=self.threshold, tile=self.tile, capacity=self.capacity)
+            out = torch.from_numpy(sc.spmm(packed, self._w_down().detach().numpy()))
         else:  # inference: the public ops on the same tensors (zero-copy), without custom-op dispatch
             packed = sc.pack(h.detach(), threshold=self.threshold, tile=self.tile, capacity=self.capacity)
             out = sc.spmm(packed, self._w_down().detach())
         with torch.no_grad():
-            nnz = _nnz(packed).to(torch.float64)
+            nnz = _nnz(packed)
+            nnz = torch.tensor(float(nnz), dtype=torch.float64) if isinstance(nnz, int) else nnz.to(torch.float64)
             slots = float(x2.shape[0] * self.intermediate_size)
             self.last_density = nnz / slots if slots else torch.zeros((), dtype=torch.float64)
             self._nnz_total += nnz.to(self._nnz_total.device)
