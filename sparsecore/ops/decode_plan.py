@@ -236,6 +236,9 @@ class DecodePlan:
         (and page ids in use) are checked (one compiled pass: what keeps the kernels in bounds),
         then the two launchers run on the NumPy views."""
         qn, kvn, bn, start = views
+        if bn is not None and bn.kmax.shape[1] != bn.kmin.shape[1]:
+            fail("DecodePlan.run", f"bounds.kmax holds {bn.kmax.shape[1]} pages and bounds.kmin {bn.kmin.shape[1]}; "
+                                   "they must hold the same pages")
         if bn is not None and bn.kmin.shape[1] < -(-self._capacity // bn.page_size):
             fail("DecodePlan.run", f"bounds hold {bn.kmin.shape[1]} pages; the cache's capacity of "
                                    f"{self._capacity} tokens needs {-(-self._capacity // bn.page_size)}")
