@@ -127,17 +127,21 @@ class DecodePlan:
     def _capacity_fits(self, capacity: int) -> bool:
         """A run's cache capacity differs from the last one (a growing cache): True when the bound
         launchers still fit (same ``k_max`` and capacity range); ``k`` past the capacity is an error."""
+        self._check_k_fits(capacity)
+        o = self._options
+        fits = (topk_capacity(o["k"], o["sink"], self._forced_window, capacity, self._unit) == self._k_max
+                and capacity.bit_length() == self._bucket)
+        if fits:
+            self._capacity = capacity
+        return fits
+
+    def _check_k_fits(self, capacity: int) -> None:
+        """``k`` units must fit a cache of ``capacity`` tokens (tokens, or Quest pages)."""
         ps = self._unit
         units = capacity if ps is None else -(-capacity // ps)
         if self._options["k"] > units:
             fail("DecodePlan.run", f"k = {self._options['k']} exceeds the cache's capacity of {units} "
                                    f"{'tokens' if ps is None else 'pages'}; make a plan with a smaller k")
-        o = self._options
-        fits = (topk_capacity(o["k"], o["sink"], self._forced_window, capacity, ps) == self._k_max
-                and capacity.bit_length() == self._bucket)
-        if fits:
-            self._capacity = capacity
-        return fits
 
     @property
     def last_index(self) -> TopKIndex | None:
@@ -284,13 +288,9 @@ class DecodePlan:
     def _grown(self, q: Any, kv: DenseKV | PagedKV, bounds: PageBounds | None, codes: KeyCodes | None) -> None:
         """The cache's capacity changed: check that ``k`` still fits; a GPU backend's limits may
         depend on the capacity, so its choice is made again (host backends have no such limits)."""
-        inp = I.SelectTopkInputs(q, kv, **dict(self._options, bounds=bounds, codes=codes))
-        ps = inp.unit_page_size
-        units = kv.max_len if ps is None else -(-kv.max_len // ps)
-        if self._options["k"] > units:
-            fail("DecodePlan.run", f"k = {self._options['k']} exceeds the cache's capacity of {units} "
-                                   f"{'tokens' if ps is None else 'pages'}; make a plan with a smaller k")
+        self._check_k_fits(_capacity(kv))
         if self._select.backend.DEVICE != "host" or self._decode.backend.DEVICE != "host":
+            inp = I.SelectTopkInputs(q, kv, **dict(self._options, bounds=bounds, codes=codes))
             self._select = plan(inp, self._backend)
             index = self._select.backend.apply(inp)
             self._decode = plan(I.SparseDecodeInputs(q, kv, index, self.scale), self._backend)
@@ -355,20 +355,14 @@ def _torch_view(a: Any) -> np.ndarray:
     that require grad: those take the checked path)."""
     if kind_of(a) != "torch":
         raise _NotHost
-    if a.dtype is _bfloat16():
-        return to_numpy(a) if a.device.type == "cpu" and not a.requires_grad else _refuse()
+    if a.dtype is sys.modules["torch"].bfloat16:  # NumPy has no bfloat16: to_numpy views its bits
+        if a.device.type != "cpu" or a.requires_grad:
+            raise _NotHost
+        return to_numpy(a)
     try:
         return a.numpy()
     except (TypeError, RuntimeError):
         raise _NotHost from None
-
-
-def _refuse() -> np.ndarray:
-    raise _NotHost
-
-
-def _bfloat16() -> Any:
-    return sys.modules["torch"].bfloat16
 
 
 def _values(kv: DenseKV | PagedKV, bounds: PageBounds | None) -> tuple[Any, ...]:

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from .._arrays import is_array
 from .._checks import fail
 from .base import _all_numpy_format, _is_format, signature
 from .dispatcher import _deep_validation, check_no_grad, dispatch, plan
@@ -76,7 +77,7 @@ class OpPlan:
         self.op = op
         self._spec = s
         self._names = tuple(n for n, v in given.items() if type(v) is np.ndarray or _is_format(v)
-                            or _is_array(v))
+                            or is_array(v))
         if tuple(fields[:len(self._names)]) != self._names:
             fail("OpPlan", f"{op}: give the array and format arguments ({', '.join(self._names)}) "
                            "positionally and the others by keyword", TypeError)
@@ -127,9 +128,3 @@ class OpPlan:
             else:
                 self._seen = _metadata(args)
         return result
-
-
-def _is_array(v: Any) -> bool:
-    from .._arrays import is_array
-
-    return is_array(v)

@@ -166,7 +166,7 @@ class TopKDecode:
             sel = sct.select_topk(q, kv, k_eff, bounds=bounds, **opts,
                                   **({"scale": scaling} if self.top_p is not None else {}))
             out, _ = sct.sparse_decode(q, kv, sel, scale=scaling)
-            counts = None
+            counts = sel.counts
         else:  # decode attention has no gradient: it runs in inference only (eval mode, one query)
             with torch.no_grad():
                 bounds, start = self._quest_bounds(kv, unit, lens) if self.method == "quest" else (None, None)
@@ -174,16 +174,14 @@ class TopKDecode:
                 out, _ = self._plan(q, kv, k_eff, bounds, scaling, opts, codes).run(q, kv, bounds=bounds,
                                                                                     update_from=start, codes=codes)
             counts = self._last_plan.last_counts
+        # keys read per (sequence, group) row: a page counts page_size keys, at most the length
         if isinstance(counts, np.ndarray):  # a host plan's launchers: counted on the host, no tensor ops
             read_host = np.minimum(counts.astype(np.int64) * unit, np.asarray(seq_lens, np.int64)[:, None])
             self._keys_read_host += int(read_host.sum())
-        else:
-            # keys read per (sequence, group) row, on the device: a page counts page_size keys, at most the length
-            c = sel.counts if torch.compiler.is_compiling() else self._last_plan.last_index.counts
-            read = torch.minimum(c.to(torch.int64) * unit, kv.lengths.to(torch.int64)[:, None]).sum()
+        else:  # counted on the device, read on demand
+            read = torch.minimum(counts.to(torch.int64) * unit, kv.lengths.to(torch.int64)[:, None]).sum()
             self._keys_read = read if self._keys_read is None else self._keys_read + read
-        n_rows = int(counts.shape[1]) if isinstance(counts, np.ndarray) else int(c.shape[1])
-        self.keys_total += n_rows * rep * sum(lens)
+        self.keys_total += int(counts.shape[1]) * rep * sum(lens)
         self.decode_steps += 1
         return out.reshape(b, hq, d)
 

@@ -49,6 +49,17 @@ def _nnz(packed: Any) -> torch.Tensor:
     return n
 
 
+def _operand(t: torch.Tensor) -> Any:
+    """An inference operand of the public ops: a zero-copy NumPy view of a CPU float32 tensor (the
+    ops then convert no buffer of their result), else the detached tensor."""
+    t = t.detach()
+    return t.numpy() if t.device.type == "cpu" and t.dtype == torch.float32 else t
+
+
+def _as_tensor(a: Any) -> torch.Tensor:
+    return torch.from_numpy(a) if isinstance(a, np.ndarray) else a
+
+
 def _check_llama_mlp(where: str, mlp: nn.Module) -> None:
     """``mlp`` has bias-free ``nn.Linear`` ``gate_proj``, ``up_proj`` and ``down_proj`` (LlamaMLP's)."""
     for name in ("gate_proj", "up_proj", "down_proj"):
@@ -275,13 +286,8 @@ class ThresholdSparseMLP(nn.Module):
                     or self.gate_proj.bias is not None or self.up_proj.bias is not None:
                 x2 = torch.where(x2.abs() <= t_in, torch.zeros((), dtype=x2.dtype, device=x2.device), x2)
             else:  # inference: only the kept inputs' columns of gate_proj and up_proj are read
-                if x2.device.type == "cpu" and x2.dtype == torch.float32:  # zero-copy NumPy views
-                    xs = sc.pack(x2.detach().numpy(), threshold=t_in, tile=self.input_tile,
-                                 capacity=self.input_capacity)
-                    gu = torch.from_numpy(sc.spmm(xs, self._w_gate_up().numpy()))
-                else:
-                    xs = sc.pack(x2.detach(), threshold=t_in, tile=self.input_tile, capacity=self.input_capacity)
-                    gu = sc.spmm(xs, self._w_gate_up())
+                xs = sc.pack(_operand(x2), threshold=t_in, tile=self.input_tile, capacity=self.input_capacity)
+                gu = _as_tensor(sc.spmm(xs, _operand(self._w_gate_up())))
                 k = self.intermediate_size
                 return self.act_fn(gu[:, :k]) * gu[:, k:]
         return self.act_fn(self.gate_proj(x2)) * self.up_proj(x2)
@@ -307,14 +313,9 @@ class ThresholdSparseMLP(nn.Module):
             # traced, or differentiated: the custom ops (fakes for the compiler, gradients registered)
             packed = ops.pack(h, threshold=self.threshold, tile=self.tile, capacity=self.capacity)
             out = ops.spmm(packed, self._w_down())
-        elif h.device.type == "cpu" and h.dtype == torch.float32:
-            # inference on the host: the public ops on zero-copy NumPy views (no per-buffer conversions)
-            hn = h.detach().numpy()
-            packed = sc.pack(hn, threshold=self.threshold, tile=self.tile, capacity=self.capacity)
-            out = torch.from_numpy(sc.spmm(packed, self._w_down().detach().numpy()))
-        else:  # inference: the public ops on the same tensors (zero-copy), without custom-op dispatch
-            packed = sc.pack(h.detach(), threshold=self.threshold, tile=self.tile, capacity=self.capacity)
-            out = sc.spmm(packed, self._w_down().detach())
+        else:  # inference: the public ops, zero-copy, without custom-op dispatch
+            packed = sc.pack(_operand(h), threshold=self.threshold, tile=self.tile, capacity=self.capacity)
+            out = _as_tensor(sc.spmm(packed, _operand(self._w_down())))
         with torch.no_grad():
             nnz = _nnz(packed)
             nnz = torch.tensor(float(nnz), dtype=torch.float64) if isinstance(nnz, int) else nnz.to(torch.float64)

@@ -585,10 +585,9 @@ class SelectTopk(_NumbaCpu):
                    _lut_for(inp.dtype), indices, counts)
             return TopKIndex(indices, counts)
         if inp.top_p is not None:
-            scale = inp.scale if inp.scale is not None else 1.0 / math.sqrt(kv.head_dim)
             kernel = _k().select_top_p_serial if cls.serial(inp) else _k().select_top_p
             kernel(_bits(inp.q), _bits(k_pages), page_table, kv.lengths, inp.k, inp.k_min, inp.sink, inp.window,
-                   inp.shared, inp.top_p, np.float32(scale), _lut_for(inp.dtype), indices, counts)
+                   inp.shared, inp.top_p, _scale(inp.scale, kv.head_dim), _lut_for(inp.dtype), indices, counts)
             return TopKIndex(indices, counts)
         kernel = _k().select_topk_serial if cls.serial(inp) else _k().select_topk
         kernel(_bits(inp.q), _bits(k_pages), page_table, kv.lengths, inp.k, inp.sink, inp.forced_window, inp.shared,
@@ -617,7 +616,7 @@ class SelectTopk(_NumbaCpu):
 
         if inp.top_p is not None:
             top_p, k_min, win = inp.top_p, int(inp.k_min), int(inp.window)
-            scale = np.float32(inp.scale if inp.scale is not None else 1.0 / math.sqrt(kv.head_dim))
+            scale = _scale(inp.scale, kv.head_dim)
             adaptive = _k().select_top_p_serial if cls.serial(inp) else _k().select_top_p
 
             def launch_p(q: np.ndarray, kv: Any, bounds: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -653,12 +652,16 @@ def _n_split(tasks: int, work: int) -> int:
     return max(1, min(want, work // 256 if work >= 256 else 1))
 
 
+def _scale(scale: float | None, d: int) -> np.float32:
+    """The attention's scale as the kernels take it: ``1 / sqrt(D)`` by default."""
+    return np.float32(1.0 / math.sqrt(d) if scale is None else scale)
+
+
 def _decode(q: np.ndarray, kv: DenseKV | PagedKV, index: TopKIndex | None, scale: float | None, dtype: str,
             serial: bool) -> tuple[np.ndarray, np.ndarray]:
     k = _k()
     bsz, hq, d = q.shape
     k_pages, v_pages, page_table = _as_pages(kv)
-    scale = 1.0 / np.sqrt(d) if scale is None else scale
     if index is None:
         dense, shared, unit = True, True, 1
         indices = np.zeros((bsz, kv.num_kv_heads, 0), np.int32)
@@ -676,7 +679,7 @@ def _decode(q: np.ndarray, kv: DenseKV | PagedKV, index: TopKIndex | None, scale
     # the tasks (and so the bits) are the same either way; serial runs them on the calling thread
     partial = k.decode_partial_serial if serial else k.decode_partial
     partial(_bits(q), _bits(k_pages), _bits(v_pages), page_table, kv.lengths, indices, counts, unit, dense, shared,
-            np.float32(scale), n_split, _lut_for(dtype), o_part, lse_part)
+            _scale(scale, d), n_split, _lut_for(dtype), o_part, lse_part)
     if n_split == 1:
         return _finish(np.ascontiguousarray(o_part[:, :, 0]), dtype), np.ascontiguousarray(lse_part[:, :, 0])
     out = np.empty((bsz, hq, d), np.float32)
@@ -712,7 +715,7 @@ class SparseDecode(_NumbaCpu):
         unit = index.page_size if index.granularity == "page" else 1
         shared = index.groups == kv.num_kv_heads
         n_split = _n_split(bsz * index.groups, index.k_max * unit)
-        scale = np.float32(1.0 / np.sqrt(d) if inp.scale is None else inp.scale)
+        scale = _scale(inp.scale, d)
         serial = cls.serial(inp)
         partial = kern.decode_partial_serial if serial else kern.decode_partial
         merge = kern.merge_splits_serial if serial else kern.merge_splits

@@ -645,29 +645,42 @@ def page_bounds_serial(k_pages, page_table, lengths, first, ps, lut, kmin, kmax)
         _page_bounds_task(task, k_pages, page_table, lengths, first, ps, lut, kmin, kmax)
 
 
-@njit(**_TASK)
-def _select_task(task, q, k_pages, page_table, lengths, k, sink, window, shared, quest_page, bmin, bmax, lut,
-                 indices, counts):
-    """One row of :func:`select_topk`: (sequence b, selection row u)."""
-    bsz, hq, d = q.shape
-    page_size = k_pages.shape[1]
-    hkv = k_pages.shape[2]
-    group = hq // hkv
+@njit(inline="always")
+def _select_row(task, q, k_pages, lengths, counts, shared):
+    """What a selection task works on: task = b * rows + u is selection row u of sequence b, which
+    serves query heads h0 .. h0 + nh - 1 (the group, or one head) of KV head kvh over length keys."""
+    group = q.shape[1] // k_pages.shape[2]
     rows = counts.shape[1]
     nh = group if shared else 1
     b = task // rows
     u = task % rows
     h0 = u * nh
-    kvh = h0 // group
-    length = lengths[b]
+    return b, u, h0, nh, h0 // group, lengths[b]
+
+
+@njit(inline="always")
+def _group_query(q, b, h0, nh, lut):
+    """The query summed over the selection row's heads: sum_h q_h . k = (sum_h q_h) . k."""
+    d = q.shape[2]
+    qs = np.zeros(d, np.float32)
+    for i in range(nh):
+        for j in range(d):
+            qs[j] += load(q, (b, h0 + i, j), lut)
+    return qs
+
+
+@njit(**_TASK)
+def _select_task(task, q, k_pages, page_table, lengths, k, sink, window, shared, quest_page, bmin, bmax, lut,
+                 indices, counts):
+    """One row of :func:`select_topk`: (sequence b, selection row u)."""
+    d = q.shape[2]
+    page_size = k_pages.shape[1]
+    b, u, h0, nh, kvh, length = _select_row(task, q, k_pages, lengths, counts, shared)
     unit = quest_page if quest_page > 0 else 1
     n_units = -(-length // unit)
     score = np.zeros(n_units, np.float32)
     if quest_page == 0:
-        qs = np.zeros(d, np.float32)  # summed over the group: sum_h q_h . k = (sum_h q_h) . k
-        for i in range(nh):
-            for j in range(d):
-                qs[j] += load(q, (b, h0 + i, j), lut)
+        qs = _group_query(q, b, h0, nh, lut)
         for t in range(length):
             pg, r = _kv_row(page_table, b, t, page_size)
             sc = np.float32(0)
@@ -739,16 +752,9 @@ def select_topk_serial(q, k_pages, page_table, lengths, k, sink, window, shared,
 def _select_top_p_task(task, q, k_pages, page_table, lengths, k, k_min, sink, window, shared, top_p, scale, lut,
                        indices, counts):
     """One row of :func:`select_top_p`: (sequence b, selection row u)."""
-    hq, d = q.shape[1], q.shape[2]
+    d = q.shape[2]
     page_size = k_pages.shape[1]
-    group = hq // k_pages.shape[2]
-    rows = counts.shape[1]
-    nh = group if shared else 1
-    b = task // rows
-    u = task % rows
-    h0 = u * nh
-    kvh = h0 // group
-    length = lengths[b]
+    b, u, h0, nh, kvh, length = _select_row(task, q, k_pages, lengths, counts, shared)
     qh = np.empty((nh, d), np.float32)
     for i in range(nh):
         for j in range(d):
@@ -855,20 +861,10 @@ def select_top_p_serial(q, k_pages, page_table, lengths, k, k_min, sink, window,
 def _select_int8_task(task, q, k_pages, page_table, lengths, codes, scales, k, rescore, sink, window, shared, lut,
                       indices, counts):
     """One row of :func:`select_int8`: (sequence b, selection row u)."""
-    hq, d = q.shape[1], q.shape[2]
+    d = q.shape[2]
     page_size = k_pages.shape[1]
-    group = hq // k_pages.shape[2]
-    rows = counts.shape[1]
-    nh = group if shared else 1
-    b = task // rows
-    u = task % rows
-    h0 = u * nh
-    kvh = h0 // group
-    length = lengths[b]
-    qs = np.zeros(d, np.float32)  # summed over the group: sum_h q_h . k = (sum_h q_h) . k
-    for i in range(nh):
-        for j in range(d):
-            qs[j] += load(q, (b, h0 + i, j), lut)
+    b, u, h0, nh, kvh, length = _select_row(task, q, k_pages, lengths, counts, shared)
+    qs = _group_query(q, b, h0, nh, lut)
     score = np.empty(length, np.float32)
     for t in range(length):
         acc = np.float32(0)
