@@ -108,8 +108,8 @@ def decode_rows() -> list[dict[str, Any]]:
         fw = max(fw, 1)
 
         def kernel() -> None:
-            kern.select_topk_serial(q, kk, pt, kv.lengths, k_pages, 0, fw, True, 16, bounds.kmin, bounds.kmax, lut,
-                                    ind, cnt)
+            kern.select_quest_serial(q, kk, pt, kv.lengths, k_pages, 0, fw, True, 16, bounds.kmin, bounds.kmax, lut,
+                                     ind, cnt)
             kern.decode_partial_serial(q, kk, vv, pt, kv.lengths, ind, cnt, 16, False, True, np.float32(d ** -0.5),
                                        n_split, lut, o_part, lse_part)
             if n_split > 1:

@@ -589,9 +589,13 @@ class SelectTopk(_NumbaCpu):
             kernel(_bits(inp.q), _bits(k_pages), page_table, kv.lengths, inp.k, inp.k_min, inp.sink, inp.window,
                    inp.shared, inp.top_p, _scale(inp.scale, kv.head_dim), _lut_for(inp.dtype), indices, counts)
             return TopKIndex(indices, counts)
-        kernel = _k().select_topk_serial if cls.serial(inp) else _k().select_topk
-        kernel(_bits(inp.q), _bits(k_pages), page_table, kv.lengths, inp.k, inp.sink, inp.forced_window, inp.shared,
-               ps or 0, _bits(bmin), _bits(bmax), _lut_for(inp.dtype), indices, counts)
+        args = (_bits(inp.q), _bits(k_pages), page_table, kv.lengths, inp.k, inp.sink, inp.forced_window, inp.shared)
+        if ps is None:
+            (_k().select_topk_serial if cls.serial(inp) else _k().select_topk)(*args, _lut_for(inp.dtype), indices,
+                                                                             counts)
+        else:
+            (_k().select_quest_serial if cls.serial(inp) else _k().select_quest)(
+                *args, ps, _bits(bmin), _bits(bmax), _lut_for(inp.dtype), indices, counts)
         return TopKIndex(indices, counts, "token" if ps is None else "page", ps)
 
     @classmethod
@@ -625,15 +629,24 @@ class SelectTopk(_NumbaCpu):
                 return indices, counts
 
             return _guarded(launch_p, cls.serial(inp))
-        kernel = _k().select_topk_serial if cls.serial(inp) else _k().select_topk
+        if ps is None:
+            exact = _k().select_topk_serial if cls.serial(inp) else _k().select_topk
+
+            def launch_exact(q: np.ndarray, kv: Any, bounds: Any) -> tuple[np.ndarray, np.ndarray]:
+                exact(_bits(q), _bits(kv.k_pages if paged else kv.k), kv.page_table if paged else dense_table,
+                      kv.lengths, k, sink, window, shared, lut, indices, counts)
+                return indices, counts
+
+            return _guarded(launch_exact, cls.serial(inp))
+        quest = _k().select_quest_serial if cls.serial(inp) else _k().select_quest
 
         def launch(q: np.ndarray, kv: Any, bounds: Any) -> tuple[np.ndarray, np.ndarray]:
             if bounds is None:
                 bmin = bmax = none
             else:
                 bmin, bmax = _bits(bounds.kmin), _bits(bounds.kmax)
-            kernel(_bits(q), _bits(kv.k_pages if paged else kv.k), kv.page_table if paged else dense_table,
-                   kv.lengths, k, sink, window, shared, ps or 0, bmin, bmax, lut, indices, counts)
+            quest(_bits(q), _bits(kv.k_pages if paged else kv.k), kv.page_table if paged else dense_table,
+                  kv.lengths, k, sink, window, shared, ps, bmin, bmax, lut, indices, counts)
             return indices, counts
 
         return _guarded(launch, cls.serial(inp))
@@ -726,6 +739,7 @@ class SparseDecode(_NumbaCpu):
 
         o_part = np.empty((bsz, hq, n_split, d), np.float32)  # workspace, overwritten by each launch
         lse_part = np.empty((bsz, hq, n_split), np.float32)
+        o32 = np.empty((bsz, hq, d), np.float32)  # the float32 result when out is another dtype or layout
 
         def launch(q: np.ndarray, kv: Any, indices: np.ndarray, counts: np.ndarray, out: np.ndarray,
                    lse: np.ndarray) -> None:
@@ -741,7 +755,6 @@ class SparseDecode(_NumbaCpu):
             elif f32 and out.flags.c_contiguous:
                 merge(o_part, lse_part, out, lse)
             else:
-                o32 = np.empty((bsz, hq, d), np.float32)
                 merge(o_part, lse_part, o32, lse)
                 out[...] = o32
 

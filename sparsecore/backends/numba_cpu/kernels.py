@@ -26,11 +26,32 @@ def load(a, idx, lut):  # noqa: ARG001 - the overload below is what numba compil
     raise NotImplementedError
 
 
-@overload(load, inline="always")
+@overload(load)
 def _load(a, idx, lut):
     if a.dtype == types.uint16:
         return lambda a, idx, lut: lut[a[idx]]
     return lambda a, idx, lut: np.float32(a[idx])
+
+
+@njit(inline="always")
+def _f32(n, value):
+    """``np.full(n, value, np.float32)`` from ``np.empty(n, np.float32)`` and a loop. Task scratch is
+    allocated only through ``np.empty`` of 1-D float32 / bool / int64 buffers: numba compiles each
+    allocation signature (``np.zeros`` 2-D, ``np.full``, ``np.ones`` of bool...) for 0.1-0.3 s on a
+    first call, so fewer signatures make a cold first call about a second shorter."""
+    a = np.empty(n, np.float32)
+    for i in range(n):
+        a[i] = value
+    return a
+
+
+@njit(inline="always")
+def _flags(n, value):
+    """``np.full(n, value, np.bool_)`` the same way as :func:`_f32`."""
+    a = np.empty(n, np.bool_)
+    for i in range(n):
+        a[i] = value
+    return a
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,13 +381,13 @@ def _decode_task(task, q, k_pages, v_pages, page_table, lengths, indices, counts
     chunk = -(-n_entries // n_split)
     e0 = s * chunk
     e1 = min(e0 + chunk, n_entries)
-    qv = np.empty((nh, d), np.float32)
+    qv = np.empty(nh * d, np.float32)  # [nh, D] row-major; 1-D scratch only (see _f32)
     for i in range(nh):
         for j in range(d):
-            qv[i, j] = load(q, (b, h0 + i, j), lut) * scale
-    acc = np.zeros((nh, d), np.float32)
-    mx = np.full(nh, -np.inf, np.float32)
-    den = np.zeros(nh, np.float32)
+            qv[i * d + j] = load(q, (b, h0 + i, j), lut) * scale
+    acc = _f32(nh * d, 0)
+    mx = _f32(nh, -np.inf)
+    den = _f32(nh, 0)
     for e in range(e0, e1):
         first = e * unit if dense else indices[b, u, e] * unit
         for t in range(first, min(first + unit, length)):
@@ -374,21 +395,21 @@ def _decode_task(task, q, k_pages, v_pages, page_table, lengths, indices, counts
             for i in range(nh):
                 sc = np.float32(0)
                 for j in range(d):
-                    sc += qv[i, j] * load(k_pages, (pg, r, kvh, j), lut)
+                    sc += qv[i * d + j] * load(k_pages, (pg, r, kvh, j), lut)
                 if sc > mx[i]:  # a new maximum (never NaN); +inf: exp(inf - inf) is NaN
                     corr = np.float32(math.exp(mx[i] - sc))
                     p = np.float32(1) if sc != np.inf else np.float32(np.nan)
                     mx[i] = sc
                     den[i] = den[i] * corr + p
                     for j in range(d):
-                        acc[i, j] = acc[i, j] * corr + p * load(v_pages, (pg, r, kvh, j), lut)
+                        acc[i * d + j] = acc[i * d + j] * corr + p * load(v_pages, (pg, r, kvh, j), lut)
                 else:  # NaN gives p = NaN; -inf a weight of 0 (also while the maximum is -inf)
                     p = np.float32(0) if sc == -np.inf else np.float32(math.exp(sc - mx[i]))
                     den[i] += p
                     for j in range(d):
-                        acc[i, j] += p * load(v_pages, (pg, r, kvh, j), lut)
+                        acc[i * d + j] += p * load(v_pages, (pg, r, kvh, j), lut)
     for i in range(nh):
-        _finish_row(acc[i], den[i], mx[i], o_part[b, h0 + i, s], lse_part[b, h0 + i, s:s + 1])
+        _finish_row(acc[i * d:(i + 1) * d], den[i], mx[i], o_part[b, h0 + i, s], lse_part[b, h0 + i, s:s + 1])
 
 
 @njit(**_PAR)
@@ -413,8 +434,8 @@ def decode_partial_serial(q, k_pages, v_pages, page_table, lengths, indices, cou
                           scale, n_split, lut, o_part, lse_part):
     n = o_part.shape[0] * (k_pages.shape[2] if (dense or shared) else q.shape[1]) * n_split
     for task in range(n):
-        _decode_task(task, q, k_pages, v_pages, page_table, lengths, indices, counts, unit, dense, shared, scale,
-                     n_split, lut, o_part, lse_part)
+        _decode_task(task, q, k_pages, v_pages, page_table, lengths, indices, counts, unit, dense, shared,
+                            scale, n_split, lut, o_part, lse_part)
 
 
 @njit(inline="always")
@@ -431,7 +452,8 @@ def _finish_row(acc, den, mx, out, lse):
             out[j] = acc[j]
         lse[0] = -np.inf
     else:
-        out[:] = np.nan
+        for j in range(out.shape[0]):
+            out[j] = np.nan
         lse[0] = np.nan
 
 
@@ -449,7 +471,7 @@ def _merge_task(bh, o_part, lse_part, out, lse):
             nan = True
         elif x > m:
             m = x
-    acc = np.zeros(d, np.float32)
+    acc = _f32(d, 0)
     tot = np.float32(0)
     if not nan:
         for s in range(n_split):
@@ -580,7 +602,10 @@ def _take_top(score, free, k, chosen):
                 cand[c] = v if v == v else -np.inf
                 pos[c] = i
                 c += 1
-    thr = _kth_largest(cand[:c].copy(), k)
+    work = np.empty(c, np.float32)  # _kth_largest reorders its input; cand is read again below
+    for i in range(c):
+        work[i] = cand[i]
+    thr = _kth_largest(work, k)
     taken = 0
     for i in range(c):
         if cand[i] > thr:
@@ -662,56 +687,20 @@ def _select_row(task, q, k_pages, lengths, counts, shared):
 def _group_query(q, b, h0, nh, lut):
     """The query summed over the selection row's heads: sum_h q_h . k = (sum_h q_h) . k."""
     d = q.shape[2]
-    qs = np.zeros(d, np.float32)
+    qs = _f32(d, 0)
     for i in range(nh):
         for j in range(d):
             qs[j] += load(q, (b, h0 + i, j), lut)
     return qs
 
 
-@njit(**_TASK)
-def _select_task(task, q, k_pages, page_table, lengths, k, sink, window, shared, quest_page, bmin, bmax, lut,
-                 indices, counts):
-    """One row of :func:`select_topk`: (sequence b, selection row u)."""
-    d = q.shape[2]
-    page_size = k_pages.shape[1]
-    b, u, h0, nh, kvh, length = _select_row(task, q, k_pages, lengths, counts, shared)
-    unit = quest_page if quest_page > 0 else 1
-    n_units = -(-length // unit)
-    score = np.zeros(n_units, np.float32)
-    if quest_page == 0:
-        qs = _group_query(q, b, h0, nh, lut)
-        for t in range(length):
-            pg, r = _kv_row(page_table, b, t, page_size)
-            sc = np.float32(0)
-            for j in range(d):
-                sc += qs[j] * load(k_pages, (pg, r, kvh, j), lut)
-            score[t] = sc
-    else:
-        lo = np.empty(d, np.float32)
-        hi = np.empty(d, np.float32)
-        for p in range(n_units):
-            if bmin.shape[0] > 0:
-                for j in range(d):
-                    lo[j] = load(bmin, (b, p, kvh, j), lut)
-                    hi[j] = load(bmax, (b, p, kvh, j), lut)
-            else:
-                lo[:] = np.inf
-                hi[:] = -np.inf
-                for t in range(p * unit, min((p + 1) * unit, length)):
-                    pg, r = _kv_row(page_table, b, t, page_size)
-                    for j in range(d):
-                        kv_ = load(k_pages, (pg, r, kvh, j), lut)
-                        lo[j] = min(lo[j], kv_)
-                        hi[j] = max(hi[j], kv_)
-            bound = np.float32(0)
-            for i in range(nh):
-                for j in range(d):
-                    qj = load(q, (b, h0 + i, j), lut)
-                    bound += max(qj * lo[j], qj * hi[j])
-            score[p] = bound
-    free = np.ones(n_units, np.bool_)
-    chosen = np.zeros(n_units, np.bool_)
+@njit(inline="always")
+def _select_write(b, u, length, unit, k, sink, window, score, indices, counts):
+    """The tail of a selection row: the forced sink and window units, then the ``k`` best-scored
+    others; the row's units written in ascending order, padded with -1."""
+    n_units = score.shape[0]
+    free = _flags(n_units, True)
+    chosen = _flags(n_units, False)
     for t in range(min(sink, length)):
         chosen[t // unit] = True
     for t in range(max(length - window, 0), length):
@@ -725,27 +714,95 @@ def _select_task(task, q, k_pages, page_table, lengths, k, sink, window, shared,
             indices[b, u, c] = p
             c += 1
     counts[b, u] = c
-    indices[b, u, c:] = -1
-
-
-@njit(**_PAR)
-def select_topk(q, k_pages, page_table, lengths, k, sink, window, shared, quest_page, bmin, bmax, lut, indices,
-                counts):
-    """Exact (``quest_page == 0``: token scores) or Quest (page upper bounds) top-k per row, plus the
-    forced sink and window; rows written in ascending order, padded with -1. Quest reads the pages'
-    min/max from ``bmin/bmax[B, P, Hkv, D]`` (stored PageBounds) when they are not empty, else
-    computes them from the keys. :func:`select_topk_serial`: the same rows on the calling thread."""
-    for task in prange(counts.shape[0] * counts.shape[1]):
-        _select_task(task, q, k_pages, page_table, lengths, k, sink, window, shared, quest_page, bmin, bmax, lut,
-                     indices, counts)
+    for e in range(c, indices.shape[2]):
+        indices[b, u, e] = -1
 
 
 @njit(**_TASK)
-def select_topk_serial(q, k_pages, page_table, lengths, k, sink, window, shared, quest_page, bmin, bmax, lut,
+def _select_task(task, q, k_pages, page_table, lengths, k, sink, window, shared, lut, indices, counts):
+    """One row of :func:`select_topk` (exact: every key's score): (sequence b, selection row u)."""
+    d = q.shape[2]
+    page_size = k_pages.shape[1]
+    b, u, h0, nh, kvh, length = _select_row(task, q, k_pages, lengths, counts, shared)
+    score = np.empty(length, np.float32)
+    qs = _group_query(q, b, h0, nh, lut)
+    for t in range(length):
+        pg, r = _kv_row(page_table, b, t, page_size)
+        sc = np.float32(0)
+        for j in range(d):
+            sc += qs[j] * load(k_pages, (pg, r, kvh, j), lut)
+        score[t] = sc
+    _select_write(b, u, length, 1, k, sink, window, score, indices, counts)
+
+
+@njit(**_TASK)
+def _select_quest_task(task, q, k_pages, page_table, lengths, k, sink, window, shared, unit, bmin, bmax, lut,
                        indices, counts):
+    """One row of :func:`select_quest` (pages of ``unit`` tokens scored by their upper bound)."""
+    d = q.shape[2]
+    page_size = k_pages.shape[1]
+    b, u, h0, nh, kvh, length = _select_row(task, q, k_pages, lengths, counts, shared)
+    n_units = -(-length // unit)
+    score = np.empty(n_units, np.float32)
+    lo = np.empty(d, np.float32)
+    hi = np.empty(d, np.float32)
+    for p in range(n_units):
+        if bmin.shape[0] > 0:
+            for j in range(d):
+                lo[j] = load(bmin, (b, p, kvh, j), lut)
+                hi[j] = load(bmax, (b, p, kvh, j), lut)
+        else:
+            for j in range(d):
+                lo[j] = np.inf
+                hi[j] = -np.inf
+            for t in range(p * unit, min((p + 1) * unit, length)):
+                pg, r = _kv_row(page_table, b, t, page_size)
+                for j in range(d):
+                    kv_ = load(k_pages, (pg, r, kvh, j), lut)
+                    lo[j] = min(lo[j], kv_)
+                    hi[j] = max(hi[j], kv_)
+        bound = np.float32(0)
+        for i in range(nh):
+            for j in range(d):
+                qj = load(q, (b, h0 + i, j), lut)
+                bound += max(qj * lo[j], qj * hi[j])
+        score[p] = bound
+    _select_write(b, u, length, unit, k, sink, window, score, indices, counts)
+
+
+@njit(**_PAR)
+def select_topk(q, k_pages, page_table, lengths, k, sink, window, shared, lut, indices, counts):
+    """Exact top-k per row (token scores: the row's summed query dot every key), plus the forced
+    sink and window; rows written in ascending order, padded with -1. :func:`select_topk_serial`:
+    the same rows on the calling thread. Quest is :func:`select_quest`, a kernel of its own so that
+    a first call compiles only the scoring it uses."""
+    for task in prange(counts.shape[0] * counts.shape[1]):
+        _select_task(task, q, k_pages, page_table, lengths, k, sink, window, shared, lut, indices, counts)
+
+
+@njit(**_TASK)
+def select_topk_serial(q, k_pages, page_table, lengths, k, sink, window, shared, lut, indices, counts):
     for task in range(counts.shape[0] * counts.shape[1]):
-        _select_task(task, q, k_pages, page_table, lengths, k, sink, window, shared, quest_page, bmin, bmax, lut,
-                     indices, counts)
+        _select_task(task, q, k_pages, page_table, lengths, k, sink, window, shared, lut, indices, counts)
+
+
+@njit(**_PAR)
+def select_quest(q, k_pages, page_table, lengths, k, sink, window, shared, unit, bmin, bmax, lut, indices, counts):
+    """Quest top-k per row: pages of ``unit`` tokens scored by the upper bound
+    ``sum_h sum_i max(q_hi * min_i, q_hi * max_i)``, plus the forced sink and window pages. The
+    pages' min/max come from ``bmin/bmax[B, P, Hkv, D]`` (stored PageBounds) when they are not
+    empty, else from the keys. :func:`select_quest_serial`: on the calling thread."""
+    for task in prange(counts.shape[0] * counts.shape[1]):
+        _select_quest_task(task, q, k_pages, page_table, lengths, k, sink, window, shared, unit, bmin, bmax, lut,
+                           indices, counts)
+
+
+@njit(**_TASK)
+def select_quest_serial(q, k_pages, page_table, lengths, k, sink, window, shared, unit, bmin, bmax, lut, indices,
+                        counts):
+    for task in range(counts.shape[0] * counts.shape[1]):
+        _select_quest_task(task, q, k_pages, page_table, lengths, k, sink, window, shared, unit, bmin, bmax,
+                                  lut, indices, counts)
 
 
 @njit(**_TASK)
@@ -761,7 +818,7 @@ def _select_top_p_task(task, q, k_pages, page_table, lengths, k, k_min, sink, wi
             qh[i, j] = load(q, (b, h0 + i, j), lut)
     # each head's own scaled scores (NaN as -inf: it carries no mass), then its softmax
     x = np.empty((nh, length), np.float32)
-    mx = np.full(nh, -np.inf, np.float32)
+    mx = _f32(nh, -np.inf)
     kr = np.empty(d, np.float32)
     for t in range(length):
         pg, r = _kv_row(page_table, b, t, page_size)
@@ -789,8 +846,8 @@ def _select_top_p_task(task, q, k_pages, page_table, lengths, k, k_min, sink, wi
         inv = 1.0 / (z * nh)
         for t in range(length):
             mass[t] += x[i, t] * inv
-    free = np.ones(length, np.bool_)
-    chosen = np.zeros(length, np.bool_)
+    free = _flags(length, True)
+    chosen = _flags(length, False)
     for t in range(min(sink, length)):
         chosen[t] = True
     for t in range(max(length - window, 0), length):
@@ -853,8 +910,8 @@ def select_top_p(q, k_pages, page_table, lengths, k, k_min, sink, window, shared
 def select_top_p_serial(q, k_pages, page_table, lengths, k, k_min, sink, window, shared, top_p, scale, lut, indices,
                         counts):
     for task in range(counts.shape[0] * counts.shape[1]):
-        _select_top_p_task(task, q, k_pages, page_table, lengths, k, k_min, sink, window, shared, top_p, scale, lut,
-                           indices, counts)
+        _select_top_p_task(task, q, k_pages, page_table, lengths, k, k_min, sink, window, shared, top_p, scale,
+                                  lut, indices, counts)
 
 
 @njit(**_TASK)
@@ -871,8 +928,8 @@ def _select_int8_task(task, q, k_pages, page_table, lengths, codes, scales, k, r
         for j in range(d):
             acc += qs[j] * np.float32(codes[b, t, kvh, j])
         score[t] = acc * scales[b, t, kvh]
-    free = np.ones(length, np.bool_)
-    chosen = np.zeros(length, np.bool_)
+    free = _flags(length, True)
+    chosen = _flags(length, False)
     for t in range(min(sink, length)):
         chosen[t] = True
     for t in range(max(length - window, 0), length):
@@ -880,7 +937,7 @@ def _select_int8_task(task, q, k_pages, page_table, lengths, codes, scales, k, r
     for t in range(length):
         free[t] = not chosen[t]
     if rescore > k:
-        pool = np.zeros(length, np.bool_)
+        pool = _flags(length, False)
         _take_top(score, free, rescore, pool)
         for t in range(length):  # the pool's exact scores; everything else is out
             if pool[t]:
@@ -916,5 +973,5 @@ def select_int8(q, k_pages, page_table, lengths, codes, scales, k, rescore, sink
 def select_int8_serial(q, k_pages, page_table, lengths, codes, scales, k, rescore, sink, window, shared, lut, indices,
                        counts):
     for task in range(counts.shape[0] * counts.shape[1]):
-        _select_int8_task(task, q, k_pages, page_table, lengths, codes, scales, k, rescore, sink, window, shared, lut,
-                          indices, counts)
+        _select_int8_task(task, q, k_pages, page_table, lengths, codes, scales, k, rescore, sink, window,
+                                 shared, lut, indices, counts)
