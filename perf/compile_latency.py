@@ -9,6 +9,9 @@ Reported per process: ``import sparsecore``, ``import numba`` (timed on its own,
 first call (with building its inputs: milliseconds of NumPy, and for ``sparse_decode`` a reference
 ``select_topk`` whose compiled data check is numba's first use), and each kernel compiled with its seconds
 (numba's ``numba:compile`` event). The first call a user sees is ``numba_s + first_call_s``.
+The last row is numba's floor: the same two processes for a one-line cached ``njit`` function, no
+sparsecore (import numba, then the first call; warm, that call only loads the function and starts numba's
+compiler and type registries).
 """
 
 from __future__ import annotations
@@ -43,6 +46,34 @@ print(json.dumps({"op": op, "dtype": dtype, "call": label, "import_s": t_import,
                   "compiled": [[r.kernel, r.seconds] for r in w.compile_log()]}))
 """
 
+# numba's own floor: the first call of a one-line cached function (no sparsecore) in a fresh process
+FLOOR = r"""
+import json, os, sys, time
+import numpy as np
+t0 = time.perf_counter()
+import numba
+t_numba = time.perf_counter() - t0
+sys.path.insert(0, sys.argv[1])
+from sc_floor_kernel import total
+t0 = time.perf_counter()
+total(np.ones(3))
+print(json.dumps({"numba_s": t_numba, "first_call_s": time.perf_counter() - t0}))
+"""
+
+
+def floor(cache: str) -> tuple[dict, dict]:
+    """Cold and warm first call of ``x.sum()`` in an ``njit(cache=True)`` function: what any numba
+    kernel costs a fresh process, whatever it computes."""
+    with open(os.path.join(cache, "sc_floor_kernel.py"), "w") as f:
+        f.write("import numba\n\n\n@numba.njit(cache=True)\ndef total(x):\n    return x.sum()\n")
+    env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+    out = []
+    for _ in range(2):
+        res = subprocess.run([sys.executable, "-c", FLOOR, cache], env=env, capture_output=True, text=True,
+                             check=True)
+        out.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    return out[0], out[1]
+
 
 def measure(op: str, dtype: str, cache: str) -> dict:
     env = dict(os.environ, NUMBA_CACHE_DIR=cache)
@@ -72,6 +103,12 @@ def main() -> int:
         kern = ", ".join(f"{k} {s:.1f}" for k, s in cold["compiled"])
         print(f"{op:<16}{cold['numba_s'] + cold['first_call_s']:>18.2f}{warm['numba_s'] + warm['first_call_s']:>18.2f}"
               f"{warm['second_call_s'] * 1e3:>15.2f}  {kern}  (warm compiled {len(warm['compiled'])})", flush=True)
+    with tempfile.TemporaryDirectory(prefix="sc-numba-floor-") as cache:
+        cold, warm = floor(cache)
+    rows.append({"op": "(numba floor: x.sum())", "cold": cold, "warm": warm})
+    print(f"{'numba floor':<16}{cold['numba_s'] + cold['first_call_s']:>18.2f}"
+          f"{warm['numba_s'] + warm['first_call_s']:>18.2f}  (a one-line cached njit function, no sparsecore)",
+          flush=True)
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:

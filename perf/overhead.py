@@ -99,7 +99,7 @@ def decode_rows() -> list[dict[str, Any]]:
         pt = np.arange(b, dtype=np.int32)[:, None]
         ind = np.empty(index.indices.shape, np.int32)
         cnt = np.empty(index.counts.shape, np.int32)
-        n_split = nc._n_split(b * hkv, index.k_max * 16)
+        n_split = nc._n_split(b * hkv, index.k_max * 16, b * hq * d * index.k_max * 16 * 2)
         o_part = np.empty((b, hq, n_split, d), np.float32)
         lse_part = np.empty((b, hq, n_split), np.float32)
         outb = np.empty((b, hq, d), np.float32)

@@ -231,16 +231,28 @@ def example_calls(op: str, dtype: str = "float32", backend: str = "numba_cpu") -
     v = _cast(rng.standard_normal((b, s, hkv, d)).astype(np.float32), dtype)
     kv = F.DenseKV(k, v, np.full(b, s, np.int32))
     q = _cast(rng.standard_normal((b, hq, d)).astype(np.float32), dtype)
+    # a long context with a batch: enough work for the thread pool and (decode) split rows
+    bl, sl, hql = 2, 8192, 8
+    kl = _cast(rng.standard_normal((bl, sl, hkv, d)).astype(np.float32), dtype)
+    kvl = F.DenseKV(kl, kl, np.full(bl, sl, np.int32))
+    ql = _cast(rng.standard_normal((bl, hql, d)).astype(np.float32), dtype)
     if op == "page_bounds":
         calls.append(("build", lambda: ops.page_bounds(kv, 16, **be)))
+        calls.append(("long, parallel", lambda: ops.page_bounds(kvl, 16, **be)))
     elif op == "select_topk":
         calls.append(("exact", lambda: ops.select_topk(q, kv, 32, **be)))
         calls.append(("quest", lambda: ops.select_topk(q, kv, 4, method="quest", page_size=16, **be)))
+        calls.append(("long, exact, parallel", lambda: ops.select_topk(ql, kvl, 256, **be)))
+        calls.append(("long, quest, parallel",
+                      lambda: ops.select_topk(ql, kvl, 16, method="quest", page_size=16, **be)))
     elif op == "sparse_decode":
-        idx = ops.select_topk(q, kv, s // 2, backend="reference")  # enough keys to split the work
-        calls.append(("shared, split", lambda: ops.sparse_decode(q, kv, idx, **be)))
+        idx = ops.select_topk(q, kv, s // 2, backend="reference")
+        calls.append(("shared", lambda: ops.sparse_decode(q, kv, idx, **be)))
+        idxl = ops.select_topk(ql, kvl, sl // 2, backend="reference")
+        calls.append(("long, parallel, split", lambda: ops.sparse_decode(ql, kvl, idxl, **be)))
     elif op == "dense_decode":
-        calls.append(("split", lambda: ops.dense_decode(q, kv, **be)))
+        calls.append(("", lambda: ops.dense_decode(q, kv, **be)))
+        calls.append(("long, parallel, split", lambda: ops.dense_decode(ql, kvl, **be)))
     elif op == "merge_attention":
         o = _cast(rng.standard_normal((b, hq, d)).astype(np.float32), dtype)
         lse = rng.standard_normal((b, hq)).astype(np.float32)

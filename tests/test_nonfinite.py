@@ -256,12 +256,17 @@ def test_decode_bits_do_not_depend_on_the_core_count(op: str, monkeypatch: pytes
     q = rng.standard_normal((2, 4, 16)).astype(np.float32)
     index = indices_for(kv, groups=2, page_size=None)
     results = []
+    from sparsecore.backends import numba_cpu
+
+    args = (q, kv) if op == "dense_decode" else (q, kv, index)
     for cores in (2, 16, 128):
         monkeypatch.setattr(os, "cpu_count", lambda c=cores: c)
-        args = (q, kv) if op == "dense_decode" else (q, kv, index)
+        results.append(getattr(sc, op)(*args, backend="numba_cpu"))
+    # nor on whether the call runs on the calling thread or the pool (SPARSECORE_CPU_PARALLEL_MIN_WORK)
+    for min_work in (0, 1 << 40):
+        monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_WORK", min_work)
         results.append(getattr(sc, op)(*args, backend="numba_cpu"))
     for out, lse in results[1:]:
         assert out.tobytes() == results[0][0].tobytes() and lse.tobytes() == results[0][1].tobytes()
-    from sparsecore.backends import numba_cpu
-
-    assert numba_cpu._n_split(4, 4096) > 1  # the case really splits
+    assert numba_cpu._n_split(4, 4096, 2 * 4 * 16 * 4096 * 2) > 1  # the dense case really splits
+    assert numba_cpu._n_split(4, 4096, numba_cpu.SPLIT_MIN_WORK - 1) == 1  # decode sizes do not

@@ -656,11 +656,19 @@ class SelectTopk(_NumbaCpu):
 #: A constant, not ``os.cpu_count()``: the split count decides the order of the float32 additions,
 #: so it depends on the shapes only and a result has the same bits on every machine.
 DECODE_TASKS = 64
+#: a decode call with less work than this (``B * Hq * D * keys per row * 2``, as ``work`` counts it) is
+#: not split: it runs on the calling thread (the default PARALLEL_MIN_WORK is the same number), where
+#: splits would only add a merge (and its compile on a first call). A constant, not PARALLEL_MIN_WORK
+#: (the environment may change that one): the split count, and so the bits, depend on the shapes only.
+SPLIT_MIN_WORK = 1 << 20
 
 
-def _n_split(tasks: int, work: int) -> int:
+def _n_split(tasks: int, work: int, total: int) -> int:
     """Splits per row: about DECODE_TASKS tasks in all, each split with at least 256 keys of work
-    (a function of the shapes only)."""
+    (``work``: keys per row), none when the call's ``total`` work is under SPLIT_MIN_WORK (a function
+    of the shapes only)."""
+    if total < SPLIT_MIN_WORK:
+        return 1
     want = -(-DECODE_TASKS // max(tasks, 1))
     return max(1, min(want, work // 256 if work >= 256 else 1))
 
@@ -686,7 +694,7 @@ def _decode(q: np.ndarray, kv: DenseKV | PagedKV, index: TopKIndex | None, scale
         unit = index.page_size if index.granularity == "page" else 1
         indices, counts = index.indices, index.counts
         rows, work = index.groups, index.k_max * unit
-    n_split = _n_split(bsz * rows, work)
+    n_split = _n_split(bsz * rows, work, bsz * hq * d * work * 2)
     o_part = np.empty((bsz, hq, n_split, d), np.float32)
     lse_part = np.empty((bsz, hq, n_split), np.float32)
     # the tasks (and so the bits) are the same either way; serial runs them on the calling thread
@@ -727,7 +735,7 @@ class SparseDecode(_NumbaCpu):
         bsz, hq, d = q.shape
         unit = index.page_size if index.granularity == "page" else 1
         shared = index.groups == kv.num_kv_heads
-        n_split = _n_split(bsz * index.groups, index.k_max * unit)
+        n_split = _n_split(bsz * index.groups, index.k_max * unit, cls.work(inp))
         scale = _scale(inp.scale, d)
         serial = cls.serial(inp)
         partial = kern.decode_partial_serial if serial else kern.decode_partial
