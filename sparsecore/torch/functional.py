@@ -185,10 +185,14 @@ def _gated_backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
     sp, be = ctx.sp.with_values(g_vals, g_ov), ctx.backend
     has_ov = sp.has_overflow
     need = ctx.needs_input_grad
-    u_vals, u_ov = _ops.sddmm(x, w_up, *sp, be)  # u = x @ w_up.T at the gate
-    dz_vals, dz_ov = _ops.sddmm(grad, w_down, *sp, be)  # dz = dout @ w_down.T at the gate
+    need_gate = _needs(ctx, 1)
+    u_vals = u_ov = dz_vals = dz_ov = None  # each SDDMM only when a wanted gradient reads it
+    if need_gate or need[_DOWN]:
+        u_vals, u_ov = _ops.sddmm(x, w_up, *sp, be)  # u = x @ w_up.T at the gate
+    if need_gate or need[0] or need[_UP]:
+        dz_vals, dz_ov = _ops.sddmm(grad, w_down, *sp, be)  # dz = dout @ w_down.T at the gate
     d_x = d_gv = d_gov = d_up = d_down = None
-    if _needs(ctx, 1):
+    if need_gate:
         d_gv = dz_vals * u_vals
         d_gov = dz_ov * u_ov if has_ov else None
     if need[_DOWN]:
