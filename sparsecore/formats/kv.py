@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -74,6 +74,7 @@ def _tokens_text(lengths: Any, size: int) -> str:
 
 @dataclass(frozen=True, eq=False)
 class DenseKV:
+    paged: ClassVar[bool] = False  # a DenseKV, a PagedKV and their NumPy views answer this alike
     k: Any
     v: Any
     lengths: Any
@@ -123,6 +124,7 @@ class DenseKV:
 
 @dataclass(frozen=True, eq=False)
 class PagedKV:
+    paged: ClassVar[bool] = True
     k_pages: Any
     v_pages: Any
     page_table: Any

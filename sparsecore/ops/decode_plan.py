@@ -40,7 +40,7 @@ def _shape_of(q: Any, kv: DenseKV | PagedKV) -> tuple[Any, ...]:
 def _capacity(kv: Any) -> int:
     """Tokens the cache can hold: ``S``, or ``max_pages * page_size`` (a DenseKV, a PagedKV, or their
     NumPy views)."""
-    if isinstance(kv, PagedKV) or (type(kv) is _HostKV and kv.paged):
+    if kv.paged:
         return int(kv.page_table.shape[1]) * int(kv.k_pages.shape[1])
     return int(kv.k.shape[1])
 
@@ -113,8 +113,10 @@ class DecodePlan:
         if select_inp.kind == "torch":
             select_inp, decode_inp = select_inp.map_arrays(to_numpy), decode_inp.map_arrays(to_numpy)
         fs, fd = self._select.backend.launcher(select_inp), self._decode.backend.launcher(decode_inp)
-        if fs is None or fd is None:
+        checks = _fastcheck._kernels()  # the compiled bounds checks (None without numba)
+        if fs is None or fd is None or checks is None:
             return
+        self._lengths_ok = checks.lengths_ok  # a DenseKV's lengths in 0..S, called on its NumPy view
         self._fast_select, self._fast_decode = fs, fd
         self._fast_bounds = None
         if select_inp.bounds is not None:  # update_from: the page_bounds launcher
@@ -247,7 +249,7 @@ class DecodePlan:
             fail("DecodePlan.run", f"bounds hold {bn.kmin.shape[1]} pages; the cache's capacity of "
                                    f"{self._capacity} tokens needs {-(-self._capacity // bn.page_size)}")
         if not (_fastcheck.paged_kv_ok(kvn.page_table, kvn.lengths, kvn.k_pages.shape[1], kvn.k_pages.shape[0])
-                if kvn.paged else _fastcheck.dense_kv_ok(kvn.lengths, kvn.k.shape[1])):
+                if kvn.paged else self._lengths_ok(kvn.lengths, kvn.k.shape[1])):
             kv.check_bounds("DecodePlan.run", "kv")  # names the fault
         if start is not None:
             if not _fastcheck.start_ok(start, kvn.lengths):
@@ -325,6 +327,8 @@ def _host_views(q: Any, kv: DenseKV | PagedKV, bounds: PageBounds | None, start:
     checked path refuses it)."""
     t = type(q)
     if t is np.ndarray:
+        if _all_numpy(kv, bounds, start):  # NumPy throughout: the objects themselves are the views
+            return q, kv, bounds, start
         conv = _same
     elif kind_of(q) == "torch" and q.device.type == "cpu":
         torch = sys.modules["torch"]
@@ -338,6 +342,16 @@ def _host_views(q: Any, kv: DenseKV | PagedKV, bounds: PageBounds | None, start:
                 None if start is None else conv(start))
     except _NotHost:
         return None
+
+
+def _all_numpy(kv: DenseKV | PagedKV, bounds: PageBounds | None, start: Any) -> bool:
+    nd = np.ndarray
+    if kv.paged:
+        ok = type(kv.k_pages) is nd and type(kv.v_pages) is nd and type(kv.page_table) is nd
+    else:
+        ok = type(kv.k) is nd and type(kv.v) is nd
+    return ok and type(kv.lengths) is nd and (bounds is None or (type(bounds.kmin) is nd and type(bounds.kmax) is nd)) \
+        and (start is None or type(start) is nd)
 
 
 class _NotHost(Exception):
@@ -386,26 +400,50 @@ def _host_out(out: Any, q: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return None
 
 
-def _metadata(q: np.ndarray, kv: _HostKV, bounds: _HostBounds | None, start: np.ndarray | None) -> tuple[Any, ...]:
+def _metadata(q: np.ndarray, kv: Any, bounds: Any, start: np.ndarray | None) -> tuple[Any, ...]:
     """Everything a run's full check reads but the data and the cache's capacity (which may grow,
-    a decode loop's cache: checked on its own): each buffer's shape, dtype, strides and layout with
-    the capacity's axis left out."""
-    parts: list[Any] = [q.shape, q.dtype, q.strides, kv.paged,
-                        None if start is None else (start.shape, start.dtype, start.strides)]
+    a decode loop's cache: checked on its own): each buffer's shape, dtype, strides (and the bounds'
+    layout) with the capacity's axis left out. The cache's and the bounds' part is kept on the
+    (frozen) NumPy formats, as their signature is (:mod:`sparsecore.ops.base`): a decode loop that
+    passes the same cache object each step reads only the step's ``q`` and ``start``."""
+    return (q.shape, q.dtype, q.strides, None if start is None else (start.shape, start.dtype, start.strides),
+            _cached_meta(kv, _kv_meta), None if bounds is None else _cached_meta(bounds, _bounds_meta))
+
+
+def _cached_meta(obj: Any, fn: Any) -> tuple[Any, ...]:
+    d = getattr(obj, "__dict__", None)
+    if d is None or type(obj) in (_HostKV, _HostBounds):  # per-call views of torch tensors
+        return fn(obj)
+    m = d.get("_sc_plan_meta")
+    if m is None:
+        m = fn(obj)
+        object.__setattr__(obj, "_sc_plan_meta", m)
+    return m
+
+
+def _kv_meta(kv: Any) -> tuple[Any, ...]:
     if kv.paged:  # capacity: max_pages (page_table's axis 1); the page pool's size P may change too
         arrays = ((kv.k_pages, 1), (kv.v_pages, 1), (kv.page_table, 2), (kv.lengths, 0))
     else:  # capacity: S, axis 1
         arrays = ((kv.k, 2), (kv.v, 2), (kv.lengths, 0))
-    if bounds is not None:  # their page count may grow with the cache (checked against the capacity)
-        arrays += ((bounds.kmin, 2), (bounds.kmax, 2))
-        parts += (bounds.page_size, bounds.kmin.shape[:1], bounds.kmax.shape[:1])
-    for a, keep in arrays:
+    return (kv.paged,) + _arrays_meta(arrays)
+
+
+def _bounds_meta(bounds: Any) -> tuple[Any, ...]:
+    # their page count may grow with the cache (checked against the capacity); an update writes them
+    return (bounds.page_size, bounds.kmin.shape[:1], bounds.kmax.shape[:1],
+            bounds.kmin.flags.c_contiguous, bounds.kmin.flags.writeable, bounds.kmax.flags.c_contiguous,
+            bounds.kmax.flags.writeable) + _arrays_meta(((bounds.kmin, 2), (bounds.kmax, 2)))
+
+
+def _arrays_meta(arrays: tuple[tuple[Any, int], ...]) -> tuple[Any, ...]:
+    parts: tuple[Any, ...] = ()
+    for a, keep in arrays:  # keep: the first axis after the capacity's (0: no capacity axis)
         if keep == 0:
             parts += (a.shape, a.dtype, a.strides)
         else:
-            parts += (a.shape[:1] if keep == 2 else (), a.shape[keep:], a.dtype, a.strides[keep:],
-                      a.flags.c_contiguous, a.flags.writeable)
-    return tuple(parts)
+            parts += (a.shape[:1] if keep == 2 else (), a.shape[keep:], a.dtype, a.strides[keep:])
+    return parts
 
 
 def _write(out: tuple[Any, Any], result: tuple[Any, Any]) -> None:

@@ -729,7 +729,8 @@ class SparseDecode(_NumbaCpu):
     @classmethod
     def launcher(cls, inp: I.SparseDecodeInputs) -> Any:
         """``launch(q, kv, indices, counts, out, lse)`` for calls of ``inp``'s plan: writes the step's
-        output into ``out`` (q's dtype) and ``lse`` (float32), both NumPy ``[B, Hq, D]`` / ``[B, Hq]``."""
+        output into ``out`` (q's dtype) and ``lse`` (float32, C-contiguous), both NumPy ``[B, Hq, D]`` /
+        ``[B, Hq]``. A float32 call that is not split writes them directly (no workspace, no copy)."""
         kern = _k()
         q, kv, index = inp.q, inp.kv, inp.index
         bsz, hq, d = q.shape
@@ -748,6 +749,8 @@ class SparseDecode(_NumbaCpu):
         o_part = np.empty((bsz, hq, n_split, d), np.float32)  # workspace, overwritten by each launch
         lse_part = np.empty((bsz, hq, n_split), np.float32)
         o32 = np.empty((bsz, hq, d), np.float32)  # the float32 result when out is another dtype or layout
+        direct = f32 and n_split == 1
+        o_shape, l_shape = (bsz, hq, 1, d), (bsz, hq, 1)
 
         def launch(q: np.ndarray, kv: Any, indices: np.ndarray, counts: np.ndarray, out: np.ndarray,
                    lse: np.ndarray) -> None:
@@ -755,6 +758,10 @@ class SparseDecode(_NumbaCpu):
                 kp, vp, pt = kv.k_pages, kv.v_pages, kv.page_table
             else:
                 kp, vp, pt = kv.k, kv.v, dense_table
+            if direct and out.flags.c_contiguous:  # out[B, Hq, 1, D] is a view: the split is the result
+                partial(q, kp, vp, pt, kv.lengths, indices, counts, unit, False, shared, scale, 1, lut,
+                        out.reshape(o_shape), lse.reshape(l_shape))
+                return
             partial(_bits(q), _bits(kp), _bits(vp), pt, kv.lengths, indices, counts, unit, False, shared, scale,
                     n_split, lut, o_part, lse_part)
             if n_split == 1:
