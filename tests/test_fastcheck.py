@@ -83,3 +83,40 @@ def test_topk_index(seed: int, b: int, g: int, kmax: int, broken: bool, page: in
         _break(rng, {"indices": ind, "counts": cnt})
     units64 = np.asarray(units, np.int64)
     assert _fastcheck.topk_ok(index, units64) == _numpy_verdict(index, lengths)
+
+
+def _numpy_bounds_verdict(index: Any, lengths: Any) -> bool:
+    """What ``TopKIndex.check_bounds``' NumPy pass alone says (the compiled pass switched off)."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(_fastcheck, "_kernels", lambda: None)
+    try:
+        index.check_bounds("test", "index", lengths)
+        return True
+    except ValueError:
+        return False
+    finally:
+        mp.undo()
+
+
+@settings(max_examples=300, deadline=None)
+@given(seed=st.integers(0, 2**31), b=st.integers(1, 3), g=st.integers(1, 3), kmax=st.integers(0, 6),
+       broken=st.booleans(), page=st.sampled_from([None, 4]), with_lengths=st.booleans())
+def test_topk_bounds(seed: int, b: int, g: int, kmax: int, broken: bool, page: int | None,
+                     with_lengths: bool) -> None:
+    """The bounds pass of SPARSECORE_VALIDATE=never (counts in range, selected indices below the
+    sequence's units; duplicates allowed) agrees with its NumPy version, broken or not."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, 12, b).astype(np.int32)
+    units = lengths if page is None else -(-lengths // page)
+    ind = np.full((b, g, kmax), -1, np.int32)
+    cnt = np.zeros((b, g), np.int32)
+    for i in range(b):
+        for j in range(g):
+            n = int(min(kmax, units[i], rng.integers(0, kmax + 1)))
+            ind[i, j, :n] = rng.integers(0, max(int(units[i]), 1), n)  # duplicates are in bounds
+            cnt[i, j] = n
+    index = sc.TopKIndex(ind, cnt, "token" if page is None else "page", page)
+    if broken and ind.size:
+        _break(rng, {"indices": ind, "counts": cnt})
+    ln = lengths if with_lengths else None
+    assert _fastcheck.topk_bounds_ok(index, ln) == _numpy_bounds_verdict(index, ln)

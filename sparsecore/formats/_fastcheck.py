@@ -118,6 +118,22 @@ def _kernels() -> Any | None:
         return True
 
     @njit
+    def topk_bounds_ok(indices, counts, lengths, unit):
+        b_n, g_n, kmax = indices.shape
+        ranges = lengths.shape[0] > 0  # no lengths: the counts only
+        for b in range(b_n):
+            n = -(-np.int64(lengths[b]) // unit) if ranges else np.int64(0)
+            for g in range(g_n):
+                c = counts[b, g]
+                if c < 0 or c > kmax:
+                    return False
+                for j in range(c if ranges else 0):
+                    i = indices[b, g, j]
+                    if i < 0 or i >= n:
+                        return False
+        return True
+
+    @njit
     def ell_bounds_ok(counts, cols, tile, k):
         m, nt, cap = cols.shape
         for r in range(m):
@@ -164,7 +180,8 @@ def _kernels() -> Any | None:
     return type("Kernels", (), {"csr_ok": staticmethod(csr_ok), "tiled_ell_ok": staticmethod(tiled_ell_ok),
                                 "topk_ok": staticmethod(topk_ok), "lengths_ok": staticmethod(lengths_ok),
                                 "paged_ok": staticmethod(paged_ok),
-                                "ell_bounds_ok": staticmethod(ell_bounds_ok), "start_ok": staticmethod(start_ok)})
+                                "ell_bounds_ok": staticmethod(ell_bounds_ok),
+                                "topk_bounds_ok": staticmethod(topk_bounds_ok), "start_ok": staticmethod(start_ok)})
 
 
 def _host(*arrays: Any) -> tuple[np.ndarray, ...] | None:
@@ -227,6 +244,19 @@ def topk_ok(index: Any, units: np.ndarray) -> bool:
         return False
     top = int(units.max()) if units.size else 0
     return bool(kern.topk_ok(arrays[0], arrays[1], units, np.zeros(max(top, 0), np.int64)))
+
+
+def topk_bounds_ok(index: Any, lengths: Any = None) -> bool:
+    """True when the host TopKIndex ``index`` holds what ``TopKIndex.check_bounds`` checks: counts
+    in ``0..k_max`` and, with ``lengths[B]``, every selected index below its sequence's units."""
+    kern = _kernels()
+    arrays = None if kern is None else _host(index.indices, index.counts,
+                                             *(() if lengths is None else (lengths,)))
+    if arrays is None or (lengths is not None and arrays[2].shape != (arrays[0].shape[0],)):
+        return False
+    ln = arrays[2] if lengths is not None else _zeros(0)
+    unit = index.page_size if index.granularity == "page" else 1
+    return bool(kern.topk_bounds_ok(arrays[0], arrays[1], ln, unit))
 
 
 def dense_kv_ok(lengths: Any, max_len: int) -> bool:

@@ -83,6 +83,8 @@ class TopKIndex:
         k_max`` and, with ``lengths``, every selected index in ``0 <= index < units of its sequence``
         (one vectorised pass, no sort; duplicates are not looked for). The ops run it on host inputs
         even with ``SPARSECORE_VALIDATE=never``."""
+        if _fastcheck.topk_bounds_ok(self, lengths):  # one compiled pass; a fault is named below
+            return
         cnt = to_host(self.counts).astype(np.int64)
         kmax = self.k_max
         never = "checked even with SPARSECORE_VALIDATE=never"
