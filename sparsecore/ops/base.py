@@ -5,7 +5,6 @@ implementation of one op (:class:`BackendOp`), and the call signature that plans
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -92,13 +91,31 @@ def signature(v: Any) -> Any:
     return v
 
 
+class _cached:  # noqa: N801 - used as a decorator, like functools.cached_property
+    """``functools.cached_property`` without the lock Python 3.11's version takes on every first
+    access (an op's inputs live for one call on one thread; every public call reads three or four of
+    these once): the value goes into the instance's ``__dict__``, which later reads find first."""
+
+    def __init__(self, fn: Callable[[Any], Any]) -> None:
+        self.fn, self.name, self.__doc__ = fn, fn.__name__, fn.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.fn(obj)
+        return value
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class OpInputs:
     """Base of every op's arguments. Subclasses set ``OP`` and implement ``_validate``."""
 
     OP: ClassVar[str] = ""
 
-    @functools.cached_property
+    @_cached
     def _arrays(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for n in _field_names(type(self)):
@@ -123,7 +140,7 @@ class OpInputs:
                     return next(iter(bufs.values()))
         return None
 
-    @functools.cached_property
+    @_cached
     def all_numpy(self) -> bool:
         """True when every buffer of the call is a NumPy array (nothing to convert for a host backend)."""
         for n in _field_names(type(self)):
@@ -146,12 +163,12 @@ class OpInputs:
         changes = {n: map_arrays(fn, getattr(self, n)) for n in _field_names(type(self))}
         return dataclasses.replace(self, **changes)
 
-    @functools.cached_property
+    @_cached
     def device(self) -> str:
         a = self._first_array()
         return "host" if a is None else device_of(a)
 
-    @functools.cached_property
+    @_cached
     def kind(self) -> str:
         a = self._first_array()
         return "numpy" if a is None else kind_of(a)
