@@ -758,7 +758,7 @@ class SparseDecode(_NumbaCpu):
                 kp, vp, pt = kv.k_pages, kv.v_pages, kv.page_table
             else:
                 kp, vp, pt = kv.k, kv.v, dense_table
-            if direct and out.flags.c_contiguous:  # out[B, Hq, 1, D] is a view: the split is the result
+            if direct and out.flags.c_contiguous and lse.flags.c_contiguous:  # views [B, Hq, 1, D] / [B, Hq, 1]
                 partial(q, kp, vp, pt, kv.lengths, indices, counts, unit, False, shared, scale, 1, lut,
                         out.reshape(o_shape), lse.reshape(l_shape))
                 return
