@@ -138,7 +138,9 @@ class TopKDecode:
             raise ValueError(f"TopKDecode.attend: lengths = {lengths!r}; expected an int or {b} ints in [1, {s}]")
         rep = hkv if keys.is_contiguous() and values.is_contiguous() else 1
         seq_lens = tuple(n for n in lens for _ in range(rep))
-        if all(n == s for n in seq_lens):  # no mask: every key (no host-to-device copy)
+        if keys.device.type == "cpu":  # through NumPy: a third of torch.tensor's cost
+            kv_lens = torch.from_numpy(np.array(seq_lens, np.int32))
+        elif all(n == s for n in seq_lens):  # no mask: every key (no host-to-device copy)
             kv_lens = torch.full((len(seq_lens),), s, dtype=torch.int32, device=keys.device)
         else:
             kv_lens = torch.tensor(seq_lens, dtype=torch.int32).to(keys.device)
