@@ -64,11 +64,10 @@ def test_tiled_ell_and_csr(seed: int, m: int, k: int, tile: int, density: float,
         assert fast == _numpy_verdict(fmt), (fmt, fast)
 
 
-@settings(max_examples=300, deadline=None)
-@given(seed=st.integers(0, 2**31), b=st.integers(1, 3), g=st.integers(1, 3), kmax=st.integers(0, 6),
-       broken=st.booleans(), page=st.sampled_from([None, 4]))
-def test_topk_index(seed: int, b: int, g: int, kmax: int, broken: bool, page: int | None) -> None:
-    rng = np.random.default_rng(seed)
+def _random_index(rng: np.random.Generator, b: int, g: int, kmax: int, page: int | None, broken: bool,
+                  distinct: bool) -> tuple[np.ndarray, np.ndarray, Any]:
+    """``(lengths, units, index)``: a TopKIndex over random lengths (distinct indices per row, or
+    drawn with repeats), one element of it broken at random when ``broken``."""
     lengths = rng.integers(0, 12, b).astype(np.int32)
     units = lengths if page is None else -(-lengths // page)
     ind = np.full((b, g, kmax), -1, np.int32)
@@ -76,11 +75,21 @@ def test_topk_index(seed: int, b: int, g: int, kmax: int, broken: bool, page: in
     for i in range(b):
         for j in range(g):
             n = int(min(kmax, units[i], rng.integers(0, kmax + 1)))
-            ind[i, j, :n] = rng.permutation(int(units[i]))[:n]
+            u = int(units[i])
+            ind[i, j, :n] = rng.permutation(u)[:n] if distinct else rng.integers(0, max(u, 1), n)
             cnt[i, j] = n
     index = sc.TopKIndex(ind, cnt, "token" if page is None else "page", page)
     if broken and ind.size:
         _break(rng, {"indices": ind, "counts": cnt})
+    return lengths, units, index
+
+
+@settings(max_examples=300, deadline=None)
+@given(seed=st.integers(0, 2**31), b=st.integers(1, 3), g=st.integers(1, 3), kmax=st.integers(0, 6),
+       broken=st.booleans(), page=st.sampled_from([None, 4]))
+def test_topk_index(seed: int, b: int, g: int, kmax: int, broken: bool, page: int | None) -> None:
+    rng = np.random.default_rng(seed)
+    lengths, units, index = _random_index(rng, b, g, kmax, page, broken, distinct=True)
     units64 = np.asarray(units, np.int64)
     assert _fastcheck.topk_ok(index, units64) == _numpy_verdict(index, lengths)
 
@@ -106,17 +115,6 @@ def test_topk_bounds(seed: int, b: int, g: int, kmax: int, broken: bool, page: i
     """The bounds pass of SPARSECORE_VALIDATE=never (counts in range, selected indices below the
     sequence's units; duplicates allowed) agrees with its NumPy version, broken or not."""
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(0, 12, b).astype(np.int32)
-    units = lengths if page is None else -(-lengths // page)
-    ind = np.full((b, g, kmax), -1, np.int32)
-    cnt = np.zeros((b, g), np.int32)
-    for i in range(b):
-        for j in range(g):
-            n = int(min(kmax, units[i], rng.integers(0, kmax + 1)))
-            ind[i, j, :n] = rng.integers(0, max(int(units[i]), 1), n)  # duplicates are in bounds
-            cnt[i, j] = n
-    index = sc.TopKIndex(ind, cnt, "token" if page is None else "page", page)
-    if broken and ind.size:
-        _break(rng, {"indices": ind, "counts": cnt})
+    lengths, _, index = _random_index(rng, b, g, kmax, page, broken, distinct=False)  # duplicates are in bounds
     ln = lengths if with_lengths else None
     assert _fastcheck.topk_bounds_ok(index, ln) == _numpy_bounds_verdict(index, ln)

@@ -434,8 +434,8 @@ def decode_partial_serial(q, k_pages, v_pages, page_table, lengths, indices, cou
                           scale, n_split, lut, o_part, lse_part):
     n = o_part.shape[0] * (k_pages.shape[2] if (dense or shared) else q.shape[1]) * n_split
     for task in range(n):
-        _decode_task(task, q, k_pages, v_pages, page_table, lengths, indices, counts, unit, dense, shared,
-                            scale, n_split, lut, o_part, lse_part)
+        _decode_task(task, q, k_pages, v_pages, page_table, lengths, indices, counts, unit, dense, shared, scale,
+                     n_split, lut, o_part, lse_part)
 
 
 @njit(inline="always")
@@ -700,10 +700,9 @@ def _group_query(q, b, h0, nh, lut):
 
 
 @njit(inline="always")
-def _select_write(b, u, length, unit, k, sink, window, score, indices, counts):
-    """The tail of a selection row: the forced sink and window units, then the ``k`` best-scored
-    others; the row's units written in ascending order, padded with -1."""
-    n_units = score.shape[0]
+def _forced(n_units, length, unit, sink, window):
+    """``(free, chosen)`` of a selection row of ``n_units`` units of ``unit`` tokens: the units of the
+    first ``sink`` and the last ``window`` tokens chosen, every other unit free."""
     free = _flags(n_units, True)
     chosen = _flags(n_units, False)
     for t in range(min(sink, length)):
@@ -712,15 +711,29 @@ def _select_write(b, u, length, unit, k, sink, window, score, indices, counts):
         chosen[t // unit] = True
     for p in range(n_units):
         free[p] = not chosen[p]
-    _take_top(score, free, k, chosen)
+    return free, chosen
+
+
+@njit(inline="always")
+def _write_row(b, u, chosen, indices, counts):
+    """The chosen units of row (b, u) in ascending order, padded with -1, and their count."""
     c = 0
-    for p in range(n_units):
+    for p in range(chosen.shape[0]):
         if chosen[p]:
             indices[b, u, c] = p
             c += 1
     counts[b, u] = c
     for e in range(c, indices.shape[2]):
         indices[b, u, e] = -1
+
+
+@njit(inline="always")
+def _select_write(b, u, length, unit, k, sink, window, score, indices, counts):
+    """The tail of a selection row: the forced sink and window units, then the ``k`` best-scored
+    others, written by :func:`_write_row`."""
+    free, chosen = _forced(score.shape[0], length, unit, sink, window)
+    _take_top(score, free, k, chosen)
+    _write_row(b, u, chosen, indices, counts)
 
 
 @njit(**_TASK)
@@ -806,8 +819,8 @@ def select_quest(q, k_pages, page_table, lengths, k, sink, window, shared, unit,
 def select_quest_serial(q, k_pages, page_table, lengths, k, sink, window, shared, unit, bmin, bmax, lut, indices,
                         counts):
     for task in range(counts.shape[0] * counts.shape[1]):
-        _select_quest_task(task, q, k_pages, page_table, lengths, k, sink, window, shared, unit, bmin, bmax,
-                                  lut, indices, counts)
+        _select_quest_task(task, q, k_pages, page_table, lengths, k, sink, window, shared, unit, bmin, bmax, lut,
+                           indices, counts)
 
 
 @njit(**_TASK)
@@ -851,15 +864,9 @@ def _select_top_p_task(task, q, k_pages, page_table, lengths, k, k_min, sink, wi
         inv = 1.0 / (z * nh)
         for t in range(length):
             mass[t] += x[i, t] * inv
-    free = _flags(length, True)
-    chosen = _flags(length, False)
-    for t in range(min(sink, length)):
-        chosen[t] = True
-    for t in range(max(length - window, 0), length):
-        chosen[t] = True
+    free, chosen = _forced(length, length, 1, sink, window)
     forced_mass = 0.0
     for t in range(length):
-        free[t] = not chosen[t]
         if chosen[t]:
             forced_mass += mass[t]
     _take_top(mass, free, k, chosen)  # the k candidates of highest mass; the budget is a prefix of them
@@ -889,13 +896,7 @@ def _select_top_p_task(task, q, k_pages, page_table, lengths, k, k_min, sink, wi
     n = min(max(need, k_min), n_sel)
     for i in range(n, n_sel):
         chosen[pos[order[i]]] = False
-    c = 0
-    for t in range(length):
-        if chosen[t]:
-            indices[b, u, c] = t
-            c += 1
-    counts[b, u] = c
-    indices[b, u, c:] = -1
+    _write_row(b, u, chosen, indices, counts)
 
 
 @njit(**_PAR)
@@ -915,8 +916,8 @@ def select_top_p(q, k_pages, page_table, lengths, k, k_min, sink, window, shared
 def select_top_p_serial(q, k_pages, page_table, lengths, k, k_min, sink, window, shared, top_p, scale, lut, indices,
                         counts):
     for task in range(counts.shape[0] * counts.shape[1]):
-        _select_top_p_task(task, q, k_pages, page_table, lengths, k, k_min, sink, window, shared, top_p, scale,
-                                  lut, indices, counts)
+        _select_top_p_task(task, q, k_pages, page_table, lengths, k, k_min, sink, window, shared, top_p, scale, lut,
+                           indices, counts)
 
 
 @njit(**_TASK)
@@ -933,14 +934,7 @@ def _select_int8_task(task, q, k_pages, page_table, lengths, codes, scales, k, r
         for j in range(d):
             acc += qs[j] * np.float32(codes[b, t, kvh, j])
         score[t] = acc * scales[b, t, kvh]
-    free = _flags(length, True)
-    chosen = _flags(length, False)
-    for t in range(min(sink, length)):
-        chosen[t] = True
-    for t in range(max(length - window, 0), length):
-        chosen[t] = True
-    for t in range(length):
-        free[t] = not chosen[t]
+    free, chosen = _forced(length, length, 1, sink, window)
     if rescore > k:
         pool = _flags(length, False)
         _take_top(score, free, rescore, pool)
@@ -954,13 +948,7 @@ def _select_int8_task(task, q, k_pages, page_table, lengths, codes, scales, k, r
         _take_top(score, pool, k, chosen)
     else:
         _take_top(score, free, k, chosen)
-    c = 0
-    for t in range(length):
-        if chosen[t]:
-            indices[b, u, c] = t
-            c += 1
-    counts[b, u] = c
-    indices[b, u, c:] = -1
+    _write_row(b, u, chosen, indices, counts)
 
 
 @njit(**_PAR)
@@ -978,5 +966,5 @@ def select_int8(q, k_pages, page_table, lengths, codes, scales, k, rescore, sink
 def select_int8_serial(q, k_pages, page_table, lengths, codes, scales, k, rescore, sink, window, shared, lut, indices,
                        counts):
     for task in range(counts.shape[0] * counts.shape[1]):
-        _select_int8_task(task, q, k_pages, page_table, lengths, codes, scales, k, rescore, sink, window,
-                                 shared, lut, indices, counts)
+        _select_int8_task(task, q, k_pages, page_table, lengths, codes, scales, k, rescore, sink, window, shared, lut,
+                          indices, counts)
