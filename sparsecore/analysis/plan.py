@@ -386,14 +386,7 @@ def run_plan(model: Any, input_ids: torch.Tensor, plan: ExecutionPlan, *, repeat
     was_training = model.training
     model.eval()
     try:
-        ref = model(input_ids=ids, use_cache=False).logits[0, -1].float()
-        cache = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
-        last = ids[:, -1:]
-
-        def hf_step() -> torch.Tensor:
-            out = model(input_ids=last, past_key_values=cache, use_cache=True).logits[0, -1].float()
-            cache.crop(-1)                                  # drop the step just appended
-            return out
+        ref, cache, last, hf_step = _reference_and_step(model, ids)
 
         full_step = _Step(model, ExecutionPlan.full(model, n, plan.ffn_block_size), n, tile)
         step = _Step(model, plan, n, tile)
@@ -411,6 +404,21 @@ def run_plan(model: Any, input_ids: torch.Tensor, plan: ExecutionPlan, *, repeat
             "hf_cache_tv": next_token_compare(ref, hf_logits)["tv"], "time_hf_s": t_hf, "time_full_s": t_full,
             "time_plan_s": t_plan, "kept": plan.fractions(), "predicted": int(ref.argmax()),
             "plan_predicted": int(plan_logits.argmax()), "repeats": repeats, "timing_note": _timing_note()}
+
+
+def _reference_and_step(model: Any, ids: torch.Tensor) -> tuple[torch.Tensor, Any, torch.Tensor, Any]:
+    """``(ref, cache, last, hf_step)``: the full forward's last logits, the prefill cache of all but the
+    last token, that token, and transformers' own decode step of it (which drops the step it appended)."""
+    ref = model(input_ids=ids, use_cache=False).logits[0, -1].float()
+    cache = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+    last = ids[:, -1:]
+
+    def hf_step() -> torch.Tensor:
+        out = model(input_ids=last, past_key_values=cache, use_cache=True).logits[0, -1].float()
+        cache.crop(-1)  # drop the step just appended
+        return out
+
+    return ref, cache, last, hf_step
 
 
 @torch.no_grad()
@@ -448,14 +456,7 @@ def run_plans(model: Any, input_ids: torch.Tensor, plans: list[ExecutionPlan], *
         return float(-torch.log_softmax(logits.double(), -1)[int(target)])
 
     try:
-        ref = model(input_ids=ids, use_cache=False).logits[0, -1].float()
-        cache = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
-        last = ids[:, -1:]
-
-        def hf_step() -> torch.Tensor:
-            out = model(input_ids=last, past_key_values=cache, use_cache=True).logits[0, -1].float()
-            cache.crop(-1)
-            return out
+        ref, cache, last, hf_step = _reference_and_step(model, ids)
 
         full_step = _Step(model, ExecutionPlan.full(model, n, bs), n, tile)
         full_logits = full_step(cache, last)
