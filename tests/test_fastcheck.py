@@ -118,3 +118,34 @@ def test_topk_bounds(seed: int, b: int, g: int, kmax: int, broken: bool, page: i
     lengths, _, index = _random_index(rng, b, g, kmax, page, broken, distinct=False)  # duplicates are in bounds
     ln = lengths if with_lengths else None
     assert _fastcheck.topk_bounds_ok(index, ln) == _numpy_bounds_verdict(index, ln)
+
+
+def _numpy_decode_verdict(kv: Any, index: Any) -> bool:
+    """What a sparse decode call's NumPy data checks alone say: the cache's, then the index's."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(_fastcheck, "_kernels", lambda: None)
+    try:
+        kv.validate()
+        index.validate(lengths=kv.lengths)
+        return True
+    except ValueError:
+        return False
+    finally:
+        mp.undo()
+
+
+@settings(max_examples=300, deadline=None)
+@given(seed=st.integers(0, 2**31), b=st.integers(1, 3), g=st.integers(1, 3), kmax=st.integers(0, 6),
+       broken=st.booleans(), page=st.sampled_from([None, 4]), bad_length=st.sampled_from([None, -1, 13, 11]))
+def test_dense_kv_topk(seed: int, b: int, g: int, kmax: int, broken: bool, page: int | None,
+                       bad_length: int | None) -> None:
+    """sparse_decode's one data pass (a DenseKV's lengths, then the index against them) agrees with
+    the two NumPy checks it replaces, with the index or one length (past the capacity of 12, below
+    zero, or in range) broken or not."""
+    rng = np.random.default_rng(seed)
+    lengths, _, index = _random_index(rng, b, g, kmax, page, broken, distinct=True)
+    if bad_length is not None:
+        lengths[int(rng.integers(0, b))] = bad_length
+    zeros = np.zeros((b, 12, 1, 2), np.float32)
+    kv = sc.DenseKV(zeros, zeros, lengths)
+    assert _fastcheck.dense_kv_topk_ok(kv, index) == _numpy_decode_verdict(kv, index)

@@ -71,6 +71,58 @@ def test_planned_call_restores_normalised_arguments() -> None:
     assert first.capacity == again.capacity == 2
 
 
+@pytest.mark.parametrize("op", ["spmm", "gated_ffn", "select_topk", "sparse_decode"])
+def test_repeated_public_calls_run_the_backends_runner(op: str) -> None:
+    """From a signature's second call on, numba_cpu's decode-size calls run its runner (every shape
+    decision made once): the results equal the reference for new data each call, and the data is
+    still checked (an index out of range, a count past capacity) with the public call's message."""
+    pytest.importorskip("numba")
+    rng = np.random.default_rng(7)
+    D._PLANS.clear()
+
+    def args() -> tuple[Any, ...]:
+        if op in ("spmm", "gated_ffn"):
+            x = rng.standard_normal((2, 40)).astype(np.float32)
+            a = sc.pack(x, threshold=1.0, tile=16, capacity=16)  # no overflow: one signature for all calls
+            w = rng.standard_normal((40, 6)).astype(np.float32)
+            if op == "spmm":
+                return (a, w)
+            return (rng.standard_normal((2, 5)).astype(np.float32), a,
+                    rng.standard_normal((40, 5)).astype(np.float32), w)
+        kk, vv = (rng.standard_normal((1, 64, 2, 8)).astype(np.float32) for _ in range(2))
+        kv = sc.DenseKV(kk, vv, np.array([int(rng.integers(1, 65))], np.int32))
+        q = rng.standard_normal((1, 4, 8)).astype(np.float32)
+        if op == "select_topk":
+            return (q, kv, 5)
+        return (q, kv, sc.select_topk(q, kv, 5, backend="reference"))
+
+    fn = getattr(sc, op)
+    for _ in range(4):
+        a = args()
+        got, want = fn(*a, backend="numba_cpu"), fn(*a, backend="reference")
+        if op == "select_topk":
+            np.testing.assert_array_equal(got.counts, want.counts)
+            for g, w_ in zip(got.indices.reshape(-1, 5), want.indices.reshape(-1, 5)):
+                assert sorted(g) == sorted(w_)
+        elif op == "sparse_decode":
+            for g, w_ in zip(got, want):  # out and lse
+                assert_close(g, w_, "float32")
+        else:
+            assert_close(got, want, "float32")
+    plans = [p for (key, name), p in D._PLANS.items() if name == "numba_cpu" and key[0].OP == op]
+    assert plans and all(callable(p.runner[0]) for p in plans)
+    if op == "sparse_decode":
+        q, kv, index = a
+        index.indices[0, 0, 0] = 64  # past the cache
+        with pytest.raises(ValueError, match="indices"):
+            fn(q, kv, index, backend="numba_cpu")
+    if op == "spmm":
+        a_, w = a
+        a_.counts[0, 0] = 99  # past the capacity
+        with pytest.raises(ValueError, match="counts"):
+            fn(a_, w, backend="numba_cpu")
+
+
 def test_registering_a_backend_drops_the_plans() -> None:
     a, w = _spmm_args()
     sc.spmm(a, w)

@@ -118,6 +118,30 @@ def _kernels() -> Any | None:
         return True
 
     @njit
+    def kv_topk_ok(lengths, max_len, indices, counts, unit, stamp):
+        for b in range(lengths.shape[0]):  # the cache's lengths, then the index against them
+            if lengths[b] < 0 or lengths[b] > max_len:
+                return False
+        b_n, g_n, kmax = indices.shape
+        mark = 0
+        for b in range(b_n):
+            n = -(-np.int64(lengths[b]) // unit)
+            for g in range(g_n):
+                c = counts[b, g]
+                if c < 0 or c > kmax:
+                    return False
+                mark += 1
+                for j in range(kmax):
+                    i = indices[b, g, j]
+                    if j < c:
+                        if i < 0 or i >= n or stamp[i] == mark:
+                            return False
+                        stamp[i] = mark
+                    elif i != -1:
+                        return False
+        return True
+
+    @njit
     def topk_bounds_ok(indices, counts, lengths, unit):
         b_n, g_n, kmax = indices.shape
         ranges = lengths.shape[0] > 0  # no lengths: the counts only
@@ -178,7 +202,8 @@ def _kernels() -> Any | None:
         return True
 
     return type("Kernels", (), {"csr_ok": staticmethod(csr_ok), "tiled_ell_ok": staticmethod(tiled_ell_ok),
-                                "topk_ok": staticmethod(topk_ok), "lengths_ok": staticmethod(lengths_ok),
+                                "topk_ok": staticmethod(topk_ok), "kv_topk_ok": staticmethod(kv_topk_ok),
+                                "lengths_ok": staticmethod(lengths_ok),
                                 "paged_ok": staticmethod(paged_ok),
                                 "ell_bounds_ok": staticmethod(ell_bounds_ok),
                                 "topk_bounds_ok": staticmethod(topk_bounds_ok), "start_ok": staticmethod(start_ok)})
@@ -244,6 +269,19 @@ def topk_ok(index: Any, units: np.ndarray) -> bool:
         return False
     top = int(units.max()) if units.size else 0
     return bool(kern.topk_ok(arrays[0], arrays[1], units, np.zeros(max(top, 0), np.int64)))
+
+
+def dense_kv_topk_ok(kv: Any, index: Any) -> bool:
+    """True when a host DenseKV's lengths are in ``0..max_len`` and the TopKIndex ``index`` holds
+    every invariant of ``TopKIndex.validate`` against them (a sparse decode call's data, one pass)."""
+    kern = _kernels()
+    arrays = None if kern is None else _host(kv.lengths, index.indices, index.counts)
+    if arrays is None or arrays[0].shape != (arrays[1].shape[0],):
+        return False
+    unit = index.page_size if index.granularity == "page" else 1
+    max_len = int(kv.max_len)
+    stamp = np.zeros(-(-max_len // unit), np.int64)
+    return bool(kern.kv_topk_ok(arrays[0], max_len, arrays[1], arrays[2], unit, stamp))
 
 
 def topk_bounds_ok(index: Any, lengths: Any = None) -> bool:

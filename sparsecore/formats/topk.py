@@ -51,6 +51,15 @@ class TopKIndex:
         elif self.page_size is not None:
             fail(w, f"page_size = {self.page_size!r} is only meaningful with granularity = 'page'")
 
+    @classmethod
+    def _from_kernel(cls, indices: Any, counts: Any, granularity: str = "token",
+                     page_size: int | None = None) -> TopKIndex:
+        """A TopKIndex around buffers a selection kernel of this package just allocated and filled
+        (shapes and dtypes right by construction): the constructor's checks, skipped."""
+        obj = object.__new__(cls)
+        obj.__dict__.update(indices=indices, counts=counts, granularity=granularity, page_size=page_size)
+        return obj
+
     batch = property(lambda self: int(self.indices.shape[0]))
     groups = property(lambda self: int(self.indices.shape[1]))
     k_max = property(lambda self: int(self.indices.shape[2]))

@@ -180,7 +180,18 @@ class OpInputs:
 
     def signature(self) -> tuple[Any, ...]:
         """Everything :meth:`validate` and backend selection read (see :func:`signature`)."""
-        return (type(self),) + tuple(signature(getattr(self, n)) for n in _field_names(type(self)))
+        d = self.__dict__
+        sig: list[Any] = [type(self)]
+        for n in _field_names(type(self)):
+            v = d[n]
+            t = type(v)
+            if t in _PLAIN:  # the common cases first, without a call (a public call's overhead matters)
+                sig.append(v)
+            elif t is np.ndarray:
+                sig.append((v.dtype, v.shape, v.flags.writeable))
+            else:
+                sig.append(signature(v))
+        return tuple(sig)
 
     def scalars(self) -> dict[str, Any]:
         """The arguments that are neither arrays nor formats (as :meth:`validate` normalised them)."""
@@ -255,6 +266,14 @@ class BackendOp:
         a callable bound to ``inp``'s shapes that later calls of the same metadata run without
         validation or dispatch (each op documents its arguments), or None when this backend or
         call has none (the plan then runs the public path)."""
+        return None
+
+    @classmethod
+    def runner(cls, inp: Any) -> Any:
+        """For host backends: ``run(inp2) -> result`` for later public calls of ``inp``'s signature
+        on NumPy arrays (same shapes, dtypes and scalars; the dispatcher keeps it on the signature's
+        plan), with every shape decision made once. It returns new outputs on every call and holds
+        no workspace, so threads may share it. None (the default): such calls run :meth:`apply`."""
         return None
 
     @classmethod

@@ -110,7 +110,24 @@ class Plan:
     device: str
     registry: list[type[BackendOp]]  # the op's registry list it was chosen from (replaced by tests: then stale)
     registered: int
+    #: host calls on NumPy arrays: None before the signature's first run, then the backend's
+    #: ``runner`` (made on the second: the first runs ``apply``, so a compile is named by its op) or
+    #: False when it has none
+    runner: list[Any] = dataclasses.field(default_factory=lambda: [None], compare=False)
 
+    def host_runner(self, inp: OpInputs) -> Any:
+        """The backend's runner for this signature's NumPy calls, or None (then ``apply``)."""
+        slot = self.runner
+        r = slot[0]
+        if r is None:  # first call: run apply (a compile names its op), make the runner next time
+            slot[0] = _MAKE
+            return None
+        if r is _MAKE:
+            r = slot[0] = self.backend.runner(inp) or False
+        return r or None
+
+
+_MAKE = object()
 
 #: signature -> Plan; emptied when a backend class is registered, and when it grows past PLAN_CACHE_SIZE
 _PLANS: dict[Any, Plan] = {}
@@ -128,8 +145,7 @@ def plan(inp: OpInputs, backend: str | None = None) -> Plan:
     except TypeError:  # an unhashable argument: validate and select every time
         key, found = None, None
     if found is not None and found.registry is _REGISTRY[inp.OP] and found.registered == len(found.registry):
-        for n, v in found.scalars:
-            object.__setattr__(inp, n, v)
+        inp.__dict__.update(found.scalars)  # the normalised scalars (fields of a frozen dataclass)
         return found
     inp.validate()
     chosen = select(inp, backend)
@@ -187,4 +203,8 @@ def dispatch(inp: OpInputs, backend: str | None = None) -> Any:
         inp.validate_data()
     elif p.device == "host":
         inp.check_bounds()
+    if p.device == "host" and inp.all_numpy:
+        run = p.host_runner(inp)
+        if run is not None:
+            return run(inp)
     return p.backend.apply(inp)

@@ -13,6 +13,7 @@ import numpy as np
 
 from .._arrays import VALUE_DTYPES, dtype_name, to_host
 from .._checks import check_array, check_choice, check_dtype, check_int, check_ndim, check_real, check_same_dtype, fail
+from ..formats import _fastcheck
 from ..formats.codes import KeyCodes
 from ..formats.csr import CSR
 from ..formats.kv import DenseKV, PageBounds, PagedKV
@@ -510,6 +511,8 @@ class SparseDecodeInputs(OpInputs):
         self.index.check_bounds(self.OP, "index", self.kv.lengths)
 
     def validate_data(self) -> None:
+        if not self.kv.paged and _fastcheck.dense_kv_topk_ok(self.kv, self.index):
+            return  # one compiled pass over both; any doubt runs the checks that name the fault
         self.kv.validate()
         self.index.validate(lengths=self.kv.lengths)
 

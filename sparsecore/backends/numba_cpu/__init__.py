@@ -93,7 +93,14 @@ def _as_pages(kv: DenseKV | PagedKV) -> tuple[np.ndarray, np.ndarray, np.ndarray
     """A dense cache seen as B pages of S tokens (zero-copy), so one kernel serves both layouts."""
     if isinstance(kv, PagedKV):
         return kv.k_pages, kv.v_pages, kv.page_table
-    return kv.k, kv.v, np.arange(kv.batch, dtype=np.int32)[:, None]
+    return kv.k, kv.v, _dense_table(kv.batch)
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_table(b: int) -> np.ndarray:
+    """The page table of a dense cache seen as B pages, ``[[0], [1], ...]``: shared, only read by the
+    kernels (left writeable: a read-only array is another argument type, another compile)."""
+    return np.arange(b, dtype=np.int32)[:, None]
 
 
 #: below this many multiply-adds a call runs on one thread: waking the pool costs more than it saves,
@@ -127,8 +134,17 @@ class _NumbaCpu(BackendOp):
         return False
 
     @classmethod
+    def _serial(cls, inp: Any) -> bool:
+        """:meth:`serial`, computed once per call (apply and run both ask)."""
+        key = "_sc_serial_" + cls.NAME
+        s = inp.__dict__.get(key)
+        if s is None:
+            s = inp.__dict__[key] = bool(cls.serial(inp))
+        return s
+
+    @classmethod
     def apply(cls, inp: Any) -> Any:
-        if cls.serial(inp):  # a serial kernel opens no parallel region: no lock, no pool to size
+        if cls._serial(inp):  # a serial kernel opens no parallel region: no lock, no pool to size
             return super().apply(inp)
         lock = _serialise()
         if lock is None:
@@ -211,7 +227,7 @@ class Pack(_NumbaCpu):
         lut = _lut_for(inp.dtype)
         relu = inp.activation == "relu"
         thr = np.float32(inp.threshold_f32)
-        serial = cls.serial(inp)  # decode size: the same rows on the calling thread
+        serial = cls._serial(inp)  # decode size: the same rows on the calling thread
         counts = np.empty((m, nt), np.int32)
         row_over = np.empty(m, np.int64)
         (k.pack_count_serial if serial else k.pack_count)(_bits(x), thr, relu, tile, cap, lut, counts, row_over)
@@ -320,7 +336,7 @@ class Spmm(_NumbaCpu):
     def run(cls, inp: I.SpmmInputs) -> np.ndarray:
         a, w = inp.a, inp.w
         lut = _lut_for(inp.dtype)
-        if cls.serial(inp):
+        if cls._serial(inp):
             out = np.empty((a.shape[0], w.shape[1]), np.float32)
             _k().spmm_rows(*_sparse_args(a), np.ascontiguousarray(_bits(w)), lut, out)
             return _finish(out, inp.dtype)
@@ -329,10 +345,18 @@ class Spmm(_NumbaCpu):
         return _finish(_spmm_grouped(ptr, rows, vals, w, lut, a.shape[0], chunk, block), inp.dtype)
 
     @classmethod
+    def runner(cls, inp: I.SpmmInputs) -> Any:
+        """Decode-size calls: the row-kernel launcher (it allocates each call's output)."""
+        if not cls._serial(inp):
+            return None
+        launch = cls.launcher(inp)
+        return lambda i: launch(i.a, i.w)
+
+    @classmethod
     def launcher(cls, inp: I.SpmmInputs) -> Any:
         """``launch(a, w) -> out`` for calls of ``inp``'s plan (sparsecore.OpPlan): the row kernel
         of a decode-size call bound once; other sizes run :meth:`apply`."""
-        if not cls.serial(inp):
+        if not cls._serial(inp):
             return lambda a, w: cls.apply(type(inp)(a, w))
         m, n, dtype = inp.a.shape[0], int(inp.w.shape[1]), inp.dtype
         lut = _lut_for(dtype)
@@ -362,7 +386,7 @@ class Sddmm(_NumbaCpu):
     def run(cls, inp: I.SddmmInputs) -> TiledELL | CSR:
         p, x, w = inp.pattern, inp.x, inp.w
         lut = _lut_for(inp.dtype)
-        if cls.serial(inp):
+        if cls._serial(inp):
             return cls._rows(inp, lut)
         chunk, _ = _tiles(p.shape[0], x.shape[1])
         # the pattern's values (unused here) are read with the pattern's own table: a float16
@@ -420,7 +444,7 @@ class SpmmT(_NumbaCpu):
     def run(cls, inp: I.SpmmTInputs) -> np.ndarray:
         a, dy = inp.a, inp.dy
         lut = _lut_for(inp.dtype)
-        if cls.serial(inp):
+        if cls._serial(inp):
             out = np.empty((a.shape[1], dy.shape[1]), np.float32)
             _k().spmm_t_rows(*_sparse_args(a), np.ascontiguousarray(_bits(dy)), lut, out)
             return _finish(out, inp.dtype)
@@ -447,7 +471,7 @@ class GatedFfn(_NumbaCpu):
         g = inp.gate
         m = g.shape[0]
         lut = _lut_for(inp.dtype)
-        if cls.serial(inp):
+        if cls._serial(inp):
             out = np.empty((m, inp.w_down.shape[1]), np.float32)
             c = np.ascontiguousarray
             _k().gated_rows(*_sparse_args(g), c(_bits(inp.x)), c(_bits(inp.w_up)), c(_bits(inp.w_down)), lut, out)
@@ -455,9 +479,17 @@ class GatedFfn(_NumbaCpu):
         return cls._grouped(inp, lut)
 
     @classmethod
+    def runner(cls, inp: I.GatedFfnInputs) -> Any:
+        """Decode-size calls: the row-kernel launcher (it allocates each call's output)."""
+        if not cls._serial(inp):
+            return None
+        launch = cls.launcher(inp)
+        return lambda i: launch(i.x, i.gate, i.w_up, i.w_down)
+
+    @classmethod
     def launcher(cls, inp: I.GatedFfnInputs) -> Any:
         """``launch(x, gate, w_up, w_down) -> out`` for calls of ``inp``'s plan (sparsecore.OpPlan)."""
-        if not cls.serial(inp):
+        if not cls._serial(inp):
             return lambda *args: cls.apply(type(inp)(*args))
         m, n, dtype = inp.gate.shape[0], int(inp.w_down.shape[1]), inp.dtype
         lut = _lut_for(dtype)
@@ -510,7 +542,7 @@ class PageBoundsOp(_NumbaCpu):
             shape = (kv.batch, inp.num_pages, kv.num_kv_heads, kv.head_dim)
             out = PageBounds(np.zeros(shape, k_pages.dtype), np.zeros(shape, k_pages.dtype), ps)
         first = np.zeros(kv.batch, np.int64) if inp.start is None else np.asarray(inp.start, np.int64) // ps
-        kernel = _k().page_bounds_serial if cls.serial(inp) else _k().page_bounds
+        kernel = _k().page_bounds_serial if cls._serial(inp) else _k().page_bounds
         kernel(_bits(k_pages), page_table, kv.lengths, first, ps, _lut_for(inp.dtype), _bits(out.kmin), _bits(out.kmax))
         return out
 
@@ -579,31 +611,50 @@ class SelectTopk(_NumbaCpu):
         else:
             bmin, bmax = inp.bounds.kmin, inp.bounds.kmax
         if inp.method == "int8":
-            kernel = _k().select_int8_serial if cls.serial(inp) else _k().select_int8
+            kernel = _k().select_int8_serial if cls._serial(inp) else _k().select_int8
             kernel(_bits(inp.q), _bits(k_pages), page_table, kv.lengths, inp.codes.codes,
                    inp.codes.scales, inp.k, inp.rescore, inp.sink, inp.window, inp.shared,
                    _lut_for(inp.dtype), indices, counts)
-            return TopKIndex(indices, counts)
+            return TopKIndex._from_kernel(indices, counts)
         if inp.top_p is not None:
-            kernel = _k().select_top_p_serial if cls.serial(inp) else _k().select_top_p
+            kernel = _k().select_top_p_serial if cls._serial(inp) else _k().select_top_p
             kernel(_bits(inp.q), _bits(k_pages), page_table, kv.lengths, inp.k, inp.k_min, inp.sink, inp.window,
                    inp.shared, inp.top_p, _scale(inp.scale, kv.head_dim), _lut_for(inp.dtype), indices, counts)
-            return TopKIndex(indices, counts)
+            return TopKIndex._from_kernel(indices, counts)
         args = (_bits(inp.q), _bits(k_pages), page_table, kv.lengths, inp.k, inp.sink, inp.forced_window, inp.shared)
         if ps is None:
-            (_k().select_topk_serial if cls.serial(inp) else _k().select_topk)(*args, _lut_for(inp.dtype), indices,
+            (_k().select_topk_serial if cls._serial(inp) else _k().select_topk)(*args, _lut_for(inp.dtype), indices,
                                                                              counts)
         else:
-            (_k().select_quest_serial if cls.serial(inp) else _k().select_quest)(
+            (_k().select_quest_serial if cls._serial(inp) else _k().select_quest)(
                 *args, ps, _bits(bmin), _bits(bmax), _lut_for(inp.dtype), indices, counts)
-        return TopKIndex(indices, counts, "token" if ps is None else "page", ps)
+        return TopKIndex._from_kernel(indices, counts, "token" if ps is None else "page", ps)
+
+    @classmethod
+    def runner(cls, inp: I.SelectTopkInputs) -> Any:
+        """Decode-size calls: the launcher, writing new buffers on each call."""
+        if not cls._serial(inp) or inp.method == "int8":
+            return None
+        launch = cls.launcher(inp)
+        rows = inp.kv.num_kv_heads if inp.shared else int(inp.q.shape[1])
+        ci = (inp.kv.batch, rows)
+        ii = ci + (inp.k_max,)
+        ps = inp.unit_page_size
+        gran = "token" if ps is None else "page"
+
+        def run(i: I.SelectTopkInputs) -> TopKIndex:
+            indices, counts = launch(i.q, i.kv, i.bounds, np.empty(ii, np.int32), np.empty(ci, np.int32))
+            return TopKIndex._from_kernel(indices, counts, gran, ps)
+
+        return run
 
     @classmethod
     def launcher(cls, inp: I.SelectTopkInputs) -> Any:
-        """``launch(q, kv, bounds) -> (indices, counts)`` for calls of ``inp``'s plan (same shapes but
-        for the cache's length, same scalars): every shape decision made here, once (DecodePlan).
-        The two buffers it returns are the launcher's own, overwritten by its next launch. The int8
-        method (its codes change every step) has none: its plans run the checked path."""
+        """``launch(q, kv, bounds[, indices, counts]) -> (indices, counts)`` for calls of ``inp``'s plan
+        (same shapes but for the cache's length, same scalars): every shape decision made here, once
+        (DecodePlan). Without ``indices``/``counts`` it writes the launcher's own two buffers,
+        overwritten by its next launch. The int8 method (its codes change every step) has none: its
+        plans run the checked path."""
         if inp.method == "int8":
             return None
         kv, ps, shared = inp.kv, inp.unit_page_size, inp.shared
@@ -621,26 +672,29 @@ class SelectTopk(_NumbaCpu):
         if inp.top_p is not None:
             top_p, k_min, win = inp.top_p, int(inp.k_min), int(inp.window)
             scale = _scale(inp.scale, kv.head_dim)
-            adaptive = _k().select_top_p_serial if cls.serial(inp) else _k().select_top_p
+            adaptive = _k().select_top_p_serial if cls._serial(inp) else _k().select_top_p
 
-            def launch_p(q: np.ndarray, kv: Any, bounds: Any) -> tuple[np.ndarray, np.ndarray]:
+            def launch_p(q: np.ndarray, kv: Any, bounds: Any, indices: np.ndarray = indices,
+                         counts: np.ndarray = counts) -> tuple[np.ndarray, np.ndarray]:
                 adaptive(_bits(q), _bits(kv.k_pages if paged else kv.k), kv.page_table if paged else dense_table,
                          kv.lengths, k, k_min, sink, win, shared, top_p, scale, lut, indices, counts)
                 return indices, counts
 
-            return _guarded(launch_p, cls.serial(inp))
+            return _guarded(launch_p, cls._serial(inp))
         if ps is None:
-            exact = _k().select_topk_serial if cls.serial(inp) else _k().select_topk
+            exact = _k().select_topk_serial if cls._serial(inp) else _k().select_topk
 
-            def launch_exact(q: np.ndarray, kv: Any, bounds: Any) -> tuple[np.ndarray, np.ndarray]:
+            def launch_exact(q: np.ndarray, kv: Any, bounds: Any, indices: np.ndarray = indices,
+                             counts: np.ndarray = counts) -> tuple[np.ndarray, np.ndarray]:
                 exact(_bits(q), _bits(kv.k_pages if paged else kv.k), kv.page_table if paged else dense_table,
                       kv.lengths, k, sink, window, shared, lut, indices, counts)
                 return indices, counts
 
-            return _guarded(launch_exact, cls.serial(inp))
-        quest = _k().select_quest_serial if cls.serial(inp) else _k().select_quest
+            return _guarded(launch_exact, cls._serial(inp))
+        quest = _k().select_quest_serial if cls._serial(inp) else _k().select_quest
 
-        def launch(q: np.ndarray, kv: Any, bounds: Any) -> tuple[np.ndarray, np.ndarray]:
+        def launch(q: np.ndarray, kv: Any, bounds: Any, indices: np.ndarray = indices,
+                   counts: np.ndarray = counts) -> tuple[np.ndarray, np.ndarray]:
             if bounds is None:
                 bmin = bmax = none
             else:
@@ -649,7 +703,7 @@ class SelectTopk(_NumbaCpu):
                   kv.lengths, k, sink, window, shared, ps, bmin, bmax, lut, indices, counts)
             return indices, counts
 
-        return _guarded(launch, cls.serial(inp))
+        return _guarded(launch, cls._serial(inp))
 
 
 #: decode splits each row so that a call has about this many tasks (a few per core on a 16-core host).
@@ -701,8 +755,8 @@ def _decode(q: np.ndarray, kv: DenseKV | PagedKV, index: TopKIndex | None, scale
     partial = k.decode_partial_serial if serial else k.decode_partial
     partial(_bits(q), _bits(k_pages), _bits(v_pages), page_table, kv.lengths, indices, counts, unit, dense, shared,
             _scale(scale, d), n_split, _lut_for(dtype), o_part, lse_part)
-    if n_split == 1:
-        return _finish(np.ascontiguousarray(o_part[:, :, 0]), dtype), np.ascontiguousarray(lse_part[:, :, 0])
+    if n_split == 1:  # the split axis has length 1: dropping it is a view
+        return _finish(o_part.reshape(bsz, hq, d), dtype), lse_part.reshape(bsz, hq)
     out = np.empty((bsz, hq, d), np.float32)
     lse = np.empty((bsz, hq), np.float32)
     (k.merge_splits_serial if serial else k.merge_splits)(o_part, lse_part, out, lse)
@@ -724,7 +778,25 @@ class SparseDecode(_NumbaCpu):
 
     @classmethod
     def run(cls, inp: I.SparseDecodeInputs) -> tuple[np.ndarray, np.ndarray]:
-        return _decode(inp.q, inp.kv, inp.index, inp.scale, inp.dtype, cls.serial(inp))
+        return _decode(inp.q, inp.kv, inp.index, inp.scale, inp.dtype, cls._serial(inp))
+
+    @classmethod
+    def runner(cls, inp: I.SparseDecodeInputs) -> Any:
+        """Decode-size float32 calls that are not split: the launcher writing new outputs directly."""
+        q = inp.q
+        unit = inp.index.page_size if inp.index.granularity == "page" else 1
+        if (not cls._serial(inp) or inp.dtype != "float32"
+                or _n_split(q.shape[0] * inp.index.groups, inp.index.k_max * unit, cls.work(inp)) != 1):
+            return None
+        launch = cls.launcher(inp)
+        o_shape, l_shape = tuple(q.shape), tuple(q.shape[:2])
+
+        def run(i: I.SparseDecodeInputs) -> tuple[np.ndarray, np.ndarray]:
+            out, lse = np.empty(o_shape, np.float32), np.empty(l_shape, np.float32)
+            launch(i.q, i.kv, i.index.indices, i.index.counts, out, lse)  # the direct path: no workspace
+            return out, lse
+
+        return run
 
     @classmethod
     def launcher(cls, inp: I.SparseDecodeInputs) -> Any:
@@ -738,12 +810,12 @@ class SparseDecode(_NumbaCpu):
         shared = index.groups == kv.num_kv_heads
         n_split = _n_split(bsz * index.groups, index.k_max * unit, cls.work(inp))
         scale = _scale(inp.scale, d)
-        serial = cls.serial(inp)
+        serial = cls._serial(inp)
         partial = kern.decode_partial_serial if serial else kern.decode_partial
         merge = kern.merge_splits_serial if serial else kern.merge_splits
         lut = _lut_for(inp.dtype)
         paged = isinstance(kv, PagedKV)
-        dense_table = np.arange(bsz, dtype=np.int32)[:, None]
+        dense_table = _dense_table(bsz)
         f32 = inp.dtype == "float32"
 
         o_part = np.empty((bsz, hq, n_split, d), np.float32)  # workspace, overwritten by each launch
@@ -790,7 +862,7 @@ class DenseDecode(_NumbaCpu):
 
     @classmethod
     def run(cls, inp: I.DenseDecodeInputs) -> tuple[np.ndarray, np.ndarray]:
-        return _decode(inp.q, inp.kv, None, inp.scale, inp.dtype, cls.serial(inp))
+        return _decode(inp.q, inp.kv, None, inp.scale, inp.dtype, cls._serial(inp))
 
 
 @register
