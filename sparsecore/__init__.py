@@ -4,6 +4,7 @@ The public face: the formats and the ops. Everything else (backends, reference, 
 sub-packages.
 """
 
+from . import ops
 from .formats import (
                       CSR,
                       DenseKV,
@@ -24,22 +25,7 @@ from .formats import (
                       tiled_ell_to_csr,
                       tiled_ell_to_dense,
 )
-from .ops import (
-                      DecodePlan,
-                      OpPlan,
-                      dense_decode,
-                      gated_ffn,
-                      gated_pack,
-                      merge_attention,
-                      pack,
-                      page_bounds,
-                      sddmm,
-                      select_topk,
-                      sparse_decode,
-                      spmm,
-                      spmm_t,
-                      unpack,
-)
+from .ops import *  # noqa: F403 - every op's public function and the plans (ops.__all__)
 from .ops.explain import SlowPathWarning, SparsecoreWarning, explain
 
 __version__ = "0.1.0"
@@ -48,7 +34,6 @@ __all__ = [
     "CSR", "TiledELL", "DenseKV", "PagedKV", "PageBounds", "KeyCodes", "TopKIndex", "quantize_keys",
     "tiled_ell_from_dense", "tiled_ell_to_dense", "tiled_ell_to_csr", "csr_to_tiled_ell",
     "csr_from_dense", "csr_to_dense", "csr_to_scipy", "csr_from_scipy", "csr_to_torch", "csr_from_torch",
-    "pack", "gated_pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn",
-    "page_bounds", "select_topk", "sparse_decode", "dense_decode", "merge_attention", "DecodePlan", "OpPlan",
     "explain", "SparsecoreWarning", "SlowPathWarning",
 ]
+__all__ += ops.__all__  # the ops, declared once there

@@ -171,6 +171,15 @@ def default_suite(scale: str = "small", seed: int = 0) -> list[Case]:
 
     cases.append(Case("merge_attention", f"B={b} H={hq} D={hd}", I.MergeAttentionInputs(o1, l1, o2, l2),
                       "numpy formula", np_merge, bytes=3.0 * o1.nbytes + 3 * l1.nbytes))
+    from .ops.table import TABLE
+
+    for row in TABLE:  # ops declared with an example call and a NumPy peer (their @op row)
+        if row.example is not None and row.baseline is not None:
+            inp = row.example(rng, "float32")
+            name, call = row.baseline(inp)
+            shape = ", ".join(f"{n}{list(a.shape)}" for n, a in inp.named_arrays().items())
+            cases.append(Case(row.name, f"{shape} (its example call)", inp, name, call,
+                              bytes=float(sum(a.nbytes for a in inp.named_arrays().values()))))
     return cases
 
 

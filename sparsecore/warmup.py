@@ -174,7 +174,7 @@ def example_calls(op: str, dtype: str = "float32", backend: str = "numba_cpu") -
     The first is the typical first call (decode size, no overflow)."""
     from . import formats as F
     from . import ops
-    from .ops.table import OPS
+    from .ops.table import OPS, spec
 
     if op not in OPS:
         raise ValueError(f"example_calls: op = {op!r} is unknown; allowed: {', '.join(OPS)}")
@@ -194,6 +194,11 @@ def example_calls(op: str, dtype: str = "float32", backend: str = "numba_cpu") -
         return x, F.tiled_ell_from_dense(x)
 
     calls: list[tuple[str, Callable[[], Any]]] = []
+    example = spec(op).example
+    if example is not None:  # an op declared with its example call (its @op row)
+        inp = example(rng, dtype)
+        calls.append(("example", lambda: ops.dispatch(inp, backend)))
+        return calls
     if op == "pack":
         x = _cast(rng.standard_normal((4, k_dim)).astype(np.float32), dtype)
         calls.append(("M=4, relu", lambda: ops.pack(x, activation="relu", **be)))

@@ -75,6 +75,31 @@ def test_every_op_has_a_reference_implementation():
         assert D.implementations(op)[-1].NAME == "reference", "the reference is the last resort"
 
 
+def test_every_op_has_a_public_function_and_a_torch_face():
+    import sparsecore.torch as sct
+
+    for op in D.OPS:
+        assert op in sc.__all__ and callable(getattr(sc, op)), op
+        assert callable(getattr(sct, op)), op
+
+
+@pytest.mark.parametrize("row", [r for r in D.TABLE if r.example is not None], ids=lambda r: r.name)
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_declared_examples_run_on_every_host_backend(row, dtype):
+    """An op declared with an example call (its @op row) gets it compiled by warmup and timed by the
+    bench; here every host backend that takes the dtype gives the reference's result on it."""
+    from tests._util import assert_close
+
+    inp = row.example(np.random.default_rng(0), dtype)
+    want = row.reference(inp)
+    for cls in D.implementations(row.name):
+        if cls.DEVICE == "host" and cls.supports(inp):
+            got = D.dispatch(row.inputs(*(getattr(inp, n) for n in inp.__dataclass_fields__ if n != "OP")), cls.NAME)
+            assert_close(got, want, dtype, what=f"{row.name} on {cls.NAME}")
+    name, call = row.baseline(inp)
+    assert name and call() is not None
+
+
 def test_priority_first_supporting_class_wins(fake_backends):
     a, w, _ = _spmm_args()
     assert (sc.spmm(a, w) == 7).all()

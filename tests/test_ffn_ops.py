@@ -206,6 +206,51 @@ def test_gated_pack_rejects_mismatched_up() -> None:
         sc.gated_pack(gate, gate, activation="gelu", backend=on(gate))
 
 
+@given(case=sparse_cases(), threshold=st.sampled_from([0.0, 0.3, 1.5]), nan_frac=st.sampled_from([0.0, 0.0, 0.1]),
+       n=st.integers(1, 9))
+def test_threshold_spmm_property(case: SparseCase, threshold: float, nan_frac: float, n: int) -> None:
+    """threshold_spmm(x, w) is spmm(pack(x, threshold), w): the entries of x with abs > threshold
+    (NaN kept, so its row is NaN) times the rows of W, never the dropped ones."""
+    rng = np.random.default_rng(case.seed)
+    x = with_nans(case.dense, rng, nan_frac) if nan_frac else case.dense
+    w = random_values(rng, (case.shape[1], n), case.dtype)
+    keep, xk = expected_pack(x, threshold, None)
+    w64 = f64(w)
+    with np.errstate(invalid="ignore"):
+        want = xk @ w64
+        scale = np.abs(xk) @ np.abs(w64)
+    out = sc.threshold_spmm(x, w, threshold=threshold, backend=on(x))
+    what = f"threshold_spmm(threshold={threshold}, {case.name})"
+    check_dense_out(out, (case.shape[0], n), case.dtype, what)
+    assert_result_close(out, want, case.dtype, scale, what)
+    if not nan_frac:  # the same sums as the two calls it stands for
+        a = sc.pack(x, threshold=threshold, backend="reference")
+        assert_result_close(out, f64(sc.spmm(a, w, backend="reference")), case.dtype, scale, what)
+
+
+def test_threshold_spmm_never_multiplies_a_dropped_entry() -> None:
+    """A row of W holding inf or NaN only counts where its entry of x is kept (0 * inf is not summed)."""
+    x = np.array([[0.1, 2.0, -0.05], [3.0, 0.0, 0.2]], np.float32)
+    w = np.array([[np.inf, 1.0], [1.0, 2.0], [np.nan, 3.0]], np.float32)
+    be = backend_takes(BACKEND, "float32")
+    np.testing.assert_array_equal(sc.threshold_spmm(x, w, threshold=0.5, backend=be), [[2.0, 4.0], [np.inf, 3.0]])
+
+
+def test_threshold_spmm_rejects_bad_arguments() -> None:
+    x = np.ones((2, 8), np.float32)
+    w = np.ones((8, 3), np.float32)
+    be = backend_takes(BACKEND, "float32")
+    with pytest.raises(ValueError, match=r"^threshold_spmm: w has shape \(7, 3\); expected w.shape\[0\] == K = 8"):
+        sc.threshold_spmm(x, w[:7], backend=be)
+    with pytest.raises(TypeError, match=r"^threshold_spmm: x has dtype float32 but w has float16; they must match"):
+        sc.threshold_spmm(x, w.astype(np.float16), backend=be)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"^threshold_spmm: threshold = "):
+            sc.threshold_spmm(x, w, threshold=bad, backend=be)
+    with pytest.raises(ValueError, match=r"^threshold_spmm: x has shape \(8,\); expected 2 dimensions \[M, K\]"):
+        sc.threshold_spmm(x[0], w, backend=be)
+
+
 def check_unpack(case: SparseCase, layout: str) -> None:
     te = LAYOUTS[layout](case)
     out = sc.unpack(te, backend=on(te))

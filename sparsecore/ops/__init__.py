@@ -13,12 +13,20 @@ from ..formats.tiled_ell import TiledELL
 from ..formats.topk import TopKIndex
 from . import inputs as I
 from .decode_plan import DecodePlan
-from .dispatcher import BACKEND_PRIORITY, OPS, BackendOp, dispatch, implementations, register, select
+from .dispatcher import BACKEND_PRIORITY as BACKEND_PRIORITY
+from .dispatcher import OPS as OPS
+from .dispatcher import BackendOp as BackendOp
+from .dispatcher import dispatch
+from .dispatcher import implementations as implementations
+from .dispatcher import register as register
+from .dispatcher import select as select
 from .op_plan import OpPlan
 
-__all__ = ["pack", "gated_pack", "unpack", "spmm", "sddmm", "spmm_t", "gated_ffn", "page_bounds", "select_topk",
-           "sparse_decode", "dense_decode", "merge_attention", "dispatch", "select", "implementations", "register",
-           "BackendOp", "BACKEND_PRIORITY", "OPS", "DecodePlan", "OpPlan"]
+#: the public face, re-exported by ``sparsecore`` (``from .ops import *``): one function per op of the
+#: table (a test checks that every op has one here) and the plans. The dispatcher's names (dispatch,
+#: select, implementations, register, BackendOp, BACKEND_PRIORITY, OPS) are importable from here too.
+__all__ = ["pack", "gated_pack", "unpack", "spmm", "threshold_spmm", "sddmm", "spmm_t", "gated_ffn", "page_bounds",
+           "select_topk", "sparse_decode", "dense_decode", "merge_attention", "DecodePlan", "OpPlan"]
 
 Sparse = TiledELL | CSR
 KV = DenseKV | PagedKV
@@ -63,6 +71,19 @@ def spmm(a: Sparse, w: Any, *, backend: str | None = None) -> Any:
         out[m] = sum over stored (m, k, v) of v * W[k]
     """
     return dispatch(I.SpmmInputs(a, w), backend)
+
+
+def threshold_spmm(x: Any, w: Any, *, threshold: float = 0.0, backend: str | None = None) -> Any:
+    """:func:`spmm` of ``pack(x, threshold=threshold)`` in one call, without the packed matrix: a
+    decode step's down projection with its input thresholded (TEAL-style training-free sparsity)::
+
+        keep = ~(np.abs(x) <= threshold)                         # NaN is kept
+        out[m] = sum over k with keep[m, k] of x[m, k] * W[k]
+
+    ``x[M, K]`` and ``w[K, N]`` (the transpose of a LLaMA ``down_proj.weight``) of one dtype; the
+    result ``[M, N]`` has that dtype. ``threshold`` is a finite number ``>= 0``.
+    """
+    return dispatch(I.ThresholdSpmmInputs(x, w, threshold), backend)
 
 
 def sddmm(x: Any, w: Any, pattern: Sparse, *, backend: str | None = None) -> Sparse:

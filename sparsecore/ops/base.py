@@ -13,7 +13,7 @@ import numpy as np
 from .._arrays import device_of, dtype_name, from_numpy, is_array, kind_of, to_numpy
 from .._checks import _device_label, check_same_place
 
-__all__ = ["OpInputs", "BackendOp", "signature", "map_arrays"]
+__all__ = ["OpInputs", "BackendOp", "signature", "map_arrays", "op", "DECLARED"]
 
 
 _IS_FORMAT: dict[type, bool] = {}
@@ -219,6 +219,33 @@ class OpInputs:
             v = getattr(self, n)
             if _is_format(v) and hasattr(v, "check_bounds"):
                 v.check_bounds(self.OP, n)
+
+
+#: every op's ``Inputs`` class, by op name, in declaration order: the rows of the op table
+DECLARED: dict[str, type[OpInputs]] = {}
+
+
+def op(reference: Callable[[Any], Any], family: str, returns: str, *,
+       example: Callable[[np.random.Generator, str], OpInputs] | None = None,
+       baseline: Callable[[Any], tuple[str, Callable[[], Any]]] | None = None,
+       out_shape: Callable[[Any], tuple[Any, ...]] | None = None) -> Callable[[type], type]:
+    """Class decorator that declares an op at its arguments' dataclass: its row of the op table
+    (:mod:`sparsecore.ops.table`). ``reference``: the op's meaning, the NumPy reference called on a
+    validated instance; ``family``: ``"ffn"`` or ``"decode"``; ``returns``: what it gives back, in
+    words. Optional, for ops whose warm-up and benchmark are not written by hand:
+    ``example(rng, dtype)``, an instance for a decode-size call (what ``warmup`` compiles and the
+    ``ops`` benchmark times), and ``baseline(inputs)``, ``(name, call)`` of the NumPy peer the
+    benchmark times beside it. For an op of arrays and plain scalars that returns one array of its
+    value dtype: ``out_shape(inputs)``, that array's shape from the inputs' shapes, from which
+    :mod:`sparsecore.torch` makes its custom op (the fake implementation builds it)."""
+
+    def declare(cls: type) -> type:
+        cls.ROW = {"reference": reference, "family": family, "returns": returns, "example": example,
+                   "baseline": baseline, "out_shape": out_shape}
+        DECLARED[cls.OP] = cls
+        return cls
+
+    return declare
 
 
 class BackendOp:

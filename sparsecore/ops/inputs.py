@@ -1,4 +1,6 @@
-"""The arguments of every op, as dataclasses whose ``validate()`` rejects what no backend could take.
+"""Every op's declaration: its arguments, as a dataclass whose ``validate()`` rejects what no backend
+could take, under its ``@op`` row of the op table (:mod:`sparsecore.ops.table`: its meaning, the NumPy
+reference called on the validated arguments, and what it returns).
 
 Messages start with the op's name, name the argument, show the bad value and say what is allowed.
 """
@@ -11,6 +13,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from .. import reference as ref
 from .._arrays import VALUE_DTYPES, dtype_name, to_host
 from .._checks import check_array, check_choice, check_dtype, check_int, check_ndim, check_real, check_same_dtype, fail
 from ..formats import _fastcheck
@@ -19,7 +22,7 @@ from ..formats.csr import CSR
 from ..formats.kv import DenseKV, PageBounds, PagedKV
 from ..formats.tiled_ell import TiledELL, check_tile_capacity
 from ..formats.topk import TopKIndex, topk_capacity
-from .base import OpInputs
+from .base import OpInputs, op
 
 SPARSE = (TiledELL, CSR)
 
@@ -81,6 +84,8 @@ def threshold_f32(threshold: float) -> float:
     return float(t)
 
 
+@op(lambda i: ref.pack(i.x, threshold=i.threshold, activation=i.activation, tile=i.tile, capacity=i.capacity),
+    "ffn", "TiledELL [M, K]")
 @dataclass(frozen=True, eq=False)
 class PackInputs(OpInputs):
     OP: ClassVar[str] = "pack"
@@ -116,6 +121,8 @@ class PackInputs(OpInputs):
         object.__setattr__(self, "capacity", cap)
 
 
+@op(lambda i: ref.ffn.gated_pack(i.gate, i.up, threshold=i.threshold, activation=i.activation, tile=i.tile,
+                                 capacity=i.capacity), "ffn", "TiledELL [M, K]")
 @dataclass(frozen=True, eq=False)
 class GatedPackInputs(OpInputs):
     OP: ClassVar[str] = "gated_pack"
@@ -141,6 +148,7 @@ class GatedPackInputs(OpInputs):
         PackInputs._validate_scalars(self)  # type: ignore[arg-type]
 
 
+@op(lambda i: ref.unpack(i.a), "ffn", "dense [M, K]")
 @dataclass(frozen=True, eq=False)
 class UnpackInputs(OpInputs):
     OP: ClassVar[str] = "unpack"
@@ -158,6 +166,7 @@ class UnpackInputs(OpInputs):
         self.a.validate()
 
 
+@op(lambda i: ref.spmm(i.a, i.w), "ffn", "dense [M, N]")
 @dataclass(frozen=True, eq=False)
 class SpmmInputs(OpInputs):
     OP: ClassVar[str] = "spmm"
@@ -182,6 +191,46 @@ class SpmmInputs(OpInputs):
         self.a.validate()
 
 
+def _threshold_spmm_example(rng: np.random.Generator, dtype: str) -> ThresholdSpmmInputs:
+    """A decode-size call: 4 rows of SmolLM2's down projection input (K 1536), ~1 % above the threshold."""
+    from .._arrays import BFLOAT16
+
+    t = BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype)
+    return ThresholdSpmmInputs(rng.standard_normal((4, 1536)).astype(t), rng.standard_normal((1536, 576)).astype(t),
+                               2.58)
+
+
+@op(lambda i: ref.ffn.threshold_spmm(i.x, i.w, threshold=i.threshold), "ffn", "dense [M, N]",
+    example=_threshold_spmm_example, baseline=lambda i: ("numpy dense matmul", lambda: i.x @ i.w),
+    out_shape=lambda i: (i.x.shape[0], i.w.shape[1]))
+@dataclass(frozen=True, eq=False)
+class ThresholdSpmmInputs(OpInputs):
+    OP: ClassVar[str] = "threshold_spmm"
+    x: Any
+    w: Any
+    threshold: float = 0.0
+
+    @property
+    def dtype(self) -> str:
+        return dtype_name(self.x)
+
+    threshold_f32 = PackInputs.threshold_f32
+
+    def _validate(self) -> None:
+        check_ndim(self.OP, "x", self.x, 2, "[M, K]")
+        check_dtype(self.OP, "x", self.x, VALUE_DTYPES)
+        check_ndim(self.OP, "w", self.w, 2, "[K, N]")
+        if self.w.shape[0] != self.x.shape[1]:
+            fail(self.OP, f"w has shape {tuple(self.w.shape)}; expected w.shape[0] == K = {self.x.shape[1]} "
+                          f"(x has shape {tuple(self.x.shape)})")
+        if dtype_name(self.w) != dtype_name(self.x):
+            fail(self.OP, f"x has dtype {dtype_name(self.x)} but w has {dtype_name(self.w)}; they must match",
+                 TypeError)
+        thr = check_real(self.OP, "threshold", self.threshold, allowed="a finite number >= 0")
+        object.__setattr__(self, "threshold", thr)
+
+
+@op(lambda i: ref.sddmm(i.x, i.w, i.pattern), "ffn", "the pattern's format [M, K]")
 @dataclass(frozen=True, eq=False)
 class SddmmInputs(OpInputs):
     OP: ClassVar[str] = "sddmm"
@@ -214,6 +263,7 @@ class SddmmInputs(OpInputs):
         self.pattern.validate()
 
 
+@op(lambda i: ref.spmm_t(i.a, i.dy), "ffn", "dense [K, N]")
 @dataclass(frozen=True, eq=False)
 class SpmmTInputs(OpInputs):
     OP: ClassVar[str] = "spmm_t"
@@ -239,6 +289,7 @@ class SpmmTInputs(OpInputs):
         self.a.validate()
 
 
+@op(lambda i: ref.gated_ffn(i.x, i.gate, i.w_up, i.w_down), "ffn", "dense [M, N]")
 @dataclass(frozen=True, eq=False)
 class GatedFfnInputs(OpInputs):
     OP: ClassVar[str] = "gated_ffn"
@@ -286,6 +337,8 @@ def _check_bounds(op: str, name: str, bounds: Any, kv: DenseKV | PagedKV) -> Non
     bounds.check_matches(op, name, kv)
 
 
+@op(lambda i: ref.page_bounds(i.kv, i.unit_page_size, out=i.out, start=i.start), "decode",
+    "PageBounds [B, P, Hkv, D]")
 @dataclass(frozen=True, eq=False)
 class PageBoundsInputs(OpInputs):
     OP: ClassVar[str] = "page_bounds"
@@ -351,6 +404,10 @@ class PageBoundsInputs(OpInputs):
             fail(self.OP, f"start[{b}] = {st[b]}; allowed 0 <= start[b] <= lengths[{b}] = {ln[b]}")
 
 
+@op(lambda i: ref.select_topk(i.q, i.kv, i.k, method=i.method, sink=i.sink, window=i.window, shared=i.shared,
+                              page_size=i.unit_page_size, bounds=i.bounds, top_p=i.top_p, k_min=i.k_min,
+                              scale=i.scale, codes=i.codes, rescore=i.rescore),
+    "decode", "TopKIndex [B, G, k_max]")
 @dataclass(frozen=True, eq=False)
 class SelectTopkInputs(OpInputs):
     OP: ClassVar[str] = "select_topk"
@@ -476,6 +533,7 @@ class SelectTopkInputs(OpInputs):
         self.kv.validate()
 
 
+@op(lambda i: ref.sparse_decode(i.q, i.kv, i.index, scale=i.scale), "decode", "(out [B, Hq, D], lse [B, Hq])")
 @dataclass(frozen=True, eq=False)
 class SparseDecodeInputs(OpInputs):
     OP: ClassVar[str] = "sparse_decode"
@@ -517,6 +575,7 @@ class SparseDecodeInputs(OpInputs):
         self.index.validate(lengths=self.kv.lengths)
 
 
+@op(lambda i: ref.dense_decode(i.q, i.kv, scale=i.scale), "decode", "(out [B, Hq, D], lse [B, Hq])")
 @dataclass(frozen=True, eq=False)
 class DenseDecodeInputs(OpInputs):
     OP: ClassVar[str] = "dense_decode"
@@ -537,6 +596,7 @@ class DenseDecodeInputs(OpInputs):
         self.kv.validate()
 
 
+@op(lambda i: ref.merge_attention(i.o1, i.lse1, i.o2, i.lse2), "decode", "(out [..., D], lse [...])")
 @dataclass(frozen=True, eq=False)
 class MergeAttentionInputs(OpInputs):
     OP: ClassVar[str] = "merge_attention"

@@ -47,6 +47,18 @@ def gated_pack(gate: np.ndarray, up: np.ndarray, *, threshold: float = 0.0, acti
     return pack(h, threshold=threshold, tile=tile, capacity=capacity)
 
 
+def threshold_spmm(x: np.ndarray, w: np.ndarray, *, threshold: float = 0.0) -> np.ndarray:
+    """:func:`spmm` of :func:`pack` ``(x, threshold)`` without the packed matrix: the entries of
+    ``x[M, K]`` with ``abs > threshold`` (NaN kept) times the rows of ``W[K, N]`` (one dtype)::
+
+        keep = ~(np.abs(x) <= threshold)
+        out[m] = sum over k with keep[m, k] of x[m, k] * W[k]
+
+    A dropped entry never meets ``W`` (an ``inf`` in a row of ``W`` only counts where it is kept).
+    """
+    return spmm(pack(x, threshold=threshold), w)
+
+
 def unpack(a: TiledELL) -> np.ndarray:
     """The dense matrix back: ``out = np.zeros(a.shape); out[rows, cols] = values`` over the filled
     slots (``t * tile + cols[m, t, s]`` for ``s < counts[m, t]``) and the overflow entries."""

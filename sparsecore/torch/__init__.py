@@ -1,5 +1,8 @@
-"""PyTorch adapters: every public op as a ``torch.library`` custom op (namespace ``sparsecore``),
-autograd for sparse FFN training, and torch-side holders of the formats.
+"""PyTorch adapters: the public ops as ``torch.library`` custom ops (namespace ``sparsecore``),
+autograd for sparse FFN training, and torch-side holders of the formats. An op of the table declared
+with ``out_shape`` and no custom op written here (``threshold_spmm``) gets one made from its row
+(``ops.TABLE_OPS``: forward only, traced by ``torch.compile``); any other op is the public function
+itself, which takes and returns CPU tensors.
 
 ``import sparsecore`` never imports torch; ``import sparsecore.torch`` does. See ``docs/torch.md``.
 """
@@ -48,4 +51,12 @@ def __getattr__(name: str):  # the modules and model patching live in their own 
             continue
         if hasattr(m, name):
             return getattr(m, name)
+    if name in ops.TABLE_OPS:  # a custom op made from the op table (forward only)
+        return ops.TABLE_OPS[name]
+    from ..ops.table import OPS
+
+    if name in OPS:  # an op of the table with no custom op: the public function (tensors in, tensors
+        import sparsecore  # out, no gradient: a tensor that requires one is refused under grad mode)
+
+        return getattr(sparsecore, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

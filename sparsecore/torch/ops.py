@@ -808,3 +808,85 @@ def merge_attention(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor, *,
                     backend: str | None = None) -> tuple[Tensor, Tensor]:
     """:func:`sparsecore.merge_attention` as a custom op."""
     return torch.ops.sparsecore.merge_attention(o1, lse1, o2, lse2, backend)
+
+
+# --------------------------------------------------------------------------------------------------
+# the ops of the table without a custom op written above: made from their @op row
+# --------------------------------------------------------------------------------------------------
+
+#: a field's annotation (as written in sparsecore.ops.inputs) -> its type in a torch.library schema
+_SCHEMA_TYPES = {"Any": "Tensor", "float": "float", "int": "int", "bool": "bool", "str": "str",
+                 "float | None": "float?", "int | None": "int?", "str | None": "str?"}
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                 "float64": torch.float64}
+_LIB = torch.library.Library(NS, "FRAGMENT")
+
+
+def _table_op(row: Any) -> Any:
+    """``torch.ops.sparsecore.<op>`` and its Python face for a row of the op table that declares
+    ``out_shape`` (arrays and plain scalars in, one array of the op's value dtype out): the real
+    implementation dispatches the op (CPU tensors as NumPy views), the fake one validates the
+    arguments as the real one does and builds the output from ``out_shape``; there is no gradient
+    (backward raises). None for a row whose fields have another type."""
+    import dataclasses
+
+    fields = [f for f in dataclasses.fields(row.inputs) if f.name != "OP"]
+    kinds = [f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "?") for f in fields]
+    if row.out_shape is None or any(k not in _SCHEMA_TYPES for k in kinds):
+        return None
+    names = tuple(f.name for f in fields)
+    arrays = tuple(k == "Any" for k in kinds)
+    args = ", ".join(f"{_SCHEMA_TYPES[k]} {n}" for n, k in zip(names, kinds))
+    _LIB.define(f"{row.name}({args}, str? backend) -> Tensor")
+
+    def impl(*vals: Any) -> Tensor:
+        *vals, backend = vals
+        tensors = [v for v, a in zip(vals, arrays) if a]
+        host = _on_host(*tensors)
+        inp = row.inputs(*(_view(v, host) if a else v for v, a in zip(vals, arrays)))
+        return _fresh(_as_tensor(_ops.dispatch(inp, backend)), *tensors)
+
+    def fake(*vals: Any) -> Tensor:
+        *vals, backend = vals
+        inp = row.inputs(*vals)
+        if _concrete(*vals):
+            inp.validate()
+        first = next(v for v, a in zip(vals, arrays) if a)
+        return first.new_empty(row.out_shape(inp), dtype=_TORCH_DTYPES[inp.dtype])
+
+    def backward(ctx: Any, grad: Tensor) -> Any:
+        raise NotImplementedError(f"sparsecore.torch.{row.name} has no gradient (its custom op is made from "
+                                  "the op table, forward only); detach its inputs or call it under torch.no_grad()")
+
+    _LIB.impl(row.name, impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"{NS}::{row.name}", fake, lib=_LIB)
+    torch.library.register_autograd(f"{NS}::{row.name}", backward, lib=_LIB)
+    op = getattr(torch.ops.sparsecore, row.name)
+
+    def face(*args: Any, backend: str | None = None, **scalars: Any) -> Tensor:
+        inp = row.inputs(*args, **scalars)
+        return op(*(getattr(inp, n) for n in names), backend)
+
+    face.__name__ = face.__qualname__ = row.name
+    face.__doc__ = (f":func:`sparsecore.{row.name}` as the custom op ``torch.ops.sparsecore.{row.name}`` (made from "
+                    f"its row of the op table: arguments {', '.join(names)}, no gradient).")
+    return face
+
+
+def _table_ops() -> dict[str, Any]:
+    from ..ops.table import TABLE
+
+    made = {}
+    for row in TABLE:
+        if row.name not in OP_NAMES:
+            face = _table_op(row)
+            if face is not None:
+                made[row.name] = face
+    return made
+
+
+#: the Python faces of the custom ops made from the op table, by op name
+TABLE_OPS: dict[str, Any] = _table_ops()
+globals().update(TABLE_OPS)
+__all__ += list(TABLE_OPS)
+OP_NAMES += tuple(TABLE_OPS)

@@ -91,6 +91,29 @@ def test_opcheck_pack(dtype, activation, threshold):
     _opcheck(OPS.pack.default, (x, threshold, activation, 16, None, None))  # default capacity
 
 
+@pytest.mark.parametrize("name", sorted(sct.ops.TABLE_OPS))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_table_made_ops(name, dtype):
+    """An op whose custom op is made from its row of the op table (``out_shape``): opcheck, the
+    public op's result, one graph under torch.compile, and a clear error where a gradient is asked."""
+    from sparsecore.ops import dispatcher as D
+
+    row = D.TABLE[D.OPS.index(name)]
+    inp = row.example(np.random.default_rng(0), dtype)
+    fields = [n for n in inp.__dataclass_fields__ if n != "OP"]
+    vals = [getattr(inp, n) for n in fields]
+    tvals = [sc._arrays.from_numpy(v, "torch") if isinstance(v, np.ndarray) else v for v in vals]
+    _opcheck(getattr(OPS, name).default, (*tvals, None))
+    got = getattr(sct, name)(*tvals)
+    want = sc._arrays.from_numpy(D.dispatch(row.inputs(*vals)), "torch")
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    compiled = torch.compile(lambda *a: getattr(sct, name)(*a) * 2, fullgraph=True)
+    assert torch.equal(compiled(*tvals), want * 2)
+    leaf = tvals[0].float().to(tvals[0].dtype).requires_grad_()
+    with pytest.raises(NotImplementedError, match=f"sparsecore.torch.{name} has no gradient"):
+        getattr(sct, name)(leaf, *tvals[1:]).float().sum().backward()
+
+
 def test_opcheck_relu_gate():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)

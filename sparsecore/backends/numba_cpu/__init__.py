@@ -205,7 +205,14 @@ def _row_kernels(a: TiledELL | CSR, width: int) -> bool:
 
 
 def _sparse_args(a: TiledELL | CSR) -> tuple[Any, ...]:
-    return _ell_args(a) if isinstance(a, TiledELL) else _csr_as_ell_args(a)
+    """The kernels' arguments for a sparse operand, kept on the (frozen) format: its buffers never
+    change after construction, so a decode loop that passes one packed matrix builds them once."""
+    d = a.__dict__
+    args = d.get("_sc_kernel_args")
+    if args is None:
+        args = _ell_args(a) if isinstance(a, TiledELL) else _csr_as_ell_args(a)
+        object.__setattr__(a, "_sc_kernel_args", args)
+    return args
 
 
 @register
@@ -368,6 +375,42 @@ class Spmm(_NumbaCpu):
             return _finish(out, dtype)
 
         return launch
+
+
+@register
+class ThresholdSpmm(_NumbaCpu):
+    OP = "threshold_spmm"
+
+    @classmethod
+    def work(cls, inp: I.ThresholdSpmmInputs) -> int:
+        return math.prod(inp.x.shape) + int(inp.x.shape[0]) * math.prod(inp.w.shape) // 100  # ~1 % kept
+
+    @classmethod
+    def serial(cls, inp: I.ThresholdSpmmInputs) -> bool:
+        return inp.x.shape[0] <= ROW_KERNEL_MAX_ROWS
+
+    @classmethod
+    def runner(cls, inp: I.ThresholdSpmmInputs) -> Any:
+        """Decode-size calls: the row kernel bound once (each call allocates its output)."""
+        if not cls._serial(inp):
+            return None
+        m, n, dtype, lut = int(inp.x.shape[0]), int(inp.w.shape[1]), inp.dtype, _lut_for(inp.dtype)
+        thr, kernel = np.float32(inp.threshold_f32), _k().threshold_spmm_rows
+        return lambda i: _finish(_threshold_spmm(kernel, i.x, thr, i.w, lut, m, n), dtype)
+
+    @classmethod
+    def run(cls, inp: I.ThresholdSpmmInputs) -> np.ndarray:
+        kernel = _k().threshold_spmm_rows if cls._serial(inp) else _k().threshold_spmm
+        out = _threshold_spmm(kernel, inp.x, np.float32(inp.threshold_f32), inp.w, _lut_for(inp.dtype),
+                              int(inp.x.shape[0]), int(inp.w.shape[1]))
+        return _finish(out, inp.dtype)
+
+
+def _threshold_spmm(kernel: Any, x: np.ndarray, thr: np.float32, w: np.ndarray, lut: np.ndarray, m: int,
+                    n: int) -> np.ndarray:
+    out = np.empty((m, n), np.float32)
+    kernel(np.ascontiguousarray(_bits(x)), thr, np.ascontiguousarray(_bits(w)), lut, out)
+    return out
 
 
 @register

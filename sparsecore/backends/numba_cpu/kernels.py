@@ -295,6 +295,36 @@ def spmm_rows(values, cols, counts, tile, o_ptr, o_idx, o_val, w, lut, out):
 
 
 @njit(**_ROWS)
+def _threshold_spmm_row(m, x, threshold, w, lut, acc, out):
+    """out[m] = sum over k with not abs(x[m, k]) <= threshold of x[m, k] * W[k] (k ascending)."""
+    n = w.shape[1]
+    for nn in range(n):
+        acc[nn] = 0
+    for j in range(x.shape[1]):
+        v = load(x, (m, j), lut)
+        if not abs(v) <= threshold:  # NaN is kept
+            for nn in range(n):
+                acc[nn] += v * load(w, (j, nn), lut)
+    for nn in range(n):
+        out[m, nn] = acc[nn]
+
+
+@njit(**_ROWS)
+def threshold_spmm_rows(x, threshold, w, lut, out):
+    """:func:`_threshold_spmm_row` for every row, on the calling thread (decode sizes)."""
+    acc = np.empty(w.shape[1], np.float32)
+    for m in range(x.shape[0]):
+        _threshold_spmm_row(m, x, threshold, w, lut, acc, out)
+
+
+@njit(**_PAR)
+def threshold_spmm(x, threshold, w, lut, out):
+    """:func:`_threshold_spmm_row` with the rows in parallel (same sums, same order: same bits)."""
+    for m in prange(x.shape[0]):
+        _threshold_spmm_row(m, x, threshold, w, lut, np.empty(w.shape[1], np.float32), out)
+
+
+@njit(**_ROWS)
 def gated_rows(values, cols, counts, tile, o_ptr, o_idx, o_val, x, w_up, w_down, lut, out):
     """out[m] = sum over the stored (m, j, g) of g * (x[m] . w_up[j]) * w_down[j], row by row."""
     m_rows, n_tiles, _ = values.shape
