@@ -49,6 +49,18 @@ def _nnz(packed: Any) -> torch.Tensor:
     return n
 
 
+def _kept(h: Any, threshold: float) -> int:
+    """How many entries of ``h`` (a NumPy array or a CPU tensor) ``pack(h, threshold=threshold)``
+    keeps: ``~(abs(h) <= threshold)``, compared in float32 against the threshold that decides as
+    the reference's float64 comparison does (:func:`sparsecore.ops.inputs.threshold_f32`)."""
+    from ..ops.inputs import threshold_f32
+
+    t = threshold_f32(threshold)
+    if isinstance(h, np.ndarray):
+        return int(h.size - np.count_nonzero(np.abs(h) <= np.float32(t)))
+    return int(h.numel() - int((h.detach().abs().float() <= t).sum()))
+
+
 def _operand(t: torch.Tensor) -> Any:
     """An inference operand of the public ops: a zero-copy NumPy view of a CPU float32 tensor (the
     ops then convert no buffer of their result), else the detached tensor."""
@@ -203,11 +215,15 @@ class ThresholdSparseMLP(nn.Module):
     """A LLaMA-style gated MLP whose hidden activations below a threshold are dropped::
 
         x[|x| <= input_threshold] = 0               # optional (default 0: nothing dropped), TEAL's input
-                                                    # sparsity: spmm(pack(x), [gate | up].T) reads only
-                                                    # the kept columns of gate_proj and up_proj
+                                                    # sparsity: only the kept columns of gate_proj and
+                                                    # up_proj are read
         h = act(gate_proj(x)) * up_proj(x)          # act as the model had it (SiLU, GELU, ...)
-        h[|h| <= threshold] = 0                     # pack(h, threshold=threshold): TiledELL
-        out = spmm(h, down_proj.weight.T)           # only the kept rows of down_proj are read
+        h[|h| <= threshold] = 0
+        out = h @ down_proj.weight.T                # only the kept rows of down_proj are read
+
+    In inference on the host both thresholded products are one :func:`sparsecore.threshold_spmm`
+    call each (nothing is packed); on a device, and when differentiated or compiled, ``pack`` then
+    ``spmm`` (the custom ops, with their gradients).
 
     With ``threshold = 0`` only exact zeros are dropped and the output is the dense MLP's (up to the
     order of the float32 sums). A threshold calibrated by :func:`calibrate_thresholds` for a target
@@ -286,8 +302,11 @@ class ThresholdSparseMLP(nn.Module):
                     or self.gate_proj.bias is not None or self.up_proj.bias is not None:
                 x2 = torch.where(x2.abs() <= t_in, torch.zeros((), dtype=x2.dtype, device=x2.device), x2)
             else:  # inference: only the kept inputs' columns of gate_proj and up_proj are read
-                xs = sc.pack(_operand(x2), threshold=t_in, tile=self.input_tile, capacity=self.input_capacity)
-                gu = _as_tensor(sc.spmm(xs, _operand(self._w_gate_up())))
+                if x2.device.type == "cpu":  # one call, nothing packed
+                    gu = _as_tensor(sc.threshold_spmm(_operand(x2), _operand(self._w_gate_up()), threshold=t_in))
+                else:
+                    xs = sc.pack(_operand(x2), threshold=t_in, tile=self.input_tile, capacity=self.input_capacity)
+                    gu = _as_tensor(sc.spmm(xs, _operand(self._w_gate_up())))
                 k = self.intermediate_size
                 return self.act_fn(gu[:, :k]) * gu[:, k:]
         return self.act_fn(self.gate_proj(x2)) * self.up_proj(x2)
@@ -313,11 +332,15 @@ class ThresholdSparseMLP(nn.Module):
             # traced, or differentiated: the custom ops (fakes for the compiler, gradients registered)
             packed = ops.pack(h, threshold=self.threshold, tile=self.tile, capacity=self.capacity)
             out = ops.spmm(packed, self._w_down())
-        else:  # inference: the public ops, zero-copy, without custom-op dispatch
+        elif h.device.type == "cpu":  # inference on the host: one call, nothing packed (threshold_spmm)
+            hn = _operand(h)
+            out = _as_tensor(sc.threshold_spmm(hn, _operand(self._w_down()), threshold=self.threshold))
+            packed = None
+        else:  # inference on a device: the public ops, zero-copy, without custom-op dispatch
             packed = sc.pack(_operand(h), threshold=self.threshold, tile=self.tile, capacity=self.capacity)
             out = _as_tensor(sc.spmm(packed, _operand(self._w_down())))
         with torch.no_grad():
-            nnz = _nnz(packed)
+            nnz = _kept(hn, self.threshold) if packed is None else _nnz(packed)
             nnz = torch.tensor(float(nnz), dtype=torch.float64) if isinstance(nnz, int) else nnz.to(torch.float64)
             slots = float(x2.shape[0] * self.intermediate_size)
             self.last_density = nnz / slots if slots else torch.zeros((), dtype=torch.float64)

@@ -45,6 +45,10 @@ def test_threshold_mlp_is_the_masked_dense_mlp(act, threshold, capacity):
         got = mlp(x)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert float(mlp.last_density) == pytest.approx(float(keep.float().mean()))
+    density = float(mlp.last_density)  # inference on the host: threshold_spmm, counted apart
+    got_packed = mlp(x.clone().requires_grad_())  # the differentiable path: pack, then spmm
+    torch.testing.assert_close(got_packed.detach(), got, atol=1e-5, rtol=1e-5)
+    assert float(mlp.last_density) == density
     if threshold == 0:
         torch.testing.assert_close(got, dense(x), atol=1e-5, rtol=1e-5)
     else:

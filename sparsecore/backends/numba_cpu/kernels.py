@@ -294,34 +294,49 @@ def spmm_rows(values, cols, counts, tile, o_ptr, o_idx, o_val, w, lut, out):
             out[m, nn] = acc[nn]
 
 
+#: rows of x that one task of threshold_spmm accumulates together (each kept row of W is read once
+#: for all of them): its float32 sums, THRESHOLD_ROWS x N, stay in a core's cache
+THRESHOLD_ROWS = 16
+
+
 @njit(**_ROWS)
-def _threshold_spmm_row(m, x, threshold, w, lut, acc, out):
-    """out[m] = sum over k with not abs(x[m, k]) <= threshold of x[m, k] * W[k] (k ascending)."""
+def _threshold_spmm_rows(r0, r1, x, threshold, w, lut, acc, out):
+    """out[m] = sum over k with not abs(x[m, k]) <= threshold of x[m, k] * W[k], for rows r0..r1-1
+    together: k outer (a kept row of W is read once for the block), each row's sum in k order (so the
+    bits do not depend on how rows are blocked)."""
     n = w.shape[1]
-    for nn in range(n):
-        acc[nn] = 0
+    for i in range((r1 - r0) * n):
+        acc[i] = 0
     for j in range(x.shape[1]):
-        v = load(x, (m, j), lut)
-        if not abs(v) <= threshold:  # NaN is kept
-            for nn in range(n):
-                acc[nn] += v * load(w, (j, nn), lut)
-    for nn in range(n):
-        out[m, nn] = acc[nn]
+        for m in range(r0, r1):
+            v = load(x, (m, j), lut)
+            if not abs(v) <= threshold:  # NaN is kept
+                a = acc[(m - r0) * n:(m - r0 + 1) * n]
+                for nn in range(n):
+                    a[nn] += v * load(w, (j, nn), lut)
+    for m in range(r0, r1):
+        base = (m - r0) * n
+        for nn in range(n):
+            out[m, nn] = acc[base + nn]
 
 
 @njit(**_ROWS)
 def threshold_spmm_rows(x, threshold, w, lut, out):
-    """:func:`_threshold_spmm_row` for every row, on the calling thread (decode sizes)."""
-    acc = np.empty(w.shape[1], np.float32)
-    for m in range(x.shape[0]):
-        _threshold_spmm_row(m, x, threshold, w, lut, acc, out)
+    """:func:`_threshold_spmm_rows` over blocks of THRESHOLD_ROWS rows, on the calling thread."""
+    m_n = x.shape[0]
+    acc = np.empty(min(m_n, THRESHOLD_ROWS) * w.shape[1], np.float32)
+    for r0 in range(0, m_n, THRESHOLD_ROWS):
+        _threshold_spmm_rows(r0, min(r0 + THRESHOLD_ROWS, m_n), x, threshold, w, lut, acc, out)
 
 
 @njit(**_PAR)
 def threshold_spmm(x, threshold, w, lut, out):
-    """:func:`_threshold_spmm_row` with the rows in parallel (same sums, same order: same bits)."""
-    for m in prange(x.shape[0]):
-        _threshold_spmm_row(m, x, threshold, w, lut, np.empty(w.shape[1], np.float32), out)
+    """:func:`_threshold_spmm_rows` with the blocks in parallel (same sums, same order: same bits)."""
+    m_n = x.shape[0]
+    for blk in prange(-(-m_n // THRESHOLD_ROWS)):
+        r0 = blk * THRESHOLD_ROWS
+        _threshold_spmm_rows(r0, min(r0 + THRESHOLD_ROWS, m_n), x, threshold, w, lut,
+                             np.empty(THRESHOLD_ROWS * w.shape[1], np.float32), out)
 
 
 @njit(**_ROWS)
