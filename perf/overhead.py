@@ -7,7 +7,8 @@ reported with the median): the numba_cpu kernels called directly with prepared b
 call cannot go below), the planned call (``sc.DecodePlan.run``, on NumPy arrays and on CPU torch
 tensors; for spmm ``sc.OpPlan``), and the public call with the default validation
 (``SPARSECORE_VALIDATE=auto``: data checks on host inputs) and with ``never`` (bounds checks only),
-beside the peers (SciPy CSR and torch dense for spmm, torch SDPA over the whole cache for decode).
+beside the peers (SciPy CSR and torch dense for spmm; pack then spmm and torch dense for threshold_spmm;
+torch SDPA over the whole cache for decode).
 The overhead is the call minus the kernel. Targets of the plan/run work: planned <= 10 us, public <= 30 us.
 """
 
@@ -75,6 +76,37 @@ def spmm_rows() -> list[dict[str, Any]]:
             t["public_never"] = _times({"public": public})["public"]
             del os.environ["SPARSECORE_VALIDATE"]
             out.append({"op": "spmm", "shape": f"M={m} K={k} N={n} 1%", "row_kernel": nc._row_kernels(a, n), **t})
+    return out
+
+
+def threshold_rows() -> list[dict[str, Any]]:
+    """SmolLM2-135M's down projection (K 1536, N 576) with its input thresholded at run time, as a
+    SiLU model's training-free sparsity does: ``threshold_spmm`` (one call) beside ``pack`` then
+    ``spmm`` (two) and torch's dense ``F.linear``."""
+    import torch
+
+    import sparsecore as sc
+    from sparsecore.backends import numba_cpu as nc
+    from sparsecore.ops.inputs import threshold_f32
+
+    out = []
+    rng = np.random.default_rng(2)
+    k, n = 1536, 576
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    wt = torch.from_numpy(np.ascontiguousarray(w.T))
+    kern, lut = nc._k().threshold_spmm_rows, nc._lut_for("float32")
+    for m in (1, 4, 16):
+        for sparsity in (0.5, 0.9):
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            thr = float(np.quantile(np.abs(x), sparsity))
+            t32 = np.float32(threshold_f32(thr))
+            buf = np.empty((m, n), np.float32)
+            xt = torch.from_numpy(x)
+            t = _times({"kernel": lambda: kern(x, t32, w, lut, buf),
+                        "public": lambda: sc.threshold_spmm(x, w, threshold=thr),
+                        "pack_then_spmm": lambda: sc.spmm(sc.pack(x, threshold=thr), w),
+                        "torch_dense": lambda: torch.nn.functional.linear(xt, wt)})
+            out.append({"op": "threshold_spmm", "shape": f"M={m} K={k} N={n} {sparsity:.0%} dropped", **t})
     return out
 
 
@@ -159,12 +191,12 @@ def main() -> int:
 
     numba.set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
-    rows = spmm_rows() + decode_rows()
+    rows = spmm_rows() + threshold_rows() + decode_rows()
     for r in rows:
         k = r["kernel"]["min_us"]
         parts = [f"{r['op']:<44} {r['shape']:<28} kernel {k:7.1f} us"]
-        for name in ("planned", "planned_torch", "public", "public_never", "scipy_csr", "torch_dense",
-                     "torch_sdpa_dense"):
+        for name in ("planned", "planned_torch", "public", "public_never", "pack_then_spmm", "scipy_csr",
+                     "torch_dense", "torch_sdpa_dense"):
             if name in r:
                 v = r[name]["min_us"]
                 extra = f" (+{v - k:.1f})" if name in ("planned", "planned_torch", "public", "public_never") else ""

@@ -12,7 +12,8 @@ kernel. ``OpPlan`` makes them once, from example arguments::
 arguments are the plan's). A run whose arguments have the plan's metadata (each buffer's shape,
 dtype and strides; each format's class and sizes) goes straight to the backend's launcher: no
 validation of the unchanged metadata, no backend choice, no conversion; the bounds of host formats
-are still checked by one compiled pass (what keeps a kernel inside its buffers). A run with other
+are still checked, by one compiled pass or by the launcher's kernel itself before it reads through
+an index (``spmm``'s row kernel), which keeps a kernel inside its buffers. A run with other
 metadata is checked in full, as a public call, and becomes the plan's metadata. Data validation
 (``SPARSECORE_VALIDATE=auto`` checks every invariant of host formats on public calls) is skipped by
 runs; with ``SPARSECORE_VALIDATE=always`` when the plan is made, every run is a public call.
@@ -95,6 +96,8 @@ class OpPlan:
     def _bind(self, inp: Any) -> None:
         fast = self._plan.device == "host" and inp.all_numpy and os.environ.get("SPARSECORE_VALIDATE") != "always"
         self._launch = self._plan.backend.launcher(inp) if fast else None
+        # a launcher whose kernel checks every index before reading through it needs no bounds pass
+        self._launch_checks = bool(getattr(self._launch, "checks_bounds", False))
         self._formats = tuple(i for i, n in enumerate(self._names) if _is_format(getattr(inp, n)))
         self._seen = _metadata(tuple(getattr(inp, n) for n in self._names)) if fast else None
 
@@ -115,8 +118,9 @@ class OpPlan:
         if self._launch is not None:
             seen = _metadata(args)
             if seen is not None and seen == self._seen:
-                for i in self._formats:  # one compiled pass each: what keeps the kernel in bounds
-                    args[i].check_bounds(self.op, self._names[i])
+                if not self._launch_checks:
+                    for i in self._formats:  # one compiled pass each: what keeps the kernel in bounds
+                        args[i].check_bounds(self.op, self._names[i])
                 return self._launch(*args)
         inp = self._spec.inputs(**dict(zip(self._names, args)), **self._scalars)
         result = dispatch(inp, self._backend)  # checked in full, as a public call

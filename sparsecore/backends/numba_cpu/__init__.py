@@ -345,7 +345,8 @@ class Spmm(_NumbaCpu):
         lut = _lut_for(inp.dtype)
         if cls._serial(inp):
             out = np.empty((a.shape[0], w.shape[1]), np.float32)
-            _k().spmm_rows(*_sparse_args(a), np.ascontiguousarray(_bits(w)), lut, out)
+            if not _k().spmm_rows(*_sparse_args(a), np.ascontiguousarray(_bits(w)), lut, out):
+                _out_of_bounds(a, "spmm", "a")
             return _finish(out, inp.dtype)
         chunk, block = _tiles(a.shape[0], w.shape[1])
         ptr, rows, vals, _ = _group(a, chunk, lut)
@@ -371,9 +372,11 @@ class Spmm(_NumbaCpu):
 
         def launch(a: Any, w: np.ndarray) -> np.ndarray:
             out = np.empty((m, n), np.float32)
-            kernel(*_sparse_args(a), np.ascontiguousarray(_bits(w)), lut, out)
+            if not kernel(*_sparse_args(a), np.ascontiguousarray(_bits(w)), lut, out):
+                _out_of_bounds(a, "spmm", "a")
             return _finish(out, dtype)
 
+        launch.checks_bounds = True  # type: ignore[attr-defined]  # the row kernel checks its indices
         return launch
 
 
@@ -404,6 +407,13 @@ class ThresholdSpmm(_NumbaCpu):
         out = _threshold_spmm(kernel, inp.x, np.float32(inp.threshold_f32), inp.w, _lut_for(inp.dtype),
                               int(inp.x.shape[0]), int(inp.w.shape[1]))
         return _finish(out, inp.dtype)
+
+
+def _out_of_bounds(a: TiledELL | CSR, op: str, name: str) -> None:
+    """A row kernel found an index out of range (and stopped before reading through it): raise the
+    format's own message (its check_bounds names the buffer, the element and the range)."""
+    a.check_bounds(op, name)
+    raise ValueError(f"{op}: {name} holds an index out of range (a count, an offset or an overflow pointer)")
 
 
 def _threshold_spmm(kernel: Any, x: np.ndarray, thr: np.float32, w: np.ndarray, lut: np.ndarray, m: int,
