@@ -17,17 +17,22 @@ from sparsecore.formats import _fastcheck
 pytest.importorskip("numba")
 
 
-def _numpy_verdict(fmt: Any, *args: Any) -> bool:
-    """What the NumPy checks alone say (the compiled pass switched off)."""
+def _numpy_only(check: Any) -> bool:
+    """Whether ``check()`` passes with the compiled passes switched off (the NumPy checks alone)."""
     mp = pytest.MonkeyPatch()
     mp.setattr(_fastcheck, "_kernels", lambda: None)
     try:
-        fmt.validate(*args)
+        check()
         return True
     except ValueError:
         return False
     finally:
         mp.undo()
+
+
+def _numpy_verdict(fmt: Any, *args: Any) -> bool:
+    """What the NumPy checks of ``validate`` alone say."""
+    return _numpy_only(lambda: fmt.validate(*args))
 
 
 def _break(rng: np.random.Generator, arrays: dict[str, np.ndarray]) -> None:
@@ -95,16 +100,8 @@ def test_topk_index(seed: int, b: int, g: int, kmax: int, broken: bool, page: in
 
 
 def _numpy_bounds_verdict(index: Any, lengths: Any) -> bool:
-    """What ``TopKIndex.check_bounds``' NumPy pass alone says (the compiled pass switched off)."""
-    mp = pytest.MonkeyPatch()
-    mp.setattr(_fastcheck, "_kernels", lambda: None)
-    try:
-        index.check_bounds("test", "index", lengths)
-        return True
-    except ValueError:
-        return False
-    finally:
-        mp.undo()
+    """What ``TopKIndex.check_bounds``' NumPy pass alone says."""
+    return _numpy_only(lambda: index.check_bounds("test", "index", lengths))
 
 
 @settings(max_examples=300, deadline=None)
@@ -122,16 +119,7 @@ def test_topk_bounds(seed: int, b: int, g: int, kmax: int, broken: bool, page: i
 
 def _numpy_decode_verdict(kv: Any, index: Any) -> bool:
     """What a sparse decode call's NumPy data checks alone say: the cache's, then the index's."""
-    mp = pytest.MonkeyPatch()
-    mp.setattr(_fastcheck, "_kernels", lambda: None)
-    try:
-        kv.validate()
-        index.validate(lengths=kv.lengths)
-        return True
-    except ValueError:
-        return False
-    finally:
-        mp.undo()
+    return _numpy_only(lambda: (kv.validate(), index.validate(lengths=kv.lengths)))
 
 
 @settings(max_examples=300, deadline=None)

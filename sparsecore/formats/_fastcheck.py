@@ -119,27 +119,12 @@ def _kernels() -> Any | None:
 
     @njit
     def kv_topk_ok(lengths, max_len, indices, counts, unit, stamp):
-        for b in range(lengths.shape[0]):  # the cache's lengths, then the index against them
+        units = np.empty(lengths.shape[0], np.int64)  # the cache's lengths, then the index against them
+        for b in range(lengths.shape[0]):
             if lengths[b] < 0 or lengths[b] > max_len:
                 return False
-        b_n, g_n, kmax = indices.shape
-        mark = 0
-        for b in range(b_n):
-            n = -(-np.int64(lengths[b]) // unit)
-            for g in range(g_n):
-                c = counts[b, g]
-                if c < 0 or c > kmax:
-                    return False
-                mark += 1
-                for j in range(kmax):
-                    i = indices[b, g, j]
-                    if j < c:
-                        if i < 0 or i >= n or stamp[i] == mark:
-                            return False
-                        stamp[i] = mark
-                    elif i != -1:
-                        return False
-        return True
+            units[b] = -(-np.int64(lengths[b]) // unit)
+        return topk_ok(indices, counts, units, stamp)
 
     @njit
     def topk_bounds_ok(indices, counts, lengths, unit):
