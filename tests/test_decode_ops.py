@@ -51,8 +51,12 @@ def _host_backend(request: pytest.FixtureRequest) -> Iterator[str]:
         import sparsecore.backends.numba_cpu as numba_cpu
 
         mp.setattr(numba_cpu, "PARALLEL_MIN_WORK", 0)
+    from sparsecore.ops import dispatcher
+
+    dispatcher._PLANS.clear()  # a signature's plan keeps the runner made under the other setting
     yield request.param
     mp.undo()
+    dispatcher._PLANS.clear()
     if before is None:
         del os.environ["SPARSECORE_BACKEND"]
     else:

@@ -52,8 +52,10 @@ def _host_backend(request: pytest.FixtureRequest) -> Any:
         import sparsecore.backends.numba_cpu as numba_cpu
 
         mp.setattr(numba_cpu, "ROW_KERNEL_MAX_ROWS", -1)
+    D._PLANS.clear()  # a signature's plan keeps the runner made under the other setting
     yield request.param
     mp.undo()
+    D._PLANS.clear()
     BACKEND = "reference"
 
 

@@ -300,7 +300,10 @@ class BackendOp:
         """For host backends: ``run(inp2) -> result`` for later public calls of ``inp``'s signature
         on NumPy arrays (same shapes, dtypes and scalars; the dispatcher keeps it on the signature's
         plan), with every shape decision made once. It returns new outputs on every call and holds
-        no workspace, so threads may share it. None (the default): such calls run :meth:`apply`."""
+        no workspace, so threads may share it. None (the default): such calls run :meth:`apply`.
+        Its decisions are the backend's as they stand when it is made: code that changes a backend's
+        tuning constants later (a test patching numba_cpu's ``PARALLEL_MIN_WORK``) clears the plans
+        (``sparsecore.ops.dispatcher._PLANS.clear()``)."""
         return None
 
     @classmethod
