@@ -271,7 +271,8 @@ class ThresholdSparseMLP(nn.Module):
             raise ValueError(f"ThresholdSparseMLP: capacity = {capacity!r}; must be an int in [1, tile = {self.tile}]")
         self.capacity = capacity
         self.expected_sparsity = expected_sparsity
-        self.last_density: torch.Tensor | None = None
+        self.__dict__["_last"] = None  # (kept, slots) of the last forward: see last_density
+        self.__dict__["_host_counts"] = (0, 0)  # kept and slots counted on the host, not yet in the buffers
         w = down_proj.weight
         self.register_buffer("_nnz_total", torch.zeros((), dtype=torch.float64, device=w.device), persistent=False)
         self.register_buffer("_slots_total", torch.zeros((), dtype=torch.float64, device=w.device), persistent=False)
@@ -339,18 +340,55 @@ class ThresholdSparseMLP(nn.Module):
         else:  # inference on a device: the public ops, zero-copy, without custom-op dispatch
             packed = sc.pack(_operand(h), threshold=self.threshold, tile=self.tile, capacity=self.capacity)
             out = _as_tensor(sc.spmm(packed, _operand(self._w_down())))
-        with torch.no_grad():
-            nnz = _kept(hn, self.threshold) if packed is None else _nnz(packed)
-            nnz = torch.tensor(float(nnz), dtype=torch.float64) if isinstance(nnz, int) else nnz.to(torch.float64)
-            slots = float(x2.shape[0] * self.intermediate_size)
-            self.last_density = nnz / slots if slots else torch.zeros((), dtype=torch.float64)
-            self._nnz_total += nnz.to(self._nnz_total.device)
-            self._slots_total += slots
+        slots = x2.shape[0] * self.intermediate_size
+        d = self.__dict__  # plain attributes, set without nn.Module's __setattr__ (a decode step's cost)
+        if packed is None:  # counted on the host: kept as Python numbers, made tensors when read
+            nnz = _kept(hn, self.threshold)
+            d["_last"] = (nnz, slots)
+            d["_host_counts"] = (d["_host_counts"][0] + nnz, d["_host_counts"][1] + slots)
+        else:
+            with torch.no_grad():
+                n = _nnz(packed)
+                n = torch.tensor(float(n), dtype=torch.float64) if isinstance(n, int) else n.to(torch.float64)
+                d["_last"] = (n, slots)
+                self._nnz_total += n.to(self._nnz_total.device)
+                self._slots_total += float(slots)
         return out.reshape(*lead, self.out_size).to(x.dtype)
 
-    density = SparseGatedMLP.density
-    sparsity = SparseGatedMLP.sparsity
-    reset_stats = SparseGatedMLP.reset_stats
+    @property
+    def last_density(self) -> torch.Tensor | None:
+        """The fraction of the hidden activations kept in the last forward (0-d float64 tensor)."""
+        last = self.__dict__.get("_last")
+        if last is None:
+            return None
+        nnz, slots = last
+        if not slots:
+            return torch.zeros((), dtype=torch.float64)
+        return (torch.tensor(float(nnz), dtype=torch.float64) if isinstance(nnz, int) else nnz) / slots
+
+    def _flush(self) -> None:
+        """Add the counts kept on the host to the running buffers."""
+        nnz, slots = self.__dict__["_host_counts"]
+        if slots:
+            self._nnz_total += float(nnz)
+            self._slots_total += float(slots)
+            self.__dict__["_host_counts"] = (0, 0)
+
+    @property
+    def density(self) -> torch.Tensor:
+        """Running mean fraction of kept hidden activations (token-weighted)."""
+        self._flush()
+        return SparseGatedMLP.density.fget(self)
+
+    @property
+    def sparsity(self) -> torch.Tensor:
+        return 1.0 - self.density
+
+    def reset_stats(self) -> None:
+        self.__dict__["_host_counts"] = (0, 0)
+        self.__dict__["_last"] = None
+        self._nnz_total.zero_()
+        self._slots_total.zero_()
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
