@@ -408,6 +408,24 @@ def test_torch_runs_take_the_launchers_and_refuse_gradients() -> None:
         torch.testing.assert_close(plan.run(q, kv)[0], want[0])
 
 
+def test_torch_runs_keep_views_of_one_cache_until_a_tensor_moves() -> None:
+    """A loop passing one cache of CPU tensors reuses its NumPy views; a tensor re-pointed or resized
+    in place (``set_``, ``resize_``) between runs is seen: the run reads the new memory."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(11)
+    q = torch.from_numpy(rng.standard_normal((1, 4, 8)).astype(np.float32))
+    k, v = (torch.from_numpy(rng.standard_normal((1, 32, 2, 8)).astype(np.float32)) for _ in range(2))
+    kv = sc.DenseKV(k, v, torch.tensor([30], dtype=torch.int32))
+    plan = sc.DecodePlan(q, kv, 4)
+    for _ in range(2):
+        torch.testing.assert_close(plan.run(q, kv)[0], _public(q, kv, 4)[0])
+    assert "_sc_torch_views" in kv.__dict__
+    k.set_(torch.from_numpy(rng.standard_normal((1, 32, 2, 8)).astype(np.float32)))  # new memory, same shape
+    torch.testing.assert_close(plan.run(q, kv)[0], _public(q, kv, 4)[0])
+    v.resize_(1, 32, 2, 8).copy_(torch.from_numpy(rng.standard_normal((1, 32, 2, 8)).astype(np.float32)))
+    torch.testing.assert_close(plan.run(q, kv)[0], _public(q, kv, 4)[0])
+
+
 @pytest.mark.parametrize("kind", ["numpy", "torch"])
 def test_run_updates_the_bounds_of_a_growing_cache(kind: str) -> None:
     """update_from: one call is a Quest decode step (bounds update, select, attend), equal to the

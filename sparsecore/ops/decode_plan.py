@@ -302,7 +302,7 @@ class DecodePlan:
 class _HostKV:
     """NumPy views of a cache's buffers (what the launchers read), and whether it is paged."""
 
-    __slots__ = ("k", "v", "k_pages", "v_pages", "page_table", "lengths", "paged")
+    __slots__ = ("k", "v", "k_pages", "v_pages", "page_table", "lengths", "paged", "__dict__")
 
     def __init__(self, kv: DenseKV | PagedKV, conv: Any) -> None:
         self.paged = isinstance(kv, PagedKV)
@@ -314,7 +314,7 @@ class _HostKV:
 
 
 class _HostBounds:
-    __slots__ = ("kmin", "kmax", "page_size")
+    __slots__ = ("kmin", "kmax", "page_size", "__dict__")
 
     def __init__(self, bounds: PageBounds, conv: Any) -> None:
         self.kmin, self.kmax, self.page_size = conv(bounds.kmin), conv(bounds.kmax), bounds.page_size
@@ -338,10 +338,34 @@ def _host_views(q: Any, kv: DenseKV | PagedKV, bounds: PageBounds | None, start:
     else:
         return None
     try:
-        return (conv(q), _HostKV(kv, conv), None if bounds is None else _HostBounds(bounds, conv),
-                None if start is None else conv(start))
+        if conv is _torch_view:  # a format passed again (a loop over one cache) keeps its views
+            hkv = _torch_views(kv, _HostKV, _kv_tensors(kv))
+            hb = None if bounds is None else _torch_views(bounds, _HostBounds, (bounds.kmin, bounds.kmax))
+        else:
+            hkv, hb = _HostKV(kv, conv), None if bounds is None else _HostBounds(bounds, conv)
+        return conv(q), hkv, hb, None if start is None else conv(start)
     except _NotHost:
         return None
+
+
+def _kv_tensors(kv: DenseKV | PagedKV) -> tuple[Any, ...]:
+    if kv.paged:
+        return kv.k_pages, kv.v_pages, kv.page_table, kv.lengths
+    return kv.k, kv.v, kv.lengths
+
+
+def _torch_views(fmt: Any, make: Any, tensors: tuple[Any, ...]) -> Any:
+    """``make(fmt, _torch_view)``, kept on the (frozen) format of CPU tensors with each tensor's data
+    pointer, shape and strides: a run that finds them unchanged reuses the views (and their metadata);
+    a tensor resized or re-pointed in place (``resize_``, ``set_``, ``as_strided_``) makes new ones."""
+    key = tuple((t.data_ptr(), t.shape, t.stride()) for t in tensors)
+    d = fmt.__dict__
+    found = d.get("_sc_torch_views")
+    if found is not None and found[0] == key:
+        return found[1]
+    views = make(fmt, _torch_view)
+    object.__setattr__(fmt, "_sc_torch_views", (key, views))
+    return views
 
 
 def _all_numpy(kv: DenseKV | PagedKV, bounds: PageBounds | None, start: Any) -> bool:
@@ -412,7 +436,7 @@ def _metadata(q: np.ndarray, kv: Any, bounds: Any, start: np.ndarray | None) -> 
 
 def _cached_meta(obj: Any, fn: Any) -> tuple[Any, ...]:
     d = getattr(obj, "__dict__", None)
-    if d is None or type(obj) in (_HostKV, _HostBounds):  # per-call views of torch tensors
+    if d is None:
         return fn(obj)
     m = d.get("_sc_plan_meta")
     if m is None:
