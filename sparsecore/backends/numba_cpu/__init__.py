@@ -195,16 +195,9 @@ def _stored(a: TiledELL | CSR) -> int:
 
 #: decode-size FFN calls: up to this many rows of A, with (stored slots x output width) under
 #: ROW_KERNEL_MAX_WORK, run the serial row kernels (no grouping, no thread pool); larger calls run
-#: the grouped parallel kernels, except spmm, whose calls of up to ROW_KERNEL_MAX_ROWS rows always
-#: run its row kernel (column blocks in parallel past ROW_KERNEL_MAX_WORK: the same bits). Chosen
-#: from shapes only, so a shape always runs the same kernel.
+#: the grouped parallel kernels. Chosen from shapes only, so a shape always runs the same kernel.
 ROW_KERNEL_MAX_ROWS = 16
 ROW_KERNEL_MAX_WORK = 8 * PARALLEL_MIN_WORK
-
-
-#: columns a task of spmm's column-parallel row kernel computes (a decode-size call with a wide W:
-#: the serial kernel's sums in its order, so the same bits)
-SPMM_COLUMN_BLOCK = 256
 
 
 def _row_kernels(a: TiledELL | CSR, width: int) -> bool:
@@ -350,12 +343,9 @@ class Spmm(_NumbaCpu):
     def run(cls, inp: I.SpmmInputs) -> np.ndarray:
         a, w = inp.a, inp.w
         lut = _lut_for(inp.dtype)
-        if a.shape[0] <= ROW_KERNEL_MAX_ROWS:  # decode sizes: the row kernel, serial or column-parallel
+        if cls._serial(inp):
             out = np.empty((a.shape[0], w.shape[1]), np.float32)
-            wb = np.ascontiguousarray(_bits(w))
-            ok = (_k().spmm_rows(*_sparse_args(a), wb, lut, out) if cls._serial(inp)
-                  else _k().spmm_rows_par(*_sparse_args(a), wb, lut, SPMM_COLUMN_BLOCK, out))
-            if not ok:
+            if not _k().spmm_rows(*_sparse_args(a), np.ascontiguousarray(_bits(w)), lut, out):
                 _out_of_bounds(a, "spmm", "a")
             return _finish(out, inp.dtype)
         chunk, block = _tiles(a.shape[0], w.shape[1])
@@ -373,25 +363,20 @@ class Spmm(_NumbaCpu):
     @classmethod
     def launcher(cls, inp: I.SpmmInputs) -> Any:
         """``launch(a, w) -> out`` for calls of ``inp``'s plan (sparsecore.OpPlan): the row kernel
-        of a decode-size call bound once (serial, or column-parallel for a wide W); other sizes run
-        :meth:`apply`."""
-        m, n, dtype = inp.a.shape[0], int(inp.w.shape[1]), inp.dtype
-        if m > ROW_KERNEL_MAX_ROWS:
+        of a decode-size call bound once; other sizes run :meth:`apply`."""
+        if not cls._serial(inp):
             return lambda a, w: cls.apply(type(inp)(a, w))
+        m, n, dtype = inp.a.shape[0], int(inp.w.shape[1]), inp.dtype
         lut = _lut_for(dtype)
-        serial = cls._serial(inp)
-        rows, rows_par = _k().spmm_rows, _guarded(_k().spmm_rows_par, False)
+        kernel = _k().spmm_rows
 
         def launch(a: Any, w: np.ndarray) -> np.ndarray:
             out = np.empty((m, n), np.float32)
-            wb = np.ascontiguousarray(_bits(w))
-            ok = rows(*_sparse_args(a), wb, lut, out) if serial else rows_par(*_sparse_args(a), wb, lut,
-                                                                               SPMM_COLUMN_BLOCK, out)
-            if not ok:
+            if not kernel(*_sparse_args(a), np.ascontiguousarray(_bits(w)), lut, out):
                 _out_of_bounds(a, "spmm", "a")
             return _finish(out, dtype)
 
-        launch.checks_bounds = True  # type: ignore[attr-defined]  # the row kernels check their indices
+        launch.checks_bounds = True  # type: ignore[attr-defined]  # the row kernel checks its indices
         return launch
 
 

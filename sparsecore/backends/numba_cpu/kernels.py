@@ -271,23 +271,22 @@ _ROWS = {"cache": True, "nogil": True, "fastmath": {"contract"}}
 
 
 @njit(**_ROWS)
-def _spmm_cols(n0, n1, values, cols, counts, tile, o_ptr, o_idx, o_val, w, lut, acc, out):
-    """out[m, n0:n1] = sum over the stored (m, j, v) of v * W[j, n0:n1], row by row (slots, then
-    overflow): each output element sums its terms in the same order whatever the column range, so
-    the serial and the column-parallel launchers give the same bits.
+def spmm_rows(values, cols, counts, tile, o_ptr, o_idx, o_val, w, lut, out):
+    """out[m] = sum over the stored (m, j, v) of v * W[j], row by row (slots, then overflow).
 
     Checks every index before it reads through it (a count past the capacity, an offset outside
     its tile or past K, an overflow pointer or column out of range) and returns False at the first
     one, True when done: a launcher that gets False names the fault (the format's check_bounds), so
     a planned call needs no separate bounds pass."""
     m_rows, n_tiles, cap = values.shape
+    n = w.shape[1]
     k = w.shape[0]
     if o_ptr.shape[0] < m_rows + 1 or o_val.shape[0] < o_idx.shape[0]:
         return False
-    a = acc[:n1 - n0]  # the row's sums in a buffer of their own: LLVM sees no aliasing with W and
-    for m in range(m_rows):  # vectorises the adds (1.4x at SmolLM2's down projection)
-        for i in range(n1 - n0):
-            a[i] = 0
+    acc = np.empty(n, np.float32)  # the row's sums in a buffer of their own: LLVM sees no aliasing
+    for m in range(m_rows):       # with W and vectorises the adds (1.4x at SmolLM2's down projection)
+        for nn in range(n):
+            acc[nn] = 0
         for t in range(n_tiles):
             c = counts[m, t]
             if c < 0 or c > cap:
@@ -298,9 +297,8 @@ def _spmm_cols(n0, n1, values, cols, counts, tile, o_ptr, o_idx, o_val, w, lut, 
                 if off < 0 or off >= tile or j >= k:
                     return False
                 v = load(values, (m, t, s), lut)
-                wr = w[j, n0:n1]
-                for i in range(n1 - n0):
-                    a[i] += v * load(wr, i, lut)
+                for nn in range(n):
+                    acc[nn] += v * load(w, (j, nn), lut)
         p0, p1 = o_ptr[m], o_ptr[m + 1]
         if p0 < 0 or p1 < p0 or p1 > o_idx.shape[0]:
             return False
@@ -309,36 +307,10 @@ def _spmm_cols(n0, n1, values, cols, counts, tile, o_ptr, o_idx, o_val, w, lut, 
             if j < 0 or j >= k:
                 return False
             v = load(o_val, p, lut)
-            wr = w[j, n0:n1]
-            for i in range(n1 - n0):
-                a[i] += v * load(wr, i, lut)
-        for i in range(n1 - n0):
-            out[m, n0 + i] = a[i]
-    return True
-
-
-@njit(**_ROWS)
-def spmm_rows(values, cols, counts, tile, o_ptr, o_idx, o_val, w, lut, out):
-    """:func:`_spmm_cols` over every column, on the calling thread (decode sizes); False when an
-    index is out of range (see there)."""
-    n = w.shape[1]
-    return _spmm_cols(0, n, values, cols, counts, tile, o_ptr, o_idx, o_val, w, lut, np.empty(n, np.float32), out)
-
-
-@njit(**_PAR)
-def spmm_rows_par(values, cols, counts, tile, o_ptr, o_idx, o_val, w, lut, block, out):
-    """:func:`_spmm_cols` over blocks of ``block`` columns in parallel: the serial kernel's sums, in
-    its order (same bits), for a few rows with much work (a wide W)."""
-    n = w.shape[1]
-    nb = -(-n // block)
-    ok = _flags(nb, True)
-    for b in prange(nb):
-        n0 = b * block
-        ok[b] = _spmm_cols(n0, min(n0 + block, n), values, cols, counts, tile, o_ptr, o_idx, o_val, w, lut,
-                           np.empty(block, np.float32), out)
-    for b in range(nb):
-        if not ok[b]:
-            return False
+            for nn in range(n):
+                acc[nn] += v * load(w, (j, nn), lut)
+        for nn in range(n):
+            out[m, nn] = acc[nn]
     return True
 
 
