@@ -123,6 +123,37 @@ def test_repeated_public_calls_run_the_backends_runner(op: str) -> None:
             fn(a_, w, backend="numba_cpu")
 
 
+@pytest.mark.parametrize("layout", ["tiled_ell", "csr"])
+def test_spmm_row_parallel_kernel_has_the_serial_bits(layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode-size spmm with much work runs its row kernel with the rows in parallel: each row the
+    serial kernel's sums in its order (bit for bit), public and planned, and the same error for an
+    index out of range."""
+    pytest.importorskip("numba")
+    import sparsecore.backends.numba_cpu as nc
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 300)).astype(np.float32)
+    x[rng.random(x.shape) > 0.1] = 0
+    a = sc.pack(x, tile=64, capacity=4) if layout == "tiled_ell" else sc.csr_from_dense(x)
+    w = rng.standard_normal((300, 70)).astype(np.float32)
+    D._PLANS.clear()
+    serial = sc.spmm(a, w, backend="numba_cpu")
+    monkeypatch.setattr(nc, "ROW_KERNEL_MAX_WORK", 0)  # every decode-size call takes the parallel kernel
+    D._PLANS.clear()
+    assert not nc.Spmm.serial(I.SpmmInputs(a, w))
+    for _ in range(3):  # the first call, then the signature's runner
+        assert sc.spmm(a, w, backend="numba_cpu").tobytes() == serial.tobytes()
+    plan = sc.OpPlan("spmm", a, w, backend="numba_cpu")
+    assert plan.run(a, w).tobytes() == serial.tobytes()
+    assert_close(serial, sc.spmm(a, w, backend="reference"), "float32")
+    if layout == "tiled_ell":
+        a.cols[4, 4, 0] = 63  # tile 4 holds columns 256-299: offset 63 is past K
+        a.counts[4, 4] = max(a.counts[4, 4], 1)
+        with pytest.raises(ValueError, match=r"^spmm: a.cols of tile 4 holds offset 63"):
+            plan.run(a, w)
+    D._PLANS.clear()
+
+
 def test_registering_a_backend_drops_the_plans() -> None:
     a, w = _spmm_args()
     sc.spmm(a, w)

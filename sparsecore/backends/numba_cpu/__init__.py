@@ -195,7 +195,9 @@ def _stored(a: TiledELL | CSR) -> int:
 
 #: decode-size FFN calls: up to this many rows of A, with (stored slots x output width) under
 #: ROW_KERNEL_MAX_WORK, run the serial row kernels (no grouping, no thread pool); larger calls run
-#: the grouped parallel kernels. Chosen from shapes only, so a shape always runs the same kernel.
+#: the grouped parallel kernels, except spmm, whose calls of up to ROW_KERNEL_MAX_ROWS rows always
+#: run its row kernel (rows in parallel past ROW_KERNEL_MAX_WORK: each row the same sums, the same
+#: bits). Chosen from shapes only, so a shape always runs the same kernel.
 ROW_KERNEL_MAX_ROWS = 16
 ROW_KERNEL_MAX_WORK = 8 * PARALLEL_MIN_WORK
 
@@ -343,9 +345,10 @@ class Spmm(_NumbaCpu):
     def run(cls, inp: I.SpmmInputs) -> np.ndarray:
         a, w = inp.a, inp.w
         lut = _lut_for(inp.dtype)
-        if cls._serial(inp):
+        if a.shape[0] <= ROW_KERNEL_MAX_ROWS:  # decode sizes: the row kernel, rows in parallel if much work
             out = np.empty((a.shape[0], w.shape[1]), np.float32)
-            if not _k().spmm_rows(*_sparse_args(a), np.ascontiguousarray(_bits(w)), lut, out):
+            kernel = _k().spmm_rows if cls._serial(inp) else _k().spmm_rows_par
+            if not kernel(*_sparse_args(a), np.ascontiguousarray(_bits(w)), lut, out):
                 _out_of_bounds(a, "spmm", "a")
             return _finish(out, inp.dtype)
         chunk, block = _tiles(a.shape[0], w.shape[1])
@@ -363,12 +366,13 @@ class Spmm(_NumbaCpu):
     @classmethod
     def launcher(cls, inp: I.SpmmInputs) -> Any:
         """``launch(a, w) -> out`` for calls of ``inp``'s plan (sparsecore.OpPlan): the row kernel
-        of a decode-size call bound once; other sizes run :meth:`apply`."""
-        if not cls._serial(inp):
-            return lambda a, w: cls.apply(type(inp)(a, w))
+        of a decode-size call bound once (rows in parallel when it has much work); other sizes run
+        :meth:`apply`."""
         m, n, dtype = inp.a.shape[0], int(inp.w.shape[1]), inp.dtype
+        if m > ROW_KERNEL_MAX_ROWS:
+            return lambda a, w: cls.apply(type(inp)(a, w))
         lut = _lut_for(dtype)
-        kernel = _k().spmm_rows
+        kernel = _k().spmm_rows if cls._serial(inp) else _guarded(_k().spmm_rows_par, False)
 
         def launch(a: Any, w: np.ndarray) -> np.ndarray:
             out = np.empty((m, n), np.float32)

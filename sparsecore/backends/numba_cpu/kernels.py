@@ -271,46 +271,73 @@ _ROWS = {"cache": True, "nogil": True, "fastmath": {"contract"}}
 
 
 @njit(**_ROWS)
-def spmm_rows(values, cols, counts, tile, o_ptr, o_idx, o_val, w, lut, out):
-    """out[m] = sum over the stored (m, j, v) of v * W[j], row by row (slots, then overflow).
+def _spmm_row(m, values, cols, counts, tile, o_ptr, o_idx, o_val, w, lut, acc, out):
+    """out[m] = sum over the stored (m, j, v) of v * W[j] (slots, then overflow).
 
     Checks every index before it reads through it (a count past the capacity, an offset outside
     its tile or past K, an overflow pointer or column out of range) and returns False at the first
     one, True when done: a launcher that gets False names the fault (the format's check_bounds), so
     a planned call needs no separate bounds pass."""
-    m_rows, n_tiles, cap = values.shape
+    n_tiles, cap = values.shape[1], values.shape[2]
     n = w.shape[1]
     k = w.shape[0]
-    if o_ptr.shape[0] < m_rows + 1 or o_val.shape[0] < o_idx.shape[0]:
-        return False
-    acc = np.empty(n, np.float32)  # the row's sums in a buffer of their own: LLVM sees no aliasing
-    for m in range(m_rows):       # with W and vectorises the adds (1.4x at SmolLM2's down projection)
-        for nn in range(n):
-            acc[nn] = 0
-        for t in range(n_tiles):
-            c = counts[m, t]
-            if c < 0 or c > cap:
-                return False
-            for s in range(c):
-                off = np.int64(cols[m, t, s])
-                j = t * tile + off
-                if off < 0 or off >= tile or j >= k:
-                    return False
-                v = load(values, (m, t, s), lut)
-                for nn in range(n):
-                    acc[nn] += v * load(w, (j, nn), lut)
-        p0, p1 = o_ptr[m], o_ptr[m + 1]
-        if p0 < 0 or p1 < p0 or p1 > o_idx.shape[0]:
+    for nn in range(n):  # the row's sums in a buffer of their own: LLVM sees no aliasing with W
+        acc[nn] = 0      # and vectorises the adds (1.4x at SmolLM2's down projection)
+    for t in range(n_tiles):
+        c = counts[m, t]
+        if c < 0 or c > cap:
             return False
-        for p in range(p0, p1):
-            j = o_idx[p]
-            if j < 0 or j >= k:
+        for s in range(c):
+            off = np.int64(cols[m, t, s])
+            j = t * tile + off
+            if off < 0 or off >= tile or j >= k:
                 return False
-            v = load(o_val, p, lut)
+            v = load(values, (m, t, s), lut)
             for nn in range(n):
                 acc[nn] += v * load(w, (j, nn), lut)
+    p0, p1 = o_ptr[m], o_ptr[m + 1]
+    if p0 < 0 or p1 < p0 or p1 > o_idx.shape[0]:
+        return False
+    for p in range(p0, p1):
+        j = o_idx[p]
+        if j < 0 or j >= k:
+            return False
+        v = load(o_val, p, lut)
         for nn in range(n):
-            out[m, nn] = acc[nn]
+            acc[nn] += v * load(w, (j, nn), lut)
+    for nn in range(n):
+        out[m, nn] = acc[nn]
+    return True
+
+
+@njit(**_ROWS)
+def spmm_rows(values, cols, counts, tile, o_ptr, o_idx, o_val, w, lut, out):
+    """:func:`_spmm_row` for every row, on the calling thread (decode sizes); False when an index
+    is out of range (see there)."""
+    m_rows = values.shape[0]
+    if o_ptr.shape[0] < m_rows + 1 or o_val.shape[0] < o_idx.shape[0]:
+        return False
+    acc = np.empty(w.shape[1], np.float32)
+    for m in range(m_rows):
+        if not _spmm_row(m, values, cols, counts, tile, o_ptr, o_idx, o_val, w, lut, acc, out):
+            return False
+    return True
+
+
+@njit(**_PAR)
+def spmm_rows_par(values, cols, counts, tile, o_ptr, o_idx, o_val, w, lut, out):
+    """:func:`_spmm_row` with the rows in parallel: each row the serial kernel's sums in its order
+    (same bits), for a few rows with much work (a wide W)."""
+    m_rows = values.shape[0]
+    if o_ptr.shape[0] < m_rows + 1 or o_val.shape[0] < o_idx.shape[0]:
+        return False
+    ok = _flags(m_rows, True)
+    for m in prange(m_rows):
+        ok[m] = _spmm_row(m, values, cols, counts, tile, o_ptr, o_idx, o_val, w, lut,
+                          np.empty(w.shape[1], np.float32), out)
+    for m in range(m_rows):
+        if not ok[m]:
+            return False
     return True
 
 
