@@ -224,6 +224,10 @@ def example_calls(op: str, dtype: str = "float32", backend: str = "numba_cpu") -
             xd = _cast(rng.standard_normal((m, n_dim)).astype(np.float32), dtype)
             if op == "spmm":
                 calls.append((label, lambda a=a: ops.spmm(a, w, **be)))
+                if label == "decode":  # a decode-size call with much work: the row kernel's rows in parallel
+                    aw = F.tiled_ell_from_dense(_sparse(rng, rows_max, 4096, 0.01, dtype))
+                    ww = _cast(rng.standard_normal((4096, 1024)).astype(np.float32), dtype)
+                    calls.append(("decode, wide W", lambda aw=aw, ww=ww: ops.spmm(aw, ww, **be)))
             elif op == "sddmm":
                 calls.append((label, lambda a=a, xd=xd: ops.sddmm(xd, w, a, **be)))
             elif op == "spmm_t":
