@@ -25,6 +25,8 @@ from torch import nn
 
 import sparsecore as sc
 
+from ..ops.inputs import threshold_f32
+
 __all__ = ["SparseGatedMLP", "ThresholdSparseMLP", "total_l1", "ffn_sparsity_stats", "calibrate_thresholds",
            "save_thresholds", "load_thresholds", "THRESHOLDS_FORMAT"]
 
@@ -53,8 +55,6 @@ def _kept(h: Any, threshold: float) -> int:
     """How many entries of ``h`` (a NumPy array or a CPU tensor) ``pack(h, threshold=threshold)``
     keeps: ``~(abs(h) <= threshold)``, compared in float32 against the threshold that decides as
     the reference's float64 comparison does (:func:`sparsecore.ops.inputs.threshold_f32`)."""
-    from ..ops.inputs import threshold_f32
-
     t = threshold_f32(threshold)
     if isinstance(h, np.ndarray):
         return int(h.size - np.count_nonzero(np.abs(h) <= np.float32(t)))

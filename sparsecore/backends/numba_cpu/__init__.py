@@ -608,7 +608,7 @@ class PageBoundsOp(_NumbaCpu):
         """``launch(kv, out, start)``: a decode step's update of ``out`` in place from ``start``
         (DecodePlan's ``update_from``), on the calling thread (a step adds a page or two)."""
         ps, lut, kernel = inp.unit_page_size, _lut_for(inp.dtype), _k().page_bounds_serial
-        dense_table = np.arange(inp.kv.batch, dtype=np.int32)[:, None]
+        dense_table = _dense_table(inp.kv.batch)
 
         def launch(kv: Any, out: Any, start: np.ndarray) -> None:
             kp, pt = (kv.k_pages, kv.page_table) if kv.paged else (kv.k, dense_table)
@@ -720,7 +720,7 @@ class SelectTopk(_NumbaCpu):
         k_max, k, sink, window = inp.k_max, int(inp.k), int(inp.sink), inp.forced_window
         lut = _lut_for(inp.dtype)
         paged = isinstance(kv, PagedKV)
-        dense_table = np.arange(b, dtype=np.int32)[:, None]
+        dense_table = _dense_table(b)
         none = _bits(np.zeros((0, 0, 0, 0), _out_dtype(inp.dtype)))
 
         indices = np.empty((b, rows, k_max), np.int32)  # the plan's workspace: each launch overwrites it
