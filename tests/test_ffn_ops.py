@@ -253,6 +253,99 @@ def test_threshold_spmm_rejects_bad_arguments() -> None:
         sc.threshold_spmm(x[0], w, backend=be)
 
 
+def _mlp_expected(x: np.ndarray, wgu: np.ndarray, wd: np.ndarray, t_in: float, activation: str
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(keep_x-masked input, hidden state h) of threshold_mlp's definition in float64, NaN kept."""
+    keep_x, xk = expected_pack(x, t_in, None)
+    w64 = f64(wgu)
+    with np.errstate(invalid="ignore", over="ignore"):
+        gu = np.stack([xk[m, keep_x[m]] @ w64[keep_x[m]] for m in range(x.shape[0])])
+        g, u = gu[:, :wd.shape[0]], gu[:, wd.shape[0]:]
+        h = (g / (1.0 + np.exp(-g)) if activation == "silu" else np.where(g <= 0, 0.0, g)) * u
+    return xk, h
+
+
+@given(m=st.integers(1, 40), d=st.integers(1, 24), k=st.integers(1, 20), n=st.integers(1, 9),
+       dtype=st.sampled_from(DTYPES), activation=st.sampled_from(["silu", "relu"]),
+       t_in=st.sampled_from([0.0, 0.5, 1.2]), q=st.floats(0.0, 1.0), nan_row=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_threshold_mlp_property(m: int, d: int, k: int, n: int, dtype: str, activation: str, t_in: float, q: float,
+                                nan_row: bool, seed: int) -> None:
+    """threshold_mlp is the gated MLP of the inputs with abs > input_threshold, whose hidden entries
+    with abs > threshold (NaN kept) meet the rows of w_down; kept counts them per row. The threshold
+    is put in the middle of a gap between the |h| (the backend computes h in float32: an entry within
+    rounding of the threshold may go either way, which the definition allows)."""
+    rng = np.random.default_rng(seed)
+    x = random_values(rng, (m, d), dtype)
+    if nan_row:
+        x[rng.integers(m), rng.integers(d)] = np.nan
+    wgu = (random_values(rng, (d, 2 * k), "float64") / np.sqrt(d)).astype(np_dtype(dtype))
+    wd = random_values(rng, (k, n), dtype)
+    _, h = _mlp_expected(x, wgu, wd, t_in, activation)
+    mags = np.unique(np.concatenate([[0.0], np.abs(h[np.isfinite(h)])]))
+    i = min(int(q * len(mags)), len(mags) - 1)
+    hi = mags[i + 1] if i + 1 < len(mags) else mags[i] * 2 + 1
+    gap = hi - mags[i]
+    if gap <= 1e-2 * (1 + mags[i]):  # too close to call in float32 (or float16 inputs): take the largest gap
+        j = int(np.argmax(np.diff(np.append(mags, mags[-1] * 2 + 1))))
+        i, hi = j, (mags[j + 1] if j + 1 < len(mags) else mags[j] * 2 + 1)
+    threshold = float((mags[i] + hi) / 2)
+    keep_h = ~(np.abs(h) <= threshold)
+    hk = np.where(keep_h, h, 0.0)
+    wd64 = f64(wd)
+    with np.errstate(invalid="ignore"):
+        want = np.stack([hk[r, keep_h[r]] @ wd64[keep_h[r]] for r in range(m)])
+        scale = np.abs(hk) @ np.abs(wd64)
+    kept = np.full(m, -1, np.int64)
+    be = on(x)
+    out = sc.threshold_mlp(x, wgu, wd, input_threshold=t_in, threshold=threshold, activation=activation, kept=kept,
+                           backend=be)
+    what = f"threshold_mlp({activation}, input_threshold={t_in}, threshold={threshold}, {dtype}, M {m})"
+    check_dense_out(out, (m, n), dtype, what)
+    # a backend's h carries float32 rounding (its sums over D terms): widen by that much of |h| @ |w_down|
+    h_err = 1e-5 * np.nan_to_num(np.abs(h) @ np.abs(wd64), nan=0.0, posinf=0.0)
+    assert_result_close(out, want, dtype, scale + h_err, what)
+    np.testing.assert_array_equal(kept, keep_h.sum(axis=1), err_msg=what)
+
+
+def test_threshold_mlp_never_multiplies_a_dropped_entry() -> None:
+    """A dropped input never meets w_gate_up and a dropped hidden entry never meets w_down: the
+    infinities there do not turn into NaN."""
+    x = np.array([[0.1, 2.0]], np.float32)
+    wgu = np.array([[np.inf, np.inf, np.nan, 1.0], [1.0, -30.0, 1.0, 1.0]], np.float32)  # D 2, K 2
+    wd = np.array([[1.0, 2.0], [np.inf, 1.0]], np.float32)
+    be = backend_takes(BACKEND, "float32")
+    kept = np.zeros(1, np.int64)
+    out = sc.threshold_mlp(x, wgu, wd, input_threshold=0.5, threshold=1e-3, kept=kept, backend=be)
+    g = 2.0
+    h0 = g / (1 + np.exp(-g)) * 2.0  # hidden 0: silu(2) * 2; hidden 1: silu(-60) * 2, about -1e-25: dropped
+    np.testing.assert_allclose(out, [[h0, 2 * h0]], rtol=1e-6)
+    assert kept.tolist() == [1]
+
+
+def test_threshold_mlp_rejects_bad_arguments() -> None:
+    x = np.ones((2, 8), np.float32)
+    wgu, wd = np.ones((8, 6), np.float32), np.ones((3, 4), np.float32)
+    be = backend_takes(BACKEND, "float32")
+    with pytest.raises(ValueError, match=r"^threshold_mlp: w_gate_up has shape \(8, 5\); expected \(D, 2K\) = \(8, 6\)"
+                       ):
+        sc.threshold_mlp(x, wgu[:, :5], wd, backend=be)
+    with pytest.raises(TypeError, match=r"^threshold_mlp: .*w_down.*float16"):
+        sc.threshold_mlp(x, wgu, wd.astype(np.float16), backend=be)
+    for name in ("input_threshold", "threshold"):
+        for bad in (-1.0, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=rf"^threshold_mlp: {name} = "):
+                sc.threshold_mlp(x, wgu, wd, backend=be, **{name: bad})
+    with pytest.raises(ValueError, match=r"^threshold_mlp: activation"):
+        sc.threshold_mlp(x, wgu, wd, activation="gelu", backend=be)
+    with pytest.raises(ValueError, match=r"^threshold_mlp: kept has shape \(3,\); expected \(M,\) = \(2,\)"):
+        sc.threshold_mlp(x, wgu, wd, kept=np.zeros(3, np.int64), backend=be)
+    with pytest.raises(TypeError, match=r"^threshold_mlp: kept has dtype int32; expected int64"):
+        sc.threshold_mlp(x, wgu, wd, kept=np.zeros(2, np.int32), backend=be)
+    with pytest.raises(ValueError, match=r"^threshold_mlp: x has shape \(8,\); expected 2 dimensions \[M, D\]"):
+        sc.threshold_mlp(x[0], wgu, wd, backend=be)
+
+
 def check_unpack(case: SparseCase, layout: str) -> None:
     te = LAYOUTS[layout](case)
     out = sc.unpack(te, backend=on(te))

@@ -25,8 +25,8 @@ from .op_plan import OpPlan
 #: the public face, re-exported by ``sparsecore`` (``from .ops import *``): one function per op of the
 #: table (a test checks that every op has one here) and the plans. The dispatcher's names (dispatch,
 #: select, implementations, register, BackendOp, BACKEND_PRIORITY, OPS) are importable from here too.
-__all__ = ["pack", "gated_pack", "unpack", "spmm", "threshold_spmm", "sddmm", "spmm_t", "gated_ffn", "page_bounds",
-           "select_topk", "sparse_decode", "dense_decode", "merge_attention", "DecodePlan", "OpPlan"]
+__all__ = ["pack", "gated_pack", "unpack", "spmm", "threshold_spmm", "threshold_mlp", "sddmm", "spmm_t", "gated_ffn",
+           "page_bounds", "select_topk", "sparse_decode", "dense_decode", "merge_attention", "DecodePlan", "OpPlan"]
 
 Sparse = TiledELL | CSR
 KV = DenseKV | PagedKV
@@ -84,6 +84,27 @@ def threshold_spmm(x: Any, w: Any, *, threshold: float = 0.0, backend: str | Non
     result ``[M, N]`` has that dtype. ``threshold`` is a finite number ``>= 0``.
     """
     return dispatch(I.ThresholdSpmmInputs(x, w, threshold), backend)
+
+
+def threshold_mlp(x: Any, w_gate_up: Any, w_down: Any, *, input_threshold: float = 0.0, threshold: float = 0.0,
+                  activation: str = "silu", kept: Any = None, backend: str | None = None) -> Any:
+    """A LLaMA-style gated MLP with its input and its hidden state thresholded, in one call (no packed
+    matrix, no hidden tensor): the decode step of a SiLU model with training-free (TEAL-style) sparsity::
+
+        keep_x = ~(np.abs(x) <= input_threshold)                 # NaN is kept
+        gu = (x * keep_x) @ w_gate_up                            # a dropped input never meets W
+        g, u = gu[:, :K], gu[:, K:]
+        h = (g / (1 + np.exp(-g)) if activation == "silu" else np.maximum(g, 0)) * u
+        keep_h = ~(np.abs(h) <= threshold)
+        out = (h * keep_h) @ w_down                              # [M, N], x's dtype
+        kept[m] = keep_h[m].sum()                                # when kept[M] (int64) is given
+
+    ``x[M, D]``, ``w_gate_up[D, 2K]`` (``[gate_proj.weight.T | up_proj.weight.T]``), ``w_down[K, N]``
+    (``down_proj.weight.T``), one dtype; ``activation`` ``"silu"`` or ``"relu"``; the thresholds are
+    finite numbers ``>= 0`` (0 drops exact zeros only). Backends compute ``h`` in float32, so an entry
+    within rounding of ``threshold`` may be kept where the float64 reference drops it.
+    """
+    return dispatch(I.ThresholdMlpInputs(x, w_gate_up, w_down, input_threshold, threshold, activation, kept), backend)
 
 
 def sddmm(x: Any, w: Any, pattern: Sparse, *, backend: str | None = None) -> Sparse:

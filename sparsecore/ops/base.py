@@ -221,6 +221,11 @@ class OpInputs:
                 v.check_bounds(self.OP, n)
 
 
+#: the annotation of an ``Inputs`` field that is an output buffer the op writes (optional), e.g.
+#: threshold_mlp's ``kept``: a tensor argument its torch custom op declares as mutated
+Out = Any
+
+
 #: every op's ``Inputs`` class, by op name, in declaration order: the rows of the op table
 DECLARED: dict[str, type[OpInputs]] = {}
 

@@ -22,7 +22,7 @@ from ..formats.csr import CSR
 from ..formats.kv import DenseKV, PageBounds, PagedKV
 from ..formats.tiled_ell import TiledELL, check_tile_capacity
 from ..formats.topk import TopKIndex, topk_capacity
-from .base import OpInputs, op
+from .base import OpInputs, Out, op
 
 SPARSE = (TiledELL, CSR)
 
@@ -228,6 +228,75 @@ class ThresholdSpmmInputs(OpInputs):
                  TypeError)
         thr = check_real(self.OP, "threshold", self.threshold, allowed="a finite number >= 0")
         object.__setattr__(self, "threshold", thr)
+
+
+def _threshold_mlp_example(rng: np.random.Generator, dtype: str) -> ThresholdMlpInputs:
+    """A decode step of one SmolLM2-135M MLP (D 576, K 1536): 4 rows, about 60 % of the inputs and half
+    of the hidden entries kept."""
+    from .._arrays import BFLOAT16
+
+    t = BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype)
+    x = rng.standard_normal((4, 576))
+    return ThresholdMlpInputs(x.astype(t), (rng.standard_normal((576, 3072)) / 24).astype(t),
+                              (rng.standard_normal((1536, 576)) / 40).astype(t), 0.84, 0.2)
+
+
+def _threshold_mlp_dense(i: ThresholdMlpInputs) -> Any:
+    k = i.w_down.shape[0]
+    gu = i.x @ i.w_gate_up
+    g = gu[:, :k]
+    return ((g / (1 + np.exp(-g)) if i.activation == "silu" else np.maximum(g, 0)) * gu[:, k:]) @ i.w_down
+
+
+@op(lambda i: ref.ffn.threshold_mlp(i.x, i.w_gate_up, i.w_down, input_threshold=i.input_threshold,
+                                    threshold=i.threshold, activation=i.activation, kept=i.kept),
+    "ffn", "dense [M, N]", example=_threshold_mlp_example,
+    baseline=lambda i: ("numpy dense gated MLP", lambda: _threshold_mlp_dense(i)),
+    out_shape=lambda i: (i.x.shape[0], i.w_down.shape[1]))
+@dataclass(frozen=True, eq=False)
+class ThresholdMlpInputs(OpInputs):
+    OP: ClassVar[str] = "threshold_mlp"
+    x: Any
+    w_gate_up: Any
+    w_down: Any
+    input_threshold: float = 0.0
+    threshold: float = 0.0
+    activation: str = "silu"
+    kept: Out | None = None
+
+    @property
+    def dtype(self) -> str:
+        return dtype_name(self.x)
+
+    @property
+    def input_threshold_f32(self) -> float:
+        return threshold_f32(self.input_threshold)
+
+    threshold_f32 = PackInputs.threshold_f32
+
+    def _validate(self) -> None:
+        check_ndim(self.OP, "x", self.x, 2, "[M, D]")
+        check_dtype(self.OP, "x", self.x, VALUE_DTYPES)
+        check_ndim(self.OP, "w_gate_up", self.w_gate_up, 2, "[D, 2K]")
+        check_ndim(self.OP, "w_down", self.w_down, 2, "[K, N]")
+        m, d = self.x.shape
+        k = self.w_down.shape[0]
+        if tuple(self.w_gate_up.shape) != (d, 2 * k):
+            fail(self.OP, f"w_gate_up has shape {tuple(self.w_gate_up.shape)}; expected (D, 2K) = ({d}, {2 * k}) "
+                          f"(x has shape {tuple(self.x.shape)}, w_down {tuple(self.w_down.shape)})")
+        check_same_dtype(self.OP, {"x": self.x, "w_gate_up": self.w_gate_up, "w_down": self.w_down})
+        check_choice(self.OP, "activation", self.activation, ("silu", "relu"))
+        for name in ("input_threshold", "threshold"):
+            v = check_real(self.OP, name, getattr(self, name), allowed="a finite number >= 0")
+            object.__setattr__(self, name, v)
+        if self.kept is not None:
+            check_ndim(self.OP, "kept", self.kept, 1, "[M]")
+            if tuple(self.kept.shape) != (m,):
+                fail(self.OP, f"kept has shape {tuple(self.kept.shape)}; expected (M,) = ({m},)")
+            if dtype_name(self.kept) != "int64":
+                fail(self.OP, f"kept has dtype {dtype_name(self.kept)}; expected int64", TypeError)
+            if isinstance(self.kept, np.ndarray) and not (self.kept.flags.writeable and self.kept.flags.c_contiguous):
+                fail(self.OP, "kept must be a writeable, C-contiguous array (the counts are written into it)")
 
 
 @op(lambda i: ref.sddmm(i.x, i.w, i.pattern), "ffn", "the pattern's format [M, K]")

@@ -59,6 +59,45 @@ def threshold_spmm(x: np.ndarray, w: np.ndarray, *, threshold: float = 0.0) -> n
     return spmm(pack(x, threshold=threshold), w)
 
 
+def threshold_mlp(x: np.ndarray, w_gate_up: np.ndarray, w_down: np.ndarray, *, input_threshold: float = 0.0,
+                  threshold: float = 0.0, activation: str = "silu", kept: np.ndarray | None = None) -> np.ndarray:
+    """A gated MLP (LLaMA's) with its input and its hidden state thresholded, in one call: TEAL-style
+    training-free sparsity of a SiLU model's decode step. ``x[M, D]``, ``w_gate_up[D, 2K]``
+    (``[gate_proj.weight.T | up_proj.weight.T]``), ``w_down[K, N]`` (``down_proj.weight.T``), one dtype::
+
+        keep_x = ~(np.abs(x) <= input_threshold)                 # NaN is kept
+        gu = (x * keep_x) @ w_gate_up                            # a dropped input never meets W
+        g, u = gu[:, :K], gu[:, K:]
+        h = (g / (1 + np.exp(-g)) if activation == "silu" else np.maximum(g, 0)) * u
+        keep_h = ~(np.abs(h) <= threshold)
+        out = (h * keep_h) @ w_down                              # [M, N], x's dtype
+        kept[m] = keep_h[m].sum()                                # when ``kept[M]`` (int64) is given
+
+    Computed here in float64 and rounded once; a float32 backend computes ``h`` in float32, so an
+    entry within rounding of ``threshold`` may be kept by one and dropped by the other.
+    """
+    x64 = x.astype(np.float64)
+    k = w_down.shape[0]
+    gu = _kept_product(x64, ~(np.abs(x64) <= input_threshold), w_gate_up.astype(np.float64))
+    g, u = gu[:, :k], gu[:, k:]
+    with np.errstate(over="ignore"):
+        a = g / (1.0 + np.exp(-g)) if activation == "silu" else np.maximum(g, 0.0)
+    h = a * u
+    keep = ~(np.abs(h) <= threshold)
+    if kept is not None:
+        kept[:] = keep.sum(axis=1)
+    return _kept_product(h, keep, w_down.astype(np.float64)).astype(x.dtype)
+
+
+def _kept_product(x64: np.ndarray, keep: np.ndarray, w64: np.ndarray) -> np.ndarray:
+    """``sum over k with keep[m, k] of x64[m, k] * w64[k]``: a dropped entry never meets ``w64`` (an
+    ``inf`` there counts only where it is kept)."""
+    out = np.zeros((x64.shape[0], w64.shape[1]))
+    for m in range(x64.shape[0]):
+        out[m] = x64[m, keep[m]] @ w64[keep[m]]
+    return out
+
+
 def unpack(a: TiledELL) -> np.ndarray:
     """The dense matrix back: ``out = np.zeros(a.shape); out[rows, cols] = values`` over the filled
     slots (``t * tile + cols[m, t, s]`` for ``s < counts[m, t]``) and the overflow entries."""

@@ -816,7 +816,9 @@ def merge_attention(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor, *,
 
 #: a field's annotation (as written in sparsecore.ops.inputs) -> its type in a torch.library schema
 _SCHEMA_TYPES = {"Any": "Tensor", "float": "float", "int": "int", "bool": "bool", "str": "str",
-                 "float | None": "float?", "int | None": "int?", "str | None": "str?"}
+                 "float | None": "float?", "int | None": "int?", "str | None": "str?",
+                 "Out | None": None}  # an optional buffer the op writes (threshold_mlp's kept): not in the
+#                                         custom op, which stays functional (so it can have an autograd rule)
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                  "float64": torch.float64}
 _LIB = torch.library.Library(NS, "FRAGMENT")
@@ -830,10 +832,13 @@ def _table_op(row: Any) -> Any:
     (backward raises). None for a row whose fields have another type."""
     import dataclasses
 
-    fields = [f for f in dataclasses.fields(row.inputs) if f.name != "OP"]
-    kinds = [f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "?") for f in fields]
-    if row.out_shape is None or any(k not in _SCHEMA_TYPES for k in kinds):
+    every = [f for f in dataclasses.fields(row.inputs) if f.name != "OP"]
+    kinds_all = [f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "?") for f in every]
+    if row.out_shape is None or any(k not in _SCHEMA_TYPES for k in kinds_all):
         return None
+    outs = tuple(f.name for f, k in zip(every, kinds_all) if _SCHEMA_TYPES[k] is None)
+    fields = [f for f in every if f.name not in outs]
+    kinds = [k for k in kinds_all if _SCHEMA_TYPES[k] is not None]
     names = tuple(f.name for f in fields)
     arrays = tuple(k == "Any" for k in kinds)
     args = ", ".join(f"{_SCHEMA_TYPES[k]} {n}" for n, k in zip(names, kinds))
@@ -843,15 +848,15 @@ def _table_op(row: Any) -> Any:
         *vals, backend = vals
         tensors = [v for v, a in zip(vals, arrays) if a]
         host = _on_host(*tensors)
-        inp = row.inputs(*(_view(v, host) if a else v for v, a in zip(vals, arrays)))
+        inp = row.inputs(**{n: _view(v, host) if a else v for n, v, a in zip(names, vals, arrays)})
         return _fresh(_as_tensor(_ops.dispatch(inp, backend)), *tensors)
 
     def fake(*vals: Any) -> Tensor:
         *vals, backend = vals
-        inp = row.inputs(*vals)
+        inp = row.inputs(**dict(zip(names, vals)))
         if _concrete(*vals):
             inp.validate()
-        first = next(v for v, a in zip(vals, arrays) if a)
+        first = next(v for v, a in zip(vals, arrays) if a and v is not None)
         return first.new_empty(row.out_shape(inp), dtype=_TORCH_DTYPES[inp.dtype])
 
     def backward(ctx: Any, grad: Tensor) -> Any:
@@ -865,6 +870,10 @@ def _table_op(row: Any) -> Any:
 
     def face(*args: Any, backend: str | None = None, **scalars: Any) -> Tensor:
         inp = row.inputs(*args, **scalars)
+        for n in outs:
+            if getattr(inp, n) is not None:
+                raise ValueError(f"sparsecore.torch.{row.name}: {n} is not taken by the custom op (it writes no "
+                                 f"buffer); call sparsecore.{row.name} for it")
         return op(*(getattr(inp, n) for n in names), backend)
 
     face.__name__ = face.__qualname__ = row.name

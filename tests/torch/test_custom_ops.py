@@ -100,18 +100,29 @@ def test_table_made_ops(name, dtype):
 
     row = D.TABLE[D.OPS.index(name)]
     inp = row.example(np.random.default_rng(0), dtype)
-    fields = [n for n in inp.__dataclass_fields__ if n != "OP"]
+    # the custom op's arguments: the fields but the buffers the op would write (``Out``, e.g. kept)
+    fields = [n for n, f in inp.__dataclass_fields__.items() if n != "OP" and f.type != "Out | None"]
     vals = [getattr(inp, n) for n in fields]
     tvals = [sc._arrays.from_numpy(v, "torch") if isinstance(v, np.ndarray) else v for v in vals]
     _opcheck(getattr(OPS, name).default, (*tvals, None))
     got = getattr(sct, name)(*tvals)
-    want = sc._arrays.from_numpy(D.dispatch(row.inputs(*vals)), "torch")
+    want = sc._arrays.from_numpy(D.dispatch(row.inputs(**dict(zip(fields, vals)))), "torch")
     assert got.dtype == want.dtype and torch.equal(got, want)
     compiled = torch.compile(lambda *a: getattr(sct, name)(*a) * 2, fullgraph=True)
     assert torch.equal(compiled(*tvals), want * 2)
     leaf = tvals[0].float().to(tvals[0].dtype).requires_grad_()
     with pytest.raises(NotImplementedError, match=f"sparsecore.torch.{name} has no gradient"):
         getattr(sct, name)(leaf, *tvals[1:]).float().sum().backward()
+
+
+def test_threshold_mlp_custom_op_takes_no_kept_buffer():
+    """The custom op stays functional: kept (a buffer the public op writes) is refused by its face."""
+    x, wgu, wd = torch.ones(2, 4), torch.ones(4, 6), torch.ones(3, 5)
+    with pytest.raises(ValueError, match=r"^sparsecore.torch.threshold_mlp: kept is not taken by the custom op"):
+        sct.threshold_mlp(x, wgu, wd, kept=torch.zeros(2, dtype=torch.int64))
+    kept = np.zeros(2, np.int64)
+    sc.threshold_mlp(x.numpy(), wgu.numpy(), wd.numpy(), kept=kept)
+    assert kept.tolist() == [3, 3]
 
 
 def test_opcheck_relu_gate():

@@ -413,6 +413,48 @@ class ThresholdSpmm(_NumbaCpu):
         return _finish(out, inp.dtype)
 
 
+@register
+class ThresholdMlp(_NumbaCpu):
+    OP = "threshold_mlp"
+
+    @classmethod
+    def work(cls, inp: I.ThresholdMlpInputs) -> int:
+        m, d = inp.x.shape
+        k, n = inp.w_down.shape
+        return int(m) * (int(d) * 2 * int(k) + int(k) * int(n)) // 2  # ~half of the rows kept
+
+    @classmethod
+    def serial(cls, inp: I.ThresholdMlpInputs) -> bool:
+        return inp.x.shape[0] <= ROW_KERNEL_MAX_ROWS
+
+    @classmethod
+    def runner(cls, inp: I.ThresholdMlpInputs) -> Any:
+        """Decode-size calls: the row kernel bound once (each call allocates its output)."""
+        if not cls._serial(inp):
+            return None
+        kernel, n, dtype, lut = _k().threshold_mlp_rows, int(inp.w_down.shape[1]), inp.dtype, _lut_for(inp.dtype)
+        t_in, t_h, relu = np.float32(inp.input_threshold_f32), np.float32(inp.threshold_f32), inp.activation == "relu"
+        return lambda i: _finish(_threshold_mlp(kernel, i.x, t_in, i.w_gate_up, relu, t_h, i.w_down, lut, n, i.kept),
+                                 dtype)
+
+    @classmethod
+    def run(cls, inp: I.ThresholdMlpInputs) -> np.ndarray:
+        kernel = _k().threshold_mlp_rows if cls._serial(inp) else _k().threshold_mlp
+        out = _threshold_mlp(kernel, inp.x, np.float32(inp.input_threshold_f32), inp.w_gate_up,
+                             inp.activation == "relu", np.float32(inp.threshold_f32), inp.w_down,
+                             _lut_for(inp.dtype), int(inp.w_down.shape[1]), inp.kept)
+        return _finish(out, inp.dtype)
+
+
+def _threshold_mlp(kernel: Any, x: np.ndarray, t_in: np.float32, w_gu: np.ndarray, relu: bool, t_h: np.float32,
+                   w_down: np.ndarray, lut: np.ndarray, n: int, kept: np.ndarray | None) -> np.ndarray:
+    out = np.empty((x.shape[0], n), np.float32)
+    counts = np.empty(x.shape[0], np.int64) if kept is None else kept
+    kernel(np.ascontiguousarray(_bits(x)), t_in, np.ascontiguousarray(_bits(w_gu)), relu, t_h,
+           np.ascontiguousarray(_bits(w_down)), lut, counts, out)
+    return out
+
+
 def _out_of_bounds(a: TiledELL | CSR, op: str, name: str) -> None:
     """A row kernel found an index out of range (and stopped before reading through it): raise the
     format's own message (its check_bounds names the buffer, the element and the range)."""

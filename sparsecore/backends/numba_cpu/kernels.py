@@ -387,6 +387,59 @@ def threshold_spmm(x, threshold, w, lut, out):
 
 
 @njit(**_ROWS)
+def _threshold_mlp_block(x, t_in, w_gu, relu, t_h, w_down, lut, acc, gu, h, kept, out):
+    """One block of rows (views: ``x``, ``gu``, ``h``, ``kept``, ``out`` hold the block's rows) of
+    threshold_mlp: the kept inputs' rows of ``w_gu``, the activation in float32, the kept hidden
+    entries' rows of ``w_down``; each sum in the order of threshold_spmm's."""
+    r = x.shape[0]
+    k = w_down.shape[0]
+    _threshold_spmm_rows(0, r, x, t_in, w_gu, lut, acc, gu)
+    for m in range(r):
+        n_kept = 0
+        for j in range(k):
+            g = gu[m, j]
+            if relu:
+                a = np.float32(0) if g <= 0 else g  # NaN is kept
+            else:
+                a = g / (np.float32(1) + np.exp(-g))
+            v = a * gu[m, k + j]
+            h[m, j] = v
+            if not abs(v) <= t_h:
+                n_kept += 1
+        kept[m] = n_kept
+    _threshold_spmm_rows(0, r, h, t_h, w_down, lut, acc, out)
+
+
+@njit(**_ROWS)
+def threshold_mlp_rows(x, t_in, w_gu, relu, t_h, w_down, lut, kept, out):
+    """:func:`_threshold_mlp_block` over blocks of THRESHOLD_ROWS rows, on the calling thread."""
+    m_n = x.shape[0]
+    rows = min(m_n, THRESHOLD_ROWS)
+    k = w_down.shape[0]
+    acc = np.empty(rows * max(w_gu.shape[1], w_down.shape[1]), np.float32)
+    gu = np.empty((rows, w_gu.shape[1]), np.float32)
+    h = np.empty((rows, k), np.float32)
+    for r0 in range(0, m_n, THRESHOLD_ROWS):
+        r1 = min(r0 + THRESHOLD_ROWS, m_n)
+        _threshold_mlp_block(x[r0:r1], t_in, w_gu, relu, t_h, w_down, lut, acc, gu[:r1 - r0], h[:r1 - r0],
+                             kept[r0:r1], out[r0:r1])
+
+
+@njit(**_PAR)
+def threshold_mlp(x, t_in, w_gu, relu, t_h, w_down, lut, kept, out):
+    """:func:`_threshold_mlp_block` with the blocks in parallel (same sums: same bits)."""
+    m_n = x.shape[0]
+    k = w_down.shape[0]
+    for blk in prange(-(-m_n // THRESHOLD_ROWS)):
+        r0 = blk * THRESHOLD_ROWS
+        r1 = min(r0 + THRESHOLD_ROWS, m_n)
+        _threshold_mlp_block(x[r0:r1], t_in, w_gu, relu, t_h, w_down, lut,
+                             np.empty(THRESHOLD_ROWS * max(w_gu.shape[1], w_down.shape[1]), np.float32),
+                             np.empty((r1 - r0, w_gu.shape[1]), np.float32), np.empty((r1 - r0, k), np.float32),
+                             kept[r0:r1], out[r0:r1])
+
+
+@njit(**_ROWS)
 def gated_rows(values, cols, counts, tile, o_ptr, o_idx, o_val, x, w_up, w_down, lut, out):
     """out[m] = sum over the stored (m, j, g) of g * (x[m] . w_up[j]) * w_down[j], row by row."""
     m_rows, n_tiles, _ = values.shape
