@@ -204,6 +204,10 @@ def ffn_sparsity_stats(model: nn.Module) -> dict[str, dict[str, float]]:
 # training-free activation sparsity for gated MLPs of any activation (SiLU models)
 # --------------------------------------------------------------------------------------------------
 
+#: values an activation is evaluated on to tell whether threshold_mlp's kernel computes it (SiLU, ReLU)
+_ACT_PROBE = torch.cat([torch.linspace(-30.0, 30.0, 241), torch.tensor([0.0, -0.0, 1e-4, -1e-4, 88.0, -88.0])])
+
+
 def _check_threshold(where: str, threshold: Any) -> float:
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0 \
             or threshold == float("inf"):
@@ -221,9 +225,11 @@ class ThresholdSparseMLP(nn.Module):
         h[|h| <= threshold] = 0
         out = h @ down_proj.weight.T                # only the kept rows of down_proj are read
 
-    In inference on the host both thresholded products are one :func:`sparsecore.threshold_spmm`
-    call each (nothing is packed); on a device, and when differentiated or compiled, ``pack`` then
-    ``spmm`` (the custom ops, with their gradients).
+    In inference on the host with ``input_threshold > 0`` and a SiLU or ReLU ``act`` (found by
+    evaluating it, not by its class) the whole MLP is one :func:`sparsecore.threshold_mlp` call (its
+    activation computed in float32 by the kernel); otherwise each thresholded product is one
+    :func:`sparsecore.threshold_spmm` call (nothing is packed). On a device, and when differentiated
+    or compiled, ``pack`` then ``spmm`` (the custom ops, with their gradients).
 
     With ``threshold = 0`` only exact zeros are dropped and the output is the dense MLP's (up to the
     order of the float32 sums). A threshold calibrated by :func:`calibrate_thresholds` for a target
@@ -299,7 +305,7 @@ class ThresholdSparseMLP(nn.Module):
         ``input_threshold > 0``: of ``x2`` with ``|x| <= input_threshold`` set to 0; NaN is kept)."""
         t_in = self.input_threshold
         if t_in > 0:
-            if torch.compiler.is_compiling() or (torch.is_grad_enabled() and x2.requires_grad) \
+            if torch.compiler.is_compiling() or self._differentiable(x2) \
                     or self.gate_proj.bias is not None or self.up_proj.bias is not None:
                 x2 = torch.where(x2.abs() <= t_in, torch.zeros((), dtype=x2.dtype, device=x2.device), x2)
             else:  # inference: only the kept inputs' columns of gate_proj and up_proj are read
@@ -321,6 +327,32 @@ class ThresholdSparseMLP(nn.Module):
             self._w_gate_up_cache = (key, torch.cat([wg.detach().t(), wu.detach().t()], dim=1).contiguous())
         return self._w_gate_up_cache[1]
 
+    def _differentiable(self, x2: torch.Tensor) -> bool:
+        """Grad mode is on and the input or a projection's weight requires grad: the path with the
+        custom ops' gradients (the inference paths read detached copies of the weights)."""
+        return torch.is_grad_enabled() and (x2.requires_grad or self.gate_proj.weight.requires_grad
+                                            or self.up_proj.weight.requires_grad
+                                            or self.down_proj.weight.requires_grad)
+
+    def _fused_activation(self) -> str | None:
+        """``"silu"`` or ``"relu"`` when ``act_fn`` computes exactly that on a probe of values (what
+        :func:`sparsecore.threshold_mlp` can run in its kernel), else None; kept until ``act_fn`` changes."""
+        d = self.__dict__
+        act = self.act_fn
+        found = d.get("_sc_act")
+        if found is None or found[0] is not act:
+            with torch.no_grad():
+                try:
+                    y = act(_ACT_PROBE)
+                except Exception:  # noqa: BLE001 - an activation that cannot take the probe is not fused
+                    y = None
+            name = None
+            if isinstance(y, torch.Tensor) and y.shape == _ACT_PROBE.shape and y.dtype == _ACT_PROBE.dtype:
+                name = "silu" if torch.equal(y, nn.functional.silu(_ACT_PROBE)) else \
+                    "relu" if torch.equal(y, nn.functional.relu(_ACT_PROBE)) else None
+            found = d["_sc_act"] = (act, name)
+        return found[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.hidden_size:
             raise ValueError(f"ThresholdSparseMLP: x has shape {tuple(x.shape)}; expected [..., {self.hidden_size}]")
@@ -328,8 +360,22 @@ class ThresholdSparseMLP(nn.Module):
 
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.hidden_size)
+        if self.input_threshold > 0 and x2.device.type == "cpu" and not torch.compiler.is_compiling() \
+                and not self._differentiable(x2) \
+                and self.gate_proj.bias is None and self.up_proj.bias is None and self.down_proj.bias is None:
+            act = self._fused_activation()
+            if act is not None:  # a decode step on the host: the whole MLP in one call
+                kept = np.empty(x2.shape[0], np.int64)
+                out = _as_tensor(sc.threshold_mlp(_operand(x2), _operand(self._w_gate_up()), _operand(self._w_down()),
+                                                  input_threshold=self.input_threshold, threshold=self.threshold,
+                                                  activation=act, kept=kept))
+                nnz, slots = int(kept.sum()), x2.shape[0] * self.intermediate_size
+                d = self.__dict__
+                d["_last"] = (nnz, slots)
+                d["_host_counts"] = (d["_host_counts"][0] + nnz, d["_host_counts"][1] + slots)
+                return out.reshape(*lead, self.out_size).to(x.dtype)
         h = self.hidden(x2)
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and h.requires_grad):
+        if torch.compiler.is_compiling() or self._differentiable(x2) or (torch.is_grad_enabled() and h.requires_grad):
             # traced, or differentiated: the custom ops (fakes for the compiler, gradients registered)
             packed = ops.pack(h, threshold=self.threshold, tile=self.tile, capacity=self.capacity)
             out = ops.spmm(packed, self._w_down())

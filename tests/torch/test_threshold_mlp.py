@@ -195,3 +195,40 @@ def test_patch_with_input_sparsity_calibrates_both():
         patch_model(copy.deepcopy(model), ffn=dict(mode="threshold", input_sparsity=0.2, thresholds=cal))
     with pytest.raises(ValueError, match=r"calibrate_thresholds: input_sparsity = 1.5"):
         calibrate_thresholds(model, ids, 0.5, input_sparsity=1.5)
+
+
+@pytest.mark.parametrize("act", ["silu", "relu", "gelu"])
+def test_input_sparse_decode_step_is_one_fused_call_and_matches(act, monkeypatch):
+    """With input sparsity, a SiLU or ReLU MLP's host inference is one threshold_mlp call (found by
+    evaluating act_fn); GELU keeps the two threshold_spmm calls. Both give the masked dense MLP,
+    and the density statistics count the same entries."""
+    import sparsecore as sc
+
+    torch.manual_seed(3)
+    dense = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=160, hidden_act=act))
+    mlp = ThresholdSparseMLP.from_dense(dense, threshold=0.02, input_threshold=0.5)
+    calls = []
+    real = sc.threshold_mlp
+    monkeypatch.setattr(sc, "threshold_mlp", lambda *a, **k: calls.append(k["activation"]) or real(*a, **k))
+    x = torch.randn(2, 3, 32)
+    with torch.no_grad():
+        xk = torch.where(x.abs() <= 0.5, torch.zeros(()), x)
+        h = dense.act_fn(dense.gate_proj(xk)) * dense.up_proj(xk)
+        keep = h.abs() > 0.02
+        want = dense.down_proj(h * keep)
+        got = mlp(x)
+    assert calls == ([] if act == "gelu" else [act])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert float(mlp.last_density) == pytest.approx(float(keep.float().mean()))
+
+
+def test_weights_that_require_grad_get_their_gradients():
+    """Grad mode with weights that require grad (an input that does not): the differentiable path,
+    so no weight's gradient is dropped, with or without input sparsity."""
+    for t_in in (0.0, 0.5):
+        torch.manual_seed(4)
+        dense = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=160, hidden_act="silu"))
+        mlp = ThresholdSparseMLP.from_dense(dense, threshold=0.02, input_threshold=t_in)
+        mlp(torch.randn(3, 32)).square().sum().backward()
+        for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0, (t_in, lin)
