@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -450,3 +451,38 @@ def test_decode_step_compiles_without_graph_breaks(method: str) -> None:
     got = torch.compile(step, backend="eager", fullgraph=True)(q, k, v)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert layer.sparsecore_decode.decode_steps == 2
+
+
+def test_visible_lengths_reads_prefix_masks_and_rereads_a_mask_written_in_place() -> None:
+    """The keys a mask shows each sequence: a prefix gives its length (per sequence), anything else
+    False (the fallback), no mask None. The layers of one step share the mask, so it is read once;
+    a mask written in place (its version counter moves) and other shapes are read again."""
+    from sparsecore.torch.attention import _visible_lengths
+
+    mask = torch.zeros(2, 1, 1, 8, dtype=torch.bool)
+    mask[0, ..., :5] = True
+    mask[1, ..., :3] = True
+    assert _visible_lengths(mask, 2, 8) == (5, 3)
+    assert _visible_lengths(mask, 2, 8) == (5, 3)  # the memo
+    mask[1, ..., 6] = True  # a hole: not a prefix any more
+    assert _visible_lengths(mask, 2, 8) is False
+    assert _visible_lengths(mask, 2, 9) is False  # another key count: not this mask's shape
+    additive = torch.full((1, 1, 2, 8), float("-inf"))
+    additive[..., -1, :4] = 0.0  # the last query row shows 4 keys
+    assert _visible_lengths(additive, 3, 8) == (4, 4, 4)  # one row of mask for every sequence
+    additive[..., -1, 0] = float("-inf")  # left padding
+    assert _visible_lengths(additive, 3, 8) is False
+    assert _visible_lengths(torch.zeros(1, 1, 1, 8, dtype=torch.bool), 1, 8) is False  # nothing visible
+    assert _visible_lengths(None, 1, 8) is None
+    rng = np.random.default_rng(0)
+    for _ in range(50):  # against a plain reading of the definition
+        b, s = int(rng.integers(1, 4)), int(rng.integers(1, 12))
+        m = torch.from_numpy(rng.random((b, 1, 1, s)) < 0.8)
+        if rng.random() < 0.5:
+            n = rng.integers(0, s + 1, b)
+            m = torch.from_numpy(np.arange(s)[None, None, None] < n[:, None, None, None])
+        rows = m[:, 0, -1].numpy()
+        lens = rows.sum(-1)
+        prefix = all(r[:k].all() and not r[k:].any() for r, k in zip(rows, lens))
+        want = tuple(int(k) for k in lens) if prefix and lens.min() > 0 else False
+        assert _visible_lengths(m, b, s) == want
