@@ -51,7 +51,8 @@ class TopKDecode:
     by score on top of the ``sink`` first and ``window`` last tokens; it is clamped to the cache.
 
     Statistics: ``decode_steps`` and ``dense_fallbacks`` (decode steps that ran the fallback because a
-    mask hid keys) are host counters; the keys read are counted on the device (no host
+    mask hid keys, or because grad mode was on with inputs that require grad: the sparse step has no
+    gradient, so such a step runs dense rather than drop one) are host counters; the keys read are counted on the device (no host
     synchronisation per step) and read on demand by ``keys_read`` and ``read_fraction``.
 
     Quest keeps the pages' key bounds (:func:`sparsecore.page_bounds`) between decode steps of the
@@ -324,6 +325,10 @@ def _make(fallback: str) -> Callable[..., Any]:
         state = getattr(module, "sparsecore_decode", None)
         decode = (isinstance(state, TopKDecode) and state.enabled and not module.training and query.shape[2] == 1
                   and not any(kwargs.get(name) is not None for name in _UNSUPPORTED_KWARGS))
+        if decode and torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+            decode = False  # the sparse step has no gradient: a step that may be differentiated runs dense
+            state.dense_fallbacks += 1
+            state.forget_bounds()
         if decode:
             lengths = _visible_lengths(attention_mask, key.shape[0], key.shape[2])
             if lengths is False:

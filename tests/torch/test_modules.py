@@ -486,3 +486,27 @@ def test_visible_lengths_reads_prefix_masks_and_rereads_a_mask_written_in_place(
         prefix = all(r[:k].all() and not r[k:].any() for r, k in zip(rows, lens))
         want = tuple(int(k) for k in lens) if prefix and lens.min() > 0 else False
         assert _visible_lengths(m, b, s) == want
+
+
+def test_a_decode_step_that_may_be_differentiated_runs_dense_with_its_gradient() -> None:
+    """Eval mode with grad mode on and weights that require grad: the step runs the fallback (counted)
+    and the weights get the dense step's gradient; under no_grad the same step is sparse."""
+    attn, rope = _attention(7)
+    wrapped, state = _topk(attn, k=1)
+    xs = torch.randn(1, 6, 64)
+    pos = torch.arange(6)[None]
+    grads = []
+    for layer in (attn, wrapped):
+        cache = DynamicCache()
+        with torch.no_grad():
+            layer(xs[:, :5], rope(xs, pos[:, :5]), None, cache)
+        layer.zero_grad()
+        layer(xs[:, 5:], rope(xs, pos[:, 5:]), None, cache)[0].square().sum().backward()
+        grads.append(layer.q_proj.weight.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0])
+    assert state.dense_fallbacks == 1 and state.decode_steps == 0
+    with torch.no_grad():
+        cache = DynamicCache()
+        wrapped(xs[:, :5], rope(xs, pos[:, :5]), None, cache)
+        wrapped(xs[:, 5:], rope(xs, pos[:, 5:]), None, cache)
+    assert state.decode_steps == 1
