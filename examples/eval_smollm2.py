@@ -292,13 +292,23 @@ def decode_speed(model, cache, first, n, warmup=2) -> float:
     return n / (time.perf_counter() - t)
 
 
-def eval_speed(model, tok, context, steps, threads, decode_opts, ffn_cal, save, rounds=3) -> list[dict]:
+def eval_speed(model, tok, context, steps, threads, decode_opts, ffn_cal, save, rounds=3,
+               cache_impl="dynamic") -> list[dict]:
     """Greedy decode tokens/s of each variant after the same dense prefill; the variants take turns,
-    ``rounds`` times, and the median round is reported (the best beside it)."""
+    ``rounds`` times, and the median round is reported (the best beside it). ``cache_impl``: the
+    transformers cache every variant decodes with, ``"dynamic"`` (the default ``DynamicCache``: each
+    step concatenates the whole cache, ``torch.cat`` per layer) or ``"static"`` (``StaticCache``
+    sized for the run: each step writes one position; what transformers recommends for speed)."""
     ids = models.token_windows(tok, "english", context, 1, skip=0)
-    log(f"speed: dense prefill of {context} tokens...")
+    log(f"speed: dense prefill of {context} tokens into a {cache_impl} cache...")
     with torch.no_grad():
-        cache0 = out_cache(model(ids[:, :-1], use_cache=True))
+        if cache_impl == "static":
+            from transformers import StaticCache
+
+            static = StaticCache(config=model.config, max_cache_len=context + steps + 8)
+            cache0 = out_cache(model(ids[:, :-1], **{cache_kw(model): static}, use_cache=True))
+        else:
+            cache0 = out_cache(model(ids[:, :-1], use_cache=True))
     variants = {
         "dense (sdpa)": model,
         "decode sparsity": patch_model(copy.deepcopy(model), decode=decode_opts),
@@ -318,7 +328,7 @@ def eval_speed(model, tok, context, steps, threads, decode_opts, ffn_cal, save, 
         for name, v in runs.items():
             rows.append(dict(context=context, threads=n, variant=name, tokens_per_s=sorted(v)[len(v) // 2],
                              best_tokens_per_s=max(v), rounds=v, steps=steps, decode=decode_opts,
-                             ffn_sparsity=ffn_cal["sparsity"]))
+                             ffn_sparsity=ffn_cal["sparsity"], cache=cache_impl))
     for r in rows:
         base = next(x for x in rows if x["threads"] == r["threads"] and x["variant"] == "dense (sdpa)")
         r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
@@ -502,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="decode selection of the speed section (k = context / 50 tokens, or as many in pages)")
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--speed-rounds", type=int, default=3)
+    ap.add_argument("--speed-cache", default="dynamic", choices=["dynamic", "static"],
+                    help="the transformers cache every variant decodes with (static: StaticCache sized for the run)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quality-threads", type=int, default=1,
                     help="threads for the quality sections (the results do not depend on it)")
@@ -566,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 opts = dict(default, method="quest", k=max(1, round(s / 50 / args.page_size)), page_size=args.page_size)
             res["speed"] = eval_speed(model, tok, s, args.speed_steps, args.threads, opts, cal,
-                                      save, rounds=args.speed_rounds)
+                                      save, rounds=args.speed_rounds, cache_impl=args.speed_cache)
             set_threads(args.quality_threads)
         res["seconds"][sec] = time.perf_counter() - t
         res.setdefault("load_avg_after", {})[sec] = os.getloadavg()
