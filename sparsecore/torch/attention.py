@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 import sparsecore as sc
+from sparsecore._arrays import from_numpy, to_numpy
 
 __all__ = ["TopKDecode", "register_attention", "topk_decode_layers", "PREFIX"]
 
@@ -52,8 +53,9 @@ class TopKDecode:
 
     Statistics: ``decode_steps`` and ``dense_fallbacks`` (decode steps that ran the fallback because a
     mask hid keys, or because grad mode was on with inputs that require grad: the sparse step has no
-    gradient, so such a step runs dense rather than drop one) are host counters; the keys read are counted on the device (no host
-    synchronisation per step) and read on demand by ``keys_read`` and ``read_fraction``.
+    gradient, so such a step runs dense rather than drop one) are host counters; the keys read are
+    counted on the host for host plans and on the device otherwise (no host synchronisation per step),
+    and read on demand by ``keys_read`` and ``read_fraction``.
 
     Quest keeps the pages' key bounds (:func:`sparsecore.page_bounds`) between decode steps of the
     same cache: a step whose cache has one more position than the previous step's, with the same
@@ -139,17 +141,25 @@ class TopKDecode:
             raise ValueError(f"TopKDecode.attend: lengths = {lengths!r}; expected an int or {b} ints in [1, {s}]")
         rep = hkv if keys.is_contiguous() and values.is_contiguous() else 1
         seq_lens = tuple(n for n in lens for _ in range(rep))
-        if keys.device.type == "cpu":  # through NumPy: a third of torch.tensor's cost
-            kv_lens = torch.from_numpy(np.array(seq_lens, np.int32))
-        elif all(n == s for n in seq_lens):  # no mask: every key (no host-to-device copy)
-            kv_lens = torch.full((len(seq_lens),), s, dtype=torch.int32, device=keys.device)
+        host = keys.device.type == "cpu" and not torch.compiler.is_compiling()
+        if host:  # zero-copy NumPy views: the plan runs on NumPy (no torch call per op, no views to check)
+            kn, vn, kv_lens = _host_view(keys), _host_view(values), np.array(seq_lens, np.int32)
+            if rep > 1:
+                kv = sc.DenseKV(kn.reshape(b * hkv, s, 1, d), vn.reshape(b * hkv, s, 1, d), kv_lens)
+                q = _host_view(q).reshape(b * hkv, hq // hkv, d)
+            else:
+                kv = sc.DenseKV(kn.transpose(0, 2, 1, 3), vn.transpose(0, 2, 1, 3), kv_lens)
+                q = _host_view(q)
         else:
-            kv_lens = torch.tensor(seq_lens, dtype=torch.int32).to(keys.device)
-        if rep > 1:
-            kv = sc.DenseKV(keys.reshape(b * hkv, s, 1, d), values.reshape(b * hkv, s, 1, d), kv_lens)
-            q = q.reshape(b * hkv, hq // hkv, d)
-        else:
-            kv = sc.DenseKV(keys.transpose(1, 2), values.transpose(1, 2), kv_lens)
+            if all(n == s for n in seq_lens):  # no mask: every key (no host-to-device copy)
+                kv_lens = torch.full((len(seq_lens),), s, dtype=torch.int32, device=keys.device)
+            else:
+                kv_lens = torch.tensor(seq_lens, dtype=torch.int32).to(keys.device)
+            if rep > 1:
+                kv = sc.DenseKV(keys.reshape(b * hkv, s, 1, d), values.reshape(b * hkv, s, 1, d), kv_lens)
+                q = q.reshape(b * hkv, hq // hkv, d)
+            else:
+                kv = sc.DenseKV(keys.transpose(1, 2), values.transpose(1, 2), kv_lens)
         opts: dict[str, Any] = dict(method=self.method, sink=self.sink, window=self.window, shared=self.shared)
         unit = (self.page_size or 16) if self.method == "quest" else 1
         k_eff = min(self.k, -(-s // unit))
@@ -177,6 +187,8 @@ class TopKDecode:
                 out, _ = self._plan(q, kv, k_eff, bounds, scaling, opts, codes).run(q, kv, bounds=bounds,
                                                                                     update_from=start, codes=codes)
             counts = self._last_plan.last_counts
+            if host:
+                out = from_numpy(out, "torch")
         # keys read per (sequence, group) row: a page counts page_size keys, at most the length
         if isinstance(counts, np.ndarray):  # a host plan's launchers: counted on the host, in Python ints
             self._keys_read_host += sum(min(c * unit, n) for row, n in zip(counts.tolist(), seq_lens) for c in row)
@@ -191,7 +203,7 @@ class TopKDecode:
               opts: dict[str, Any], codes: sc.KeyCodes | None = None) -> sc.DecodePlan:
         """The :class:`sparsecore.DecodePlan` of this step's shapes (made on the first step of a shape,
         kept for the next ones: the cache may grow, the plan follows it)."""
-        key = (tuple(q.shape), q.dtype, q.device, tuple(kv.k.shape[2:]), k, bounds is not None, scaling,
+        key = (tuple(q.shape), str(q.dtype), _place(q), tuple(kv.k.shape[2:]), k, bounds is not None, scaling,
                tuple(sorted(opts.items())))
         found = self._plans.get(key)
         if found is None:
@@ -205,15 +217,15 @@ class TopKDecode:
         """This step's Quest bounds and where their update starts: the previous step's bounds (grown
         if the cache outgrew them) with ``update_from`` the lengths before this step's token, for
         :meth:`DecodePlan.run` to update in the same call; or new bounds of the whole cache and None."""
-        view = (tuple(kv.k.shape[:1]) + tuple(kv.k.shape[2:]), unit, kv.k.dtype, kv.k.device)
+        view = (tuple(kv.k.shape[:1]) + tuple(kv.k.shape[2:]), unit, str(kv.k.dtype), _place(kv.k))
         need = -(-int(kv.k.shape[1]) // unit)
         prev = self._bounds
         if prev is not None and prev[0] == view and len(prev[1]) == len(lens) \
                 and all(n == p + 1 for n, p in zip(lens, prev[1])):
             bounds = prev[2]
             if bounds.num_pages < need:  # a growing (dynamic) cache: more pages, amortised doubling
-                grown = sc.PageBounds(bounds.kmin.new_zeros((kv.batch, 2 * need) + bounds.kmin.shape[2:]),
-                                      bounds.kmax.new_zeros((kv.batch, 2 * need) + bounds.kmax.shape[2:]), unit)
+                grown = sc.PageBounds(_zeros(bounds.kmin, (kv.batch, 2 * need) + bounds.kmin.shape[2:]),
+                                      _zeros(bounds.kmax, (kv.batch, 2 * need) + bounds.kmax.shape[2:]), unit)
                 grown.kmin[:, :bounds.num_pages] = bounds.kmin
                 grown.kmax[:, :bounds.num_pages] = bounds.kmax
                 bounds = grown
@@ -226,15 +238,15 @@ class TopKDecode:
     def _key_codes(self, kv: sc.DenseKV, lens: tuple[int, ...]) -> sc.KeyCodes:
         """The int8 copy of the keys (:func:`sparsecore.quantize_keys`), kept between decode steps like
         Quest's bounds: a step one position longer than the previous one quantises its new key only."""
-        view = (tuple(kv.k.shape[:1]) + tuple(kv.k.shape[2:]), kv.k.dtype, kv.k.device)
+        view = (tuple(kv.k.shape[:1]) + tuple(kv.k.shape[2:]), str(kv.k.dtype), _place(kv.k))
         prev = self._codes
         if prev is not None and prev[0] == view and len(prev[1]) == len(lens) \
                 and all(n == p + 1 for n, p in zip(lens, prev[1])):
             codes = prev[2]
             if codes.max_len < kv.max_len:  # a growing (dynamic) cache: amortised doubling
                 b, _, h, d = codes.codes.shape
-                grown = sc.KeyCodes(codes.codes.new_zeros((b, 2 * kv.max_len, h, d)),
-                                    codes.scales.new_zeros((b, 2 * kv.max_len, h)))
+                grown = sc.KeyCodes(_zeros(codes.codes, (b, 2 * kv.max_len, h, d)),
+                                    _zeros(codes.scales, (b, 2 * kv.max_len, h)))
                 grown.codes[:, :codes.max_len] = codes.codes
                 grown.scales[:, :codes.max_len] = codes.scales
                 codes = grown
@@ -247,6 +259,22 @@ class TopKDecode:
     def forget_bounds(self) -> None:
         self._bounds = None
         self._codes = None
+
+
+def _place(a: Any) -> Any:
+    """Where ``a`` lives: a torch tensor's device, ``"host"`` for a NumPy array."""
+    return a.device if isinstance(a, torch.Tensor) else "host"
+
+
+def _host_view(t: torch.Tensor) -> np.ndarray:
+    """A zero-copy NumPy view of a CPU tensor (bfloat16: its bits as ml_dtypes' bfloat16); a third of
+    :func:`sparsecore._arrays.to_numpy`'s cost for the common dtypes, which a decode step pays per layer."""
+    return to_numpy(t) if t.dtype is torch.bfloat16 else t.detach().numpy()
+
+
+def _zeros(like: Any, shape: tuple[int, ...]) -> Any:
+    """Zeros of ``like``'s kind, dtype and place."""
+    return np.zeros(shape, like.dtype) if isinstance(like, np.ndarray) else like.new_zeros(shape)
 
 
 #: the last mask read and what it showed: the layers of one forward pass get the same mask object,
@@ -280,8 +308,8 @@ def _read_mask(mask: torch.Tensor, b: int, s: int) -> tuple[int, ...] | bool:
         return False
     if visible.device.type == "cpu":  # NumPy: a few us for 8K keys, against tens in torch's small ops
         rows = visible[:, 0].numpy()
-        lens = tuple(int(n) for n in np.count_nonzero(rows, axis=-1))
-        if not all(r[:n].all() and not r[n:].any() for r, n in zip(rows, lens)):
+        lens = tuple(np.count_nonzero(r) for r in rows)  # count_nonzero without an axis: the fast path
+        if not all(np.count_nonzero(r[:n]) == n for r, n in zip(rows, lens)):  # the n shown are the first n
             return False
         lens = lens * b if len(lens) == 1 else lens
     else:

@@ -327,6 +327,17 @@ class ThresholdSparseMLP(nn.Module):
             self._w_gate_up_cache = (key, torch.cat([wg.detach().t(), wu.detach().t()], dim=1).contiguous())
         return self._w_gate_up_cache[1]
 
+    def _host_weights(self) -> tuple[Any, Any]:
+        """:meth:`_w_gate_up` and :meth:`_w_down` as the ops take them (NumPy views of float32 CPU
+        copies), kept with the three weights' data pointers and version counters: a decode step checks
+        those instead of building both copies' keys and views each call."""
+        ws = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+        key = tuple((w.data_ptr(), w._version, w.shape, w.dtype) for w in ws)
+        found = self.__dict__.get("_sc_host_weights")
+        if found is None or found[0] != key:
+            found = self.__dict__["_sc_host_weights"] = (key, _operand(self._w_gate_up()), _operand(self._w_down()))
+        return found[1], found[2]
+
     def _differentiable(self, x2: torch.Tensor) -> bool:
         """Grad mode is on and the input or a projection's weight requires grad: the path with the
         custom ops' gradients (the inference paths read detached copies of the weights)."""
@@ -366,10 +377,10 @@ class ThresholdSparseMLP(nn.Module):
             act = self._fused_activation()
             if act is not None:  # a decode step on the host: the whole MLP in one call
                 kept = np.empty(x2.shape[0], np.int64)
-                out = _as_tensor(sc.threshold_mlp(_operand(x2), _operand(self._w_gate_up()), _operand(self._w_down()),
-                                                  input_threshold=self.input_threshold, threshold=self.threshold,
-                                                  activation=act, kept=kept))
-                nnz, slots = int(kept.sum()), x2.shape[0] * self.intermediate_size
+                wgu, wd = self._host_weights()
+                out = _as_tensor(sc.threshold_mlp(_operand(x2), wgu, wd, input_threshold=self.input_threshold,
+                                                  threshold=self.threshold, activation=act, kept=kept))
+                nnz, slots = sum(kept.tolist()), x2.shape[0] * self.intermediate_size
                 d = self.__dict__
                 d["_last"] = (nnz, slots)
                 d["_host_counts"] = (d["_host_counts"][0] + nnz, d["_host_counts"][1] + slots)
