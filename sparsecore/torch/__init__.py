@@ -1,6 +1,6 @@
 """PyTorch adapters: the public ops as ``torch.library`` custom ops (namespace ``sparsecore``),
 autograd for sparse FFN training, and torch-side holders of the formats. An op of the table declared
-with ``out_shape`` and no custom op written here (``threshold_spmm``) gets one made from its row
+with ``out_shape`` and no custom op written here (``threshold_spmm``, ``threshold_mlp``) gets one made from its row
 (``ops.TABLE_OPS``: forward only, traced by ``torch.compile``); any other op is the public function
 itself, which takes and returns CPU tensors.
 
