@@ -8,6 +8,7 @@ come back to the host here.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import ml_dtypes
@@ -84,11 +85,12 @@ def to_numpy(x: Any) -> np.ndarray:
     if k == "numpy":
         return x
     if k == "torch":
-        if x.device.type != "cpu":
+        if not x.is_cpu:
             raise ValueError(f"to_numpy: tensor is on {x.device}; device arrays never move to the host implicitly")
         t = x.detach() if x.requires_grad else x
-        if t.dtype == _torch().bfloat16:  # NumPy has no bfloat16: its bits, viewed as ml_dtypes' bfloat16
-            return t.view(_torch().int16).numpy().view(BFLOAT16)
+        torch = sys.modules["torch"]  # imported: x is a tensor
+        if t.dtype is torch.bfloat16:  # NumPy has no bfloat16: its bits, viewed as ml_dtypes' bfloat16
+            return t.view(torch.int16).numpy().view(BFLOAT16)
         return t.numpy()  # shares the memory (a few times cheaper than DLPack for the small tensors of decode)
     raise TypeError(f"to_numpy: expected a NumPy array or a CPU torch tensor, got {type(x).__name__}")
 

@@ -143,23 +143,17 @@ class TopKDecode:
         seq_lens = tuple(n for n in lens for _ in range(rep))
         host = keys.device.type == "cpu" and not torch.compiler.is_compiling()
         if host:  # zero-copy NumPy views: the plan runs on NumPy (no torch call per op, no views to check)
-            kn, vn, kv_lens = _host_view(keys), _host_view(values), np.array(seq_lens, np.int32)
-            if rep > 1:
-                kv = sc.DenseKV(kn.reshape(b * hkv, s, 1, d), vn.reshape(b * hkv, s, 1, d), kv_lens)
-                q = _host_view(q).reshape(b * hkv, hq // hkv, d)
-            else:
-                kv = sc.DenseKV(kn.transpose(0, 2, 1, 3), vn.transpose(0, 2, 1, 3), kv_lens)
-                q = _host_view(q)
+            keys, values, q = to_numpy(keys), to_numpy(values), to_numpy(q)
+            kv_lens = np.array(seq_lens, np.int32)
+        elif all(n == s for n in seq_lens):  # no mask: every key (no host-to-device copy)
+            kv_lens = torch.full((len(seq_lens),), s, dtype=torch.int32, device=keys.device)
         else:
-            if all(n == s for n in seq_lens):  # no mask: every key (no host-to-device copy)
-                kv_lens = torch.full((len(seq_lens),), s, dtype=torch.int32, device=keys.device)
-            else:
-                kv_lens = torch.tensor(seq_lens, dtype=torch.int32).to(keys.device)
-            if rep > 1:
-                kv = sc.DenseKV(keys.reshape(b * hkv, s, 1, d), values.reshape(b * hkv, s, 1, d), kv_lens)
-                q = q.reshape(b * hkv, hq // hkv, d)
-            else:
-                kv = sc.DenseKV(keys.transpose(1, 2), values.transpose(1, 2), kv_lens)
+            kv_lens = torch.tensor(seq_lens, dtype=torch.int32).to(keys.device)
+        if rep > 1:
+            kv = sc.DenseKV(keys.reshape(b * hkv, s, 1, d), values.reshape(b * hkv, s, 1, d), kv_lens)
+            q = q.reshape(b * hkv, hq // hkv, d)
+        else:  # [B, S, Hkv, D] views (swapaxes: the same call on NumPy arrays and tensors)
+            kv = sc.DenseKV(keys.swapaxes(1, 2), values.swapaxes(1, 2), kv_lens)
         opts: dict[str, Any] = dict(method=self.method, sink=self.sink, window=self.window, shared=self.shared)
         unit = (self.page_size or 16) if self.method == "quest" else 1
         k_eff = min(self.k, -(-s // unit))
@@ -264,12 +258,6 @@ class TopKDecode:
 def _place(a: Any) -> Any:
     """Where ``a`` lives: a torch tensor's device, ``"host"`` for a NumPy array."""
     return a.device if isinstance(a, torch.Tensor) else "host"
-
-
-def _host_view(t: torch.Tensor) -> np.ndarray:
-    """A zero-copy NumPy view of a CPU tensor (bfloat16: its bits as ml_dtypes' bfloat16); a third of
-    :func:`sparsecore._arrays.to_numpy`'s cost for the common dtypes, which a decode step pays per layer."""
-    return to_numpy(t) if t.dtype is torch.bfloat16 else t.detach().numpy()
 
 
 def _zeros(like: Any, shape: tuple[int, ...]) -> Any:
