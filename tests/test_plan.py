@@ -227,6 +227,25 @@ def test_run_on_torch_tensors_and_into_out() -> None:
     torch.testing.assert_close(lse, want[1])
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_torch_runs_return_half_precision_tensors(dtype: str) -> None:
+    """A 16-bit torch plan's launcher path returns tensors of q's dtype (bfloat16 has no NumPy dtype:
+    its bits come back as a bfloat16 tensor), equal to the public calls."""
+    torch = pytest.importorskip("torch")
+    tdt = getattr(torch, dtype)
+    rng = np.random.default_rng(12)
+    k, v = (torch.from_numpy(rng.standard_normal((2, 40, 2, 8)).astype(np.float32)).to(tdt) for _ in range(2))
+    kv = sc.DenseKV(k, v, torch.tensor([40, 23], dtype=torch.int32))
+    q = torch.from_numpy(rng.standard_normal((2, 4, 8)).astype(np.float32)).to(tdt)
+    plan = sc.DecodePlan(q, kv, 5, sink=1, window=2)
+    want = _public(q, kv, 5, sink=1, window=2)
+    for _ in range(2):  # the second run takes the launchers
+        out, lse = plan.run(q, kv)
+        assert out.dtype is tdt and lse.dtype is torch.float32
+        torch.testing.assert_close(out, want[0], rtol=0, atol=0)
+        torch.testing.assert_close(lse, want[1], rtol=0, atol=0)
+
+
 def test_run_rejects_another_shape_and_mismatched_bounds() -> None:
     rng = np.random.default_rng(4)
     k, v = (rng.standard_normal((1, 32, 1, 4)).astype(np.float32) for _ in range(2))

@@ -266,7 +266,11 @@ class DecodePlan:
                 return out
         o, lse = np.empty((b, hq, d), qn.dtype), np.empty((b, hq), np.float32)
         self._fast_decode(qn, kvn, indices, counts, o, lse)
-        result = (o, lse) if qn is q else (from_numpy(o, "torch"), from_numpy(lse, "torch"))
+        if qn is q:
+            result = o, lse
+        else:  # fresh, writeable: torch's own from_numpy (a bfloat16 output goes through the converter)
+            tfn = sys.modules["torch"].from_numpy
+            result = (from_numpy(o, "torch") if o.dtype.itemsize == 2 else tfn(o)), tfn(lse)
         if out is None:
             return result
         _write(out, result)
@@ -330,22 +334,39 @@ def _host_views(q: Any, kv: DenseKV | PagedKV, bounds: PageBounds | None, start:
         if _all_numpy(kv, bounds, start):  # NumPy throughout: the objects themselves are the views
             return q, kv, bounds, start
         conv = _same
-    elif kind_of(q) == "torch" and q.device.type == "cpu":
-        torch = sys.modules["torch"]
-        if torch.is_grad_enabled() and any(getattr(a, "requires_grad", False) for a in (q, *_values(kv, bounds))):
-            return None
-        conv = _torch_view
+    elif kind_of(q) == "torch" and q.is_cpu:
+        return _torch_host_views(q, kv, bounds, start)
     else:
         return None
     try:
-        if conv is _torch_view:  # a format passed again (a loop over one cache) keeps its views
-            hkv = _torch_views(kv, _HostKV, _kv_tensors(kv))
-            hb = None if bounds is None else _torch_views(bounds, _HostBounds, (bounds.kmin, bounds.kmax))
-        else:
-            hkv, hb = _HostKV(kv, conv), None if bounds is None else _HostBounds(bounds, conv)
+        hkv, hb = _HostKV(kv, conv), None if bounds is None else _HostBounds(bounds, conv)
         return conv(q), hkv, hb, None if start is None else conv(start)
     except _NotHost:
         return None
+
+
+def _torch_host_views(q: Any, kv: DenseKV | PagedKV, bounds: PageBounds | None, start: Any
+                      ) -> tuple[Any, Any, Any, Any] | None:
+    """:func:`_host_views` of a CPU tensor ``q`` (the planned path's torch overhead: every line here
+    is paid per run). A format passed again (a loop over one cache) keeps its views."""
+    if sys.modules["torch"].is_grad_enabled() and _requires_grad(q, kv, bounds):
+        return None
+    try:
+        hkv = _torch_views(kv, _HostKV, _kv_tensors(kv))
+        hb = None if bounds is None else _torch_views(bounds, _HostBounds, (bounds.kmin, bounds.kmax))
+        return _torch_view(q), hkv, hb, None if start is None else _torch_view(start)
+    except _NotHost:
+        return None
+
+
+def _requires_grad(q: Any, kv: DenseKV | PagedKV, bounds: PageBounds | None) -> bool:
+    """A tensor that requires grad (while grad mode is on: the checked path refuses it)."""
+    if getattr(q, "requires_grad", False):
+        return True
+    for a in _values(kv, bounds):
+        if getattr(a, "requires_grad", False):
+            return True
+    return False
 
 
 def _kv_tensors(kv: DenseKV | PagedKV) -> tuple[Any, ...]:
@@ -358,7 +379,7 @@ def _torch_views(fmt: Any, make: Any, tensors: tuple[Any, ...]) -> Any:
     """``make(fmt, _torch_view)``, kept on the (frozen) format of CPU tensors with each tensor's data
     pointer, shape and strides: a run that finds them unchanged reuses the views (and their metadata);
     a tensor resized or re-pointed in place (``resize_``, ``set_``, ``as_strided_``) makes new ones."""
-    key = tuple((t.data_ptr(), t.shape, t.stride()) for t in tensors)
+    key = [(t.data_ptr(), t.shape, t.stride()) for t in tensors]
     d = fmt.__dict__
     found = d.get("_sc_torch_views")
     if found is not None and found[0] == key:
