@@ -994,47 +994,177 @@ def select_quest_serial(q, k_pages, page_table, lengths, k, sink, window, shared
                            indices, counts)
 
 
+@njit(inline="always")
+def _pass4(k_pages, page_table, b, kvh, length, qf, d, lut, x, c, scale):
+    """Heads c .. c+3 (queries ``qf[0:4d]``) against every key of the row: one load of a key row
+    serves four dot products (four independent sums), keys walked page by page (no division)."""
+    page_size = k_pages.shape[1]
+    for p in range(-(-length // page_size)):
+        pg = page_table[b, p]
+        t0 = p * page_size
+        for r in range(min(page_size, length - t0)):
+            kr = k_pages[pg, r, kvh]
+            s0 = np.float32(0)
+            s1 = np.float32(0)
+            s2 = np.float32(0)
+            s3 = np.float32(0)
+            for j in range(d):
+                kj = load(kr, j, lut)
+                s0 += qf[j] * kj
+                s1 += qf[d + j] * kj
+                s2 += qf[2 * d + j] * kj
+                s3 += qf[3 * d + j] * kj
+            x[c, t0 + r] = s0 * scale
+            x[c + 1, t0 + r] = s1 * scale
+            x[c + 2, t0 + r] = s2 * scale
+            x[c + 3, t0 + r] = s3 * scale
+
+
+@njit(inline="always")
+def _pass3(k_pages, page_table, b, kvh, length, qf, d, lut, x, c, scale):
+    """:func:`_pass4` for three heads."""
+    page_size = k_pages.shape[1]
+    for p in range(-(-length // page_size)):
+        pg = page_table[b, p]
+        t0 = p * page_size
+        for r in range(min(page_size, length - t0)):
+            kr = k_pages[pg, r, kvh]
+            s0 = np.float32(0)
+            s1 = np.float32(0)
+            s2 = np.float32(0)
+            for j in range(d):
+                kj = load(kr, j, lut)
+                s0 += qf[j] * kj
+                s1 += qf[d + j] * kj
+                s2 += qf[2 * d + j] * kj
+            x[c, t0 + r] = s0 * scale
+            x[c + 1, t0 + r] = s1 * scale
+            x[c + 2, t0 + r] = s2 * scale
+
+
+@njit(inline="always")
+def _pass2(k_pages, page_table, b, kvh, length, qf, d, lut, x, c, scale):
+    """:func:`_pass4` for two heads."""
+    page_size = k_pages.shape[1]
+    for p in range(-(-length // page_size)):
+        pg = page_table[b, p]
+        t0 = p * page_size
+        for r in range(min(page_size, length - t0)):
+            kr = k_pages[pg, r, kvh]
+            s0 = np.float32(0)
+            s1 = np.float32(0)
+            for j in range(d):
+                kj = load(kr, j, lut)
+                s0 += qf[j] * kj
+                s1 += qf[d + j] * kj
+            x[c, t0 + r] = s0 * scale
+            x[c + 1, t0 + r] = s1 * scale
+
+
+@njit(inline="always")
+def _pass1(k_pages, page_table, b, kvh, length, qf, d, lut, x, c, scale):
+    """:func:`_pass4` for one head."""
+    page_size = k_pages.shape[1]
+    for p in range(-(-length // page_size)):
+        pg = page_table[b, p]
+        t0 = p * page_size
+        for r in range(min(page_size, length - t0)):
+            kr = k_pages[pg, r, kvh]
+            s0 = np.float32(0)
+            for j in range(d):
+                s0 += qf[j] * load(kr, j, lut)
+            x[c, t0 + r] = s0 * scale
+
+
+@njit(inline="always")
+def _head_scores(q, k_pages, page_table, b, h0, nh, kvh, length, scale, lut, x, mx):
+    """``x[i, t] = scale * q[b, h0 + i] . k[t]`` for the row's ``nh`` query heads (NaN as -inf) and
+    ``mx[i] = max_t x[i, t]``. Up to four heads are scored in one pass over the keys
+    (:func:`_pass4`; a loop of its own per width, so that each compiles to straight vector code):
+    2-2.5x faster than a pass per head at 8K keys and three heads."""
+    d = q.shape[2]
+    qf = np.empty(4 * d, np.float32)
+    c = 0
+    while c < nh:
+        w = min(4, nh - c)
+        for e in range(w):
+            for j in range(d):
+                qf[e * d + j] = load(q, (b, h0 + c + e, j), lut)
+        if w == 4:
+            _pass4(k_pages, page_table, b, kvh, length, qf, d, lut, x, c, scale)
+        elif w == 3:
+            _pass3(k_pages, page_table, b, kvh, length, qf, d, lut, x, c, scale)
+        elif w == 2:
+            _pass2(k_pages, page_table, b, kvh, length, qf, d, lut, x, c, scale)
+        else:
+            _pass1(k_pages, page_table, b, kvh, length, qf, d, lut, x, c, scale)
+        c += w
+    for i in range(nh):
+        m = np.float32(-np.inf)
+        for t in range(length):
+            v = x[i, t]
+            v = -np.inf if v != v else v
+            x[i, t] = v
+            m = max(m, v)
+        mx[i] = m
+
+
+#: exp on [-ln2/2, ln2/2] as 2^n * e^r: ln 2 split in two (Cody-Waite) so that r is exact enough
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693359375)
+_LN2_LO = np.float32(-2.12194440e-4)
+
+
+@njit(inline="always")
+def _exp_shifted(row, m, n, bits):
+    """``row[:n] = exp(row[:n] - m)`` in float32 (``m`` the row's finite maximum, so every argument
+    is <= 0; -inf gives 0), in two loops the compiler vectorises: ``r = v - n ln2`` and e^r by a
+    degree-6 Taylor polynomial (relative error about 1e-7, under float32's own rounding of the scores
+    it exponentiates), then the power of two built from its bits (``bits``: ``n`` float32 of scratch).
+    Arguments under -87 (e^-87 is about float32's smallest normal) give exactly 0: they carry no
+    mass a float32 score could tell from 0. ``math.exp`` per element was about 3.5 ns; this about 1."""
+    ib = bits.view(np.int32)
+    for t in range(n):
+        v = row[t] - m
+        keep = v > np.float32(-87)
+        v = max(v, np.float32(-87))
+        k = np.floor(v * _LOG2E + np.float32(0.5))
+        r = v - k * _LN2_HI - k * _LN2_LO
+        p = np.float32(1) + r * (np.float32(1) + r * (np.float32(0.5) + r * (np.float32(1 / 6) + r * (
+            np.float32(1 / 24) + r * (np.float32(1 / 120) + r * np.float32(1 / 720))))))
+        row[t] = p
+        ib[t] = ((np.int32(k) + np.int32(127)) << np.int32(23)) if keep else np.int32(0)
+    for t in range(n):
+        row[t] *= bits[t]
+
+
 @njit(**_TASK)
 def _select_top_p_task(task, q, k_pages, page_table, lengths, k, k_min, sink, window, shared, top_p, scale, lut,
                        indices, counts):
     """One row of :func:`select_top_p`: (sequence b, selection row u)."""
-    d = q.shape[2]
-    page_size = k_pages.shape[1]
     b, u, h0, nh, kvh, length = _select_row(task, q, k_pages, lengths, counts, shared)
-    qh = np.empty((nh, d), np.float32)
-    for i in range(nh):
-        for j in range(d):
-            qh[i, j] = load(q, (b, h0 + i, j), lut)
     # each head's own scaled scores (NaN as -inf: it carries no mass), then its softmax
     x = np.empty((nh, length), np.float32)
     mx = _f32(nh, -np.inf)
-    kr = np.empty(d, np.float32)
-    for t in range(length):
-        pg, r = _kv_row(page_table, b, t, page_size)
-        for j in range(d):
-            kr[j] = load(k_pages, (pg, r, kvh, j), lut)
-        for i in range(nh):
-            sc = np.float32(0)
-            for j in range(d):
-                sc += qh[i, j] * kr[j]
-            sc *= scale
-            if sc != sc:
-                sc = -np.inf
-            x[i, t] = sc
-            mx[i] = max(mx[i], sc)
+    _head_scores(q, k_pages, page_table, b, h0, nh, kvh, length, scale, lut, x, mx)
     mass = np.zeros(length, np.float64)
+    bits = np.empty(length, np.float32)
     for i in range(nh):
         m = mx[i]
         if m == -np.inf:
             continue
+        row = x[i]
+        if m == np.inf:  # an infinite score takes all of the head's mass
+            for t in range(length):
+                row[t] = 1.0 if row[t] == np.inf else 0.0
+        else:
+            _exp_shifted(row, m, length, bits)
         z = 0.0
         for t in range(length):
-            w = (1.0 if x[i, t] == np.inf else 0.0) if m == np.inf else math.exp(x[i, t] - m)
-            x[i, t] = w
-            z += w
+            z += row[t]
         inv = 1.0 / (z * nh)
         for t in range(length):
-            mass[t] += x[i, t] * inv
+            mass[t] += row[t] * inv
     free, chosen = _forced(length, length, 1, sink, window)
     forced_mass = 0.0
     for t in range(length):
