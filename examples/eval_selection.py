@@ -124,9 +124,10 @@ def set_decode(model: torch.nn.Module, opts: dict[str, Any] | None, track: bool 
     return states
 
 
-def configs(s: int, div: int, top_ps: list[float], sink: int, window: int, page: int, caps: tuple[int, ...] = (4,)
-            ) -> list[dict[str, Any]]:
-    """The methods at an average budget of ``s / div`` keys per selection row."""
+def configs(s: int, div: int, top_ps: list[float], sink: int, window: int, page: int, caps: tuple[int, ...] = (4,),
+            top_p_methods: tuple[str, ...] = ("exact",)) -> list[dict[str, Any]]:
+    """The methods at an average budget of ``s / div`` keys per selection row (the adaptive budget
+    over the exact scores, and with ``"int8"`` in ``top_p_methods`` over the int8 codes' too)."""
     budget = max(1, s // div)
     out = [dict(label="exact", opts=dict(k=budget)),
            dict(label=f"exact+sink{sink}/win{window}", opts=dict(k=max(1, budget - sink - window), sink=sink,
@@ -134,11 +135,15 @@ def configs(s: int, div: int, top_ps: list[float], sink: int, window: int, page:
            dict(label="quest", opts=dict(k=max(1, round(budget / page) - 1), method="quest", page_size=page))]
     out.append(dict(label="int8", opts=dict(k=budget, method="int8")))
     out.append(dict(label="int8+rescore", opts=dict(k=budget, method="int8", rescore=min(s, 2 * budget))))
-    for p in top_ps:
-        for cap in caps:
-            label = f"top_p {p}" if cap == 4 else f"top_p {p} k<={cap}x"
-            out.append(dict(label=label, opts=dict(k=min(s, cap * budget), k_min=max(1, budget // 8), top_p=p),
-                            match=True))
+    for method in top_p_methods:
+        for p in top_ps:
+            for cap in caps:
+                label = ("" if method == "exact" else f"{method} ") + (f"top_p {p}" if cap == 4 else
+                                                                        f"top_p {p} k<={cap}x")
+                opts = dict(k=min(s, cap * budget), k_min=max(1, budget // 8), top_p=p)
+                if method != "exact":
+                    opts["method"] = method
+                out.append(dict(label=label, opts=opts, match=True))
     return out
 
 
@@ -392,6 +397,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--merge", action="store_true", help="add to an existing results.json")
+    ap.add_argument("--top-p-methods", nargs="+", default=["exact"], choices=["exact", "int8"],
+                    help="the scores the adaptive budget estimates the mass from (int8: the keys' int8 codes)")
     ap.add_argument("--configs", nargs="+", help="run only the methods with these labels (e.g. int8 quest)")
     ap.add_argument("--merge-from", type=Path, nargs="+",
                     help="fold the rows of these results.json files into --out's (same context and method: theirs win)")
@@ -424,7 +431,7 @@ def main() -> None:
         return
     model, tok = models.smollm2()
     for s in a.contexts:
-        cfgs = configs(s, a.div, a.top_p, a.sink, a.window, a.page, tuple(a.top_p_cap))
+        cfgs = configs(s, a.div, a.top_p, a.sink, a.window, a.page, tuple(a.top_p_cap), tuple(a.top_p_methods))
         if a.configs:
             cfgs = [c for c in cfgs if c["label"] in a.configs]
         if "quality" in a.sections:

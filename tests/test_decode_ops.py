@@ -329,10 +329,12 @@ def run_topk(case: DecodeCase, args: dict) -> None:
 
 # --- select_topk with an adaptive budget (top_p): the mass it keeps -----------------------------------
 
-def attention_mass(case: DecodeCase, b: int, scale: float, shared: bool) -> np.ndarray:
+def attention_mass(case: DecodeCase, b: int, scale: float, shared: bool, int8: bool = False) -> np.ndarray:
     """``[G, L]``: each query head's softmax of its scaled scores over the sequence, averaged over the
-    query heads of a KV group when shared; float64 from the stored values, written out here."""
-    tok = unit_scores(case, b, None) * scale  # [Hq, L]
+    query heads of a KV group when shared; float64 from the stored values (``int8``: of the keys'
+    int8 copy), written out here."""
+    tok = (int8_scores(case, b) if int8 else unit_scores(case, b, None)) * scale  # [Hq, L]
+    tok = np.where(np.isnan(tok), -np.inf, tok)  # a NaN score (an int8 key with a NaN scale) has no mass
     mass = np.zeros_like(tok)
     for h in range(case.hq):
         if tok.shape[1]:
@@ -341,8 +343,15 @@ def attention_mass(case: DecodeCase, b: int, scale: float, shared: bool) -> np.n
     return mass.reshape(case.hkv, case.group, -1).mean(axis=1) if shared else mass
 
 
+def int8_scores(case: DecodeCase, b: int) -> np.ndarray:
+    """``[Hq, L]``: q . k over the int8 copy of the keys (``int8_keys``), float64."""
+    keys, q = int8_keys(case.keys[b]), case.q64[b]
+    return np.array([[float(np.dot(q[h], keys[t, h // case.group])) for t in range(keys.shape[0])]
+                     for h in range(case.hq)]).reshape(case.hq, keys.shape[0])
+
+
 def check_top_p(case: DecodeCase, idx: TopKIndex, *, k: int, k_min: int, top_p: float, sink: int, window: int,
-                shared: bool, scale: float | None, kv_name: str = "kv") -> None:
+                shared: bool, scale: float | None, kv_name: str = "kv", int8: bool = False) -> None:
     """The adaptive budget by its properties: forced kept; ``k_min <= chosen <= k`` (as the candidates
     allow); kept mass >= top_p unless ``k`` are chosen; no chosen key could be dropped with the mass
     still >= top_p (the fewest), unless ``k_min`` asks for it; chosen by mass (threshold)."""
@@ -356,9 +365,11 @@ def check_top_p(case: DecodeCase, idx: TopKIndex, *, k: int, k_min: int, top_p: 
     for b in range(case.batch):
         n = int(case.lengths[b])
         forced = forced_tokens(n, sink, window)
-        mass = attention_mass(case, b, sc_, shared)
+        mass = attention_mass(case, b, sc_, shared, int8)
         # float32 scores in the kernels: a mass is known to about this much (more for large scores)
-        tol = 1e-5 * (1 + np.abs(unit_scores(case, b, None) * sc_).max()) if n else 0.0
+        scores = int8_scores(case, b) if int8 else unit_scores(case, b, None)
+        finite = np.abs(scores[np.isfinite(scores)]) * sc_
+        tol = 1e-5 * (1 + (finite.max() if finite.size else 0.0)) if n else 0.0
         for g in range(groups):
             c = int(cnt[b, g])
             row = ind[b, g, :c].tolist()
@@ -389,11 +400,14 @@ def top_p_args(draw: st.DrawFn, case: DecodeCase) -> dict:
                 scale=draw(st.sampled_from([None, 0.25, 1.0, 3.0])))
 
 
-def run_top_p(case: DecodeCase, args: dict) -> None:
+def run_top_p(case: DecodeCase, args: dict, int8: bool = False) -> None:
     needs(case.dtype)
-    check_top_p(case, sc.select_topk(case.q, case.kv, **args), **args)
+    codes = dict(method="int8", codes=sc.quantize_keys(case.kv)) if int8 else {}
+    check_top_p(case, sc.select_topk(case.q, case.kv, **codes, **args), **args, int8=int8)
     if case.paged:
-        check_top_p(case, sc.select_topk(case.q, case.dense, **args), **args, kv_name="dense copy")
+        codes = dict(method="int8", codes=sc.quantize_keys(case.dense)) if int8 else {}
+        check_top_p(case, sc.select_topk(case.q, case.dense, **codes, **args), **args, kv_name="dense copy",
+                    int8=int8)
 
 
 # --- select_topk(method="int8"): ranking over the int8 copy of the keys ----------------------------------
@@ -521,6 +535,12 @@ def test_select_topk_top_p_ties(case: DecodeCase, data: st.DataObject) -> None:
     run_top_p(case, data.draw(top_p_args(case)))
 
 
+@given(case=decode_cases(), data=st.data())
+def test_select_topk_int8_top_p(case: DecodeCase, data: st.DataObject) -> None:
+    """The adaptive budget over the int8 scores: the same properties, with the mass of the int8 keys."""
+    run_top_p(case, data.draw(top_p_args(case)), int8=True)
+
+
 @pytest.mark.parametrize("name", sorted(EDGE_CASES))
 def test_select_topk_top_p_edge_cases(name: str) -> None:
     case = EDGE_CASES[name]("float32")
@@ -606,6 +626,40 @@ def test_quantize_keys_nonfinite_key_gets_a_nan_scale() -> None:
     q = np.ones((1, 1, 3), np.float32)
     idx = sc.select_topk(q, sc.DenseKV(k, k, np.array([4], np.int32)), 2, method="int8", codes=codes)
     assert set(idx.indices[0, 0].tolist()) == {0, 3}  # NaN scores rank last
+
+
+def test_quantize_keys_compiled_pass_has_the_numpy_bits() -> None:
+    """float32 keys of a DenseKV take one compiled pass (with numba); its codes and scales have the
+    bits of the NumPy definition (``_quantize``) on exact ties (to even), zeros, tiny and huge keys,
+    NaN and infinities, for a fresh copy and for an update from ``start``."""
+    from sparsecore.formats import codes as C
+
+    if C._compiled() is None:
+        pytest.skip("numba is not installed: quantize_keys runs its NumPy passes only")
+    rng = np.random.default_rng(5)
+    k = rng.standard_normal((3, 40, 2, 16)).astype(np.float32)
+    k[0, 1] = 0.0
+    k[0, 2, 0, :] = np.arange(16) - 7.5  # amax 7.5: codes near halves of a step
+    k[0, 3, 1, :] = np.arange(16) - 7.5  # with amax 127 below, the scale is 1: k / scale are exact ties
+    k[0, 3, 1, 0] = 127.0
+    k[1, 4, 0, 3] = np.nan
+    k[1, 5, 1, 0] = -np.inf
+    k[2, 6] = 1e-38
+    k[2, 7] = 3e38
+    lengths = np.array([40, 33, 12], np.int32)
+    got = sc.quantize_keys(sc.DenseKV(k, k, lengths))
+    for b in range(3):
+        n = int(lengths[b])
+        want_c, want_s = C._quantize(k[b, :n].astype(np.float64))
+        np.testing.assert_array_equal(got.codes[b, :n], want_c)
+        np.testing.assert_array_equal(got.scales[b, :n].view(np.int32), want_s.view(np.int32))  # NaN bits too
+    stale = sc.KeyCodes(np.full_like(got.codes, 9), np.full_like(got.scales, -2.0))
+    start = np.array([39, 0, 12], np.int32)
+    sc.quantize_keys(sc.DenseKV(k, k, lengths), out=stale, start=start)
+    for b in range(3):
+        n = int(lengths[b])
+        np.testing.assert_array_equal(stale.codes[b, start[b]:n], got.codes[b, start[b]:n])
+        assert (stale.codes[b, :start[b]] == 9).all()  # before start: untouched
 
 
 # --- page_bounds: stored Quest metadata ---------------------------------------------------------------

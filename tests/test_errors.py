@@ -387,9 +387,13 @@ CASES = [
     case("select_topk-top_p-str", T, lit("select_topk: top_p = '0.9' (str); must be a float with 0 < top_p <= 1 "
                                          "(the fraction of the estimated attention mass to keep)"),
          lambda: sc.select_topk(q(), dkv(), 2, top_p="0.9")),
-    case("select_topk-top_p-quest", V, lit("select_topk: top_p is only supported with method = 'exact' (method = "
-                                           "'quest'): the attention mass is estimated from every key's score"),
+    case("select_topk-top_p-quest", V, lit("select_topk: top_p is only supported with method = 'exact' or 'int8' "
+                                           "(method = 'quest'): the attention mass is estimated from every key's "
+                                           "score"),
          lambda: sc.select_topk(q(), dkv(), 1, method="quest", top_p=0.9)),
+    case("select_topk-top_p-rescore", V, lit("select_topk: rescore = 3 is not used with top_p: the int8 scores "
+                                             "estimate the attention mass themselves; leave rescore at 0"),
+         lambda: sc.select_topk(q(), dkv(), 2, method="int8", codes=sc.quantize_keys(dkv()), top_p=0.9, rescore=3)),
     case("select_topk-k_min-over-k", V, lit("select_topk: k_min = 3 exceeds k = 2; allowed 0 <= k_min <= k (k is the "
                                             "most keys chosen by score, k_min the fewest)"),
          lambda: sc.select_topk(q(), dkv(), 2, top_p=0.9, k_min=3)),

@@ -14,6 +14,7 @@ At 64-dim float32 keys a code row is 68 bytes against 256 (3.8x fewer bytes to s
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,7 @@ import numpy as np
 
 from .._arrays import dtype_name, from_numpy, kind_of, to_host
 from .._checks import check_dtype, check_ndim, fail
-from . import _summary
+from . import _fastcheck, _summary
 from .kv import DenseKV, PagedKV
 
 
@@ -109,6 +110,12 @@ def quantize_keys(kv: DenseKV | PagedKV, *, out: KeyCodes | None = None, start: 
     if first.shape != (kv.batch,) or (first < 0).any() or (first > lengths).any():
         fail(w, f"start = {first.tolist()}; expected {kv.batch} ints with 0 <= start[b] <= lengths[b] = "
                 f"{lengths.tolist()}")
+    if isinstance(kv, DenseKV) and lengths.max(initial=0) <= kv.max_len:
+        keys = to_host(kv.k)
+        fast = _compiled() if keys.dtype == np.float32 else None
+        if fast is not None:  # float32 keys: one compiled pass, the same codes and scales as _quantize
+            fast(keys, first, lengths, codes, scales)
+            return res
     if isinstance(kv, DenseKV) and (lengths - first <= 1).all():
         # a decode step: one new key per sequence, quantised in one vectorised pass
         bs = np.flatnonzero(lengths - first == 1)
@@ -125,6 +132,45 @@ def quantize_keys(kv: DenseKV | PagedKV, *, out: KeyCodes | None = None, start: 
     if dtype_name(res.codes) != "int8":  # unreachable: constructed above
         fail(w, "internal: codes are not int8")
     return res
+
+
+@functools.cache
+def _compiled() -> Any | None:
+    """``quantize(k, first, lengths, codes, scales)``: :func:`_quantize` of the float32 keys
+    ``k[b, first[b]:lengths[b]]`` written into ``codes``/``scales`` in one compiled pass (a decode
+    step's new key: about 2 us against 60-90 us for the NumPy passes, per layer), or None without
+    numba. The same arithmetic, in float64: ``amax``, the scale rounded to float32, ``rint`` (ties to
+    even, as NumPy's), the clip; a non-finite key gets codes 0 and scale NaN."""
+    checks = _fastcheck._kernels()  # None without numba; sets the package's numba cache folder
+    if checks is None:
+        return None
+    import numba
+
+    @numba.njit(cache=True, nogil=True)
+    def quantize(k, first, lengths, codes, scales):  # pragma: no cover - compiled
+        d = k.shape[3]
+        for b in range(k.shape[0]):
+            for t in range(first[b], lengths[b]):
+                for h in range(k.shape[2]):
+                    amax = 0.0
+                    finite = True
+                    for j in range(d):
+                        v = np.float64(k[b, t, h, j])
+                        if not np.isfinite(v):
+                            finite = False
+                        amax = max(amax, abs(v))
+                    if not finite:
+                        for j in range(d):
+                            codes[b, t, h, j] = 0
+                        scales[b, t, h] = np.nan
+                        continue
+                    sc = np.float64(np.float32(amax / 127.0)) if amax > 0 else 1.0
+                    for j in range(d):
+                        c = np.rint(np.float64(k[b, t, h, j]) / sc)
+                        codes[b, t, h, j] = np.int8(min(max(c, -127.0), 127.0))
+                    scales[b, t, h] = np.float32(sc)
+
+    return quantize
 
 
 def _quantize(k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

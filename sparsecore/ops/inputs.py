@@ -587,9 +587,12 @@ class SelectTopkInputs(OpInputs):
         p = float(self.top_p)
         if not (0.0 < p <= 1.0):  # also NaN
             fail(self.OP, f"top_p = {self.top_p!r}; must be {allowed}")
-        if self.method != "exact":
-            fail(self.OP, f"top_p is only supported with method = 'exact' (method = {self.method!r}): the "
-                          "attention mass is estimated from every key's score")
+        if self.method not in ("exact", "int8"):
+            fail(self.OP, f"top_p is only supported with method = 'exact' or 'int8' (method = {self.method!r}): "
+                          "the attention mass is estimated from every key's score")
+        if self.method == "int8" and not isinstance(self.rescore, bool) and self.rescore != 0:
+            fail(self.OP, f"rescore = {self.rescore!r} is not used with top_p: the int8 scores estimate the "
+                          "attention mass themselves; leave rescore at 0")
         k_min = check_int(self.OP, "k_min", self.k_min, lo=0)
         if k_min > k:
             fail(self.OP, f"k_min = {k_min} exceeds k = {k}; allowed 0 <= k_min <= k (k is the most keys "

@@ -142,10 +142,11 @@ def select_topk(q: np.ndarray, kv: KV, k: int, *, method: str = "exact", sink: i
     ``counts[b, g] = min(n_candidates, n_forced + k)``; ``k_max`` depends on shapes only
     (``min(k + sink + window, S)`` for tokens, in pages for quest); padding is -1.
 
-    Adaptive budget (``top_p`` given, method="exact"): ``k`` is the most units chosen by score,
-    ``k_min`` the fewest; in between, as few as cover ``top_p`` of the estimated attention mass::
+    Adaptive budget (``top_p`` given, method="exact" or "int8"): ``k`` is the most units chosen by
+    score, ``k_min`` the fewest; in between, as few as cover ``top_p`` of the estimated attention mass::
 
         mass = softmax_mass(scale * s_h)            # per query head h, s_h its own scores, over t < L
+                                                    # (int8: the scores of the int8 keys below)
         if shared: mass = mean of mass over the query heads of the group
         order = non-forced units by descending mass (ties broken arbitrarily)
         n = top_p_count(mass[order], mass[forced].sum(), top_p, k_min, k)
@@ -156,7 +157,7 @@ def select_topk(q: np.ndarray, kv: KV, k: int, *, method: str = "exact", sink: i
     Reduced-precision ranking (method="int8", ``codes`` from :func:`quantize_keys`)::
 
         s = q[b, h] . (codes.codes[b, t, h // group] * codes.scales[b, t, h // group])   # NaN scale: NaN
-        rescore > k: best = the k best by the exact score among the rescore best by s
+        rescore > k: best = the k best by the exact score among the rescore best by s   (not with top_p)
     """
     bsz, hq, _ = q.shape
     group = _group_size(q, kv)
@@ -179,13 +180,12 @@ def select_topk(q: np.ndarray, kv: KV, k: int, *, method: str = "exact", sink: i
             s = quest_bounds(q[b], lo, hi, group)
         elif top_p is not None:
             sc = 1.0 / np.sqrt(q.shape[2]) if scale is None else scale
-            s = softmax_mass(sc * head_scores(q[b], keys, group))
+            src = keys if method == "exact" else int8_keys(codes, b, keys.shape[0])
+            s = softmax_mass(sc * head_scores(q[b], src, group))
             if shared:
                 s = s.reshape(n_groups, group, -1).mean(axis=1)
         elif method == "int8":
-            n = keys.shape[0]
-            approx = np.asarray(codes.codes[b, :n], np.float64) * np.asarray(codes.scales[b, :n], np.float64)[..., None]
-            s = head_scores(q[b], approx, group)
+            s = head_scores(q[b], int8_keys(codes, b, keys.shape[0]), group)
             exact = head_scores(q[b], keys, group) if rescore > k else None
             if shared and exact is not None:
                 exact = exact.reshape(n_groups, group, -1).sum(axis=1)
@@ -208,6 +208,12 @@ def select_topk(q: np.ndarray, kv: KV, k: int, *, method: str = "exact", sink: i
             indices[b, g, :len(sel)] = sel
             counts[b, g] = len(sel)
     return TopKIndex(indices, counts, "token" if ps is None else "page", ps)
+
+
+def int8_keys(codes: KeyCodes, b: int, n: int) -> np.ndarray:
+    """The keys the int8 copy stands for, ``codes[b, t] * scales[b, t]`` for ``t < n``, float64 (a NaN
+    scale gives NaN keys: their scores are NaN)."""
+    return np.asarray(codes.codes[b, :n], np.float64) * np.asarray(codes.scales[b, :n], np.float64)[..., None]
 
 
 def _attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, scale: float) -> tuple[np.ndarray, float]:

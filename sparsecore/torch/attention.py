@@ -79,14 +79,17 @@ class TopKDecode:
         if page_size is not None and method != "quest":
             raise ValueError(f"TopKDecode: page_size = {page_size} is for method='quest' only (method = {method!r})")
         if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
-                                  or not 0 < top_p <= 1 or method != "exact"):
-            raise ValueError(f"TopKDecode: top_p = {top_p!r}; must be None or a float in (0, 1], with method='exact'")
+                                  or not 0 < top_p <= 1 or method not in ("exact", "int8")):
+            raise ValueError(f"TopKDecode: top_p = {top_p!r}; must be None or a float in (0, 1], with method='exact' "
+                             "or 'int8'")
         if isinstance(k_min, bool) or not isinstance(k_min, int) or not 0 <= k_min <= k \
                 or (k_min and top_p is None):
             raise ValueError(f"TopKDecode: k_min = {k_min!r}; must be an int with 0 <= k_min <= k = {k}, used with "
                              "top_p only")
-        if isinstance(rescore, bool) or not isinstance(rescore, int) or rescore < 0 or (rescore and method != "int8"):
-            raise ValueError(f"TopKDecode: rescore = {rescore!r}; must be an int >= 0, used with method='int8' only")
+        if isinstance(rescore, bool) or not isinstance(rescore, int) or rescore < 0 \
+                or (rescore and (method != "int8" or top_p is not None)):
+            raise ValueError(f"TopKDecode: rescore = {rescore!r}; must be an int >= 0, used with method='int8' "
+                             "without top_p only")
         self.top_p, self.k_min, self.rescore = (None if top_p is None else float(top_p)), k_min, rescore
         self._codes: tuple[Any, tuple[int, ...], sc.KeyCodes] | None = None  # int8: (view, lengths, codes)
         self.k, self.method, self.sink, self.window = k, method, sink, window

@@ -290,6 +290,22 @@ def test_decode_with_int8_codes_matches_topk_reference_and_keeps_codes(monkeypat
         _topk(attn, k=3, rescore=4)
 
 
+def test_decode_with_int8_top_p_matches_topk_reference() -> None:
+    """The adaptive budget over the int8 codes through TopKDecode (codes kept and updated per step):
+    equal to the reference selection over codes built afresh, with the layer's own scale."""
+    attn, rope = _attention(2)
+    wrapped, state = _topk(attn, k=6, method="int8", top_p=0.5, k_min=1, sink=1)
+    xs = torch.randn(2, 17, 64)
+    got = _run(wrapped, rope, xs, 12)[-1]
+    want = _reference_topk(attn, rope, xs, lambda q, kv: sc.select_topk(
+        q, kv, 6, method="int8", codes=sc.quantize_keys(kv), top_p=0.5, k_min=1, sink=1, scale=attn.scaling,
+        backend="reference"))
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    assert state.read_fraction < 1
+    with pytest.raises(ValueError, match="TopKDecode: rescore = 8"):
+        _topk(attn, k=6, method="int8", top_p=0.5, rescore=8)
+
+
 def test_quest_keeps_page_bounds_across_decode_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each decode step after the first updates the previous step's bounds from the new token only
     (``out`` + ``start``), and every step's output equals the one from bounds computed afresh; a new

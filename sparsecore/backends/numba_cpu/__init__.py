@@ -96,6 +96,10 @@ def _as_pages(kv: DenseKV | PagedKV) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return kv.k, kv.v, _dense_table(kv.batch)
 
 
+#: the key scales of an adaptive selection that scores the keys themselves (none: not int8 codes)
+_NO_KSCALES = np.zeros((0, 0, 0), np.float32)
+
+
 @functools.lru_cache(maxsize=64)
 def _dense_table(b: int) -> np.ndarray:
     """The page table of a dense cache seen as B pages, ``[[0], [1], ...]``: shared, only read by the
@@ -709,16 +713,20 @@ class SelectTopk(_NumbaCpu):
             bmin = bmax = np.zeros((0, 0, 0, 0), k_pages.dtype)
         else:
             bmin, bmax = inp.bounds.kmin, inp.bounds.kmax
+        if inp.top_p is not None:  # exact scores, or (int8) the codes' as the dense cache they are
+            kernel = _k().select_top_p_serial if cls._serial(inp) else _k().select_top_p
+            if inp.method == "int8":
+                src, table, kscales = inp.codes.codes, _dense_table(kv.batch), inp.codes.scales
+            else:
+                src, table, kscales = _bits(k_pages), page_table, _NO_KSCALES
+            kernel(_bits(inp.q), src, table, kv.lengths, kscales, inp.k, inp.k_min, inp.sink, inp.window,
+                   inp.shared, inp.top_p, _scale(inp.scale, kv.head_dim), _lut_for(inp.dtype), indices, counts)
+            return TopKIndex._from_kernel(indices, counts)
         if inp.method == "int8":
             kernel = _k().select_int8_serial if cls._serial(inp) else _k().select_int8
             kernel(_bits(inp.q), _bits(k_pages), page_table, kv.lengths, inp.codes.codes,
                    inp.codes.scales, inp.k, inp.rescore, inp.sink, inp.window, inp.shared,
                    _lut_for(inp.dtype), indices, counts)
-            return TopKIndex._from_kernel(indices, counts)
-        if inp.top_p is not None:
-            kernel = _k().select_top_p_serial if cls._serial(inp) else _k().select_top_p
-            kernel(_bits(inp.q), _bits(k_pages), page_table, kv.lengths, inp.k, inp.k_min, inp.sink, inp.window,
-                   inp.shared, inp.top_p, _scale(inp.scale, kv.head_dim), _lut_for(inp.dtype), indices, counts)
             return TopKIndex._from_kernel(indices, counts)
         args = (_bits(inp.q), _bits(k_pages), page_table, kv.lengths, inp.k, inp.sink, inp.forced_window, inp.shared)
         if ps is None:
@@ -776,7 +784,7 @@ class SelectTopk(_NumbaCpu):
             def launch_p(q: np.ndarray, kv: Any, bounds: Any, indices: np.ndarray = indices,
                          counts: np.ndarray = counts) -> tuple[np.ndarray, np.ndarray]:
                 adaptive(_bits(q), _bits(kv.k_pages if paged else kv.k), kv.page_table if paged else dense_table,
-                         kv.lengths, k, k_min, sink, win, shared, top_p, scale, lut, indices, counts)
+                         kv.lengths, _NO_KSCALES, k, k_min, sink, win, shared, top_p, scale, lut, indices, counts)
                 return indices, counts
 
             return _guarded(launch_p, cls._serial(inp))

@@ -1077,11 +1077,13 @@ def _pass1(k_pages, page_table, b, kvh, length, qf, d, lut, x, c, scale):
 
 
 @njit(inline="always")
-def _head_scores(q, k_pages, page_table, b, h0, nh, kvh, length, scale, lut, x, mx):
+def _head_scores(q, k_pages, page_table, b, h0, nh, kvh, length, scale, lut, kscales, x, mx):
     """``x[i, t] = scale * q[b, h0 + i] . k[t]`` for the row's ``nh`` query heads (NaN as -inf) and
-    ``mx[i] = max_t x[i, t]``. Up to four heads are scored in one pass over the keys
-    (:func:`_pass4`; a loop of its own per width, so that each compiles to straight vector code):
-    2-2.5x faster than a pass per head at 8K keys and three heads."""
+    ``mx[i] = max_t x[i, t]``; with ``kscales`` not empty, ``k_pages`` are int8 codes ``[B, S, Hkv, D]``
+    (and ``page_table`` the dense one) and each score is multiplied by ``kscales[b, t, kvh]``. Up to
+    four heads are scored in one pass over the keys (:func:`_pass4`; a loop of its own per width, so
+    that each compiles to straight vector code): 2-2.5x faster than a pass per head at 8K keys and
+    three heads."""
     d = q.shape[2]
     qf = np.empty(4 * d, np.float32)
     c = 0
@@ -1099,10 +1101,11 @@ def _head_scores(q, k_pages, page_table, b, h0, nh, kvh, length, scale, lut, x, 
         else:
             _pass1(k_pages, page_table, b, kvh, length, qf, d, lut, x, c, scale)
         c += w
+    coded = kscales.shape[0] > 0
     for i in range(nh):
         m = np.float32(-np.inf)
         for t in range(length):
-            v = x[i, t]
+            v = x[i, t] * kscales[b, t, kvh] if coded else x[i, t]
             v = -np.inf if v != v else v
             x[i, t] = v
             m = max(m, v)
@@ -1139,14 +1142,14 @@ def _exp_shifted(row, m, n, bits):
 
 
 @njit(**_TASK)
-def _select_top_p_task(task, q, k_pages, page_table, lengths, k, k_min, sink, window, shared, top_p, scale, lut,
-                       indices, counts):
+def _select_top_p_task(task, q, k_pages, page_table, lengths, kscales, k, k_min, sink, window, shared, top_p, scale,
+                       lut, indices, counts):
     """One row of :func:`select_top_p`: (sequence b, selection row u)."""
     b, u, h0, nh, kvh, length = _select_row(task, q, k_pages, lengths, counts, shared)
     # each head's own scaled scores (NaN as -inf: it carries no mass), then its softmax
     x = np.empty((nh, length), np.float32)
     mx = _f32(nh, -np.inf)
-    _head_scores(q, k_pages, page_table, b, h0, nh, kvh, length, scale, lut, x, mx)
+    _head_scores(q, k_pages, page_table, b, h0, nh, kvh, length, scale, lut, kscales, x, mx)
     mass = np.zeros(length, np.float64)
     bits = np.empty(length, np.float32)
     for i in range(nh):
@@ -1201,24 +1204,26 @@ def _select_top_p_task(task, q, k_pages, page_table, lengths, k, k_min, sink, wi
 
 
 @njit(**_PAR)
-def select_top_p(q, k_pages, page_table, lengths, k, k_min, sink, window, shared, top_p, scale, lut, indices,
-                 counts):
+def select_top_p(q, k_pages, page_table, lengths, kscales, k, k_min, sink, window, shared, top_p, scale, lut,
+                 indices, counts):
     """Adaptive-budget exact selection per row: the forced sink and window, plus the fewest of the
     ``k`` highest-mass other tokens (at least ``k_min``) whose estimated attention mass (each query
     head's softmax of its scaled scores, averaged over the row's heads, in float64) brings the kept
-    mass to ``top_p``; rows in ascending order, padded with -1. :func:`select_top_p_serial`: the
-    same rows on the calling thread."""
+    mass to ``top_p``; rows in ascending order, padded with -1. With ``kscales[B, S, Hkv]`` not empty
+    the scores are the int8 ones (``k_pages`` = the codes ``[B, S, Hkv, D]``, ``page_table`` the dense
+    table, each score times its key's scale). :func:`select_top_p_serial`: the same rows on the calling
+    thread."""
     for task in prange(counts.shape[0] * counts.shape[1]):
-        _select_top_p_task(task, q, k_pages, page_table, lengths, k, k_min, sink, window, shared, top_p, scale, lut,
-                           indices, counts)
+        _select_top_p_task(task, q, k_pages, page_table, lengths, kscales, k, k_min, sink, window, shared, top_p,
+                           scale, lut, indices, counts)
 
 
 @njit(**_TASK)
-def select_top_p_serial(q, k_pages, page_table, lengths, k, k_min, sink, window, shared, top_p, scale, lut, indices,
-                        counts):
+def select_top_p_serial(q, k_pages, page_table, lengths, kscales, k, k_min, sink, window, shared, top_p, scale, lut,
+                        indices, counts):
     for task in range(counts.shape[0] * counts.shape[1]):
-        _select_top_p_task(task, q, k_pages, page_table, lengths, k, k_min, sink, window, shared, top_p, scale, lut,
-                           indices, counts)
+        _select_top_p_task(task, q, k_pages, page_table, lengths, kscales, k, k_min, sink, window, shared, top_p,
+                           scale, lut, indices, counts)
 
 
 @njit(**_TASK)
