@@ -125,7 +125,7 @@ def set_decode(model: torch.nn.Module, opts: dict[str, Any] | None, track: bool 
 
 
 def configs(s: int, div: int, top_ps: list[float], sink: int, window: int, page: int, caps: tuple[int, ...] = (4,),
-            top_p_methods: tuple[str, ...] = ("exact",)) -> list[dict[str, Any]]:
+            top_p_methods: tuple[str, ...] = ("exact",), per_head: bool = False) -> list[dict[str, Any]]:
     """The methods at an average budget of ``s / div`` keys per selection row (the adaptive budget
     over the exact scores, and with ``"int8"`` in ``top_p_methods`` over the int8 codes' too)."""
     budget = max(1, s // div)
@@ -144,6 +144,8 @@ def configs(s: int, div: int, top_ps: list[float], sink: int, window: int, page:
                 if method != "exact":
                     opts["method"] = method
                 out.append(dict(label=label, opts=opts, match=True))
+                if per_head:  # each query head its own keys (shared=False) at the same budget per row
+                    out.append(dict(label=f"{label} per-head", opts=dict(opts, shared=False), match=True))
     return out
 
 
@@ -399,6 +401,8 @@ def main() -> None:
     ap.add_argument("--merge", action="store_true", help="add to an existing results.json")
     ap.add_argument("--top-p-methods", nargs="+", default=["exact"], choices=["exact", "int8"],
                     help="the scores the adaptive budget estimates the mass from (int8: the keys' int8 codes)")
+    ap.add_argument("--per-head", action="store_true",
+                    help="also each adaptive budget per query head (shared=False)")
     ap.add_argument("--configs", nargs="+", help="run only the methods with these labels (e.g. int8 quest)")
     ap.add_argument("--merge-from", type=Path, nargs="+",
                     help="fold the rows of these results.json files into --out's (same context and method: theirs win)")
@@ -431,7 +435,8 @@ def main() -> None:
         return
     model, tok = models.smollm2()
     for s in a.contexts:
-        cfgs = configs(s, a.div, a.top_p, a.sink, a.window, a.page, tuple(a.top_p_cap), tuple(a.top_p_methods))
+        cfgs = configs(s, a.div, a.top_p, a.sink, a.window, a.page, tuple(a.top_p_cap), tuple(a.top_p_methods),
+                       a.per_head)
         if a.configs:
             cfgs = [c for c in cfgs if c["label"] in a.configs]
         if "quality" in a.sections:

@@ -480,8 +480,9 @@ def test_run_updates_the_bounds_of_a_growing_cache(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", ["numpy", "torch"])
 def test_adaptive_and_int8_plans_equal_the_public_calls(kind: str) -> None:
-    """A top-p plan runs its launcher, an int8 plan the checked path: both equal the public ops,
-    run after run."""
+    """Top-p, int8 and int8 top-p plans run their launchers (after the first, checked run): each
+    equals the public ops, run after run, also when the codes are rewritten between runs; codes too
+    short for the cache are refused on the fast path too."""
     rng = np.random.default_rng(11)
     k, v = (rng.standard_normal((2, 80, 2, 8)).astype(np.float32) for _ in range(2))
     q = rng.standard_normal((2, 4, 8)).astype(np.float32)
@@ -504,3 +505,17 @@ def test_adaptive_and_int8_plans_equal_the_public_calls(kind: str) -> None:
         idx = sc.select_topk(conv(q), kv, 6, method="int8", codes=codes, rescore=12)
         np.testing.assert_allclose(np.asarray(out), np.asarray(sc.sparse_decode(conv(q), kv, idx)[0]),
                                    rtol=1e-6, atol=1e-6)
+    int8_p = sc.DecodePlan(conv(q), kv, 20, method="int8", codes=codes, top_p=0.8, k_min=2, sink=1)
+    assert int8._fast_select is not None and int8_p._fast_select is not None
+    for step in range(3):
+        if step == 2:  # other keys, the same buffers: the codes rewritten in place, as a decode step does
+            np.asarray(kv.k)[...] = rng.standard_normal(k.shape).astype(np.float32)
+            sc.quantize_keys(kv, out=codes)
+        out, _ = int8_p.run(conv(q), kv, codes=codes)
+        idx = sc.select_topk(conv(q), kv, 20, method="int8", codes=codes, top_p=0.8, k_min=2, sink=1)
+        np.testing.assert_array_equal(np.asarray(int8_p.last_index.indices), np.asarray(idx.indices))
+        np.testing.assert_allclose(np.asarray(out), np.asarray(sc.sparse_decode(conv(q), kv, idx)[0]),
+                                   rtol=1e-6, atol=1e-6)
+    short = sc.KeyCodes(conv(np.zeros((2, 40, 2, 8), np.int8)), conv(np.ones((2, 40, 2), np.float32)))
+    with pytest.raises(ValueError, match="codes"):
+        int8_p.run(conv(q), kv, codes=short)

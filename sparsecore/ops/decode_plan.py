@@ -177,8 +177,8 @@ class DecodePlan:
         int32 (with ``bounds``): first bring ``bounds`` up to date in place for the tokens from
         ``update_from[b]`` on, ``page_bounds(kv, out=bounds, start=update_from)`` (a decode step that
         appended tokens passes the lengths before it), so that one call is update + select + attend."""
-        if self._fast_select is not None and codes is None and (update_from is None or self._fast_bounds is not None):
-            views = _host_views(q, kv, bounds, update_from)
+        if self._fast_select is not None and (update_from is None or self._fast_bounds is not None):
+            views = _host_views(q, kv, bounds if codes is None else codes, update_from)
             if views is not None and _metadata(*views) == self._seen:
                 capacity = _capacity(views[1])
                 if capacity == self._capacity or self._capacity_fits(capacity):
@@ -211,9 +211,8 @@ class DecodePlan:
             select_inp.validate_data()
         elif self._host:  # the cache's lengths and page table: cheap, and what keeps a kernel in bounds
             kv.check_bounds("DecodePlan.run", "kv")
-        if self._fast_select is not None and codes is None and not checking \
-                and (update_from is None or self._fast_bounds is not None):
-            views = _host_views(q, kv, bounds, update_from)
+        if self._fast_select is not None and not checking and (update_from is None or self._fast_bounds is not None):
+            views = _host_views(q, kv, bounds if codes is None else codes, update_from)
             if views is not None:
                 select_inp.validate()  # in full, once per change of the metadata (a new cache, other bounds)
                 if update_from is not None:
@@ -242,10 +241,14 @@ class DecodePlan:
         (and page ids in use) are checked (one compiled pass: what keeps the kernels in bounds),
         then the two launchers run on the NumPy views."""
         qn, kvn, bn, start = views
-        if bn is not None and bn.kmax.shape[1] != bn.kmin.shape[1]:
+        if bn is not None and not hasattr(bn, "kmin"):  # int8 codes: they must hold the cache's capacity
+            if min(bn.codes.shape[1], bn.scales.shape[1]) < self._capacity:
+                fail("DecodePlan.run", f"codes hold {min(bn.codes.shape[1], bn.scales.shape[1])} positions; the "
+                                       f"cache's capacity is {self._capacity}")
+        elif bn is not None and bn.kmax.shape[1] != bn.kmin.shape[1]:
             fail("DecodePlan.run", f"bounds.kmax holds {bn.kmax.shape[1]} pages and bounds.kmin {bn.kmin.shape[1]}; "
                                    "they must hold the same pages")
-        if bn is not None and bn.kmin.shape[1] < -(-self._capacity // bn.page_size):
+        if bn is not None and hasattr(bn, "kmin") and bn.kmin.shape[1] < -(-self._capacity // bn.page_size):
             fail("DecodePlan.run", f"bounds hold {bn.kmin.shape[1]} pages; the cache's capacity of "
                                    f"{self._capacity} tokens needs {-(-self._capacity // bn.page_size)}")
         if not (_fastcheck.paged_kv_ok(kvn.page_table, kvn.lengths, kvn.k_pages.shape[1], kvn.k_pages.shape[0])
@@ -324,11 +327,19 @@ class _HostBounds:
         self.kmin, self.kmax, self.page_size = conv(bounds.kmin), conv(bounds.kmax), bounds.page_size
 
 
-def _host_views(q: Any, kv: DenseKV | PagedKV, bounds: PageBounds | None, start: Any = None
+class _HostCodes:
+    __slots__ = ("codes", "scales", "__dict__")
+
+    def __init__(self, codes: KeyCodes, conv: Any) -> None:
+        self.codes, self.scales = conv(codes.codes), conv(codes.scales)
+
+
+def _host_views(q: Any, kv: DenseKV | PagedKV, bounds: PageBounds | KeyCodes | None, start: Any = None
                 ) -> tuple[Any, Any, Any, Any] | None:
-    """``(q, kv, bounds)`` as NumPy (views of CPU torch tensors, zero-copy), or None for anything
-    else: device arrays, other kinds, or a tensor that requires grad while grad mode is on (the
-    checked path refuses it)."""
+    """``(q, kv, bounds, start)`` as NumPy (views of CPU torch tensors, zero-copy), or None for
+    anything else: device arrays, other kinds, or a tensor that requires grad while grad mode is on
+    (the checked path refuses it). ``bounds`` is the selection's side data: a Quest plan's
+    PageBounds, or an int8 plan's KeyCodes."""
     t = type(q)
     if t is np.ndarray:
         if _all_numpy(kv, bounds, start):  # NumPy throughout: the objects themselves are the views
@@ -339,7 +350,7 @@ def _host_views(q: Any, kv: DenseKV | PagedKV, bounds: PageBounds | None, start:
     else:
         return None
     try:
-        hkv, hb = _HostKV(kv, conv), None if bounds is None else _HostBounds(bounds, conv)
+        hkv, hb = _HostKV(kv, conv), None if bounds is None else _side_type(bounds)(bounds, conv)
         return conv(q), hkv, hb, None if start is None else conv(start)
     except _NotHost:
         return None
@@ -353,7 +364,7 @@ def _torch_host_views(q: Any, kv: DenseKV | PagedKV, bounds: PageBounds | None, 
         return None
     try:
         hkv = _torch_views(kv, _HostKV, _kv_tensors(kv))
-        hb = None if bounds is None else _torch_views(bounds, _HostBounds, (bounds.kmin, bounds.kmax))
+        hb = None if bounds is None else _torch_views(bounds, _side_type(bounds), _side_arrays(bounds))
         return _torch_view(q), hkv, hb, None if start is None else _torch_view(start)
     except _NotHost:
         return None
@@ -367,6 +378,14 @@ def _requires_grad(q: Any, kv: DenseKV | PagedKV, bounds: PageBounds | None) -> 
         if getattr(a, "requires_grad", False):
             return True
     return False
+
+
+def _side_type(side: PageBounds | KeyCodes) -> type:
+    return _HostCodes if isinstance(side, KeyCodes) else _HostBounds
+
+
+def _side_arrays(side: PageBounds | KeyCodes) -> tuple[Any, Any]:
+    return (side.codes, side.scales) if isinstance(side, KeyCodes) else (side.kmin, side.kmax)
 
 
 def _kv_tensors(kv: DenseKV | PagedKV) -> tuple[Any, ...]:
@@ -395,7 +414,7 @@ def _all_numpy(kv: DenseKV | PagedKV, bounds: PageBounds | None, start: Any) -> 
         ok = type(kv.k_pages) is nd and type(kv.v_pages) is nd and type(kv.page_table) is nd
     else:
         ok = type(kv.k) is nd and type(kv.v) is nd
-    return ok and type(kv.lengths) is nd and (bounds is None or (type(bounds.kmin) is nd and type(bounds.kmax) is nd)) \
+    return ok and type(kv.lengths) is nd and (bounds is None or all(type(a) is nd for a in _side_arrays(bounds))) \
         and (start is None or type(start) is nd)
 
 
@@ -424,9 +443,9 @@ def _torch_view(a: Any) -> np.ndarray:
         raise _NotHost from None
 
 
-def _values(kv: DenseKV | PagedKV, bounds: PageBounds | None) -> tuple[Any, ...]:
+def _values(kv: DenseKV | PagedKV, bounds: PageBounds | KeyCodes | None) -> tuple[Any, ...]:
     vals = (kv.k_pages, kv.v_pages) if isinstance(kv, PagedKV) else (kv.k, kv.v)
-    return vals if bounds is None else vals + (bounds.kmin, bounds.kmax)
+    return vals if bounds is None else vals + _side_arrays(bounds)
 
 
 def _host_out(out: Any, q: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -452,7 +471,7 @@ def _metadata(q: np.ndarray, kv: Any, bounds: Any, start: np.ndarray | None) -> 
     (frozen) NumPy formats, as their signature is (:mod:`sparsecore.ops.base`): a decode loop that
     passes the same cache object each step reads only the step's ``q`` and ``start``."""
     return (q.shape, q.dtype, q.strides, None if start is None else (start.shape, start.dtype, start.strides),
-            _cached_meta(kv, _kv_meta), None if bounds is None else _cached_meta(bounds, _bounds_meta))
+            _cached_meta(kv, _kv_meta), None if bounds is None else _cached_meta(bounds, _side_meta))
 
 
 def _cached_meta(obj: Any, fn: Any) -> tuple[Any, ...]:
@@ -472,6 +491,13 @@ def _kv_meta(kv: Any) -> tuple[Any, ...]:
     else:  # capacity: S, axis 1
         arrays = ((kv.k, 2), (kv.v, 2), (kv.lengths, 0))
     return (kv.paged,) + _arrays_meta(arrays)
+
+
+def _side_meta(side: Any) -> tuple[Any, ...]:
+    if not hasattr(side, "kmin"):  # int8 codes [B, S, Hkv, D] and scales [B, S, Hkv]: S may grow
+        return ("codes", side.codes.shape[:1], side.scales.shape[:1], side.codes.flags.c_contiguous,
+                side.scales.flags.c_contiguous) + _arrays_meta(((side.codes, 2), (side.scales, 2)))
+    return _bounds_meta(side)
 
 
 def _bounds_meta(bounds: Any) -> tuple[Any, ...]:

@@ -740,7 +740,7 @@ class SelectTopk(_NumbaCpu):
     @classmethod
     def runner(cls, inp: I.SelectTopkInputs) -> Any:
         """Decode-size calls: the launcher, writing new buffers on each call."""
-        if not cls._serial(inp) or inp.method == "int8":
+        if not cls._serial(inp):
             return None
         launch = cls.launcher(inp)
         rows = inp.kv.num_kv_heads if inp.shared else int(inp.q.shape[1])
@@ -748,9 +748,11 @@ class SelectTopk(_NumbaCpu):
         ii = ci + (inp.k_max,)
         ps = inp.unit_page_size
         gran = "token" if ps is None else "page"
+        int8 = inp.method == "int8"
 
         def run(i: I.SelectTopkInputs) -> TopKIndex:
-            indices, counts = launch(i.q, i.kv, i.bounds, np.empty(ii, np.int32), np.empty(ci, np.int32))
+            indices, counts = launch(i.q, i.kv, i.codes if int8 else i.bounds, np.empty(ii, np.int32),
+                                     np.empty(ci, np.int32))
             return TopKIndex._from_kernel(indices, counts, gran, ps)
 
         return run
@@ -760,10 +762,8 @@ class SelectTopk(_NumbaCpu):
         """``launch(q, kv, bounds[, indices, counts]) -> (indices, counts)`` for calls of ``inp``'s plan
         (same shapes but for the cache's length, same scalars): every shape decision made here, once
         (DecodePlan). Without ``indices``/``counts`` it writes the launcher's own two buffers,
-        overwritten by its next launch. The int8 method (its codes change every step) has none: its
-        plans run the checked path."""
-        if inp.method == "int8":
-            return None
+        overwritten by its next launch. For the int8 method the third argument is the KeyCodes (or
+        their NumPy views) instead of bounds."""
         kv, ps, shared = inp.kv, inp.unit_page_size, inp.shared
         b = kv.batch
         rows = kv.num_kv_heads if shared else int(inp.q.shape[1])
@@ -776,6 +776,8 @@ class SelectTopk(_NumbaCpu):
         indices = np.empty((b, rows, k_max), np.int32)  # the plan's workspace: each launch overwrites it
         counts = np.empty((b, rows), np.int32)
 
+        if inp.method == "int8":
+            return _guarded(cls._int8_launcher(inp, indices, counts), cls._serial(inp))
         if inp.top_p is not None:
             top_p, k_min, win = inp.top_p, int(inp.k_min), int(inp.window)
             scale = _scale(inp.scale, kv.head_dim)
@@ -811,6 +813,37 @@ class SelectTopk(_NumbaCpu):
             return indices, counts
 
         return _guarded(launch, cls._serial(inp))
+
+    @classmethod
+    def _int8_launcher(cls, inp: I.SelectTopkInputs, indices: np.ndarray, counts: np.ndarray) -> Any:
+        """:meth:`launcher` of method="int8": ``launch(q, kv, codes[, indices, counts])``, ranking (or,
+        with ``top_p``, the adaptive budget) over the codes' scores."""
+        kv, shared = inp.kv, inp.shared
+        paged = isinstance(kv, PagedKV)
+        dense_table = _dense_table(kv.batch)
+        lut = _lut_for(inp.dtype)
+        k, sink, window = int(inp.k), int(inp.sink), int(inp.window)
+        if inp.top_p is not None:
+            top_p, k_min, scale = inp.top_p, int(inp.k_min), _scale(inp.scale, kv.head_dim)
+            adaptive = _k().select_top_p_serial if cls._serial(inp) else _k().select_top_p
+
+            def launch_p(q: np.ndarray, kv: Any, codes: Any, indices: np.ndarray = indices,
+                         counts: np.ndarray = counts) -> tuple[np.ndarray, np.ndarray]:
+                adaptive(_bits(q), codes.codes, dense_table, kv.lengths, codes.scales, k, k_min, sink, window,
+                         shared, top_p, scale, lut, indices, counts)
+                return indices, counts
+
+            return launch_p
+        rescore = int(inp.rescore)
+        rank = _k().select_int8_serial if cls._serial(inp) else _k().select_int8
+
+        def launch(q: np.ndarray, kv: Any, codes: Any, indices: np.ndarray = indices,
+                   counts: np.ndarray = counts) -> tuple[np.ndarray, np.ndarray]:
+            rank(_bits(q), _bits(kv.k_pages if paged else kv.k), kv.page_table if paged else dense_table,
+                 kv.lengths, codes.codes, codes.scales, k, rescore, sink, window, shared, lut, indices, counts)
+            return indices, counts
+
+        return launch
 
 
 #: decode splits each row so that a call has about this many tasks (a few per core on a 16-core host).

@@ -1179,28 +1179,46 @@ def _select_top_p_task(task, q, k_pages, page_table, lengths, kscales, k, k_min,
         if chosen[t] and free[t]:
             n_sel += 1
     pos = np.empty(n_sel, np.int64)
-    neg = np.empty(n_sel, np.float64)
+    heap = np.empty(n_sel, np.float64)
     c = 0
     for t in range(length):
         if chosen[t] and free[t]:
             pos[c] = t
-            neg[c] = -mass[t]
+            heap[c] = mass[t]
+            chosen[t] = False  # taken back below, in descending mass, as many as the budget needs
             c += 1
-    order = np.argsort(neg)
-    need = n_sel
-    if forced_mass >= top_p:
-        need = 0
-    else:
-        cum = forced_mass
-        for i in range(n_sel):
-            cum -= neg[order[i]]
-            if cum >= top_p:
-                need = i + 1
-                break
-    n = min(max(need, k_min), n_sel)
-    for i in range(n, n_sel):
-        chosen[pos[order[i]]] = False
+    # the candidates by descending mass from a max-heap, until the kept mass reaches top_p (and
+    # k_min are taken): O(n_sel + taken * log n_sel), not a sort of all the k candidates
+    for i in range(n_sel // 2 - 1, -1, -1):
+        _sift_down(heap, pos, i, n_sel)
+    cum = forced_mass
+    size = n_sel
+    taken = 0
+    while size > 0 and (taken < k_min or cum < top_p):
+        chosen[pos[0]] = True
+        cum += heap[0]
+        taken += 1
+        size -= 1
+        heap[0], pos[0] = heap[size], pos[size]
+        _sift_down(heap, pos, 0, size)
     _write_row(b, u, chosen, indices, counts)
+
+
+@njit(inline="always")
+def _sift_down(heap, pos, i, size):
+    """Restore the max-heap property of ``heap[:size]`` (``pos`` moved alongside) below node ``i``."""
+    while True:
+        big = i
+        left = 2 * i + 1
+        if left < size and heap[left] > heap[big]:
+            big = left
+        if left + 1 < size and heap[left + 1] > heap[big]:
+            big = left + 1
+        if big == i:
+            return
+        heap[i], heap[big] = heap[big], heap[i]
+        pos[i], pos[big] = pos[big], pos[i]
+        i = big
 
 
 @njit(**_PAR)
