@@ -154,9 +154,9 @@ def teacher_forced(model, cache, feed) -> tuple[torch.Tensor, list[float]]:
     logps, times = [], []
     for t in range(feed.shape[1]):
         t0 = time.perf_counter()
-        out = model(feed[:, t:t + 1], past_key_values=cache, use_cache=True)
+        out = model(feed[:, t:t + 1], use_cache=True, **models.cache_kwargs(model, cache))
         times.append(time.perf_counter() - t0)
-        cache = out.past_key_values
+        cache = models.output_cache(out)
         logps.append(out.logits[:, -1].float().log_softmax(-1))
     return torch.stack(logps, 1), times
 
@@ -189,7 +189,7 @@ def eval_quality(model, tok, s: int, n_windows: int, batch: int, steps: int, cfg
         log(f"quality: context {s}, windows {b0 + 1}-{b0 + ids.shape[0]} of {n_windows}, dense prefill...")
         set_decode(patched, None)
         with torch.no_grad():
-            cache0 = patched(ids[:, :s - steps - 1], use_cache=True).past_key_values
+            cache0 = models.output_cache(patched(ids[:, :s - steps - 1], use_cache=True))
         feed, target = ids[:, s - steps - 1:s - 1], ids[:, s - steps:s]
         dense_lp, _ = teacher_forced(patched, copy.deepcopy(cache0), feed)
         dense_nll = -dense_lp.gather(-1, target[..., None])[..., 0]
@@ -244,8 +244,9 @@ def eval_attention(model, tok, s: int, cfgs: list[dict], rounds: int, quality_ro
     ids = models.token_windows(tok, "english", s, 1, skip=0)
     states = set_decode(patched, dict(k=1), track=False)
     with torch.no_grad():
-        cache = patched(ids[:, :-1], use_cache=True).past_key_values
-        patched(ids[:, -1:], past_key_values=cache, use_cache=True)  # one decode step records q, K, V per layer
+        cache = models.output_cache(patched(ids[:, :-1], use_cache=True))
+        # one decode step records q, K, V per layer
+        patched(ids[:, -1:], use_cache=True, **models.cache_kwargs(patched, cache))
     raw = [st.last for st in states]
     layers = [_layer_inputs(q, k, v, scaling) for q, k, v, _, scaling in raw]
     variants: dict[str, dict[str, Any]] = {}

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import json
 import os
 import platform
@@ -60,15 +59,6 @@ def set_threads(n: int) -> None:
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     except ImportError:
         pass
-
-
-def cache_kw(model: torch.nn.Module) -> str:
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-
-
-def out_cache(out: Any) -> Any:
-    c = getattr(out, "cache", None)
-    return c if c is not None else out.past_key_values
 
 
 def set_decode(model: torch.nn.Module, opts: dict[str, Any] | None) -> list[TopKDecode]:
@@ -107,11 +97,10 @@ def decode_configs(context: int, per_head_divs: list[int], sink: int, window: in
 def teacher_forced(model: torch.nn.Module, cache: Any, feed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Feed ``feed[:, t]`` one decode step at a time after ``cache``; ``(log-probs [B, T, V]`` of the
     next token at each step)."""
-    kw = cache_kw(model)
     logps = []
     for t in range(feed.shape[1]):
-        out = model(feed[:, t:t + 1], **{kw: cache}, use_cache=True)
-        cache = out_cache(out)
+        out = model(feed[:, t:t + 1], **models.cache_kwargs(model, cache), use_cache=True)
+        cache = models.output_cache(out)
         logps.append(out.logits[:, -1].float().log_softmax(-1))
     return torch.stack(logps, 1), cache
 
@@ -134,7 +123,7 @@ def eval_decode(model, tok, contexts, n_windows, steps, per_head_divs, sink, win
             set_decode(patched, None)
             with torch.no_grad():
                 pre = patched(ids[:, :s - steps - 1], use_cache=True)
-            cache0 = out_cache(pre)
+            cache0 = models.output_cache(pre)
             del pre
             feed, target = ids[:, s - steps - 1:s - 1], ids[:, s - steps:s]
             t = time.perf_counter()
@@ -201,11 +190,10 @@ def retrieval_prompt(tok, rng: random.Random, length: int, trial: int) -> tuple[
 
 @torch.no_grad()
 def greedy_after(model, cache, first: torch.Tensor, n: int) -> list[int]:
-    kw = cache_kw(model)
     nxt, out_ids = first, []
     for _ in range(n):
-        out = model(nxt, **{kw: cache}, use_cache=True)
-        cache = out_cache(out)
+        out = model(nxt, **models.cache_kwargs(model, cache), use_cache=True)
+        cache = models.output_cache(out)
         nxt = out.logits[:, -1:].argmax(-1)
         out_ids.append(int(nxt))
     return out_ids
@@ -221,7 +209,7 @@ def eval_retrieval(model, tok, length, trials, configs, seed, save) -> dict:
         t = time.perf_counter()
         set_decode(patched, None)
         with torch.no_grad():
-            cache0 = out_cache(patched(ids[:, :-1], use_cache=True))
+            cache0 = models.output_cache(patched(ids[:, :-1], use_cache=True))
         answers = {}
         for label, opts in [("dense", None)] + [(c["label"], c["opts"]) for c in configs]:
             set_decode(patched, opts)
@@ -281,13 +269,12 @@ def eval_ffn(model, tok, sparsities, calib_windows, calib_len, eval_len, save, i
 
 @torch.no_grad()
 def decode_speed(model, cache, first, n, warmup=2) -> float:
-    kw = cache_kw(model)
     nxt = first
     for i in range(warmup + n):
         if i == warmup:
             t = time.perf_counter()
-        out = model(nxt, **{kw: cache}, use_cache=True)
-        cache = out_cache(out)
+        out = model(nxt, **models.cache_kwargs(model, cache), use_cache=True)
+        cache = models.output_cache(out)
         nxt = out.logits[:, -1:].argmax(-1)
     return n / (time.perf_counter() - t)
 
@@ -306,9 +293,9 @@ def eval_speed(model, tok, context, steps, threads, decode_opts, ffn_cal, save, 
             from transformers import StaticCache
 
             static = StaticCache(config=model.config, max_cache_len=context + steps + 8)
-            cache0 = out_cache(model(ids[:, :-1], **{cache_kw(model): static}, use_cache=True))
+            cache0 = models.output_cache(model(ids[:, :-1], **models.cache_kwargs(model, static), use_cache=True))
         else:
-            cache0 = out_cache(model(ids[:, :-1], use_cache=True))
+            cache0 = models.output_cache(model(ids[:, :-1], use_cache=True))
     variants = {
         "dense (sdpa)": model,
         "decode sparsity": patch_model(copy.deepcopy(model), decode=decode_opts),

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import time
 
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
+from sparsecore import models
 from sparsecore.torch.attention import topk_decode_layers
 from sparsecore.torch.modules import SparseGatedMLP
 from sparsecore.torch.patch import patch_model
@@ -55,15 +55,10 @@ def gate_threshold(model: LlamaForCausalLM, ids: torch.Tensor, density: float) -
     return float(torch.quantile(torch.cat(acts)[:1_000_000], 1 - density))
 
 
-def cache_arg(model: LlamaForCausalLM, cache: DynamicCache) -> dict:
-    """The cache as a keyword of ``model``'s forward: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
-    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
-
-
 def timed_generate(model: LlamaForCausalLM, ids: torch.Tensor, n: int) -> tuple[torch.Tensor, float, float]:
     """(tokens, prefill seconds, decode tokens/s): one prefill, then n - 1 one-token steps."""
     with torch.no_grad():
-        cache = cache_arg(model, DynamicCache())
+        cache = models.cache_kwargs(model, DynamicCache())
         t0 = time.perf_counter()
         out = model(ids, use_cache=True, **cache)
         tok = out.logits[:, -1].argmax(-1, keepdim=True)

@@ -164,8 +164,8 @@ def ranking_quality(s: int, k_div: int = 50) -> dict:
     ids = models.token_windows(tok, "english", s, 1)
     states = E.set_decode(p, dict(k=1), track=False)
     with torch.no_grad():
-        c = p(ids[:, :-1], use_cache=True).past_key_values
-        p(ids[:, -1:], past_key_values=c, use_cache=True)
+        c = models.output_cache(p(ids[:, :-1], use_cache=True))
+        p(ids[:, -1:], use_cache=True, **models.cache_kwargs(p, c))
     k = max(1, s // k_div)
     res = {n: dict(recall=[], mass_ratio=[]) for n in ("bf16", "int8", "int8+rescore")}
     for st in states:

@@ -59,6 +59,7 @@ import torch
 import sparsecore as sc
 
 from .._checks import fail
+from ..models import cache_kwargs, output_cache
 from .hooks import layers_of, model_dims
 from .probe import ProbeResult
 
@@ -410,11 +411,11 @@ def _reference_and_step(model: Any, ids: torch.Tensor) -> tuple[torch.Tensor, An
     """``(ref, cache, last, hf_step)``: the full forward's last logits, the prefill cache of all but the
     last token, that token, and transformers' own decode step of it (which drops the step it appended)."""
     ref = model(input_ids=ids, use_cache=False).logits[0, -1].float()
-    cache = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+    cache = output_cache(model(input_ids=ids[:, :-1], use_cache=True))
     last = ids[:, -1:]
 
     def hf_step() -> torch.Tensor:
-        out = model(input_ids=last, past_key_values=cache, use_cache=True).logits[0, -1].float()
+        out = model(input_ids=last, use_cache=True, **cache_kwargs(model, cache)).logits[0, -1].float()
         cache.crop(-1)  # drop the step just appended
         return out
 

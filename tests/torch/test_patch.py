@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
 
 import pytest
 
@@ -13,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from sparsecore import models  # noqa: E402
 from sparsecore.torch.attention import TopKDecode, topk_decode_layers  # noqa: E402
 from sparsecore.torch.modules import SparseGatedMLP, total_l1  # noqa: E402
 from sparsecore.torch.patch import patch_model  # noqa: E402
@@ -32,6 +32,23 @@ def _model(act: str = "relu", attn: str = "sdpa", qk_scale: float = 1.0, seed: i
     return model
 
 
+def test_cache_kwargs_decode_step_without_deprecated_arguments() -> None:
+    """``models.cache_kwargs`` / ``output_cache`` pass a KV cache by the installed transformers' public
+    keyword: a decode step warns of nothing deprecated (``past_key_values`` goes in transformers 5.40)
+    and equals the full forward's last logits."""
+    import warnings
+
+    model = _model()
+    ids = torch.randint(0, 128, (1, 9))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        cache = models.output_cache(model(ids[:, :-1], use_cache=True))
+        step = model(ids[:, -1:], use_cache=True, **models.cache_kwargs(model, cache)).logits[0, -1]
+        full = model(ids).logits[0, -1]
+    torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
+
+
 def _generate(model: LlamaForCausalLM, ids: torch.Tensor, n: int = 12) -> torch.Tensor:
     with torch.no_grad():
         return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
@@ -40,10 +57,7 @@ def _generate(model: LlamaForCausalLM, ids: torch.Tensor, n: int = 12) -> torch.
 
 def _decode_logits(model: LlamaForCausalLM, ids: torch.Tensor, n: int) -> torch.Tensor:
     """Logits of the last ``n`` positions, each computed by a one-token decode step (teacher forced)."""
-    # the cache keyword is ``cache`` from transformers 5.2x on (``past_key_values`` deprecated), before it
-    # ``past_key_values``
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    cache = {name: DynamicCache()}
+    cache = models.cache_kwargs(model, DynamicCache())  # ``cache`` or ``past_key_values``, by version
     with torch.no_grad():
         model(ids[:, :-n], use_cache=True, **cache)
         return torch.stack([model(ids[:, t:t + 1], use_cache=True, **cache).logits[:, -1]
