@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="also drop this fraction of each MLP's inputs (TEAL), in the ffn and speed sections")
     ap.add_argument("--speed-context", type=int, default=2048)
     ap.add_argument("--speed-steps", type=int, default=8)
-    ap.add_argument("--speed-method", default="exact", choices=["exact", "quest", "top_p"],
+    ap.add_argument("--speed-method", default="exact", choices=["exact", "quest", "top_p", "int8", "int8_top_p"],
                     help="decode selection of the speed section (k = context / 50 tokens, or as many in pages)")
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--speed-rounds", type=int, default=3)
@@ -560,8 +560,12 @@ def main(argv: list[str] | None = None) -> int:
                                        input_sparsity=args.ffn_input_sparsity)
             if args.speed_method == "exact":
                 opts = dict(default, k=s // 50)
-            elif args.speed_method == "top_p":  # docs/selection.md's recommendation: top-p 0.9, k <= 2 S/50
+            elif args.speed_method in ("top_p", "int8_top_p"):  # docs/selection.md: top-p 0.9, k <= 2 S/50
                 opts = dict(default, k=2 * s // 50, top_p=0.9, k_min=max(1, s // 400))
+                if args.speed_method == "int8_top_p":  # the mass estimated from the int8 codes' scores
+                    opts["method"] = "int8"
+            elif args.speed_method == "int8":
+                opts = dict(default, k=s // 50, method="int8")
             else:
                 opts = dict(default, method="quest", k=max(1, round(s / 50 / args.page_size)), page_size=args.page_size)
             res["speed"] = eval_speed(model, tok, s, args.speed_steps, args.threads, opts, cal,

@@ -46,12 +46,14 @@ class Coefficients:
 
 
 #: measured on the 2-core AMD EPYC VM of docs/selection.md (numba_cpu, one thread): at 8K, 30 calls of
-#: 3 rows took 36 ms (exact), 22-25 ms (int8) and 17-19 ms (Quest, stored bounds) through the public
-#: op with torch tensors, of which about 0.4 ms per call is the call itself (views, dispatch, index);
-#: the per-step updates (quantize_keys of the new key: 0.39 ms, page_bounds of its page: 0.63 ms per
-#: layer) are what the decode-step timings of docs/selection.md add on top of the selection
-HOST_CPU = Coefficients(bandwidth=8.0e9, exact_ns=10.0, int8_ns=18.0, bound_ns=20.0, topk_ns=2.0, gather_ns=60.0,
-                        call_us=400.0, int8_update_us=390.0, quest_update_us=630.0)
+#: 3 rows took 36 ms (exact) and 17-19 ms (Quest, stored bounds) through the public op with torch
+#: tensors, of which about 0.4 ms per call is the call itself (views, dispatch, index); the kernels
+#: alone over 30 layers' keys from memory (2026-11-30, 20:30 UTC): exact 35 ms,
+#: int8 11 ms, i.e. about 15 ns of arithmetic per exact key and 6 per int8 row beyond the bytes. The
+#: per-step updates: quantize_keys of the new key 0.03 ms per layer on CPU tensors since its compiled
+#: pass (0.39 ms before), page_bounds of its page 0.63 ms per layer
+HOST_CPU = Coefficients(bandwidth=8.0e9, exact_ns=15.0, int8_ns=6.0, bound_ns=20.0, topk_ns=2.0, gather_ns=60.0,
+                        call_us=400.0, int8_update_us=30.0, quest_update_us=630.0)
 
 
 def estimate_ms(method: str, *, context: int, rows: int, head_dim: int, k: int, key_bytes: int = 4,
