@@ -96,6 +96,12 @@ def _as_pages(kv: DenseKV | PagedKV) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return kv.k, kv.v, _dense_table(kv.batch)
 
 
+def _f32_query(q: np.ndarray) -> np.ndarray:
+    """A decode query as float32 (exact for 16-bit floats; float32 as is): the kernels that score int8
+    codes then compile one variant for every query dtype."""
+    return q if q.dtype == np.float32 else q.astype(np.float32)
+
+
 #: the key scales of an adaptive selection that scores the keys themselves (none: not int8 codes)
 _NO_KSCALES = np.zeros((0, 0, 0), np.float32)
 
@@ -715,12 +721,12 @@ class SelectTopk(_NumbaCpu):
             bmin, bmax = inp.bounds.kmin, inp.bounds.kmax
         if inp.top_p is not None:  # exact scores, or (int8) the codes' as the dense cache they are
             kernel = _k().select_top_p_serial if cls._serial(inp) else _k().select_top_p
-            if inp.method == "int8":
-                src, table, kscales = inp.codes.codes, _dense_table(kv.batch), inp.codes.scales
+            if inp.method == "int8":  # a float32 query (exact): one compiled variant for every dtype
+                q, src, table, kscales = _f32_query(inp.q), inp.codes.codes, _dense_table(kv.batch), inp.codes.scales
             else:
-                src, table, kscales = _bits(k_pages), page_table, _NO_KSCALES
-            kernel(_bits(inp.q), src, table, kv.lengths, kscales, inp.k, inp.k_min, inp.sink, inp.window,
-                   inp.shared, inp.top_p, _scale(inp.scale, kv.head_dim), _lut_for(inp.dtype), indices, counts)
+                q, src, table, kscales = _bits(inp.q), _bits(k_pages), page_table, _NO_KSCALES
+            kernel(q, src, table, kv.lengths, kscales, inp.k, inp.k_min, inp.sink, inp.window, inp.shared,
+                   inp.top_p, _scale(inp.scale, kv.head_dim), _lut_for(inp.dtype), indices, counts)
             return TopKIndex._from_kernel(indices, counts)
         if inp.method == "int8":
             kernel = _k().select_int8_serial if cls._serial(inp) else _k().select_int8
@@ -829,7 +835,7 @@ class SelectTopk(_NumbaCpu):
 
             def launch_p(q: np.ndarray, kv: Any, codes: Any, indices: np.ndarray = indices,
                          counts: np.ndarray = counts) -> tuple[np.ndarray, np.ndarray]:
-                adaptive(_bits(q), codes.codes, dense_table, kv.lengths, codes.scales, k, k_min, sink, window,
+                adaptive(_f32_query(q), codes.codes, dense_table, kv.lengths, codes.scales, k, k_min, sink, window,
                          shared, top_p, scale, lut, indices, counts)
                 return indices, counts
 
