@@ -98,6 +98,7 @@ class TopKDecode:
         self._plans: dict[Any, sc.DecodePlan] = {}
         self._last_plan: sc.DecodePlan | None = None
         self._bounds: tuple[Any, tuple[int, ...], sc.PageBounds] | None = None  # Quest: (view, lengths, bounds)
+        self._kv_memo: tuple[Any, sc.DenseKV, np.ndarray] | None = None  # host: (tensors' key, views, lengths)
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -144,19 +145,20 @@ class TopKDecode:
             raise ValueError(f"TopKDecode.attend: lengths = {lengths!r}; expected an int or {b} ints in [1, {s}]")
         rep = hkv if keys.is_contiguous() and values.is_contiguous() else 1
         seq_lens = tuple(n for n in lens for _ in range(rep))
-        host = keys.device.type == "cpu" and not torch.compiler.is_compiling()
+        host = keys.is_cpu and not torch.compiler.is_compiling()
         if host:  # zero-copy NumPy views: the plan runs on NumPy (no torch call per op, no views to check)
-            keys, values, q = to_numpy(keys), to_numpy(values), to_numpy(q)
-            kv_lens = np.array(seq_lens, np.int32)
-        elif all(n == s for n in seq_lens):  # no mask: every key (no host-to-device copy)
-            kv_lens = torch.full((len(seq_lens),), s, dtype=torch.int32, device=keys.device)
+            kv = self._host_kv(keys, values, rep, seq_lens)
+            q = to_numpy(q)
+            if rep > 1:
+                q = q.reshape(b * hkv, hq // hkv, d)
         else:
-            kv_lens = torch.tensor(seq_lens, dtype=torch.int32).to(keys.device)
-        if rep > 1:
-            kv = sc.DenseKV(keys.reshape(b * hkv, s, 1, d), values.reshape(b * hkv, s, 1, d), kv_lens)
-            q = q.reshape(b * hkv, hq // hkv, d)
-        else:  # [B, S, Hkv, D] views (swapaxes: the same call on NumPy arrays and tensors)
-            kv = sc.DenseKV(keys.swapaxes(1, 2), values.swapaxes(1, 2), kv_lens)
+            if all(n == s for n in seq_lens):  # no mask: every key (no host-to-device copy)
+                kv_lens = torch.full((len(seq_lens),), s, dtype=torch.int32, device=keys.device)
+            else:
+                kv_lens = torch.tensor(seq_lens, dtype=torch.int32).to(keys.device)
+            kv = _dense_kv(keys, values, kv_lens, rep)
+            if rep > 1:
+                q = q.reshape(b * hkv, hq // hkv, d)
         opts: dict[str, Any] = dict(method=self.method, sink=self.sink, window=self.window, shared=self.shared)
         unit = (self.page_size or 16) if self.method == "quest" else 1
         k_eff = min(self.k, -(-s // unit))
@@ -196,12 +198,28 @@ class TopKDecode:
         self.decode_steps += 1
         return out.reshape(b, hq, d)
 
+    def _host_kv(self, keys: torch.Tensor, values: torch.Tensor, rep: int, seq_lens: tuple[int, ...]) -> sc.DenseKV:
+        """The step's cache as a DenseKV of NumPy views. A decode loop passes the same cache tensors
+        every step (a static cache): their views and DenseKV are kept, keyed by each tensor's data
+        pointer, shape and strides (a tensor re-pointed or resized in place makes new ones), and only
+        the lengths buffer is rewritten in place (every plan run checks the lengths)."""
+        key = (keys.data_ptr(), keys.shape, keys.stride(), values.data_ptr(), values.shape, values.stride(), rep)
+        memo = self._kv_memo
+        if memo is not None and memo[0] == key and memo[2].shape[0] == len(seq_lens):
+            memo[2][:] = seq_lens
+            return memo[1]
+        kv_lens = np.array(seq_lens, np.int32)
+        kv = _dense_kv(to_numpy(keys), to_numpy(values), kv_lens, rep)
+        self._kv_memo = (key, kv, kv_lens)
+        return kv
+
     def _plan(self, q: torch.Tensor, kv: sc.DenseKV, k: int, bounds: sc.PageBounds | None, scaling: float | None,
               opts: dict[str, Any], codes: sc.KeyCodes | None = None) -> sc.DecodePlan:
         """The :class:`sparsecore.DecodePlan` of this step's shapes (made on the first step of a shape,
         kept for the next ones: the cache may grow, the plan follows it)."""
-        key = (tuple(q.shape), str(q.dtype), _place(q), tuple(kv.k.shape[2:]), k, bounds is not None, scaling,
-               tuple(sorted(opts.items())))
+        # the dtype object itself (its str() cost 12 us a call); opts are built in one order every step
+        key = (tuple(q.shape), q.dtype, _place(q), tuple(kv.k.shape[2:]), k, bounds is not None, scaling,
+               tuple(opts.items()))
         found = self._plans.get(key)
         if found is None:
             if len(self._plans) >= 64:
@@ -256,6 +274,16 @@ class TopKDecode:
     def forget_bounds(self) -> None:
         self._bounds = None
         self._codes = None
+        self._kv_memo = None
+
+
+def _dense_kv(keys: Any, values: Any, lengths: Any, rep: int) -> sc.DenseKV:
+    """A ``[B, Hkv, S, D]`` cache (NumPy or torch) as a DenseKV: ``B * Hkv`` sequences of one KV head
+    when ``rep > 1`` (contiguous: a reshape), else the ``[B, S, Hkv, D]`` views (swapaxes)."""
+    b, hkv, s, d = keys.shape
+    if rep > 1:
+        return sc.DenseKV(keys.reshape(b * hkv, s, 1, d), values.reshape(b * hkv, s, 1, d), lengths)
+    return sc.DenseKV(keys.swapaxes(1, 2), values.swapaxes(1, 2), lengths)
 
 
 def _place(a: Any) -> Any:

@@ -306,6 +306,35 @@ def test_decode_with_int8_top_p_matches_topk_reference() -> None:
         _topk(attn, k=6, method="int8", top_p=0.5, rescore=8)
 
 
+def test_attend_keeps_views_of_a_static_cache_until_a_tensor_moves() -> None:
+    """TopKDecode.attend on the same cache tensors step after step (a static cache) reuses its NumPy
+    views and rewrites only the lengths; each step equals the public ops, and a cache tensor
+    re-pointed in place (``set_``) is seen: the step reads the new memory."""
+    g = torch.Generator().manual_seed(3)
+    keys, values = torch.randn(2, 2, 40, 8, generator=g), torch.randn(2, 2, 40, 8, generator=g)
+    q = torch.randn(2, 4, 8, generator=g)
+    state = TopKDecode(k=5, sink=1, window=2)
+
+    def want(n: int) -> torch.Tensor:
+        kv = sc.DenseKV(keys.transpose(1, 2).contiguous(), values.transpose(1, 2).contiguous(),
+                        torch.tensor([n, n], dtype=torch.int32))
+        out, _ = sc.sparse_decode(q, kv, sc.select_topk(q, kv, 5, sink=1, window=2, backend="reference"),
+                                  scale=0.3, backend="reference")
+        return out
+
+    for n in (30, 31, 32):
+        with torch.no_grad():
+            got = state.attend(q, keys, values, n, scaling=0.3)
+        torch.testing.assert_close(got, want(n), atol=2e-5, rtol=2e-5)
+    memo = state._kv_memo
+    assert memo is not None and memo[2].tolist() == [32, 32, 32, 32]  # B * Hkv rows of one KV head
+    keys.set_(torch.randn(2, 2, 40, 8, generator=g))  # new memory, same shape
+    with torch.no_grad():
+        got = state.attend(q, keys, values, 33, scaling=0.3)
+    assert state._kv_memo is not memo
+    torch.testing.assert_close(got, want(33), atol=2e-5, rtol=2e-5)
+
+
 def test_quest_keeps_page_bounds_across_decode_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each decode step after the first updates the previous step's bounds from the new token only
     (``out`` + ``start``), and every step's output equals the one from bounds computed afresh; a new
