@@ -112,7 +112,7 @@ def quantize_keys(kv: DenseKV | PagedKV, *, out: KeyCodes | None = None, start: 
                 f"{lengths.tolist()}")
     if isinstance(kv, DenseKV) and lengths.max(initial=0) <= kv.max_len:
         keys = to_host(kv.k)
-        fast = _compiled() if keys.dtype == np.float32 else None
+        fast = _compiled() if keys.dtype == np.float32 and codes.flags.writeable and scales.flags.writeable else None
         if fast is not None:  # float32 keys: one compiled pass, the same codes and scales as _quantize
             fast(keys, first, lengths, codes, scales)
             return res
