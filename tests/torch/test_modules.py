@@ -306,10 +306,13 @@ def test_decode_with_int8_top_p_matches_topk_reference() -> None:
         _topk(attn, k=6, method="int8", top_p=0.5, rescore=8)
 
 
-def test_attend_keeps_views_of_a_static_cache_until_a_tensor_moves() -> None:
-    """TopKDecode.attend on the same cache tensors step after step (a static cache) reuses its NumPy
-    views and rewrites only the lengths; each step equals the public ops, and a cache tensor
-    re-pointed in place (``set_``) is seen: the step reads the new memory."""
+def test_attend_follows_a_cache_tensor_moved_in_place() -> None:
+    """TopKDecode.attend on the same cache tensors step after step (a static cache) equals the public
+    ops each step, also after a cache tensor is re-pointed in place (``set_``): the step reads the new
+    memory; and the layer keeps no reference to the cache between steps (it is freed with its owner)."""
+    import gc
+    import weakref
+
     g = torch.Generator().manual_seed(3)
     keys, values = torch.randn(2, 2, 40, 8, generator=g), torch.randn(2, 2, 40, 8, generator=g)
     q = torch.randn(2, 4, 8, generator=g)
@@ -326,13 +329,17 @@ def test_attend_keeps_views_of_a_static_cache_until_a_tensor_moves() -> None:
         with torch.no_grad():
             got = state.attend(q, keys, values, n, scaling=0.3)
         torch.testing.assert_close(got, want(n), atol=2e-5, rtol=2e-5)
-    memo = state._kv_memo
-    assert memo is not None and memo[2].tolist() == [32, 32, 32, 32]  # B * Hkv rows of one KV head
     keys.set_(torch.randn(2, 2, 40, 8, generator=g))  # new memory, same shape
     with torch.no_grad():
         got = state.attend(q, keys, values, 33, scaling=0.3)
-    assert state._kv_memo is not memo
     torch.testing.assert_close(got, want(33), atol=2e-5, rtol=2e-5)
+    k2, v2 = torch.randn(2, 2, 40, 8, generator=g), torch.randn(2, 2, 40, 8, generator=g)
+    with torch.no_grad():
+        state.attend(q, k2, v2, 30, scaling=0.3)
+    gone = weakref.ref(k2)
+    del k2, v2
+    gc.collect()
+    assert gone() is None
 
 
 def test_quest_keeps_page_bounds_across_decode_steps(monkeypatch: pytest.MonkeyPatch) -> None:
