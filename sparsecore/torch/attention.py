@@ -145,19 +145,17 @@ class TopKDecode:
         rep = hkv if keys.is_contiguous() and values.is_contiguous() else 1
         seq_lens = tuple(n for n in lens for _ in range(rep))
         host = keys.is_cpu and not torch.compiler.is_compiling()
-        if host:  # zero-copy NumPy views: the plan runs on NumPy (no torch call per op, no views to check)
-            kv = self._host_kv(keys, values, rep, seq_lens)
-            q = to_numpy(q)
-            if rep > 1:
-                q = q.reshape(b * hkv, hq // hkv, d)
+        if host:  # zero-copy NumPy views, made every step (kept, they would keep the cache alive after its
+            # owner let it go): the plan runs on NumPy (no torch call per op, no views to check)
+            keys, values, q = to_numpy(keys), to_numpy(values), to_numpy(q)
+            kv_lens = np.array(seq_lens, np.int32)
+        elif all(n == s for n in seq_lens):  # no mask: every key (no host-to-device copy)
+            kv_lens = torch.full((len(seq_lens),), s, dtype=torch.int32, device=keys.device)
         else:
-            if all(n == s for n in seq_lens):  # no mask: every key (no host-to-device copy)
-                kv_lens = torch.full((len(seq_lens),), s, dtype=torch.int32, device=keys.device)
-            else:
-                kv_lens = torch.tensor(seq_lens, dtype=torch.int32).to(keys.device)
-            kv = _dense_kv(keys, values, kv_lens, rep)
-            if rep > 1:
-                q = q.reshape(b * hkv, hq // hkv, d)
+            kv_lens = torch.tensor(seq_lens, dtype=torch.int32).to(keys.device)
+        kv = _dense_kv(keys, values, kv_lens, rep)
+        if rep > 1:
+            q = q.reshape(b * hkv, hq // hkv, d)
         opts: dict[str, Any] = dict(method=self.method, sink=self.sink, window=self.window, shared=self.shared)
         unit = (self.page_size or 16) if self.method == "quest" else 1
         k_eff = min(self.k, -(-s // unit))
@@ -196,12 +194,6 @@ class TopKDecode:
         self.keys_total += int(counts.shape[1]) * rep * sum(lens)
         self.decode_steps += 1
         return out.reshape(b, hq, d)
-
-    def _host_kv(self, keys: torch.Tensor, values: torch.Tensor, rep: int, seq_lens: tuple[int, ...]) -> sc.DenseKV:
-        """The step's cache as a DenseKV of zero-copy NumPy views, made every step: views kept between
-        steps would keep the whole cache alive after its owner let it go (hundreds of MB at 8K), for
-        about 20 us a layer."""
-        return _dense_kv(to_numpy(keys), to_numpy(values), np.array(seq_lens, np.int32), rep)
 
     def _plan(self, q: torch.Tensor, kv: sc.DenseKV, k: int, bounds: sc.PageBounds | None, scaling: float | None,
               opts: dict[str, Any], codes: sc.KeyCodes | None = None) -> sc.DecodePlan:
