@@ -350,13 +350,32 @@ def int8_scores(case: DecodeCase, b: int) -> np.ndarray:
                      for h in range(case.hq)]).reshape(case.hq, keys.shape[0])
 
 
+def pool_mass(case: DecodeCase, b: int, g: int, units: list[int], scale: float, shared: bool,
+              int8: bool = False) -> np.ndarray:
+    """``[L]``: select-then-prune's mass of row ``(b, g)``: each query head's softmax of its scaled
+    scores over ``units`` only (0 elsewhere), averaged over the group's heads when shared."""
+    tok = (int8_scores(case, b) if int8 else unit_scores(case, b, None)) * scale
+    tok = np.where(np.isnan(tok), -np.inf, tok)
+    heads = range(g * case.group, (g + 1) * case.group) if shared else [g]
+    mass = np.zeros(tok.shape[1])
+    for h in heads:
+        x = tok[h, units]
+        if len(units) and x.max() > -np.inf:
+            w = np.exp(x - x.max())
+            mass[units] += w / w.sum() / len(heads)
+    return mass
+
+
 def check_top_p(case: DecodeCase, idx: TopKIndex, *, k: int, k_min: int, top_p: float, sink: int, window: int,
-                shared: bool, scale: float | None, kv_name: str = "kv", int8: bool = False) -> None:
+                shared: bool, scale: float | None, kv_name: str = "kv", int8: bool = False,
+                prune: bool = False, pool: TopKIndex | None = None) -> None:
     """The adaptive budget by its properties: forced kept; ``k_min <= chosen <= k`` (as the candidates
     allow); kept mass >= top_p unless ``k`` are chosen; no chosen key could be dropped with the mass
-    still >= top_p (the fewest), unless ``k_min`` asks for it; chosen by mass (threshold)."""
+    still >= top_p (the fewest), unless ``k_min`` asks for it; chosen by mass (threshold). With
+    ``prune``, the candidates are the rows of ``pool`` (the fixed-k selection of the same call without
+    top_p) and the mass is each head's softmax over them only: the same properties within the pool."""
     what = (f"select_topk(k={k}, top_p={top_p}, k_min={k_min}, sink={sink}, window={window}, shared={shared}, "
-            f"scale={scale}) on {kv_name} of {case!r}")
+            f"scale={scale}, prune={prune}) on {kv_name} of {case!r}")
     assert isinstance(idx, TopKIndex) and idx.granularity == "token", what
     ind, cnt = np.asarray(as_f64(idx.indices)).astype(np.int64), np.asarray(as_f64(idx.counts)).astype(np.int64)
     groups = case.hkv if shared else case.hq
@@ -378,17 +397,24 @@ def check_top_p(case: DecodeCase, idx: TopKIndex, *, k: int, k_min: int, top_p: 
             assert len(set(row)) == c and all(0 <= t < n for t in row), f"duplicate or out of range in {at}"
             chosen = set(row)
             assert forced <= chosen, f"forced {sorted(forced - chosen)} missing in {at}"
+            universe = set(range(n))
+            row_mass = mass[g]
+            if prune:  # the candidates: the fixed-k selection's row; the mass: over them only
+                pc = int(np.asarray(as_f64(pool.counts))[b, g])
+                universe = set(np.asarray(as_f64(pool.indices))[b, g, :pc].astype(np.int64).tolist())
+                assert chosen <= universe, f"{sorted(chosen - universe)} chosen outside the candidates in {at}"
+                row_mass = pool_mass(case, b, g, sorted(universe), sc_, shared, int8)
             free = sorted(chosen - forced)
-            left = sorted(set(range(n)) - chosen)
-            cands = n - len(forced)
+            left = sorted(universe - chosen)
+            cands = min(len(universe), n) - len(forced)
             assert min(k_min, cands) <= len(free) <= min(k, cands), f"{len(free)} chosen outside [k_min, k] in {at}"
-            kept = mass[g, sorted(chosen)].sum()
+            kept = row_mass[sorted(chosen)].sum()
             assert kept >= top_p - tol or len(free) == min(k, cands), f"mass {kept} < top_p with room left in {at}"
             if len(free) > k_min:
-                weakest = mass[g, free].min()
+                weakest = row_mass[free].min()
                 assert kept - weakest < top_p + tol, f"mass {kept} without {weakest} still >= top_p in {at}"
             if free and left:
-                assert mass[g, free].min() >= mass[g, left].max() - tol, f"not chosen by mass in {at}"
+                assert row_mass[free].min() >= row_mass[left].max() - tol, f"not chosen by mass in {at}"
 
 
 @st.composite
@@ -400,14 +426,17 @@ def top_p_args(draw: st.DrawFn, case: DecodeCase) -> dict:
                 scale=draw(st.sampled_from([None, 0.25, 1.0, 3.0])))
 
 
-def run_top_p(case: DecodeCase, args: dict, int8: bool = False) -> None:
+def run_top_p(case: DecodeCase, args: dict, int8: bool = False, prune: bool = False) -> None:
     needs(case.dtype)
-    codes = dict(method="int8", codes=sc.quantize_keys(case.kv)) if int8 else {}
-    check_top_p(case, sc.select_topk(case.q, case.kv, **codes, **args), **args, int8=int8)
-    if case.paged:
-        codes = dict(method="int8", codes=sc.quantize_keys(case.dense)) if int8 else {}
-        check_top_p(case, sc.select_topk(case.q, case.dense, **codes, **args), **args, kv_name="dense copy",
-                    int8=int8)
+    for kv, name in ((case.kv, "kv"), (case.dense, "dense copy")) if case.paged else ((case.kv, "kv"),):
+        codes = dict(method="int8", codes=sc.quantize_keys(kv)) if int8 else {}
+        pool = None
+        if prune:  # the candidates: the same call's fixed-k selection
+            fixed = {a: v for a, v in args.items() if a not in ("top_p", "k_min", "scale")}
+            pool = sc.select_topk(case.q, kv, **codes, **fixed)
+            codes["prune"] = True
+        check_top_p(case, sc.select_topk(case.q, kv, **codes, **args), **args, kv_name=name, int8=int8, pool=pool,
+                    **({"prune": True} if prune else {}))
 
 
 # --- select_topk(method="int8"): ranking over the int8 copy of the keys ----------------------------------
@@ -541,6 +570,18 @@ def test_select_topk_int8_top_p(case: DecodeCase, data: st.DataObject) -> None:
     run_top_p(case, data.draw(top_p_args(case)), int8=True)
 
 
+@given(case=decode_cases(), data=st.data(), int8=st.booleans())
+def test_select_topk_top_p_prune(case: DecodeCase, data: st.DataObject, int8: bool) -> None:
+    """Select-then-prune (``prune=True``): within the fixed-k selection's candidates, the same properties
+    with each head's softmax over the candidates only; exact and int8 scores."""
+    run_top_p(case, data.draw(top_p_args(case)), int8=int8, prune=True)
+
+
+@given(case=decode_cases(grid=True), data=st.data())
+def test_select_topk_top_p_prune_ties(case: DecodeCase, data: st.DataObject) -> None:
+    run_top_p(case, data.draw(top_p_args(case)), prune=True)
+
+
 @pytest.mark.parametrize("name", sorted(EDGE_CASES))
 def test_select_topk_top_p_edge_cases(name: str) -> None:
     case = EDGE_CASES[name]("float32")
@@ -550,8 +591,9 @@ def test_select_topk_top_p_edge_cases(name: str) -> None:
             for top_p in (0.5, 1.0):
                 for sink, window in ((0, 0), (1, 2)):
                     for shared in (True, False):
-                        run_top_p(case, dict(k=k, k_min=k_min, top_p=top_p, sink=sink, window=window,
-                                             shared=shared, scale=None))
+                        for prune in (False, True):
+                            run_top_p(case, dict(k=k, k_min=k_min, top_p=top_p, sink=sink, window=window,
+                                                 shared=shared, scale=None), prune=prune)
 
 
 def test_select_topk_top_p_one_dominant_key_keeps_one() -> None:

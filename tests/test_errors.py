@@ -405,6 +405,11 @@ CASES = [
     case("select_topk-scale-without-top_p", V, lit("select_topk: scale = 0.5 is only used with top_p (the adaptive "
                                                    "budget); give top_p or leave it out"),
          lambda: sc.select_topk(q(), dkv(), 2, scale=0.5)),
+    case("select_topk-prune-without-top_p", V, lit("select_topk: prune = True is only used with top_p (the adaptive "
+                                                   "budget); give top_p or leave it out"),
+         lambda: sc.select_topk(q(), dkv(), 2, prune=True)),
+    case("select_topk-prune-not-bool", T, lit("select_topk: prune = 1; must be True or False"),
+         lambda: sc.select_topk(q(), dkv(), 2, top_p=0.9, prune=1)),
     case("select_topk-top_p-scale-negative", V, lit("select_topk: scale = -1.0; must be a finite float > 0 (or None "
                                                     "for 1 / sqrt(D))"),
          lambda: sc.select_topk(q(), dkv(), 2, top_p=0.9, scale=-1.0)),

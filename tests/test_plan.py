@@ -516,6 +516,18 @@ def test_adaptive_and_int8_plans_equal_the_public_calls(kind: str) -> None:
         np.testing.assert_array_equal(np.asarray(int8_p.last_index.indices), np.asarray(idx.indices))
         np.testing.assert_allclose(np.asarray(out), np.asarray(sc.sparse_decode(conv(q), kv, idx)[0]),
                                    rtol=1e-6, atol=1e-6)
+    for method, extra in (("exact", {}), ("int8", dict(codes=codes))):  # select-then-prune, fast path
+        pruned = sc.DecodePlan(conv(q), kv, 20, method=method, top_p=0.8, k_min=2, sink=1, prune=True, **extra)
+        assert pruned._fast_select is not None
+        for _ in range(2):
+            out, _ = pruned.run(conv(q), kv, **extra)
+            idx = sc.select_topk(conv(q), kv, 20, method=method, top_p=0.8, k_min=2, sink=1, prune=True, **extra)
+            np.testing.assert_array_equal(np.asarray(pruned.last_index.indices), np.asarray(idx.indices))
+            np.testing.assert_allclose(np.asarray(out), np.asarray(sc.sparse_decode(conv(q), kv, idx)[0]),
+                                       rtol=1e-6, atol=1e-6)
+        fixed = sc.select_topk(conv(q), kv, 20, method=method, sink=1, **extra)
+        assert (np.asarray(pruned.last_index.counts) <= np.asarray(fixed.counts)).all()
+        assert (np.asarray(pruned.last_index.counts) < np.asarray(fixed.counts)).any()  # it pruned
     short = sc.KeyCodes(conv(np.zeros((2, 40, 2, 8), np.int8)), conv(np.ones((2, 40, 2), np.float32)))
     with pytest.raises(ValueError, match="codes"):
         int8_p.run(conv(q), kv, codes=short)

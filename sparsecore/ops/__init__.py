@@ -157,7 +157,8 @@ def page_bounds(kv: KV, page_size: int | None = None, *, out: PageBounds | None 
 def select_topk(q: Any, kv: KV, k: int, *, method: str = "exact", sink: int = 0, window: int = 0,
                 shared: bool = True, page_size: int | None = None, bounds: PageBounds | None = None,
                 top_p: float | None = None, k_min: int = 0, scale: float | None = None,
-                codes: KeyCodes | None = None, rescore: int = 0, backend: str | None = None) -> TopKIndex:
+                codes: KeyCodes | None = None, rescore: int = 0, prune: bool = False,
+                backend: str | None = None) -> TopKIndex:
     """The keys each decode query attends to: the first ``sink`` and last ``window`` tokens always,
     plus the ``k`` best others::
 
@@ -171,13 +172,18 @@ def select_topk(q: Any, kv: KV, k: int, *, method: str = "exact", sink: int = 0,
     the pages' ``kmin/kmax`` are read from it instead of computed from the keys (2 / page_size of
     the key bytes; the result is the same).
 
-    Adaptive budget (``top_p``, method="exact" only): keep, besides the forced units, as few keys
+    Adaptive budget (``top_p``, method="exact" or "int8"): keep, besides the forced units, as few keys
     as cover ``top_p`` of the estimated attention mass, at least ``k_min`` and at most ``k``::
 
         mass = softmax(scale * s_h) per query head h (its own scores); shared: mean over the group
         keep = forced | the fewest top-mass others with mass[keep].sum() >= top_p, clamped to [k_min, k]
 
     ``scale`` (top_p only) defaults to ``1 / sqrt(D)``. Counts are ragged, ``k_max`` is as for ``k``.
+    ``prune=True`` (with top_p; Twilight's select-then-prune): the ``k`` best by the method's ranking
+    (as without top_p: one shared score per key) are the candidates, and ``mass`` is each head's
+    softmax over the forced units and the candidates only; the budget is then cut from them as above.
+    The scores of the other keys stay one dot product per key (three to four times fewer than the
+    adaptive budget's per-head scores), and ``top_p`` becomes a fraction of the candidates' mass.
 
     ``method="int8"``: exact ranking over the int8 copy ``codes`` of the keys (:func:`quantize_keys`),
     ``score[t] = scales[b, t, h // group] * (q[b, h] . codes[b, t, h // group])``; with ``rescore``
@@ -185,7 +191,7 @@ def select_topk(q: Any, kv: KV, k: int, *, method: str = "exact", sink: int = 0,
     them kept.
     """
     return dispatch(I.SelectTopkInputs(q, kv, k, method, sink, window, shared, page_size, bounds, top_p, k_min,
-                                       scale, codes, rescore), backend)
+                                       scale, codes, rescore, prune), backend)
 
 
 def sparse_decode(q: Any, kv: KV, index: TopKIndex, *, scale: float | None = None,

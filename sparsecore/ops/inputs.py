@@ -475,7 +475,7 @@ class PageBoundsInputs(OpInputs):
 
 @op(lambda i: ref.select_topk(i.q, i.kv, i.k, method=i.method, sink=i.sink, window=i.window, shared=i.shared,
                               page_size=i.unit_page_size, bounds=i.bounds, top_p=i.top_p, k_min=i.k_min,
-                              scale=i.scale, codes=i.codes, rescore=i.rescore),
+                              scale=i.scale, codes=i.codes, rescore=i.rescore, prune=i.prune),
     "decode", "TopKIndex [B, G, k_max]")
 @dataclass(frozen=True, eq=False)
 class SelectTopkInputs(OpInputs):
@@ -494,6 +494,7 @@ class SelectTopkInputs(OpInputs):
     scale: float | None = None
     codes: Any = None
     rescore: int = 0
+    prune: bool = False
 
     @property
     def dtype(self) -> str:
@@ -574,9 +575,12 @@ class SelectTopkInputs(OpInputs):
 
     def _validate_top_p(self, k: int) -> None:
         """The adaptive budget's arguments: ``top_p`` in (0, 1], ``0 <= k_min <= k``, ``scale``."""
+        if not isinstance(self.prune, (bool, np.bool_)):
+            fail(self.OP, f"prune = {self.prune!r}; must be True or False", TypeError)
+        object.__setattr__(self, "prune", bool(self.prune))
         if self.top_p is None:
             for name, unused in (("k_min", isinstance(self.k_min, bool) or self.k_min != 0),
-                                 ("scale", self.scale is not None)):
+                                 ("scale", self.scale is not None), ("prune", self.prune)):
                 if unused:
                     fail(self.OP, f"{name} = {getattr(self, name)!r} is only used with top_p (the adaptive budget); "
                                   "give top_p or leave it out")

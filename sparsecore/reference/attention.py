@@ -130,7 +130,7 @@ def top_p_count(mass: np.ndarray, forced_mass: float, top_p: float, k_min: int, 
 def select_topk(q: np.ndarray, kv: KV, k: int, *, method: str = "exact", sink: int = 0, window: int = 0,
                 shared: bool = True, page_size: int | None = None, bounds: PageBounds | None = None,
                 top_p: float | None = None, k_min: int = 0, scale: float | None = None,
-                codes: KeyCodes | None = None, rescore: int = 0) -> TopKIndex:
+                codes: KeyCodes | None = None, rescore: int = 0, prune: bool = False) -> TopKIndex:
     """Keys for each query: the ``sink`` first and ``window`` last tokens, plus the ``k`` best others::
 
         s = q[b, h] . K[b, t, h // group]          # method="exact", tokens
@@ -153,6 +153,18 @@ def select_topk(q: np.ndarray, kv: KV, k: int, *, method: str = "exact", sink: i
         keep = forced | order[:n]
 
     ``scale`` defaults to ``1 / sqrt(D)`` (the attention's own scale gives the true softmax).
+
+    Select-then-prune (``top_p`` with ``prune=True``, Twilight's design): the ``k`` best by the
+    method's ranking above (exact or int8, summed over the group when shared) are the candidates,
+    and the mass is each head's softmax over the candidates and the forced units only::
+
+        cand = forced | order[:k]                   # order: the ranking of the fixed-k selection
+        mass = softmax_mass(scale * s_h[cand])      # per query head, over cand only; shared: mean
+        n = top_p_count(mass of order[:k] by descending mass, mass[forced].sum(), top_p, k_min, k)
+        keep = forced | the n candidates of highest mass
+
+    (``top_p`` is then a fraction of the candidates' mass: every key outside them is taken to weigh
+    nothing, which is what lets the scores of the other keys be one shared dot product each).
 
     Reduced-precision ranking (method="int8", ``codes`` from :func:`quantize_keys`)::
 
@@ -178,7 +190,7 @@ def select_topk(q: np.ndarray, kv: KV, k: int, *, method: str = "exact", sink: i
                 n_pages = -(-keys.shape[0] // ps)
                 lo, hi = (x[b, :n_pages].astype(np.float64) for x in (bounds.kmin, bounds.kmax))
             s = quest_bounds(q[b], lo, hi, group)
-        elif top_p is not None:
+        elif top_p is not None and not prune:
             sc = 1.0 / np.sqrt(q.shape[2]) if scale is None else scale
             src = keys if method == "exact" else int8_keys(codes, b, keys.shape[0])
             s = softmax_mass(sc * head_scores(q[b], src, group))
@@ -191,7 +203,7 @@ def select_topk(q: np.ndarray, kv: KV, k: int, *, method: str = "exact", sink: i
                 exact = exact.reshape(n_groups, group, -1).sum(axis=1)
         else:
             s = head_scores(q[b], keys, group)
-        if shared and top_p is None:
+        if shared and (top_p is None or prune):
             s = s.reshape(n_groups, group, -1).sum(axis=1)
         forced = forced_positions(keys.shape[0], sink, window, ps)
         free = np.ones(s.shape[1], dtype=bool)
@@ -199,7 +211,12 @@ def select_topk(q: np.ndarray, kv: KV, k: int, *, method: str = "exact", sink: i
         cand = np.flatnonzero(free)
         for g in range(n_groups):
             order = cand[np.argsort(-s[g, cand], kind="stable")]
-            n = k if top_p is None else top_p_count(s[g, order], float(s[g, forced].sum()), top_p, k_min, k)
+            if prune:
+                order = _prune_order(q[b], keys, codes, b, method, scale, group, shared, g, forced, order[:k])
+                n = top_p_count(order[1], float(order[2]), top_p, k_min, k)
+                order = order[0]
+            else:
+                n = k if top_p is None else top_p_count(s[g, order], float(s[g, forced].sum()), top_p, k_min, k)
             best = order[:n]
             if method == "int8" and rescore > k:
                 pool = order[:rescore]
@@ -208,6 +225,21 @@ def select_topk(q: np.ndarray, kv: KV, k: int, *, method: str = "exact", sink: i
             indices[b, g, :len(sel)] = sel
             counts[b, g] = len(sel)
     return TopKIndex(indices, counts, "token" if ps is None else "page", ps)
+
+
+def _prune_order(q: np.ndarray, keys: np.ndarray, codes: KeyCodes | None, b: int, method: str,
+                 scale: float | None, group: int, shared: bool, g: int, forced: np.ndarray, cands: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Select-then-prune of row ``g``: ``(cands by descending mass, their masses, the forced mass)``, the
+    mass being each query head's softmax over ``forced | cands`` only (mean over the group when shared)."""
+    units = np.concatenate([forced, cands]).astype(np.int64)
+    sc = 1.0 / np.sqrt(q.shape[1]) if scale is None else scale
+    src = keys if method == "exact" else int8_keys(codes, b, keys.shape[0])
+    heads = np.arange(g * group, (g + 1) * group) if shared else np.array([g])
+    m = softmax_mass(sc * head_scores(q, src[units], group)[heads]).mean(axis=0)
+    mf, mc = m[:forced.shape[0]], m[forced.shape[0]:]
+    order = np.argsort(-mc, kind="stable")
+    return cands[order], mc[order], float(mf.sum())
 
 
 def int8_keys(codes: KeyCodes, b: int, n: int) -> np.ndarray:

@@ -65,7 +65,8 @@ class TopKDecode:
     """
 
     def __init__(self, *, k: int, method: str = "exact", sink: int = 0, window: int = 0, shared: bool = True,
-                 page_size: int | None = None, top_p: float | None = None, k_min: int = 0, rescore: int = 0) -> None:
+                 page_size: int | None = None, top_p: float | None = None, k_min: int = 0, rescore: int = 0,
+                 prune: bool = False) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"TopKDecode: k = {k!r}; must be an int >= 0")
         if method not in _METHODS:
@@ -90,7 +91,11 @@ class TopKDecode:
                 or (rescore and (method != "int8" or top_p is not None)):
             raise ValueError(f"TopKDecode: rescore = {rescore!r}; must be an int >= 0, used with method='int8' "
                              "without top_p only")
+        if not isinstance(prune, bool) or (prune and top_p is None):
+            raise ValueError(f"TopKDecode: prune = {prune!r}; must be True or False, True with top_p only "
+                             "(select-then-prune: the k best by the shared ranking, cut by top_p of their own mass)")
         self.top_p, self.k_min, self.rescore = (None if top_p is None else float(top_p)), k_min, rescore
+        self.prune = prune
         self._codes: tuple[Any, tuple[int, ...], sc.KeyCodes] | None = None  # int8: (view, lengths, codes)
         self.k, self.method, self.sink, self.window = k, method, sink, window
         self.shared, self.page_size = bool(shared), page_size
@@ -119,7 +124,8 @@ class TopKDecode:
 
     def options(self) -> dict[str, Any]:
         return dict(k=self.k, method=self.method, sink=self.sink, window=self.window, shared=self.shared,
-                    page_size=self.page_size, top_p=self.top_p, k_min=self.k_min, rescore=self.rescore)
+                    page_size=self.page_size, top_p=self.top_p, k_min=self.k_min, rescore=self.rescore,
+                    prune=self.prune)
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
@@ -160,7 +166,7 @@ class TopKDecode:
         unit = (self.page_size or 16) if self.method == "quest" else 1
         k_eff = min(self.k, -(-s // unit))
         if self.top_p is not None:
-            opts.update(top_p=self.top_p, k_min=min(self.k_min, k_eff))
+            opts.update(top_p=self.top_p, k_min=min(self.k_min, k_eff), prune=self.prune)
         if self.method == "int8":
             r = min(self.rescore, s)
             opts["rescore"] = r if r > k_eff else 0

@@ -176,9 +176,10 @@ def test_opcheck_decode_ops(paged):
     for method, shared, ps in cases:
         k = 1 if method == "quest" and ps is None else 3
         _opcheck(OPS.select_topk.default, (q, *_kv_args(kv), k, method, 1, 2, shared, ps, None, None, None))
-    for shared in (True, False):  # the adaptive budget
-        _opcheck(OPS.select_topk.default, (q, *_kv_args(kv), 3, "exact", 1, 2, shared, None, None, None, None,
-                                           0.7, 1, 0.5))
+    for shared in (True, False):  # the adaptive budget, and its select-then-prune form
+        for prune in (False, True):
+            _opcheck(OPS.select_topk.default, (q, *_kv_args(kv), 3, "exact", 1, 2, shared, None, None, None, None,
+                                               0.7, 1, 0.5, prune))
     kmin, kmax = OPS.page_bounds(*_kv_args(kv), 2, None)
     _opcheck(OPS.page_bounds.default, (*_kv_args(kv), 2, None))
     _opcheck(OPS.page_bounds.default, (*_kv_args(kv), 3, None))
@@ -254,9 +255,11 @@ def test_decode_ops_match_public_ops(paged):
     for out, want in zip(sct.sparse_decode(q, kv, idx), sc.sparse_decode(q, kv, idx.to_format())):
         torch.testing.assert_close(out, want)
     for shared in (True, False):
-        tp = sct.select_topk(q, kv, 3, top_p=0.6, k_min=1, scale=0.5, shared=shared)
-        want = sc.select_topk(q, kv, 3, top_p=0.6, k_min=1, scale=0.5, shared=shared)
-        torch.testing.assert_close(tp.counts, want.counts)
+        for prune in (False, True):
+            tp = sct.select_topk(q, kv, 3, top_p=0.6, k_min=1, scale=0.5, shared=shared, prune=prune)
+            want = sc.select_topk(q, kv, 3, top_p=0.6, k_min=1, scale=0.5, shared=shared, prune=prune)
+            torch.testing.assert_close(tp.counts, want.counts)
+            torch.testing.assert_close(tp.indices, want.indices)
     full = sct.select_topk(q, kv, 12)
     o_s, l_s = sct.sparse_decode(q, kv, full)
     o_d, l_d = sct.dense_decode(q, kv)

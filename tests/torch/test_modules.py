@@ -306,6 +306,23 @@ def test_decode_with_int8_top_p_matches_topk_reference() -> None:
         _topk(attn, k=6, method="int8", top_p=0.5, rescore=8)
 
 
+@pytest.mark.parametrize("method", ["exact", "int8"])
+def test_decode_with_select_then_prune_matches_topk_reference(method: str) -> None:
+    """top_p with prune=True through TopKDecode: the k best by the shared ranking, cut by the mass
+    over them, equal to the reference selection (int8: over codes built afresh)."""
+    attn, rope = _attention(2)
+    wrapped, state = _topk(attn, k=8, method=method, top_p=0.5, k_min=1, sink=1, prune=True)
+    xs = torch.randn(2, 17, 64)
+    got = _run(wrapped, rope, xs, 12)[-1]
+    want = _reference_topk(attn, rope, xs, lambda q, kv: sc.select_topk(
+        q, kv, 8, method=method, top_p=0.5, k_min=1, sink=1, scale=attn.scaling, prune=True, backend="reference",
+        **({"codes": sc.quantize_keys(kv)} if method == "int8" else {})))
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    assert state.read_fraction < 1
+    with pytest.raises(ValueError, match="TopKDecode: prune = True"):
+        _topk(attn, k=6, method=method, prune=True)
+
+
 def test_attend_follows_a_cache_tensor_moved_in_place() -> None:
     """TopKDecode.attend on the same cache tensors step after step (a static cache) equals the public
     ops each step, also after a cache tensor is re-pointed in place (``set_``): the step reads the new

@@ -1292,3 +1292,117 @@ def select_int8_serial(q, k_pages, page_table, lengths, codes, scales, k, rescor
     for task in range(counts.shape[0] * counts.shape[1]):
         _select_int8_task(task, q, k_pages, page_table, lengths, codes, scales, k, rescore, sink, window, shared, lut,
                           indices, counts)
+
+
+@njit(**_TASK)
+def _prune_top_p_task(task, q, k_pages, page_table, lengths, kscales, k_min, sink, window, shared, top_p, scale, lut,
+                      indices, counts):
+    """One row of :func:`prune_top_p`: (sequence b, selection row u)."""
+    d = q.shape[2]
+    page_size = k_pages.shape[1]
+    b, u, h0, nh, kvh, length = _select_row(task, q, k_pages, lengths, counts, shared)
+    n = counts[b, u]
+    if n == 0:
+        return
+    coded = kscales.shape[0] > 0
+    qf = np.empty(nh * d, np.float32)
+    for i in range(nh):
+        for j in range(d):
+            qf[i * d + j] = load(q, (b, h0 + i, j), lut)
+    # each head's scaled scores of the row's units only (NaN as -inf), then their softmax over them
+    x = np.empty((nh, n), np.float32)
+    for e in range(n):
+        t = indices[b, u, e]
+        pg, r = _kv_row(page_table, b, t, page_size)
+        kr = k_pages[pg, r, kvh]
+        ks = kscales[b, t, kvh] if coded else np.float32(1)
+        for i in range(nh):
+            acc = np.float32(0)
+            for j in range(d):
+                acc += qf[i * d + j] * load(kr, j, lut)
+            v = acc * scale * ks
+            x[i, e] = -np.inf if v != v else v
+    mass = np.zeros(n, np.float64)
+    bits = np.empty(n, np.float32)
+    for i in range(nh):
+        row = x[i]
+        m = np.float32(-np.inf)
+        for e in range(n):
+            m = max(m, row[e])
+        if m == -np.inf:
+            continue
+        if m == np.inf:  # an infinite score takes all of the head's mass
+            for e in range(n):
+                row[e] = 1.0 if row[e] == np.inf else 0.0
+        else:
+            _exp_shifted(row, m, n, bits)
+        z = 0.0
+        for e in range(n):
+            z += row[e]
+        inv = 1.0 / (z * nh)
+        for e in range(n):
+            mass[e] += row[e] * inv
+    # forced units stay; the candidates are taken back by descending mass (a max-heap) until the
+    # kept mass reaches top_p and k_min are taken
+    keep = _flags(n, False)
+    forced_mass = 0.0
+    n_c = 0
+    for e in range(n):
+        t = indices[b, u, e]
+        if t < sink or t >= length - window:
+            keep[e] = True
+            forced_mass += mass[e]
+        else:
+            n_c += 1
+    pos = np.empty(n_c, np.int64)
+    heap = np.empty(n_c, np.float64)
+    c = 0
+    for e in range(n):
+        if not keep[e]:
+            pos[c] = e
+            heap[c] = mass[e]
+            c += 1
+    for i in range(n_c // 2 - 1, -1, -1):
+        _sift_down(heap, pos, i, n_c)
+    cum = forced_mass
+    size = n_c
+    taken = 0
+    while size > 0 and (taken < k_min or cum < top_p):
+        keep[pos[0]] = True
+        cum += heap[0]
+        taken += 1
+        size -= 1
+        heap[0], pos[0] = heap[size], pos[size]
+        _sift_down(heap, pos, 0, size)
+    c = 0
+    for e in range(n):  # the row stays in ascending order: compact it
+        if keep[e]:
+            indices[b, u, c] = indices[b, u, e]
+            c += 1
+    counts[b, u] = c
+    for e in range(c, indices.shape[2]):
+        indices[b, u, e] = -1
+
+
+@njit(**_PAR)
+def prune_top_p(q, k_pages, page_table, lengths, kscales, k_min, sink, window, shared, top_p, scale, lut, indices,
+                counts):
+    """Select-then-prune, in place on the rows of a fixed-k selection (``indices``/``counts`` from
+    :func:`select_topk` or :func:`select_int8`): each row's units get each query head's softmax of its
+    scaled scores over the row's units only (averaged over the row's heads, float64), and the row
+    keeps its forced sink and window units plus the fewest highest-mass others (at least ``k_min``)
+    that bring the kept mass to ``top_p``; rows stay in ascending order, padded with -1. With
+    ``kscales[B, S, Hkv]`` not empty the scores are the int8 ones (``k_pages`` = the codes
+    ``[B, S, Hkv, D]``, ``page_table`` the dense table). :func:`prune_top_p_serial`: on the calling
+    thread."""
+    for task in prange(counts.shape[0] * counts.shape[1]):
+        _prune_top_p_task(task, q, k_pages, page_table, lengths, kscales, k_min, sink, window, shared, top_p, scale,
+                          lut, indices, counts)
+
+
+@njit(**_TASK)
+def prune_top_p_serial(q, k_pages, page_table, lengths, kscales, k_min, sink, window, shared, top_p, scale, lut,
+                       indices, counts):
+    for task in range(counts.shape[0] * counts.shape[1]):
+        _prune_top_p_task(task, q, k_pages, page_table, lengths, kscales, k_min, sink, window, shared, top_p, scale,
+                          lut, indices, counts)
