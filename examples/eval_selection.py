@@ -125,9 +125,11 @@ def set_decode(model: torch.nn.Module, opts: dict[str, Any] | None, track: bool 
 
 
 def configs(s: int, div: int, top_ps: list[float], sink: int, window: int, page: int, caps: tuple[int, ...] = (4,),
-            top_p_methods: tuple[str, ...] = ("exact",), per_head: bool = False) -> list[dict[str, Any]]:
+            top_p_methods: tuple[str, ...] = ("exact",), per_head: bool = False, prune: bool = False
+            ) -> list[dict[str, Any]]:
     """The methods at an average budget of ``s / div`` keys per selection row (the adaptive budget
-    over the exact scores, and with ``"int8"`` in ``top_p_methods`` over the int8 codes' too)."""
+    over the exact scores, and with ``"int8"`` in ``top_p_methods`` over the int8 codes' too; with
+    ``prune``, each adaptive budget also as select-then-prune over the ``k`` best by the ranking)."""
     budget = max(1, s // div)
     out = [dict(label="exact", opts=dict(k=budget)),
            dict(label=f"exact+sink{sink}/win{window}", opts=dict(k=max(1, budget - sink - window), sink=sink,
@@ -146,6 +148,8 @@ def configs(s: int, div: int, top_ps: list[float], sink: int, window: int, page:
                 out.append(dict(label=label, opts=opts, match=True))
                 if per_head:  # each query head its own keys (shared=False) at the same budget per row
                     out.append(dict(label=f"{label} per-head", opts=dict(opts, shared=False), match=True))
+                if prune:  # select-then-prune: the cap's best by the shared ranking, cut by their own mass
+                    out.append(dict(label=f"{label} prune", opts=dict(opts, prune=True), match=True))
     return out
 
 
@@ -404,6 +408,9 @@ def main() -> None:
                     help="the scores the adaptive budget estimates the mass from (int8: the keys' int8 codes)")
     ap.add_argument("--per-head", action="store_true",
                     help="also each adaptive budget per query head (shared=False)")
+    ap.add_argument("--prune", action="store_true",
+                    help="also each adaptive budget as select-then-prune (prune=True: the k best by the shared "
+                         "ranking, cut by top_p of their own mass)")
     ap.add_argument("--configs", nargs="+", help="run only the methods with these labels (e.g. int8 quest)")
     ap.add_argument("--merge-from", type=Path, nargs="+",
                     help="fold the rows of these results.json files into --out's (same context and method: theirs win)")
@@ -437,7 +444,7 @@ def main() -> None:
     model, tok = models.smollm2()
     for s in a.contexts:
         cfgs = configs(s, a.div, a.top_p, a.sink, a.window, a.page, tuple(a.top_p_cap), tuple(a.top_p_methods),
-                       a.per_head)
+                       a.per_head, a.prune)
         if a.configs:
             cfgs = [c for c in cfgs if c["label"] in a.configs]
         if "quality" in a.sections:

@@ -98,6 +98,11 @@ def test_top_p_selection_gives_nonfinite_scores_their_meaning(backend: str, pois
                     a = set(got.indices[b, g, :got.counts[b, g]].tolist())
                     w = set(want.indices[b, g, :want.counts[b, g]].tolist())
                     assert {t for t in a if sure[t]} == {t for t in w if sure[t]}, (poison, dtype, shared, b, g)
+        for shared in (True, False):  # select-then-prune: the same meaning over the candidates
+            args = dict(k=9, k_min=1, top_p=0.8, sink=1, window=2, shared=shared, prune=True)
+            want = sc.select_topk(q, kv, **args, backend="reference")
+            got = sc.select_topk(q, kv, **args, backend=backend)
+            assert np.array_equal(got.counts, want.counts), (poison, dtype, shared, got.counts, want.counts)
     if poison == "nan-query":  # row 1's query head 2 is NaN: its head carries no mass, so that row keeps k
         q, kv = decode_case(poison, "float32")
         idx = sc.select_topk(q, kv, 9, top_p=0.8, shared=False, backend=backend)
