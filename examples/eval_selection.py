@@ -125,8 +125,8 @@ def set_decode(model: torch.nn.Module, opts: dict[str, Any] | None, track: bool 
 
 
 def configs(s: int, div: int, top_ps: list[float], sink: int, window: int, page: int, caps: tuple[int, ...] = (4,),
-            top_p_methods: tuple[str, ...] = ("exact",), per_head: bool = False, prune: bool = False
-            ) -> list[dict[str, Any]]:
+            top_p_methods: tuple[str, ...] = ("exact",), per_head: bool = False, prune: bool = False,
+            tail_sample: int | None = None) -> list[dict[str, Any]]:
     """The methods at an average budget of ``s / div`` keys per selection row (the adaptive budget
     over the exact scores, and with ``"int8"`` in ``top_p_methods`` over the int8 codes' too; with
     ``prune``, each adaptive budget also as select-then-prune over the ``k`` best by the ranking)."""
@@ -149,7 +149,9 @@ def configs(s: int, div: int, top_ps: list[float], sink: int, window: int, page:
                 if per_head:  # each query head its own keys (shared=False) at the same budget per row
                     out.append(dict(label=f"{label} per-head", opts=dict(opts, shared=False), match=True))
                 if prune:  # select-then-prune: the cap's best by the shared ranking, cut by their own mass
-                    out.append(dict(label=f"{label} prune", opts=dict(opts, prune=True), match=True))
+                    extra = {} if tail_sample is None else dict(tail_sample=tail_sample)
+                    name = f"{label} prune" + ("" if tail_sample is None else f" tail{tail_sample}")
+                    out.append(dict(label=name, opts=dict(opts, prune=True, **extra), match=True))
     return out
 
 
@@ -411,6 +413,7 @@ def main() -> None:
     ap.add_argument("--prune", action="store_true",
                     help="also each adaptive budget as select-then-prune (prune=True: the k best by the shared "
                          "ranking, cut by top_p of their own mass)")
+    ap.add_argument("--tail-sample", type=int, help="prune's sample of the other keys (select_topk's tail_sample)")
     ap.add_argument("--configs", nargs="+", help="run only the methods with these labels (e.g. int8 quest)")
     ap.add_argument("--merge-from", type=Path, nargs="+",
                     help="fold the rows of these results.json files into --out's (same context and method: theirs win)")
@@ -444,7 +447,7 @@ def main() -> None:
     model, tok = models.smollm2()
     for s in a.contexts:
         cfgs = configs(s, a.div, a.top_p, a.sink, a.window, a.page, tuple(a.top_p_cap), tuple(a.top_p_methods),
-                       a.per_head, a.prune)
+                       a.per_head, a.prune, a.tail_sample)
         if a.configs:
             cfgs = [c for c in cfgs if c["label"] in a.configs]
         if "quality" in a.sections:

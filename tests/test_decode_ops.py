@@ -351,31 +351,35 @@ def int8_scores(case: DecodeCase, b: int) -> np.ndarray:
 
 
 def pool_mass(case: DecodeCase, b: int, g: int, units: list[int], scale: float, shared: bool,
-              int8: bool = False) -> np.ndarray:
+              int8: bool = False, tail: int = 16) -> np.ndarray:
     """``[L]``: select-then-prune's mass of row ``(b, g)``: each query head's softmax of its scaled
-    scores over ``units`` only (0 elsewhere), averaged over the group's heads when shared."""
+    scores over ``units`` and every ``tail``-th other token, each of those counted ``tail`` times (0
+    outside ``units``), averaged over the group's heads when shared."""
     tok = (int8_scores(case, b) if int8 else unit_scores(case, b, None)) * scale
     tok = np.where(np.isnan(tok), -np.inf, tok)
     heads = range(g * case.group, (g + 1) * case.group) if shared else [g]
+    sample = [t for t in range(0, tok.shape[1], tail) if t not in set(units)] if tail else []
     mass = np.zeros(tok.shape[1])
     for h in heads:
-        x = tok[h, units]
-        if len(units) and x.max() > -np.inf:
-            w = np.exp(x - x.max())
-            mass[units] += w / w.sum() / len(heads)
+        x, xs = tok[h, units], tok[h, sample]
+        top = max(x.max() if len(units) else -np.inf, xs.max() if sample else -np.inf)
+        if top > -np.inf:
+            w, ws = np.exp(x - top), np.exp(xs - top)
+            mass[units] += w / (w.sum() + tail * ws.sum()) / len(heads)
     return mass
 
 
 def check_top_p(case: DecodeCase, idx: TopKIndex, *, k: int, k_min: int, top_p: float, sink: int, window: int,
                 shared: bool, scale: float | None, kv_name: str = "kv", int8: bool = False,
-                prune: bool = False, pool: TopKIndex | None = None) -> None:
+                prune: bool = False, pool: TopKIndex | None = None, tail_sample: int | None = None) -> None:
     """The adaptive budget by its properties: forced kept; ``k_min <= chosen <= k`` (as the candidates
     allow); kept mass >= top_p unless ``k`` are chosen; no chosen key could be dropped with the mass
     still >= top_p (the fewest), unless ``k_min`` asks for it; chosen by mass (threshold). With
     ``prune``, the candidates are the rows of ``pool`` (the fixed-k selection of the same call without
-    top_p) and the mass is each head's softmax over them only: the same properties within the pool."""
+    top_p) and the mass is each head's softmax over them and every ``tail_sample``-th other key (16 when
+    None): the same properties within the pool."""
     what = (f"select_topk(k={k}, top_p={top_p}, k_min={k_min}, sink={sink}, window={window}, shared={shared}, "
-            f"scale={scale}, prune={prune}) on {kv_name} of {case!r}")
+            f"scale={scale}, prune={prune}, tail_sample={tail_sample}) on {kv_name} of {case!r}")
     assert isinstance(idx, TopKIndex) and idx.granularity == "token", what
     ind, cnt = np.asarray(as_f64(idx.indices)).astype(np.int64), np.asarray(as_f64(idx.counts)).astype(np.int64)
     groups = case.hkv if shared else case.hq
@@ -403,7 +407,8 @@ def check_top_p(case: DecodeCase, idx: TopKIndex, *, k: int, k_min: int, top_p: 
                 pc = int(np.asarray(as_f64(pool.counts))[b, g])
                 universe = set(np.asarray(as_f64(pool.indices))[b, g, :pc].astype(np.int64).tolist())
                 assert chosen <= universe, f"{sorted(chosen - universe)} chosen outside the candidates in {at}"
-                row_mass = pool_mass(case, b, g, sorted(universe), sc_, shared, int8)
+                row_mass = pool_mass(case, b, g, sorted(universe), sc_, shared, int8,
+                                     16 if tail_sample is None else tail_sample)
             free = sorted(chosen - forced)
             left = sorted(universe - chosen)
             cands = min(len(universe), n) - len(forced)
@@ -426,7 +431,8 @@ def top_p_args(draw: st.DrawFn, case: DecodeCase) -> dict:
                 scale=draw(st.sampled_from([None, 0.25, 1.0, 3.0])))
 
 
-def run_top_p(case: DecodeCase, args: dict, int8: bool = False, prune: bool = False) -> None:
+def run_top_p(case: DecodeCase, args: dict, int8: bool = False, prune: bool = False,
+              tail_sample: int | None = None) -> None:
     needs(case.dtype)
     for kv, name in ((case.kv, "kv"), (case.dense, "dense copy")) if case.paged else ((case.kv, "kv"),):
         codes = dict(method="int8", codes=sc.quantize_keys(kv)) if int8 else {}
@@ -434,9 +440,9 @@ def run_top_p(case: DecodeCase, args: dict, int8: bool = False, prune: bool = Fa
         if prune:  # the candidates: the same call's fixed-k selection
             fixed = {a: v for a, v in args.items() if a not in ("top_p", "k_min", "scale")}
             pool = sc.select_topk(case.q, kv, **codes, **fixed)
-            codes["prune"] = True
+            codes.update(prune=True, tail_sample=tail_sample)
         check_top_p(case, sc.select_topk(case.q, kv, **codes, **args), **args, kv_name=name, int8=int8, pool=pool,
-                    **({"prune": True} if prune else {}))
+                    **({"prune": True, "tail_sample": tail_sample} if prune else {}))
 
 
 # --- select_topk(method="int8"): ranking over the int8 copy of the keys ----------------------------------
@@ -570,16 +576,19 @@ def test_select_topk_int8_top_p(case: DecodeCase, data: st.DataObject) -> None:
     run_top_p(case, data.draw(top_p_args(case)), int8=True)
 
 
-@given(case=decode_cases(), data=st.data(), int8=st.booleans())
-def test_select_topk_top_p_prune(case: DecodeCase, data: st.DataObject, int8: bool) -> None:
+TAIL_SAMPLES = st.sampled_from([None, 0, 1, 2, 3, 16])
+
+
+@given(case=decode_cases(), data=st.data(), int8=st.booleans(), tail=TAIL_SAMPLES)
+def test_select_topk_top_p_prune(case: DecodeCase, data: st.DataObject, int8: bool, tail: int | None) -> None:
     """Select-then-prune (``prune=True``): within the fixed-k selection's candidates, the same properties
-    with each head's softmax over the candidates only; exact and int8 scores."""
-    run_top_p(case, data.draw(top_p_args(case)), int8=int8, prune=True)
+    with each head's softmax over the candidates and a sample of the other keys; exact and int8 scores."""
+    run_top_p(case, data.draw(top_p_args(case)), int8=int8, prune=True, tail_sample=tail)
 
 
-@given(case=decode_cases(grid=True), data=st.data())
-def test_select_topk_top_p_prune_ties(case: DecodeCase, data: st.DataObject) -> None:
-    run_top_p(case, data.draw(top_p_args(case)), prune=True)
+@given(case=decode_cases(grid=True), data=st.data(), tail=TAIL_SAMPLES)
+def test_select_topk_top_p_prune_ties(case: DecodeCase, data: st.DataObject, tail: int | None) -> None:
+    run_top_p(case, data.draw(top_p_args(case)), prune=True, tail_sample=tail)
 
 
 @pytest.mark.parametrize("name", sorted(EDGE_CASES))

@@ -408,6 +408,11 @@ CASES = [
     case("select_topk-prune-without-top_p", V, lit("select_topk: prune = True is only used with top_p (the adaptive "
                                                    "budget); give top_p or leave it out"),
          lambda: sc.select_topk(q(), dkv(), 2, prune=True)),
+    case("select_topk-tail_sample-without-prune", V, lit("select_topk: tail_sample = 4 is only used with prune=True "
+                                                        "(select-then-prune); give prune=True or leave it out"),
+         lambda: sc.select_topk(q(), dkv(), 2, top_p=0.9, tail_sample=4)),
+    case("select_topk-tail_sample-negative", V, lit("select_topk: tail_sample = -1; must be >= 0"),
+         lambda: sc.select_topk(q(), dkv(), 2, top_p=0.9, prune=True, tail_sample=-1)),
     case("select_topk-prune-not-bool", T, lit("select_topk: prune = 1; must be True or False"),
          lambda: sc.select_topk(q(), dkv(), 2, top_p=0.9, prune=1)),
     case("select_topk-top_p-scale-negative", V, lit("select_topk: scale = -1.0; must be a finite float > 0 (or None "

@@ -516,16 +516,18 @@ def test_adaptive_and_int8_plans_equal_the_public_calls(kind: str) -> None:
         np.testing.assert_array_equal(np.asarray(int8_p.last_index.indices), np.asarray(idx.indices))
         np.testing.assert_allclose(np.asarray(out), np.asarray(sc.sparse_decode(conv(q), kv, idx)[0]),
                                    rtol=1e-6, atol=1e-6)
-    for method, extra in (("exact", {}), ("int8", dict(codes=codes))):  # select-then-prune, fast path
-        pruned = sc.DecodePlan(conv(q), kv, 20, method=method, top_p=0.8, k_min=2, sink=1, prune=True, **extra)
+    for method, tail in (("exact", None), ("int8", 3)):  # select-then-prune, on the fast path
+        cd = {"codes": codes} if method == "int8" else {}
+        opts = dict(method=method, top_p=0.3, k_min=2, sink=1, prune=True, tail_sample=tail)
+        pruned = sc.DecodePlan(conv(q), kv, 20, **opts, **cd)
         assert pruned._fast_select is not None
         for _ in range(2):
-            out, _ = pruned.run(conv(q), kv, **extra)
-            idx = sc.select_topk(conv(q), kv, 20, method=method, top_p=0.8, k_min=2, sink=1, prune=True, **extra)
+            out, _ = pruned.run(conv(q), kv, **cd)
+            idx = sc.select_topk(conv(q), kv, 20, **opts, **cd)
             np.testing.assert_array_equal(np.asarray(pruned.last_index.indices), np.asarray(idx.indices))
             np.testing.assert_allclose(np.asarray(out), np.asarray(sc.sparse_decode(conv(q), kv, idx)[0]),
                                        rtol=1e-6, atol=1e-6)
-        fixed = sc.select_topk(conv(q), kv, 20, method=method, sink=1, **extra)
+        fixed = sc.select_topk(conv(q), kv, 20, method=method, sink=1, **cd)
         assert (np.asarray(pruned.last_index.counts) <= np.asarray(fixed.counts)).all()
         assert (np.asarray(pruned.last_index.counts) < np.asarray(fixed.counts)).any()  # it pruned
     short = sc.KeyCodes(conv(np.zeros((2, 40, 2, 8), np.int8)), conv(np.ones((2, 40, 2), np.float32)))

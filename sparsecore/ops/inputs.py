@@ -473,9 +473,14 @@ class PageBoundsInputs(OpInputs):
             fail(self.OP, f"start[{b}] = {st[b]}; allowed 0 <= start[b] <= lengths[{b}] = {ln[b]}")
 
 
+#: select-then-prune's default sample of the keys outside the candidates: every 16th (docs/ops.md)
+TAIL_SAMPLE = 16
+
+
 @op(lambda i: ref.select_topk(i.q, i.kv, i.k, method=i.method, sink=i.sink, window=i.window, shared=i.shared,
                               page_size=i.unit_page_size, bounds=i.bounds, top_p=i.top_p, k_min=i.k_min,
-                              scale=i.scale, codes=i.codes, rescore=i.rescore, prune=i.prune),
+                              scale=i.scale, codes=i.codes, rescore=i.rescore, prune=i.prune,
+                              tail_sample=i.tail_sample),
     "decode", "TopKIndex [B, G, k_max]")
 @dataclass(frozen=True, eq=False)
 class SelectTopkInputs(OpInputs):
@@ -495,6 +500,7 @@ class SelectTopkInputs(OpInputs):
     codes: Any = None
     rescore: int = 0
     prune: bool = False
+    tail_sample: int | None = None
 
     @property
     def dtype(self) -> str:
@@ -516,6 +522,12 @@ class SelectTopkInputs(OpInputs):
         """The recent tokens always kept: ``window``, and for page selection at least the newest
         token, so the page being written is always attended (docs/ops.md, ``select_topk``)."""
         return max(int(self.window), 1) if self.method == "quest" else int(self.window)
+
+    @property
+    def tail_stride(self) -> int:
+        """Select-then-prune's sample of the keys outside the candidates: every ``tail_stride``-th
+        (0: none); ``tail_sample``, 16 when not given."""
+        return TAIL_SAMPLE if self.tail_sample is None else int(self.tail_sample)
 
     @property
     def k_max(self) -> int:
@@ -578,6 +590,11 @@ class SelectTopkInputs(OpInputs):
         if not isinstance(self.prune, (bool, np.bool_)):
             fail(self.OP, f"prune = {self.prune!r}; must be True or False", TypeError)
         object.__setattr__(self, "prune", bool(self.prune))
+        if self.tail_sample is not None:
+            if not self.prune:
+                fail(self.OP, f"tail_sample = {self.tail_sample!r} is only used with prune=True (select-then-prune); "
+                              "give prune=True or leave it out")
+            check_int(self.OP, "tail_sample", self.tail_sample, lo=0, hi=MAX_TOKENS)
         if self.top_p is None:
             for name, unused in (("k_min", isinstance(self.k_min, bool) or self.k_min != 0),
                                  ("scale", self.scale is not None), ("prune", self.prune)):

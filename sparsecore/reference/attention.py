@@ -94,7 +94,7 @@ def forced_positions(length: int, sink: int, window: int, page_size: int | None 
     return t if page_size is None else np.unique(t // page_size)
 
 
-def softmax_mass(x: np.ndarray) -> np.ndarray:
+def softmax_mass(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """Each row's softmax of ``x[H, T]`` in float64, with non-finite scores given a meaning::
 
         x = where(isnan(x), -inf, x)              # a NaN score carries no mass (ranks last)
@@ -102,6 +102,9 @@ def softmax_mass(x: np.ndarray) -> np.ndarray:
         m = +inf: mass = (x == +inf) / count(x == +inf)   (the limit: the +inf keys share it all)
         m = -inf: mass = 0                                (no key is known to matter)
         else:     mass = exp(x - m) / sum(exp(x - m))
+
+    ``weights[T]`` (default 1): key ``t`` counts ``weights[t]`` times (``exp`` and the count above
+    multiplied by it): a sampled key standing for several.
     """
     x = np.where(np.isnan(x), -np.inf, x.astype(np.float64))
     if x.shape[1] == 0:
@@ -110,6 +113,8 @@ def softmax_mass(x: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", over="ignore"):
         w = np.where(np.isposinf(m), (x == np.inf).astype(np.float64),
                      np.where(np.isneginf(m), 0.0, np.exp(x - np.where(np.isfinite(m), m, 0.0))))
+    if weights is not None:
+        w = w * weights
     z = w.sum(axis=1, keepdims=True)
     return np.divide(w, z, out=np.zeros_like(w), where=z > 0)
 
@@ -130,7 +135,8 @@ def top_p_count(mass: np.ndarray, forced_mass: float, top_p: float, k_min: int, 
 def select_topk(q: np.ndarray, kv: KV, k: int, *, method: str = "exact", sink: int = 0, window: int = 0,
                 shared: bool = True, page_size: int | None = None, bounds: PageBounds | None = None,
                 top_p: float | None = None, k_min: int = 0, scale: float | None = None,
-                codes: KeyCodes | None = None, rescore: int = 0, prune: bool = False) -> TopKIndex:
+                codes: KeyCodes | None = None, rescore: int = 0, prune: bool = False,
+                tail_sample: int | None = None) -> TopKIndex:
     """Keys for each query: the ``sink`` first and ``window`` last tokens, plus the ``k`` best others::
 
         s = q[b, h] . K[b, t, h // group]          # method="exact", tokens
@@ -154,17 +160,21 @@ def select_topk(q: np.ndarray, kv: KV, k: int, *, method: str = "exact", sink: i
 
     ``scale`` defaults to ``1 / sqrt(D)`` (the attention's own scale gives the true softmax).
 
-    Select-then-prune (``top_p`` with ``prune=True``, Twilight's design): the ``k`` best by the
+    Select-then-prune (``top_p`` with ``prune=True``, after Twilight): the ``k`` best by the
     method's ranking above (exact or int8, summed over the group when shared) are the candidates,
-    and the mass is each head's softmax over the candidates and the forced units only::
+    and each head's softmax is taken over the candidates, the forced units and a sample of the rest
+    (every ``r``-th token outside them, each standing for ``r`` tokens; ``r = tail_sample``, 16 by
+    default, 0 for no sample: the mass of the candidates alone, as Twilight does)::
 
         cand = forced | order[:k]                   # order: the ranking of the fixed-k selection
-        mass = softmax_mass(scale * s_h[cand])      # per query head, over cand only; shared: mean
+        tail = [t for t in range(0, L, r) if t not in cand]            (none when r = 0)
+        mass = softmax_mass(scale * s_h[cand + tail], weights=[1] * len(cand) + [r] * len(tail))[cand]
+        # per query head; shared: mean over the group's heads
         n = top_p_count(mass of order[:k] by descending mass, mass[forced].sum(), top_p, k_min, k)
         keep = forced | the n candidates of highest mass
 
-    (``top_p`` is then a fraction of the candidates' mass: every key outside them is taken to weigh
-    nothing, which is what lets the scores of the other keys be one shared dot product each).
+    (the keys outside the candidates are scored per head only in the sample, 1/r of them, and the
+    rest of the ranking stays one shared dot product per key).
 
     Reduced-precision ranking (method="int8", ``codes`` from :func:`quantize_keys`)::
 
@@ -212,7 +222,8 @@ def select_topk(q: np.ndarray, kv: KV, k: int, *, method: str = "exact", sink: i
         for g in range(n_groups):
             order = cand[np.argsort(-s[g, cand], kind="stable")]
             if prune:
-                order = _prune_order(q[b], keys, codes, b, method, scale, group, shared, g, forced, order[:k])
+                tail = 16 if tail_sample is None else tail_sample
+                order = _prune_order(q[b], keys, codes, b, method, scale, group, shared, g, forced, order[:k], tail)
                 n = top_p_count(order[1], float(order[2]), top_p, k_min, k)
                 order = order[0]
             else:
@@ -228,15 +239,20 @@ def select_topk(q: np.ndarray, kv: KV, k: int, *, method: str = "exact", sink: i
 
 
 def _prune_order(q: np.ndarray, keys: np.ndarray, codes: KeyCodes | None, b: int, method: str,
-                 scale: float | None, group: int, shared: bool, g: int, forced: np.ndarray, cands: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray, float]:
+                 scale: float | None, group: int, shared: bool, g: int, forced: np.ndarray, cands: np.ndarray,
+                 tail: int) -> tuple[np.ndarray, np.ndarray, float]:
     """Select-then-prune of row ``g``: ``(cands by descending mass, their masses, the forced mass)``, the
-    mass being each query head's softmax over ``forced | cands`` only (mean over the group when shared)."""
+    mass being each query head's softmax over ``forced | cands`` and every ``tail``-th other token
+    (weighted ``tail``; none for 0), mean over the group when shared."""
     units = np.concatenate([forced, cands]).astype(np.int64)
+    n = keys.shape[0]
+    sample = np.setdiff1d(np.arange(0, n, tail), units) if tail > 0 else np.zeros(0, np.int64)
+    every = np.concatenate([units, sample]).astype(np.int64)
+    weights = np.concatenate([np.ones(units.shape[0]), np.full(sample.shape[0], float(tail))])
     sc = 1.0 / np.sqrt(q.shape[1]) if scale is None else scale
-    src = keys if method == "exact" else int8_keys(codes, b, keys.shape[0])
+    src = keys if method == "exact" else int8_keys(codes, b, n)
     heads = np.arange(g * group, (g + 1) * group) if shared else np.array([g])
-    m = softmax_mass(sc * head_scores(q, src[units], group)[heads]).mean(axis=0)
+    m = softmax_mass(sc * head_scores(q, src[every], group)[heads], weights)[:, :units.shape[0]].mean(axis=0)
     mf, mc = m[:forced.shape[0]], m[forced.shape[0]:]
     order = np.argsort(-mc, kind="stable")
     return cands[order], mc[order], float(mf.sum())

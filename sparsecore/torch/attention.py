@@ -66,7 +66,7 @@ class TopKDecode:
 
     def __init__(self, *, k: int, method: str = "exact", sink: int = 0, window: int = 0, shared: bool = True,
                  page_size: int | None = None, top_p: float | None = None, k_min: int = 0, rescore: int = 0,
-                 prune: bool = False) -> None:
+                 prune: bool = False, tail_sample: int | None = None) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"TopKDecode: k = {k!r}; must be an int >= 0")
         if method not in _METHODS:
@@ -95,7 +95,11 @@ class TopKDecode:
             raise ValueError(f"TopKDecode: prune = {prune!r}; must be True or False, True with top_p only "
                              "(select-then-prune: the k best by the shared ranking, cut by top_p of their own mass)")
         self.top_p, self.k_min, self.rescore = (None if top_p is None else float(top_p)), k_min, rescore
-        self.prune = prune
+        if tail_sample is not None and (isinstance(tail_sample, bool) or not isinstance(tail_sample, int)
+                                        or tail_sample < 0 or not prune):
+            raise ValueError(f"TopKDecode: tail_sample = {tail_sample!r}; must be None or an int >= 0, with "
+                             "prune=True only")
+        self.prune, self.tail_sample = prune, tail_sample
         self._codes: tuple[Any, tuple[int, ...], sc.KeyCodes] | None = None  # int8: (view, lengths, codes)
         self.k, self.method, self.sink, self.window = k, method, sink, window
         self.shared, self.page_size = bool(shared), page_size
@@ -125,7 +129,7 @@ class TopKDecode:
     def options(self) -> dict[str, Any]:
         return dict(k=self.k, method=self.method, sink=self.sink, window=self.window, shared=self.shared,
                     page_size=self.page_size, top_p=self.top_p, k_min=self.k_min, rescore=self.rescore,
-                    prune=self.prune)
+                    prune=self.prune, tail_sample=self.tail_sample)
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
@@ -167,6 +171,8 @@ class TopKDecode:
         k_eff = min(self.k, -(-s // unit))
         if self.top_p is not None:
             opts.update(top_p=self.top_p, k_min=min(self.k_min, k_eff), prune=self.prune)
+            if self.tail_sample is not None:
+                opts["tail_sample"] = self.tail_sample
         if self.method == "int8":
             r = min(self.rescore, s)
             opts["rescore"] = r if r > k_eff else 0

@@ -872,15 +872,16 @@ class SelectTopk(_NumbaCpu):
         top_p, k_min, sink, window, shared = inp.top_p, int(inp.k_min), int(inp.sink), int(inp.window), inp.shared
         scale, lut = _scale(inp.scale, inp.kv.head_dim), _lut_for(inp.dtype)
         dense_table = _dense_table(inp.kv.batch)
+        tail = inp.tail_stride
 
         def prune(q: np.ndarray, k_pages: np.ndarray, page_table: np.ndarray, lengths: np.ndarray, codes: Any,
                   indices: np.ndarray, counts: np.ndarray) -> None:
             if codes is None:
                 kernel(_bits(q), _bits(k_pages), page_table, lengths, _NO_KSCALES, k_min, sink, window, shared,
-                       top_p, scale, lut, indices, counts)
+                       top_p, scale, tail, lut, indices, counts)
             else:
                 kernel(_f32_query(q), codes.codes, dense_table, lengths, codes.scales, k_min, sink, window,
-                       shared, top_p, scale, lut, indices, counts)
+                       shared, top_p, scale, tail, lut, indices, counts)
 
         return prune
 

@@ -1294,12 +1294,26 @@ def select_int8_serial(q, k_pages, page_table, lengths, codes, scales, k, rescor
                           indices, counts)
 
 
+@njit(inline="always")
+def _unit_scores(q_f, nh, d, k_pages, page_table, b, t, kvh, kscales, coded, scale, lut, x, e):
+    """``x[i, e] = scale * q_f[i] . k[t]`` (times the key's int8 scale when coded) for the ``nh``
+    query heads of a row, NaN as -inf."""
+    pg, r = _kv_row(page_table, b, t, k_pages.shape[1])
+    kr = k_pages[pg, r, kvh]
+    ks = kscales[b, t, kvh] if coded else np.float32(1)
+    for i in range(nh):
+        acc = np.float32(0)
+        for j in range(d):
+            acc += q_f[i * d + j] * load(kr, j, lut)
+        v = acc * scale * ks
+        x[i, e] = -np.inf if v != v else v
+
+
 @njit(**_TASK)
-def _prune_top_p_task(task, q, k_pages, page_table, lengths, kscales, k_min, sink, window, shared, top_p, scale, lut,
-                      indices, counts):
+def _prune_top_p_task(task, q, k_pages, page_table, lengths, kscales, k_min, sink, window, shared, top_p, scale, tail,
+                      lut, indices, counts):
     """One row of :func:`prune_top_p`: (sequence b, selection row u)."""
     d = q.shape[2]
-    page_size = k_pages.shape[1]
     b, u, h0, nh, kvh, length = _select_row(task, q, k_pages, lengths, counts, shared)
     n = counts[b, u]
     if n == 0:
@@ -1309,37 +1323,53 @@ def _prune_top_p_task(task, q, k_pages, page_table, lengths, kscales, k_min, sin
     for i in range(nh):
         for j in range(d):
             qf[i * d + j] = load(q, (b, h0 + i, j), lut)
-    # each head's scaled scores of the row's units only (NaN as -inf), then their softmax over them
+    # each head's scaled scores of the row's units, then of every tail-th other token (the sample)
     x = np.empty((nh, n), np.float32)
     for e in range(n):
-        t = indices[b, u, e]
-        pg, r = _kv_row(page_table, b, t, page_size)
-        kr = k_pages[pg, r, kvh]
-        ks = kscales[b, t, kvh] if coded else np.float32(1)
-        for i in range(nh):
-            acc = np.float32(0)
-            for j in range(d):
-                acc += qf[i * d + j] * load(kr, j, lut)
-            v = acc * scale * ks
-            x[i, e] = -np.inf if v != v else v
+        _unit_scores(qf, nh, d, k_pages, page_table, b, indices[b, u, e], kvh, kscales, coded, scale, lut, x, e)
+    n_s = 0
+    inrow = _flags(length if tail > 0 else 0, False)
+    if tail > 0:
+        for e in range(n):
+            inrow[indices[b, u, e]] = True
+        for t in range(0, length, tail):
+            if not inrow[t]:
+                n_s += 1
+    xs = np.empty((nh, n_s), np.float32)
+    if n_s > 0:
+        c = 0
+        for t in range(0, length, tail):
+            if not inrow[t]:
+                _unit_scores(qf, nh, d, k_pages, page_table, b, t, kvh, kscales, coded, scale, lut, xs, c)
+                c += 1
+    weight = np.float32(max(tail, 1))
     mass = np.zeros(n, np.float64)
-    bits = np.empty(n, np.float32)
+    bits = np.empty(max(n, n_s), np.float32)
     for i in range(nh):
         row = x[i]
+        srow = xs[i]
         m = np.float32(-np.inf)
         for e in range(n):
             m = max(m, row[e])
+        for e in range(n_s):
+            m = max(m, srow[e])
         if m == -np.inf:
             continue
         if m == np.inf:  # an infinite score takes all of the head's mass
             for e in range(n):
                 row[e] = 1.0 if row[e] == np.inf else 0.0
+            for e in range(n_s):
+                srow[e] = 1.0 if srow[e] == np.inf else 0.0
         else:
             _exp_shifted(row, m, n, bits)
+            _exp_shifted(srow, m, n_s, bits)
         z = 0.0
         for e in range(n):
             z += row[e]
-        inv = 1.0 / (z * nh)
+        zs = 0.0
+        for e in range(n_s):
+            zs += srow[e]
+        inv = 1.0 / ((z + weight * zs) * nh)
         for e in range(n):
             mass[e] += row[e] * inv
     # forced units stay; the candidates are taken back by descending mass (a max-heap) until the
@@ -1385,11 +1415,12 @@ def _prune_top_p_task(task, q, k_pages, page_table, lengths, kscales, k_min, sin
 
 
 @njit(**_PAR)
-def prune_top_p(q, k_pages, page_table, lengths, kscales, k_min, sink, window, shared, top_p, scale, lut, indices,
-                counts):
+def prune_top_p(q, k_pages, page_table, lengths, kscales, k_min, sink, window, shared, top_p, scale, tail, lut,
+                indices, counts):
     """Select-then-prune, in place on the rows of a fixed-k selection (``indices``/``counts`` from
     :func:`select_topk` or :func:`select_int8`): each row's units get each query head's softmax of its
-    scaled scores over the row's units only (averaged over the row's heads, float64), and the row
+    scaled scores over the row's units and, with ``tail > 0``, every ``tail``-th other token of the
+    sequence weighted ``tail`` (averaged over the row's heads, float64), and the row
     keeps its forced sink and window units plus the fewest highest-mass others (at least ``k_min``)
     that bring the kept mass to ``top_p``; rows stay in ascending order, padded with -1. With
     ``kscales[B, S, Hkv]`` not empty the scores are the int8 ones (``k_pages`` = the codes
@@ -1397,12 +1428,12 @@ def prune_top_p(q, k_pages, page_table, lengths, kscales, k_min, sink, window, s
     thread."""
     for task in prange(counts.shape[0] * counts.shape[1]):
         _prune_top_p_task(task, q, k_pages, page_table, lengths, kscales, k_min, sink, window, shared, top_p, scale,
-                          lut, indices, counts)
+                          tail, lut, indices, counts)
 
 
 @njit(**_TASK)
-def prune_top_p_serial(q, k_pages, page_table, lengths, kscales, k_min, sink, window, shared, top_p, scale, lut,
-                       indices, counts):
+def prune_top_p_serial(q, k_pages, page_table, lengths, kscales, k_min, sink, window, shared, top_p, scale, tail,
+                       lut, indices, counts):
     for task in range(counts.shape[0] * counts.shape[1]):
         _prune_top_p_task(task, q, k_pages, page_table, lengths, kscales, k_min, sink, window, shared, top_p, scale,
-                          lut, indices, counts)
+                          tail, lut, indices, counts)
