@@ -125,11 +125,12 @@ def set_decode(model: torch.nn.Module, opts: dict[str, Any] | None, track: bool 
 
 
 def configs(s: int, div: int, top_ps: list[float], sink: int, window: int, page: int, caps: tuple[int, ...] = (4,),
-            top_p_methods: tuple[str, ...] = ("exact",), per_head: bool = False, prune: bool = False,
+            top_p_methods: tuple[str, ...] = ("exact",), per_head: bool = False, pools: tuple[int, ...] = (),
             tail_sample: int | None = None) -> list[dict[str, Any]]:
     """The methods at an average budget of ``s / div`` keys per selection row (the adaptive budget
-    over the exact scores, and with ``"int8"`` in ``top_p_methods`` over the int8 codes' too; with
-    ``prune``, each adaptive budget also as select-then-prune over the ``k`` best by the ranking)."""
+    over the exact scores, and with ``"int8"`` in ``top_p_methods`` over the int8 codes' too; for
+    each ``pools`` entry P, exact and int8 ranking by attention mass among the P budgets best by the
+    summed score, at the budget and as each adaptive budget: ``candidates``)."""
     budget = max(1, s // div)
     out = [dict(label="exact", opts=dict(k=budget)),
            dict(label=f"exact+sink{sink}/win{window}", opts=dict(k=max(1, budget - sink - window), sink=sink,
@@ -148,10 +149,19 @@ def configs(s: int, div: int, top_ps: list[float], sink: int, window: int, page:
                 out.append(dict(label=label, opts=opts, match=True))
                 if per_head:  # each query head its own keys (shared=False) at the same budget per row
                     out.append(dict(label=f"{label} per-head", opts=dict(opts, shared=False), match=True))
-                if prune:  # select-then-prune: the cap's best by the shared ranking, cut by their own mass
+                for pool in pools:  # the pool's best by the shared ranking, ranked by mass, cut by top_p
                     extra = {} if tail_sample is None else dict(tail_sample=tail_sample)
-                    name = f"{label} prune" + ("" if tail_sample is None else f" tail{tail_sample}")
-                    out.append(dict(label=name, opts=dict(opts, prune=True, **extra), match=True))
+                    name = f"{label} pool{pool}x" + ("" if tail_sample is None else f" tail{tail_sample}")
+                    out.append(dict(label=name, opts=dict(opts, candidates=min(s, pool * budget), **extra),
+                                    match=True))
+    for pool in pools:  # a fixed budget ranked by mass among the pool
+        extra = {} if tail_sample is None else dict(tail_sample=tail_sample)
+        for method in ("exact", "int8"):
+            name = f"{method} mass pool{pool}x" + ("" if tail_sample is None else f" tail{tail_sample}")
+            opts = dict(k=budget, candidates=min(s, pool * budget), **extra)
+            if method != "exact":
+                opts["method"] = method
+            out.append(dict(label=name, opts=opts))
     return out
 
 
@@ -410,10 +420,10 @@ def main() -> None:
                     help="the scores the adaptive budget estimates the mass from (int8: the keys' int8 codes)")
     ap.add_argument("--per-head", action="store_true",
                     help="also each adaptive budget per query head (shared=False)")
-    ap.add_argument("--prune", action="store_true",
-                    help="also each adaptive budget as select-then-prune (prune=True: the k best by the shared "
-                         "ranking, cut by top_p of their own mass)")
-    ap.add_argument("--tail-sample", type=int, help="prune's sample of the other keys (select_topk's tail_sample)")
+    ap.add_argument("--pool", type=int, nargs="+", default=[],
+                    help="also rank by attention mass among this many budgets best by the summed score "
+                         "(select_topk's candidates), fixed and adaptive")
+    ap.add_argument("--tail-sample", type=int, help="the mass ranking's sample of the other keys (tail_sample)")
     ap.add_argument("--configs", nargs="+", help="run only the methods with these labels (e.g. int8 quest)")
     ap.add_argument("--merge-from", type=Path, nargs="+",
                     help="fold the rows of these results.json files into --out's (same context and method: theirs win)")
@@ -447,7 +457,7 @@ def main() -> None:
     model, tok = models.smollm2()
     for s in a.contexts:
         cfgs = configs(s, a.div, a.top_p, a.sink, a.window, a.page, tuple(a.top_p_cap), tuple(a.top_p_methods),
-                       a.per_head, a.prune, a.tail_sample)
+                       a.per_head, tuple(a.pool), a.tail_sample)
         if a.configs:
             cfgs = [c for c in cfgs if c["label"] in a.configs]
         if "quality" in a.sections:

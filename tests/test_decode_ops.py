@@ -8,6 +8,7 @@ length, so a read out of bounds shows up as NaN.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator
 
@@ -352,7 +353,7 @@ def int8_scores(case: DecodeCase, b: int) -> np.ndarray:
 
 def pool_mass(case: DecodeCase, b: int, g: int, units: list[int], scale: float, shared: bool,
               int8: bool = False, tail: int = 16) -> np.ndarray:
-    """``[L]``: select-then-prune's mass of row ``(b, g)``: each query head's softmax of its scaled
+    """``[L]``: the mass ranking's mass of row ``(b, g)``: each query head's softmax of its scaled
     scores over ``units`` and every ``tail``-th other token, each of those counted ``tail`` times (0
     outside ``units``), averaged over the group's heads when shared."""
     tok = (int8_scores(case, b) if int8 else unit_scores(case, b, None)) * scale
@@ -371,15 +372,15 @@ def pool_mass(case: DecodeCase, b: int, g: int, units: list[int], scale: float, 
 
 def check_top_p(case: DecodeCase, idx: TopKIndex, *, k: int, k_min: int, top_p: float, sink: int, window: int,
                 shared: bool, scale: float | None, kv_name: str = "kv", int8: bool = False,
-                prune: bool = False, pool: TopKIndex | None = None, tail_sample: int | None = None) -> None:
+                pool: TopKIndex | None = None, tail_sample: int | None = None) -> None:
     """The adaptive budget by its properties: forced kept; ``k_min <= chosen <= k`` (as the candidates
     allow); kept mass >= top_p unless ``k`` are chosen; no chosen key could be dropped with the mass
     still >= top_p (the fewest), unless ``k_min`` asks for it; chosen by mass (threshold). With
-    ``prune``, the candidates are the rows of ``pool`` (the fixed-k selection of the same call without
-    top_p) and the mass is each head's softmax over them and every ``tail_sample``-th other key (16 when
-    None): the same properties within the pool."""
+    ``pool`` (``candidates``: the fixed-k selection of ``candidates`` units by the same method), the
+    mass is each head's softmax over the pool's units and every ``tail_sample``-th other key (16 when
+    None): the same properties within the pool (``top_p = inf``: a fixed k ranked by mass)."""
     what = (f"select_topk(k={k}, top_p={top_p}, k_min={k_min}, sink={sink}, window={window}, shared={shared}, "
-            f"scale={scale}, prune={prune}, tail_sample={tail_sample}) on {kv_name} of {case!r}")
+            f"scale={scale}, pool={pool is not None}, tail_sample={tail_sample}) on {kv_name} of {case!r}")
     assert isinstance(idx, TopKIndex) and idx.granularity == "token", what
     ind, cnt = np.asarray(as_f64(idx.indices)).astype(np.int64), np.asarray(as_f64(idx.counts)).astype(np.int64)
     groups = case.hkv if shared else case.hq
@@ -403,7 +404,7 @@ def check_top_p(case: DecodeCase, idx: TopKIndex, *, k: int, k_min: int, top_p: 
             assert forced <= chosen, f"forced {sorted(forced - chosen)} missing in {at}"
             universe = set(range(n))
             row_mass = mass[g]
-            if prune:  # the candidates: the fixed-k selection's row; the mass: over them only
+            if pool is not None:  # the candidates: the pool's row; the mass: over them and a sample
                 pc = int(np.asarray(as_f64(pool.counts))[b, g])
                 universe = set(np.asarray(as_f64(pool.indices))[b, g, :pc].astype(np.int64).tolist())
                 assert chosen <= universe, f"{sorted(chosen - universe)} chosen outside the candidates in {at}"
@@ -431,18 +432,20 @@ def top_p_args(draw: st.DrawFn, case: DecodeCase) -> dict:
                 scale=draw(st.sampled_from([None, 0.25, 1.0, 3.0])))
 
 
-def run_top_p(case: DecodeCase, args: dict, int8: bool = False, prune: bool = False,
+def run_top_p(case: DecodeCase, args: dict, int8: bool = False, candidates: int = 0,
               tail_sample: int | None = None) -> None:
     needs(case.dtype)
     for kv, name in ((case.kv, "kv"), (case.dense, "dense copy")) if case.paged else ((case.kv, "kv"),):
         codes = dict(method="int8", codes=sc.quantize_keys(kv)) if int8 else {}
         pool = None
-        if prune:  # the candidates: the same call's fixed-k selection
-            fixed = {a: v for a, v in args.items() if a not in ("top_p", "k_min", "scale")}
-            pool = sc.select_topk(case.q, kv, **codes, **fixed)
-            codes.update(prune=True, tail_sample=tail_sample)
-        check_top_p(case, sc.select_topk(case.q, kv, **codes, **args), **args, kv_name=name, int8=int8, pool=pool,
-                    **({"prune": True, "tail_sample": tail_sample} if prune else {}))
+        if candidates:  # the candidates: the method's fixed-k selection of that many
+            fixed = {a: v for a, v in args.items() if a not in ("top_p", "k_min", "scale", "k")}
+            pool = sc.select_topk(case.q, kv, candidates, **codes, **fixed)
+            codes.update(candidates=candidates, tail_sample=tail_sample)
+        got = sc.select_topk(case.q, kv, **codes, **args)
+        # a fixed k ranked by mass: as if top_p were never reached
+        props = dict(args, top_p=math.inf, k_min=0) if args.get("top_p") is None else args
+        check_top_p(case, got, **props, kv_name=name, int8=int8, pool=pool, tail_sample=tail_sample)
 
 
 # --- select_topk(method="int8"): ranking over the int8 copy of the keys ----------------------------------
@@ -579,16 +582,29 @@ def test_select_topk_int8_top_p(case: DecodeCase, data: st.DataObject) -> None:
 TAIL_SAMPLES = st.sampled_from([None, 0, 1, 2, 3, 16])
 
 
+@st.composite
+def candidates_args(draw: st.DrawFn, case: DecodeCase) -> tuple[dict, int]:
+    """``(select_topk args, candidates)``: the adaptive budget or (top_p None) a fixed k, and
+    ``k <= candidates <= max_len``."""
+    args = draw(top_p_args(case))
+    if draw(st.booleans()):
+        args = dict(args, top_p=None, k_min=0)
+    return args, draw(st.integers(max(args["k"], 1), case.kv.max_len))
+
+
 @given(case=decode_cases(), data=st.data(), int8=st.booleans(), tail=TAIL_SAMPLES)
-def test_select_topk_top_p_prune(case: DecodeCase, data: st.DataObject, int8: bool, tail: int | None) -> None:
-    """Select-then-prune (``prune=True``): within the fixed-k selection's candidates, the same properties
-    with each head's softmax over the candidates and a sample of the other keys; exact and int8 scores."""
-    run_top_p(case, data.draw(top_p_args(case)), int8=int8, prune=True, tail_sample=tail)
+def test_select_topk_candidates(case: DecodeCase, data: st.DataObject, int8: bool, tail: int | None) -> None:
+    """Mass ranking over candidates (select-then-prune): within the method's fixed-k selection of
+    ``candidates`` units, the adaptive budget's properties (or a fixed k's, ranked by mass) with each
+    head's softmax over the candidates and a sample of the other keys; exact and int8 scores."""
+    args, c = data.draw(candidates_args(case))
+    run_top_p(case, args, int8=int8, candidates=c, tail_sample=tail)
 
 
 @given(case=decode_cases(grid=True), data=st.data(), tail=TAIL_SAMPLES)
-def test_select_topk_top_p_prune_ties(case: DecodeCase, data: st.DataObject, tail: int | None) -> None:
-    run_top_p(case, data.draw(top_p_args(case)), prune=True, tail_sample=tail)
+def test_select_topk_candidates_ties(case: DecodeCase, data: st.DataObject, tail: int | None) -> None:
+    args, c = data.draw(candidates_args(case))
+    run_top_p(case, args, candidates=c, tail_sample=tail)
 
 
 @pytest.mark.parametrize("name", sorted(EDGE_CASES))
@@ -600,9 +616,9 @@ def test_select_topk_top_p_edge_cases(name: str) -> None:
             for top_p in (0.5, 1.0):
                 for sink, window in ((0, 0), (1, 2)):
                     for shared in (True, False):
-                        for prune in (False, True):
+                        for c in sorted({0, max(k, 1), max(longest, 1)}):
                             run_top_p(case, dict(k=k, k_min=k_min, top_p=top_p, sink=sink, window=window,
-                                                 shared=shared, scale=None), prune=prune)
+                                                 shared=shared, scale=None), candidates=c)
 
 
 def test_select_topk_top_p_one_dominant_key_keeps_one() -> None:

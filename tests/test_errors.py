@@ -403,18 +403,25 @@ CASES = [
                                                    "budget); give top_p or leave it out"),
          lambda: sc.select_topk(q(), dkv(), 2, k_min=1)),
     case("select_topk-scale-without-top_p", V, lit("select_topk: scale = 0.5 is only used with top_p (the adaptive "
-                                                   "budget); give top_p or leave it out"),
+                                                   "budget) or candidates; give one or leave it out"),
          lambda: sc.select_topk(q(), dkv(), 2, scale=0.5)),
-    case("select_topk-prune-without-top_p", V, lit("select_topk: prune = True is only used with top_p (the adaptive "
-                                                   "budget); give top_p or leave it out"),
-         lambda: sc.select_topk(q(), dkv(), 2, prune=True)),
-    case("select_topk-tail_sample-without-prune", V, lit("select_topk: tail_sample = 4 is only used with prune=True "
-                                                        "(select-then-prune); give prune=True or leave it out"),
+    case("select_topk-candidates-below-k", V, lit("select_topk: candidates = 1 is below k = 2; allowed 0 (off) or "
+                                                 "k <= candidates <= 8 (the units ranked by their estimated "
+                                                 "attention mass)"),
+         lambda: sc.select_topk(q(), dkv(), 2, candidates=1)),
+    case("select_topk-candidates-quest", V, lit("select_topk: candidates is only supported with method = 'exact' or "
+                                                "'int8' (method = 'quest')"),
+         lambda: sc.select_topk(q(), dkv(), 1, method="quest", candidates=1)),
+    case("select_topk-candidates-rescore", V, lit("select_topk: rescore = 4 is not used with candidates: they are "
+                                                  "ranked by their estimated attention mass; leave rescore at 0"),
+         lambda: sc.select_topk(q(), dkv(), 2, method="int8", codes=sc.quantize_keys(dkv()), rescore=4,
+                                candidates=4)),
+    case("select_topk-tail_sample-without-candidates", V, lit("select_topk: tail_sample = 4 is only used with "
+                                                             "candidates (the mass ranking over candidates); give "
+                                                             "candidates or leave it out"),
          lambda: sc.select_topk(q(), dkv(), 2, top_p=0.9, tail_sample=4)),
     case("select_topk-tail_sample-negative", V, lit("select_topk: tail_sample = -1; must be >= 0"),
-         lambda: sc.select_topk(q(), dkv(), 2, top_p=0.9, prune=True, tail_sample=-1)),
-    case("select_topk-prune-not-bool", T, lit("select_topk: prune = 1; must be True or False"),
-         lambda: sc.select_topk(q(), dkv(), 2, top_p=0.9, prune=1)),
+         lambda: sc.select_topk(q(), dkv(), 2, candidates=4, tail_sample=-1)),
     case("select_topk-top_p-scale-negative", V, lit("select_topk: scale = -1.0; must be a finite float > 0 (or None "
                                                     "for 1 / sqrt(D))"),
          lambda: sc.select_topk(q(), dkv(), 2, top_p=0.9, scale=-1.0)),

@@ -98,8 +98,8 @@ def test_top_p_selection_gives_nonfinite_scores_their_meaning(backend: str, pois
                     a = set(got.indices[b, g, :got.counts[b, g]].tolist())
                     w = set(want.indices[b, g, :want.counts[b, g]].tolist())
                     assert {t for t in a if sure[t]} == {t for t in w if sure[t]}, (poison, dtype, shared, b, g)
-        for shared in (True, False):  # select-then-prune: the same meaning over the candidates
-            args = dict(k=9, k_min=1, top_p=0.8, sink=1, window=2, shared=shared, prune=True)
+        for shared, top_p in ((True, 0.8), (False, 0.8), (True, None)):  # the same meaning over candidates
+            args = dict(k=9, k_min=1 if top_p else 0, top_p=top_p, sink=1, window=2, shared=shared, candidates=12)
             want = sc.select_topk(q, kv, **args, backend="reference")
             got = sc.select_topk(q, kv, **args, backend=backend)
             assert np.array_equal(got.counts, want.counts), (poison, dtype, shared, got.counts, want.counts)

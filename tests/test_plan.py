@@ -516,9 +516,9 @@ def test_adaptive_and_int8_plans_equal_the_public_calls(kind: str) -> None:
         np.testing.assert_array_equal(np.asarray(int8_p.last_index.indices), np.asarray(idx.indices))
         np.testing.assert_allclose(np.asarray(out), np.asarray(sc.sparse_decode(conv(q), kv, idx)[0]),
                                    rtol=1e-6, atol=1e-6)
-    for method, tail in (("exact", None), ("int8", 3)):  # select-then-prune, on the fast path
+    for method, tail in (("exact", None), ("int8", 3)):  # mass ranking over candidates, on the fast path
         cd = {"codes": codes} if method == "int8" else {}
-        opts = dict(method=method, top_p=0.3, k_min=2, sink=1, prune=True, tail_sample=tail)
+        opts = dict(method=method, top_p=0.3, k_min=2, sink=1, candidates=30, tail_sample=tail)
         pruned = sc.DecodePlan(conv(q), kv, 20, **opts, **cd)
         assert pruned._fast_select is not None
         for _ in range(2):

@@ -157,7 +157,7 @@ def page_bounds(kv: KV, page_size: int | None = None, *, out: PageBounds | None 
 def select_topk(q: Any, kv: KV, k: int, *, method: str = "exact", sink: int = 0, window: int = 0,
                 shared: bool = True, page_size: int | None = None, bounds: PageBounds | None = None,
                 top_p: float | None = None, k_min: int = 0, scale: float | None = None,
-                codes: KeyCodes | None = None, rescore: int = 0, prune: bool = False,
+                codes: KeyCodes | None = None, rescore: int = 0, candidates: int = 0,
                 tail_sample: int | None = None, backend: str | None = None) -> TopKIndex:
     """The keys each decode query attends to: the first ``sink`` and last ``window`` tokens always,
     plus the ``k`` best others::
@@ -179,12 +179,14 @@ def select_topk(q: Any, kv: KV, k: int, *, method: str = "exact", sink: int = 0,
         keep = forced | the fewest top-mass others with mass[keep].sum() >= top_p, clamped to [k_min, k]
 
     ``scale`` (top_p only) defaults to ``1 / sqrt(D)``. Counts are ragged, ``k_max`` is as for ``k``.
-    ``prune=True`` (with top_p; select-then-prune, after Twilight): the ``k`` best by the method's
-    ranking (as without top_p: one shared score per key) are the candidates, and ``mass`` is each
+    ``candidates=c`` (``k <= c``; with or without top_p; select-then-prune, after Twilight): the ``c``
+    best by the method's ranking (one shared score per key) are ranked again by ``mass``, each
     head's softmax over the forced units, the candidates and every ``tail_sample``-th other key
     (default 16; each stands for that many keys in the softmax's sum; 0: none, the candidates' own
-    mass as in Twilight); the budget is then cut from the candidates as above. The other keys are
-    scored per head only in that sample, so the selection costs about what a fixed-k one does.
+    mass as in Twilight), and the ``k`` of highest mass are kept (with top_p: as few as cover it,
+    as above). The other keys are scored per head only in that sample, so this costs about what the
+    plain ranking does, and it keeps what the group's heads attend to rather than what their summed
+    scores favour.
 
     ``method="int8"``: exact ranking over the int8 copy ``codes`` of the keys (:func:`quantize_keys`),
     ``score[t] = scales[b, t, h // group] * (q[b, h] . codes[b, t, h // group])``; with ``rescore``
@@ -192,7 +194,7 @@ def select_topk(q: Any, kv: KV, k: int, *, method: str = "exact", sink: int = 0,
     them kept.
     """
     return dispatch(I.SelectTopkInputs(q, kv, k, method, sink, window, shared, page_size, bounds, top_p, k_min,
-                                       scale, codes, rescore, prune, tail_sample), backend)
+                                       scale, codes, rescore, candidates, tail_sample), backend)
 
 
 def sparse_decode(q: Any, kv: KV, index: TopKIndex, *, scale: float | None = None,

@@ -55,8 +55,8 @@ class DecodePlan:
     ``run`` means exactly::
 
         index = sc.select_topk(q, kv, k, method=..., sink=..., window=..., shared=..., bounds=bounds,
-                               top_p=..., k_min=..., scale=scale if top_p else None, codes=codes, rescore=...,
-                               prune=..., tail_sample=...)
+                               top_p=..., k_min=..., scale=scale if top_p or candidates else None,
+                               codes=codes, rescore=..., candidates=..., tail_sample=...)
         out, lse = sc.sparse_decode(q, kv, index, scale=scale)
 
     ``q`` and ``kv`` given to the constructor are examples of the shapes to come (their data is
@@ -74,11 +74,12 @@ class DecodePlan:
     def __init__(self, q: Any, kv: DenseKV | PagedKV, k: int, *, method: str = "exact", sink: int = 0,
                  window: int = 0, shared: bool = True, page_size: int | None = None,
                  bounds: PageBounds | None = None, scale: float | None = None, top_p: float | None = None,
-                 k_min: int = 0, codes: KeyCodes | None = None, rescore: int = 0, prune: bool = False,
+                 k_min: int = 0, codes: KeyCodes | None = None, rescore: int = 0, candidates: int = 0,
                  tail_sample: int | None = None, backend: str | None = None) -> None:
         # an adaptive budget estimates the attention mass with the attention's own scale
         select_inp = I.SelectTopkInputs(q, kv, k, method, sink, window, shared, page_size, bounds, top_p, k_min,
-                                        scale if top_p is not None else None, codes, rescore, prune, tail_sample)
+                                        scale if top_p is not None or candidates else None, codes, rescore,
+                                        candidates, tail_sample)
         self._backend = backend
         self._select = plan(select_inp, backend)
         self._options = select_inp.scalars()

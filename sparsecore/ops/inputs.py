@@ -473,13 +473,13 @@ class PageBoundsInputs(OpInputs):
             fail(self.OP, f"start[{b}] = {st[b]}; allowed 0 <= start[b] <= lengths[{b}] = {ln[b]}")
 
 
-#: select-then-prune's default sample of the keys outside the candidates: every 16th (docs/ops.md)
+#: the mass ranking's default sample of the keys outside the candidates: every 16th (docs/ops.md)
 TAIL_SAMPLE = 16
 
 
 @op(lambda i: ref.select_topk(i.q, i.kv, i.k, method=i.method, sink=i.sink, window=i.window, shared=i.shared,
                               page_size=i.unit_page_size, bounds=i.bounds, top_p=i.top_p, k_min=i.k_min,
-                              scale=i.scale, codes=i.codes, rescore=i.rescore, prune=i.prune,
+                              scale=i.scale, codes=i.codes, rescore=i.rescore, candidates=i.candidates,
                               tail_sample=i.tail_sample),
     "decode", "TopKIndex [B, G, k_max]")
 @dataclass(frozen=True, eq=False)
@@ -499,7 +499,7 @@ class SelectTopkInputs(OpInputs):
     scale: float | None = None
     codes: Any = None
     rescore: int = 0
-    prune: bool = False
+    candidates: int = 0
     tail_sample: int | None = None
 
     @property
@@ -525,7 +525,7 @@ class SelectTopkInputs(OpInputs):
 
     @property
     def tail_stride(self) -> int:
-        """Select-then-prune's sample of the keys outside the candidates: every ``tail_stride``-th
+        """The mass ranking's sample of the keys outside the candidates: every ``tail_stride``-th
         (0: none); ``tail_sample``, 16 when not given."""
         return TAIL_SAMPLE if self.tail_sample is None else int(self.tail_sample)
 
@@ -585,22 +585,38 @@ class SelectTopkInputs(OpInputs):
             fail(self.OP, f"rescore = {r} is below k = {k}; allowed 0 (no re-scoring) or k <= rescore <= "
                           f"{self.kv.max_len} (candidates re-scored from the keys)")
 
+    def _validate_candidates(self, k: int) -> None:
+        """Mass ranking over candidates: ``k <= candidates <= max_len`` (0: off), exact or int8 without
+        rescore; ``tail_sample`` (>= 0) with it only."""
+        c = check_int(self.OP, "candidates", self.candidates, lo=0, hi=self.kv.max_len)
+        if self.tail_sample is not None:
+            if not c:
+                fail(self.OP, f"tail_sample = {self.tail_sample!r} is only used with candidates (the mass ranking "
+                              "over candidates); give candidates or leave it out")
+            check_int(self.OP, "tail_sample", self.tail_sample, lo=0, hi=MAX_TOKENS)
+        if not c:
+            return
+        if c < k:
+            fail(self.OP, f"candidates = {c} is below k = {k}; allowed 0 (off) or k <= candidates <= "
+                          f"{self.kv.max_len} (the units ranked by their estimated attention mass)")
+        if self.method not in ("exact", "int8"):
+            fail(self.OP, f"candidates is only supported with method = 'exact' or 'int8' (method = {self.method!r})")
+        if not isinstance(self.rescore, bool) and self.rescore != 0:
+            fail(self.OP, f"rescore = {self.rescore!r} is not used with candidates: they are ranked by their "
+                          "estimated attention mass; leave rescore at 0")
+
     def _validate_top_p(self, k: int) -> None:
         """The adaptive budget's arguments: ``top_p`` in (0, 1], ``0 <= k_min <= k``, ``scale``."""
-        if not isinstance(self.prune, (bool, np.bool_)):
-            fail(self.OP, f"prune = {self.prune!r}; must be True or False", TypeError)
-        object.__setattr__(self, "prune", bool(self.prune))
-        if self.tail_sample is not None:
-            if not self.prune:
-                fail(self.OP, f"tail_sample = {self.tail_sample!r} is only used with prune=True (select-then-prune); "
-                              "give prune=True or leave it out")
-            check_int(self.OP, "tail_sample", self.tail_sample, lo=0, hi=MAX_TOKENS)
+        self._validate_candidates(k)
         if self.top_p is None:
             for name, unused in (("k_min", isinstance(self.k_min, bool) or self.k_min != 0),
-                                 ("scale", self.scale is not None), ("prune", self.prune)):
+                                 ("scale", self.scale is not None and not self.candidates)):
                 if unused:
-                    fail(self.OP, f"{name} = {getattr(self, name)!r} is only used with top_p (the adaptive budget); "
-                                  "give top_p or leave it out")
+                    fail(self.OP, f"{name} = {getattr(self, name)!r} is only used with top_p (the adaptive budget)"
+                                  f"{' or candidates' if name == 'scale' else ''}; give "
+                                  f"{'top_p' if name == 'k_min' else 'one'} or leave it out")
+            if self.candidates:
+                object.__setattr__(self, "scale", _check_scale(self.OP, self.scale))
             return
         allowed = "a float with 0 < top_p <= 1 (the fraction of the estimated attention mass to keep)"
         if isinstance(self.top_p, (bool, np.bool_)) or not isinstance(self.top_p, numbers.Real):

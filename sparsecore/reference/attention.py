@@ -135,7 +135,7 @@ def top_p_count(mass: np.ndarray, forced_mass: float, top_p: float, k_min: int, 
 def select_topk(q: np.ndarray, kv: KV, k: int, *, method: str = "exact", sink: int = 0, window: int = 0,
                 shared: bool = True, page_size: int | None = None, bounds: PageBounds | None = None,
                 top_p: float | None = None, k_min: int = 0, scale: float | None = None,
-                codes: KeyCodes | None = None, rescore: int = 0, prune: bool = False,
+                codes: KeyCodes | None = None, rescore: int = 0, candidates: int = 0,
                 tail_sample: int | None = None) -> TopKIndex:
     """Keys for each query: the ``sink`` first and ``window`` last tokens, plus the ``k`` best others::
 
@@ -160,21 +160,23 @@ def select_topk(q: np.ndarray, kv: KV, k: int, *, method: str = "exact", sink: i
 
     ``scale`` defaults to ``1 / sqrt(D)`` (the attention's own scale gives the true softmax).
 
-    Select-then-prune (``top_p`` with ``prune=True``, after Twilight): the ``k`` best by the
-    method's ranking above (exact or int8, summed over the group when shared) are the candidates,
-    and each head's softmax is taken over the candidates, the forced units and a sample of the rest
-    (every ``r``-th token outside them, each standing for ``r`` tokens; ``r = tail_sample``, 16 by
-    default, 0 for no sample: the mass of the candidates alone, as Twilight does)::
+    Mass ranking over candidates (``candidates = c >= k``, method="exact" or "int8"; select-then-
+    prune after Twilight): the ``c`` best by the method's ranking above (one score per key, summed
+    over the group when shared) are the candidates; each head's softmax is taken over them, the
+    forced units and a sample of the rest (every ``r``-th other token standing for ``r`` tokens;
+    ``r = tail_sample``, 16 by default, 0 for none: the candidates' own mass), and the candidates
+    are ranked by that mass::
 
-        cand = forced | order[:k]                   # order: the ranking of the fixed-k selection
+        cand = forced | order[:c]                   # order: the ranking of the fixed-k selection
         tail = [t for t in range(0, L, r) if t not in cand]            (none when r = 0)
         mass = softmax_mass(scale * s_h[cand + tail], weights=[1] * len(cand) + [r] * len(tail))[cand]
         # per query head; shared: mean over the group's heads
-        n = top_p_count(mass of order[:k] by descending mass, mass[forced].sum(), top_p, k_min, k)
-        keep = forced | the n candidates of highest mass
+        by_mass = order[:c] by descending mass
+        n = k without top_p, else top_p_count(mass[by_mass], mass[forced].sum(), top_p, k_min, k)
+        keep = forced | by_mass[:n]
 
-    (the keys outside the candidates are scored per head only in the sample, 1/r of them, and the
-    rest of the ranking stays one shared dot product per key).
+    (the keys outside the candidates are scored per head only in the sample, 1/r of them: the
+    ranking stays one shared dot product per key).
 
     Reduced-precision ranking (method="int8", ``codes`` from :func:`quantize_keys`)::
 
@@ -200,7 +202,7 @@ def select_topk(q: np.ndarray, kv: KV, k: int, *, method: str = "exact", sink: i
                 n_pages = -(-keys.shape[0] // ps)
                 lo, hi = (x[b, :n_pages].astype(np.float64) for x in (bounds.kmin, bounds.kmax))
             s = quest_bounds(q[b], lo, hi, group)
-        elif top_p is not None and not prune:
+        elif top_p is not None and not candidates:
             sc = 1.0 / np.sqrt(q.shape[2]) if scale is None else scale
             src = keys if method == "exact" else int8_keys(codes, b, keys.shape[0])
             s = softmax_mass(sc * head_scores(q[b], src, group))
@@ -213,7 +215,7 @@ def select_topk(q: np.ndarray, kv: KV, k: int, *, method: str = "exact", sink: i
                 exact = exact.reshape(n_groups, group, -1).sum(axis=1)
         else:
             s = head_scores(q[b], keys, group)
-        if shared and (top_p is None or prune):
+        if shared and (top_p is None or candidates):
             s = s.reshape(n_groups, group, -1).sum(axis=1)
         forced = forced_positions(keys.shape[0], sink, window, ps)
         free = np.ones(s.shape[1], dtype=bool)
@@ -221,11 +223,11 @@ def select_topk(q: np.ndarray, kv: KV, k: int, *, method: str = "exact", sink: i
         cand = np.flatnonzero(free)
         for g in range(n_groups):
             order = cand[np.argsort(-s[g, cand], kind="stable")]
-            if prune:
+            if candidates:
                 tail = 16 if tail_sample is None else tail_sample
-                order = _prune_order(q[b], keys, codes, b, method, scale, group, shared, g, forced, order[:k], tail)
-                n = top_p_count(order[1], float(order[2]), top_p, k_min, k)
-                order = order[0]
+                order, mass, forced_mass = _mass_order(q[b], keys, codes, b, method, scale, group, shared, g, forced,
+                                                       order[:candidates], tail)
+                n = min(k, len(order)) if top_p is None else top_p_count(mass, forced_mass, top_p, k_min, k)
             else:
                 n = k if top_p is None else top_p_count(s[g, order], float(s[g, forced].sum()), top_p, k_min, k)
             best = order[:n]
@@ -238,10 +240,10 @@ def select_topk(q: np.ndarray, kv: KV, k: int, *, method: str = "exact", sink: i
     return TopKIndex(indices, counts, "token" if ps is None else "page", ps)
 
 
-def _prune_order(q: np.ndarray, keys: np.ndarray, codes: KeyCodes | None, b: int, method: str,
+def _mass_order(q: np.ndarray, keys: np.ndarray, codes: KeyCodes | None, b: int, method: str,
                  scale: float | None, group: int, shared: bool, g: int, forced: np.ndarray, cands: np.ndarray,
                  tail: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Select-then-prune of row ``g``: ``(cands by descending mass, their masses, the forced mass)``, the
+    """Mass ranking of row ``g``: ``(cands by descending mass, their masses, the forced mass)``, the
     mass being each query head's softmax over ``forced | cands`` and every ``tail``-th other token
     (weighted ``tail``; none for 0), mean over the group when shared."""
     units = np.concatenate([forced, cands]).astype(np.int64)

@@ -66,7 +66,7 @@ class TopKDecode:
 
     def __init__(self, *, k: int, method: str = "exact", sink: int = 0, window: int = 0, shared: bool = True,
                  page_size: int | None = None, top_p: float | None = None, k_min: int = 0, rescore: int = 0,
-                 prune: bool = False, tail_sample: int | None = None) -> None:
+                 candidates: int = 0, tail_sample: int | None = None) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"TopKDecode: k = {k!r}; must be an int >= 0")
         if method not in _METHODS:
@@ -91,15 +91,16 @@ class TopKDecode:
                 or (rescore and (method != "int8" or top_p is not None)):
             raise ValueError(f"TopKDecode: rescore = {rescore!r}; must be an int >= 0, used with method='int8' "
                              "without top_p only")
-        if not isinstance(prune, bool) or (prune and top_p is None):
-            raise ValueError(f"TopKDecode: prune = {prune!r}; must be True or False, True with top_p only "
-                             "(select-then-prune: the k best by the shared ranking, cut by top_p of their own mass)")
+        if isinstance(candidates, bool) or not isinstance(candidates, int) or not (candidates == 0 or candidates >= k) \
+                or (candidates and method not in ("exact", "int8")) or (candidates and rescore):
+            raise ValueError(f"TopKDecode: candidates = {candidates!r}; must be 0 or an int >= k = {k}, with "
+                             "method='exact' or 'int8' and no rescore (the units ranked by their attention mass)")
         self.top_p, self.k_min, self.rescore = (None if top_p is None else float(top_p)), k_min, rescore
         if tail_sample is not None and (isinstance(tail_sample, bool) or not isinstance(tail_sample, int)
-                                        or tail_sample < 0 or not prune):
+                                        or tail_sample < 0 or not candidates):
             raise ValueError(f"TopKDecode: tail_sample = {tail_sample!r}; must be None or an int >= 0, with "
-                             "prune=True only")
-        self.prune, self.tail_sample = prune, tail_sample
+                             "candidates only")
+        self.candidates, self.tail_sample = candidates, tail_sample
         self._codes: tuple[Any, tuple[int, ...], sc.KeyCodes] | None = None  # int8: (view, lengths, codes)
         self.k, self.method, self.sink, self.window = k, method, sink, window
         self.shared, self.page_size = bool(shared), page_size
@@ -129,7 +130,7 @@ class TopKDecode:
     def options(self) -> dict[str, Any]:
         return dict(k=self.k, method=self.method, sink=self.sink, window=self.window, shared=self.shared,
                     page_size=self.page_size, top_p=self.top_p, k_min=self.k_min, rescore=self.rescore,
-                    prune=self.prune, tail_sample=self.tail_sample)
+                    candidates=self.candidates, tail_sample=self.tail_sample)
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
@@ -170,7 +171,9 @@ class TopKDecode:
         unit = (self.page_size or 16) if self.method == "quest" else 1
         k_eff = min(self.k, -(-s // unit))
         if self.top_p is not None:
-            opts.update(top_p=self.top_p, k_min=min(self.k_min, k_eff), prune=self.prune)
+            opts.update(top_p=self.top_p, k_min=min(self.k_min, k_eff))
+        if self.candidates:
+            opts["candidates"] = min(self.candidates, -(-s // unit))
             if self.tail_sample is not None:
                 opts["tail_sample"] = self.tail_sample
         if self.method == "int8":
@@ -185,7 +188,7 @@ class TopKDecode:
                                           "custom op for it yet)")
             bounds = sct.page_bounds(kv, unit) if self.method == "quest" else None
             sel = sct.select_topk(q, kv, k_eff, bounds=bounds, **opts,
-                                  **({"scale": scaling} if self.top_p is not None else {}))
+                                  **({"scale": scaling} if self.top_p is not None or self.candidates else {}))
             out, _ = sct.sparse_decode(q, kv, sel, scale=scaling)
             counts = sel.counts
         else:  # decode attention has no gradient: it runs in inference only (eval mode, one query)

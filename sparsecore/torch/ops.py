@@ -596,20 +596,20 @@ def _select_topk(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, p
                  method: str, sink: int, window: int, shared: bool, page_size: int | None,
                  bounds_min: Tensor | None, bounds_max: Tensor | None, backend: str | None,
                  top_p: float | None = None, k_min: int = 0, scale: float | None = None,
-                 prune: bool = False, tail_sample: int | None = None) -> tuple[Tensor, Tensor]:
+                 candidates: int = 0, tail_sample: int | None = None) -> tuple[Tensor, Tensor]:
     kv = _kv(k_cache, v_cache, lengths, page_table)
     r = _ops.select_topk(q, kv, k, method=method, sink=sink, window=window, shared=shared, page_size=page_size,
                          bounds=_bounds(bounds_min, bounds_max, page_size), top_p=top_p, k_min=k_min, scale=scale,
-                         prune=prune, tail_sample=tail_sample, backend=backend)
+                         candidates=candidates, tail_sample=tail_sample, backend=backend)
     return _fresh(_as_tensor(r.indices), q, lengths), _fresh(_as_tensor(r.counts), q, lengths)
 
 
 @_select_topk.register_fake
 def _(q, k_cache, v_cache, lengths, page_table, k, method, sink, window, shared, page_size, bounds_min, bounds_max,
-      backend, top_p=None, k_min=0, scale=None, prune=False, tail_sample=None):
+      backend, top_p=None, k_min=0, scale=None, candidates=0, tail_sample=None):
     inp = _I.SelectTopkInputs(q, _kv(k_cache, v_cache, lengths, page_table), k, method, sink, window, shared,
-                              page_size, None, top_p, k_min, scale, None, 0, prune, tail_sample)
-    if _concrete(k, sink, window, page_size, k_min):
+                              page_size, None, top_p, k_min, scale, None, 0, candidates, tail_sample)
+    if _concrete(k, sink, window, page_size, k_min, candidates, tail_sample):
         inp.validate()
         if bounds_min is not None:
             _I.SelectTopkInputs(q, inp.kv, k, method, sink, window, shared, page_size,
@@ -769,7 +769,7 @@ def page_bounds(kv: DenseKV | PagedKV, page_size: int | None = None, *, out: Tor
 
 def select_topk(q: Tensor, kv: DenseKV | PagedKV, k: int, *, method: str = "exact", sink: int = 0, window: int = 0,
                 shared: bool = True, page_size: int | None = None, bounds: TorchPageBounds | PageBounds | None = None,
-                top_p: float | None = None, k_min: int = 0, scale: float | None = None, prune: bool = False,
+                top_p: float | None = None, k_min: int = 0, scale: float | None = None, candidates: int = 0,
                 tail_sample: int | None = None, backend: str | None = None) -> TorchTopKIndex:
     """:func:`sparsecore.select_topk` as a custom op (``kv`` a DenseKV / PagedKV holding tensors;
     ``bounds`` from :func:`page_bounds`)."""
@@ -782,8 +782,8 @@ def select_topk(q: Tensor, kv: DenseKV | PagedKV, k: int, *, method: str = "exac
                              "must be equal (or leave page_size out)")
         bmin, bmax, page_size = tb.kmin, tb.kmax, tb.page_size
     indices, counts = torch.ops.sparsecore.select_topk(q, kc, vc, ln, pt, k, method, sink, window, shared,
-                                                       page_size, bmin, bmax, backend, top_p, k_min, scale, prune,
-                                                       tail_sample)
+                                                       page_size, bmin, bmax, backend, top_p, k_min, scale,
+                                                       candidates, tail_sample)
     if method != "quest":
         return TorchTopKIndex(indices, counts)
     ps = page_size if page_size is not None else (int(kc.shape[1]) if pt is not None else 16)

@@ -26,7 +26,7 @@ _FFN_MODE_KEYS = {"relu": ("mode", "tile", "capacity", "threshold", "act"),
                   "threshold": ("mode", "tile", "capacity", "sparsity", "thresholds", "calibration",
                                 "input_sparsity")}
 _FFN_ACTS = ("relu",)
-_DECODE_KEYS = ("k", "method", "sink", "window", "shared", "page_size", "top_p", "k_min", "rescore", "prune",
+_DECODE_KEYS = ("k", "method", "sink", "window", "shared", "page_size", "top_p", "k_min", "rescore", "candidates",
                 "tail_sample")
 
 
@@ -171,9 +171,9 @@ def patch_model(model: nn.Module, ffn: bool | dict | None = None, decode: bool |
     with input sparsity apply it whenever they are given.
 
     ``decode=dict(k=..., method="exact"|"quest"|"int8", sink=0, window=0, shared=True,
-    page_size=None, top_p=None, k_min=0, rescore=0, prune=False, tail_sample=None)`` (``top_p``: the
-    adaptive budget of :func:`sparsecore.select_topk`, ``k`` then the most keys, ``prune=True`` its
-    select-then-prune form over the ``k`` best by the shared ranking; ``method="int8"``: ranking over an
+    page_size=None, top_p=None, k_min=0, rescore=0, candidates=0, tail_sample=None)`` (``top_p``: the
+    adaptive budget of :func:`sparsecore.select_topk`, ``k`` then the most keys; ``candidates``: the
+    ``k`` kept ranked by attention mass among that many best by the shared ranking; ``method="int8"``: ranking over an
     int8 copy of the keys kept beside the cache, ``rescore`` candidates re-scored exactly) gives
     every attention layer a :class:`~sparsecore.torch.attention.TopKDecode` (the attribute
     ``sparsecore_decode``) and switches the model to the attention function

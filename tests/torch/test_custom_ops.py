@@ -176,10 +176,10 @@ def test_opcheck_decode_ops(paged):
     for method, shared, ps in cases:
         k = 1 if method == "quest" and ps is None else 3
         _opcheck(OPS.select_topk.default, (q, *_kv_args(kv), k, method, 1, 2, shared, ps, None, None, None))
-    for shared in (True, False):  # the adaptive budget, and its select-then-prune form
-        for prune in (False, True):
+    for shared in (True, False):  # the adaptive budget, and over candidates
+        for c in (0, 5):
             _opcheck(OPS.select_topk.default, (q, *_kv_args(kv), 3, "exact", 1, 2, shared, None, None, None, None,
-                                               0.7, 1, 0.5, prune))
+                                               0.7, 1, 0.5, c))
     kmin, kmax = OPS.page_bounds(*_kv_args(kv), 2, None)
     _opcheck(OPS.page_bounds.default, (*_kv_args(kv), 2, None))
     _opcheck(OPS.page_bounds.default, (*_kv_args(kv), 3, None))
@@ -255,9 +255,9 @@ def test_decode_ops_match_public_ops(paged):
     for out, want in zip(sct.sparse_decode(q, kv, idx), sc.sparse_decode(q, kv, idx.to_format())):
         torch.testing.assert_close(out, want)
     for shared in (True, False):
-        for prune in (False, True):
-            tp = sct.select_topk(q, kv, 3, top_p=0.6, k_min=1, scale=0.5, shared=shared, prune=prune)
-            want = sc.select_topk(q, kv, 3, top_p=0.6, k_min=1, scale=0.5, shared=shared, prune=prune)
+        for c in (0, 5):
+            tp = sct.select_topk(q, kv, 3, top_p=0.6, k_min=1, scale=0.5, shared=shared, candidates=c)
+            want = sc.select_topk(q, kv, 3, top_p=0.6, k_min=1, scale=0.5, shared=shared, candidates=c)
             torch.testing.assert_close(tp.counts, want.counts)
             torch.testing.assert_close(tp.indices, want.indices)
     full = sct.select_topk(q, kv, 12)

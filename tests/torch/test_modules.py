@@ -307,21 +307,21 @@ def test_decode_with_int8_top_p_matches_topk_reference() -> None:
 
 
 @pytest.mark.parametrize("method", ["exact", "int8"])
-def test_decode_with_select_then_prune_matches_topk_reference(method: str) -> None:
-    """top_p with prune=True through TopKDecode: the k best by the shared ranking, cut by the mass
-    over them, equal to the reference selection (int8: over codes built afresh)."""
+def test_decode_with_candidates_matches_topk_reference(method: str) -> None:
+    """candidates through TopKDecode: the best by the shared ranking, ranked again by their mass and
+    cut by top_p, equal to the reference selection (int8: over codes built afresh)."""
     attn, rope = _attention(2)
-    wrapped, state = _topk(attn, k=8, method=method, top_p=0.5, k_min=1, sink=1, prune=True, tail_sample=2)
+    wrapped, state = _topk(attn, k=8, method=method, top_p=0.5, k_min=1, sink=1, candidates=11, tail_sample=2)
     xs = torch.randn(2, 17, 64)
     got = _run(wrapped, rope, xs, 12)[-1]
     want = _reference_topk(attn, rope, xs, lambda q, kv: sc.select_topk(
-        q, kv, 8, method=method, top_p=0.5, k_min=1, sink=1, scale=attn.scaling, prune=True, tail_sample=2,
+        q, kv, 8, method=method, top_p=0.5, k_min=1, sink=1, scale=attn.scaling, candidates=11, tail_sample=2,
         backend="reference",
         **({"codes": sc.quantize_keys(kv)} if method == "int8" else {})))
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
     assert state.read_fraction < 1
-    with pytest.raises(ValueError, match="TopKDecode: prune = True"):
-        _topk(attn, k=6, method=method, prune=True)
+    with pytest.raises(ValueError, match="TopKDecode: candidates = 5"):
+        _topk(attn, k=6, method=method, candidates=5)
     with pytest.raises(ValueError, match="TopKDecode: tail_sample = 4"):
         _topk(attn, k=6, method=method, top_p=0.5, tail_sample=4)
 

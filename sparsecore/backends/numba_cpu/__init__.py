@@ -698,7 +698,7 @@ class SelectTopk(_NumbaCpu):
         per_row = kv.max_len if ps is None or inp.bounds is None else 2 * -(-kv.max_len // ps)
         if inp.method == "int8":  # a byte per element instead of 2 or 4
             per_row = -(-kv.max_len // 4) + inp.rescore
-        if inp.top_p is not None and inp.shared and not inp.prune:  # one score per query head of the group
+        if inp.top_p is not None and inp.shared and not inp.candidates:  # one score per query head of the group
             per_row *= int(inp.q.shape[1]) // kv.num_kv_heads
         return kv.batch * rows * per_row * kv.head_dim
 
@@ -719,7 +719,10 @@ class SelectTopk(_NumbaCpu):
             bmin = bmax = np.zeros((0, 0, 0, 0), k_pages.dtype)
         else:
             bmin, bmax = inp.bounds.kmin, inp.bounds.kmax
-        if inp.top_p is not None and not inp.prune:  # exact scores, or (int8) the codes' as the dense cache
+        if inp.candidates:  # the launcher's two kernels, with buffers of this call's own
+            cls.launcher(inp)(inp.q, kv, inp.codes, indices, counts)
+            return TopKIndex._from_kernel(indices, counts)
+        if inp.top_p is not None:  # exact scores, or (int8) the codes' as the dense cache they are
             kernel = _k().select_top_p_serial if cls._serial(inp) else _k().select_top_p
             if inp.method == "int8":  # a float32 query (exact): one compiled variant for every dtype
                 q, src, table, kscales = _f32_query(inp.q), inp.codes.codes, _dense_table(kv.batch), inp.codes.scales
@@ -733,15 +736,11 @@ class SelectTopk(_NumbaCpu):
             kernel(_bits(inp.q), _bits(k_pages), page_table, kv.lengths, inp.codes.codes,
                    inp.codes.scales, inp.k, inp.rescore, inp.sink, inp.window, inp.shared,
                    _lut_for(inp.dtype), indices, counts)
-            if inp.prune:
-                cls._pruner(inp)(inp.q, k_pages, page_table, kv.lengths, inp.codes, indices, counts)
             return TopKIndex._from_kernel(indices, counts)
         args = (_bits(inp.q), _bits(k_pages), page_table, kv.lengths, inp.k, inp.sink, inp.forced_window, inp.shared)
         if ps is None:
             (_k().select_topk_serial if cls._serial(inp) else _k().select_topk)(*args, _lut_for(inp.dtype), indices,
                                                                              counts)
-            if inp.prune:
-                cls._pruner(inp)(inp.q, k_pages, page_table, kv.lengths, None, indices, counts)
         else:
             (_k().select_quest_serial if cls._serial(inp) else _k().select_quest)(
                 *args, ps, _bits(bmin), _bits(bmax), _lut_for(inp.dtype), indices, counts)
@@ -788,7 +787,7 @@ class SelectTopk(_NumbaCpu):
 
         if inp.method == "int8":
             return _guarded(cls._int8_launcher(inp, indices, counts), cls._serial(inp))
-        if inp.top_p is not None and not inp.prune:
+        if inp.top_p is not None and not inp.candidates:
             top_p, k_min, win = inp.top_p, int(inp.k_min), int(inp.window)
             scale = _scale(inp.scale, kv.head_dim)
             adaptive = _k().select_top_p_serial if cls._serial(inp) else _k().select_top_p
@@ -802,14 +801,17 @@ class SelectTopk(_NumbaCpu):
             return _guarded(launch_p, cls._serial(inp))
         if ps is None:
             exact = _k().select_topk_serial if cls._serial(inp) else _k().select_topk
-            prune = cls._pruner(inp) if inp.prune else None
+            c = int(inp.candidates)
+            rank, cind, ccnt = cls._mass_ranker(inp) if c else (None, indices, counts)
 
             def launch_exact(q: np.ndarray, kv: Any, bounds: Any, indices: np.ndarray = indices,
                              counts: np.ndarray = counts) -> tuple[np.ndarray, np.ndarray]:
                 k_pages, table = kv.k_pages if paged else kv.k, kv.page_table if paged else dense_table
-                exact(_bits(q), _bits(k_pages), table, kv.lengths, k, sink, window, shared, lut, indices, counts)
-                if prune is not None:
-                    prune(q, k_pages, table, kv.lengths, None, indices, counts)
+                if rank is None:
+                    exact(_bits(q), _bits(k_pages), table, kv.lengths, k, sink, window, shared, lut, indices, counts)
+                else:  # the c best by the summed score, then the k of highest mass among them
+                    exact(_bits(q), _bits(k_pages), table, kv.lengths, c, sink, window, shared, lut, cind, ccnt)
+                    rank(q, k_pages, table, kv.lengths, None, indices, counts)
                 return indices, counts
 
             return _guarded(launch_exact, cls._serial(inp))
@@ -836,7 +838,7 @@ class SelectTopk(_NumbaCpu):
         dense_table = _dense_table(kv.batch)
         lut = _lut_for(inp.dtype)
         k, sink, window = int(inp.k), int(inp.sink), int(inp.window)
-        if inp.top_p is not None and not inp.prune:
+        if inp.top_p is not None and not inp.candidates:
             top_p, k_min, scale = inp.top_p, int(inp.k_min), _scale(inp.scale, kv.head_dim)
             adaptive = _k().select_top_p_serial if cls._serial(inp) else _k().select_top_p
 
@@ -848,42 +850,53 @@ class SelectTopk(_NumbaCpu):
 
             return launch_p
         rescore = int(inp.rescore)
-        rank = _k().select_int8_serial if cls._serial(inp) else _k().select_int8
-        prune = cls._pruner(inp) if inp.prune else None
+        select = _k().select_int8_serial if cls._serial(inp) else _k().select_int8
+        c = int(inp.candidates)
+        rank, cind, ccnt = cls._mass_ranker(inp) if c else (None, indices, counts)
 
         def launch(q: np.ndarray, kv: Any, codes: Any, indices: np.ndarray = indices,
                    counts: np.ndarray = counts) -> tuple[np.ndarray, np.ndarray]:
             k_pages, table = kv.k_pages if paged else kv.k, kv.page_table if paged else dense_table
-            rank(_bits(q), _bits(k_pages), table, kv.lengths, codes.codes, codes.scales, k, rescore, sink, window,
-                 shared, lut, indices, counts)
-            if prune is not None:
-                prune(q, k_pages, table, kv.lengths, codes, indices, counts)
+            if rank is None:
+                select(_bits(q), _bits(k_pages), table, kv.lengths, codes.codes, codes.scales, k, rescore, sink,
+                       window, shared, lut, indices, counts)
+            else:  # the c best by the summed int8 score, then the k of highest mass among them
+                select(_bits(q), _bits(k_pages), table, kv.lengths, codes.codes, codes.scales, c, 0, sink, window,
+                       shared, lut, cind, ccnt)
+                rank(q, k_pages, table, kv.lengths, codes, indices, counts)
             return indices, counts
 
         return launch
 
     @classmethod
-    def _pruner(cls, inp: I.SelectTopkInputs) -> Any:
-        """``prune(q, k_pages, page_table, lengths, codes, indices, counts)``: select-then-prune (``prune=True``)
-        in place on the rows a fixed-k ranking wrote, scoring each row's units per query head from the
-        keys (``codes`` None) or from the int8 codes (a float32 query, the codes as the dense cache
-        they are: one compiled variant for every query dtype)."""
-        kernel = _k().prune_top_p_serial if cls._serial(inp) else _k().prune_top_p
-        top_p, k_min, sink, window, shared = inp.top_p, int(inp.k_min), int(inp.sink), int(inp.window), inp.shared
-        scale, lut = _scale(inp.scale, inp.kv.head_dim), _lut_for(inp.dtype)
-        dense_table = _dense_table(inp.kv.batch)
+    def _mass_ranker(cls, inp: I.SelectTopkInputs) -> tuple[Any, np.ndarray, np.ndarray]:
+        """``(rank, cind, ccnt)`` of ``candidates``: ``rank(q, k_pages, page_table, lengths, codes, indices,
+        counts)`` ranks the candidate rows a ranking kernel wrote into ``cind``/``ccnt`` (the
+        workspace returned, ``candidates + sink + window`` wide) by their estimated attention mass and
+        writes the kept ones into ``indices``/``counts``; each unit scored per query head from the keys
+        (``codes`` None) or from the int8 codes (a float32 query, the codes as the dense cache they
+        are: one compiled variant for every query dtype)."""
+        kernel = _k().rank_by_mass_serial if cls._serial(inp) else _k().rank_by_mass
+        kv = inp.kv
+        rows = kv.num_kv_heads if inp.shared else int(inp.q.shape[1])
+        cind = np.empty((kv.batch, rows, int(inp.candidates) + int(inp.sink) + int(inp.window)), np.int32)
+        ccnt = np.empty((kv.batch, rows), np.int32)
+        k, k_min, sink, window, shared = int(inp.k), int(inp.k_min), int(inp.sink), int(inp.window), inp.shared
+        top_p = np.inf if inp.top_p is None else inp.top_p  # fixed k: the mass never reaches inf
+        scale, lut = _scale(inp.scale, kv.head_dim), _lut_for(inp.dtype)
+        dense_table = _dense_table(kv.batch)
         tail = inp.tail_stride
 
-        def prune(q: np.ndarray, k_pages: np.ndarray, page_table: np.ndarray, lengths: np.ndarray, codes: Any,
-                  indices: np.ndarray, counts: np.ndarray) -> None:
+        def rank(q: np.ndarray, k_pages: np.ndarray, page_table: np.ndarray, lengths: np.ndarray, codes: Any,
+                 indices: np.ndarray, counts: np.ndarray) -> None:
             if codes is None:
-                kernel(_bits(q), _bits(k_pages), page_table, lengths, _NO_KSCALES, k_min, sink, window, shared,
-                       top_p, scale, tail, lut, indices, counts)
+                kernel(_bits(q), _bits(k_pages), page_table, lengths, _NO_KSCALES, k, k_min, sink, window, shared,
+                       top_p, scale, tail, lut, cind, ccnt, indices, counts)
             else:
-                kernel(_f32_query(q), codes.codes, dense_table, lengths, codes.scales, k_min, sink, window,
-                       shared, top_p, scale, tail, lut, indices, counts)
+                kernel(_f32_query(q), codes.codes, dense_table, lengths, codes.scales, k, k_min, sink, window,
+                       shared, top_p, scale, tail, lut, cind, ccnt, indices, counts)
 
-        return prune
+        return rank, cind, ccnt
 
 
 #: decode splits each row so that a call has about this many tasks (a few per core on a 16-core host).

@@ -1310,13 +1310,16 @@ def _unit_scores(q_f, nh, d, k_pages, page_table, b, t, kvh, kscales, coded, sca
 
 
 @njit(**_TASK)
-def _prune_top_p_task(task, q, k_pages, page_table, lengths, kscales, k_min, sink, window, shared, top_p, scale, tail,
-                      lut, indices, counts):
-    """One row of :func:`prune_top_p`: (sequence b, selection row u)."""
+def _rank_by_mass_task(task, q, k_pages, page_table, lengths, kscales, k, k_min, sink, window, shared, top_p, scale,
+                       tail, lut, cind, ccnt, indices, counts):
+    """One row of :func:`rank_by_mass`: (sequence b, selection row u)."""
     d = q.shape[2]
     b, u, h0, nh, kvh, length = _select_row(task, q, k_pages, lengths, counts, shared)
-    n = counts[b, u]
+    n = ccnt[b, u]
     if n == 0:
+        counts[b, u] = 0
+        for e in range(indices.shape[2]):
+            indices[b, u, e] = -1
         return
     coded = kscales.shape[0] > 0
     qf = np.empty(nh * d, np.float32)
@@ -1326,12 +1329,12 @@ def _prune_top_p_task(task, q, k_pages, page_table, lengths, kscales, k_min, sin
     # each head's scaled scores of the row's units, then of every tail-th other token (the sample)
     x = np.empty((nh, n), np.float32)
     for e in range(n):
-        _unit_scores(qf, nh, d, k_pages, page_table, b, indices[b, u, e], kvh, kscales, coded, scale, lut, x, e)
+        _unit_scores(qf, nh, d, k_pages, page_table, b, cind[b, u, e], kvh, kscales, coded, scale, lut, x, e)
     n_s = 0
     inrow = _flags(length if tail > 0 else 0, False)
     if tail > 0:
         for e in range(n):
-            inrow[indices[b, u, e]] = True
+            inrow[cind[b, u, e]] = True
         for t in range(0, length, tail):
             if not inrow[t]:
                 n_s += 1
@@ -1378,7 +1381,7 @@ def _prune_top_p_task(task, q, k_pages, page_table, lengths, kscales, k_min, sin
     forced_mass = 0.0
     n_c = 0
     for e in range(n):
-        t = indices[b, u, e]
+        t = cind[b, u, e]
         if t < sink or t >= length - window:
             keep[e] = True
             forced_mass += mass[e]
@@ -1397,7 +1400,7 @@ def _prune_top_p_task(task, q, k_pages, page_table, lengths, kscales, k_min, sin
     cum = forced_mass
     size = n_c
     taken = 0
-    while size > 0 and (taken < k_min or cum < top_p):
+    while size > 0 and taken < k and (taken < k_min or cum < top_p):
         keep[pos[0]] = True
         cum += heap[0]
         taken += 1
@@ -1405,9 +1408,9 @@ def _prune_top_p_task(task, q, k_pages, page_table, lengths, kscales, k_min, sin
         heap[0], pos[0] = heap[size], pos[size]
         _sift_down(heap, pos, 0, size)
     c = 0
-    for e in range(n):  # the row stays in ascending order: compact it
+    for e in range(n):  # in the candidates' ascending order
         if keep[e]:
-            indices[b, u, c] = indices[b, u, e]
+            indices[b, u, c] = cind[b, u, e]
             c += 1
     counts[b, u] = c
     for e in range(c, indices.shape[2]):
@@ -1415,25 +1418,25 @@ def _prune_top_p_task(task, q, k_pages, page_table, lengths, kscales, k_min, sin
 
 
 @njit(**_PAR)
-def prune_top_p(q, k_pages, page_table, lengths, kscales, k_min, sink, window, shared, top_p, scale, tail, lut,
-                indices, counts):
-    """Select-then-prune, in place on the rows of a fixed-k selection (``indices``/``counts`` from
-    :func:`select_topk` or :func:`select_int8`): each row's units get each query head's softmax of its
-    scaled scores over the row's units and, with ``tail > 0``, every ``tail``-th other token of the
-    sequence weighted ``tail`` (averaged over the row's heads, float64), and the row
-    keeps its forced sink and window units plus the fewest highest-mass others (at least ``k_min``)
-    that bring the kept mass to ``top_p``; rows stay in ascending order, padded with -1. With
-    ``kscales[B, S, Hkv]`` not empty the scores are the int8 ones (``k_pages`` = the codes
-    ``[B, S, Hkv, D]``, ``page_table`` the dense table). :func:`prune_top_p_serial`: on the calling
-    thread."""
+def rank_by_mass(q, k_pages, page_table, lengths, kscales, k, k_min, sink, window, shared, top_p, scale, tail, lut,
+                 cind, ccnt, indices, counts):
+    """Mass ranking of candidate rows (``cind``/``ccnt``: a ranking's rows from :func:`select_topk` or
+    :func:`select_int8`, forced units included) into ``indices``/``counts``: each row's candidates get
+    each query head's softmax of its scaled scores over them and, with ``tail > 0``, every
+    ``tail``-th other token of the sequence weighted ``tail`` (averaged over the row's heads,
+    float64); the row keeps its forced sink and window units plus, by descending mass, at most ``k``
+    others: the fewest (at least ``k_min``) that bring the kept mass to ``top_p`` (``inf``: ``k``).
+    Rows in ascending order, padded with -1. With ``kscales[B, S, Hkv]`` not empty the scores are the
+    int8 ones (``k_pages`` = the codes ``[B, S, Hkv, D]``, ``page_table`` the dense table).
+    :func:`rank_by_mass_serial`: on the calling thread."""
     for task in prange(counts.shape[0] * counts.shape[1]):
-        _prune_top_p_task(task, q, k_pages, page_table, lengths, kscales, k_min, sink, window, shared, top_p, scale,
-                          tail, lut, indices, counts)
+        _rank_by_mass_task(task, q, k_pages, page_table, lengths, kscales, k, k_min, sink, window, shared, top_p,
+                           scale, tail, lut, cind, ccnt, indices, counts)
 
 
 @njit(**_TASK)
-def prune_top_p_serial(q, k_pages, page_table, lengths, kscales, k_min, sink, window, shared, top_p, scale, tail,
-                       lut, indices, counts):
+def rank_by_mass_serial(q, k_pages, page_table, lengths, kscales, k, k_min, sink, window, shared, top_p, scale, tail,
+                        lut, cind, ccnt, indices, counts):
     for task in range(counts.shape[0] * counts.shape[1]):
-        _prune_top_p_task(task, q, k_pages, page_table, lengths, kscales, k_min, sink, window, shared, top_p, scale,
-                          tail, lut, indices, counts)
+        _rank_by_mass_task(task, q, k_pages, page_table, lengths, kscales, k, k_min, sink, window, shared, top_p,
+                           scale, tail, lut, cind, ccnt, indices, counts)
