@@ -495,7 +495,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also drop this fraction of each MLP's inputs (TEAL), in the ffn and speed sections")
     ap.add_argument("--speed-context", type=int, default=2048)
     ap.add_argument("--speed-steps", type=int, default=8)
-    ap.add_argument("--speed-method", default="exact", choices=["exact", "quest", "top_p", "int8", "int8_top_p"],
+    ap.add_argument("--speed-method", default="exact", choices=["exact", "quest", "top_p", "int8", "int8_top_p",
+                                                                   "int8_mass"],
                     help="decode selection of the speed section (k = context / 50 tokens, or as many in pages)")
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--speed-rounds", type=int, default=3)
@@ -566,6 +567,8 @@ def main(argv: list[str] | None = None) -> int:
                     opts["method"] = "int8"
             elif args.speed_method == "int8":
                 opts = dict(default, k=s // 50, method="int8")
+            elif args.speed_method == "int8_mass":  # k = S/50 of highest attention mass over every key's int8 score
+                opts = dict(default, k=s // 50, method="int8", candidates=s)
             else:
                 opts = dict(default, method="quest", k=max(1, round(s / 50 / args.page_size)), page_size=args.page_size)
             res["speed"] = eval_speed(model, tok, s, args.speed_steps, args.threads, opts, cal,

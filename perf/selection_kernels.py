@@ -6,10 +6,10 @@ decode step"). A measurement, not a timed test.
 Shape of SmolLM2-135M (B 1, Hq 9, Hkv 3, D 64, 30 layers), random keys (the time of exact scoring
 does not depend on the values; the adaptive budget's count does, so its decode part is indicative):
 exact top-k (k = S/50), int8 ranking, Quest with stored bounds (k = S/50/16 pages), the adaptive
-budget top_p 0.9 with k <= 2 S/50 over the keys and over the int8 codes, and its select-then-prune
-form (``prune=True``: the 2 S/50 best by the shared ranking, cut by their own mass), plus torch's
-dense SDPA over the same caches as the reference. Methods take turns, round after round; medians and minima in ms
-per decode step (30 layers)::
+budget top_p 0.9 with k <= 2 S/50 over the keys and over the int8 codes, and ranking by attention
+mass at k = S/50 (int8): over every key (``candidates=S``) and among the 4 S/50 best by the summed
+score (``candidates=4 S/50``), plus torch's dense SDPA over the same caches as the reference. Methods
+take turns, round after round; medians and minima in ms per decode step (30 layers)::
 
     python perf/selection_kernels.py [--context 8192] [--rounds 7] [--json PATH]
 """
@@ -72,8 +72,9 @@ def main() -> int:
     opts = {"exact": dict(k=k), "int8": dict(k=k, method="int8"), "quest": dict(k=max(1, k // 16), method="quest"),
             "top_p": dict(k=k2, top_p=0.9, k_min=k2 // 16), "int8 top_p": dict(k=k2, top_p=0.9, k_min=k2 // 16,
                                                                               method="int8")}
-    opts["top_p prune"] = dict(opts["top_p"], prune=True)
-    opts["int8 top_p prune"] = dict(opts["int8 top_p"], prune=True)
+    opts["int8 mass (every key)"] = dict(k=k, candidates=s, method="int8")
+    opts["int8 mass pool4x"] = dict(k=k, candidates=4 * k, method="int8")
+    opts["int8 top_p pool2x"] = dict(opts["int8 top_p"], candidates=k2)
     plans = {name: [sc.DecodePlan(q, kv, **o, bounds=bd if name == "quest" else None,
                                   codes=c if "int8" in name else None) for kv, bd, c in zip(kvs, bounds, codes)]
              for name, o in opts.items()}

@@ -96,6 +96,13 @@ def _as_pages(kv: DenseKV | PagedKV) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return kv.k, kv.v, _dense_table(kv.batch)
 
 
+def _max_len(kv: Any) -> int:
+    """A cache's capacity in tokens (a DenseKV / PagedKV or their NumPy views)."""
+    if kv.paged:
+        return int(kv.page_table.shape[1]) * int(kv.k_pages.shape[1])
+    return int(kv.k.shape[1])
+
+
 def _f32_query(q: np.ndarray) -> np.ndarray:
     """A decode query as float32 (exact for 16-bit floats; float32 as is): the kernels that score int8
     codes then compile one variant for every query dtype."""
@@ -803,12 +810,15 @@ class SelectTopk(_NumbaCpu):
             exact = _k().select_topk_serial if cls._serial(inp) else _k().select_topk
             c = int(inp.candidates)
             rank, cind, ccnt = cls._mass_ranker(inp) if c else (None, indices, counts)
+            every = cls._mass_of_every_key(inp) if c else None
 
             def launch_exact(q: np.ndarray, kv: Any, bounds: Any, indices: np.ndarray = indices,
                              counts: np.ndarray = counts) -> tuple[np.ndarray, np.ndarray]:
                 k_pages, table = kv.k_pages if paged else kv.k, kv.page_table if paged else dense_table
                 if rank is None:
                     exact(_bits(q), _bits(k_pages), table, kv.lengths, k, sink, window, shared, lut, indices, counts)
+                elif c >= _max_len(kv):  # every key a candidate: one pass, each key's mass
+                    every(_bits(q), _bits(k_pages), table, kv.lengths, _NO_KSCALES, indices, counts)
                 else:  # the c best by the summed score, then the k of highest mass among them
                     exact(_bits(q), _bits(k_pages), table, kv.lengths, c, sink, window, shared, lut, cind, ccnt)
                     rank(q, k_pages, table, kv.lengths, None, indices, counts)
@@ -853,11 +863,14 @@ class SelectTopk(_NumbaCpu):
         select = _k().select_int8_serial if cls._serial(inp) else _k().select_int8
         c = int(inp.candidates)
         rank, cind, ccnt = cls._mass_ranker(inp) if c else (None, indices, counts)
+        every = cls._mass_of_every_key(inp) if c else None
 
         def launch(q: np.ndarray, kv: Any, codes: Any, indices: np.ndarray = indices,
                    counts: np.ndarray = counts) -> tuple[np.ndarray, np.ndarray]:
             k_pages, table = kv.k_pages if paged else kv.k, kv.page_table if paged else dense_table
-            if rank is None:
+            if rank is not None and c >= _max_len(kv):  # every key a candidate: one pass, each key's mass
+                every(_f32_query(q), codes.codes, dense_table, kv.lengths, codes.scales, indices, counts)
+            elif rank is None:
                 select(_bits(q), _bits(k_pages), table, kv.lengths, codes.codes, codes.scales, k, rescore, sink,
                        window, shared, lut, indices, counts)
             else:  # the c best by the summed int8 score, then the k of highest mass among them
@@ -867,6 +880,24 @@ class SelectTopk(_NumbaCpu):
             return indices, counts
 
         return launch
+
+    @classmethod
+    def _mass_of_every_key(cls, inp: I.SelectTopkInputs) -> Any:
+        """``every(q, k_pages, page_table, lengths, kscales, indices, counts)``: ``candidates`` that hold
+        every key of the cache, as one pass of the adaptive budget's kernel (each key's mass from
+        each head's own score; ``top_p`` or, for a fixed k, never reached): the same selection as
+        ranking them all by mass, without the summed-score ranking first."""
+        kernel = _k().select_top_p_serial if cls._serial(inp) else _k().select_top_p
+        k, k_min, sink, window, shared = int(inp.k), int(inp.k_min), int(inp.sink), int(inp.window), inp.shared
+        top_p = np.inf if inp.top_p is None else inp.top_p
+        scale, lut = _scale(inp.scale, inp.kv.head_dim), _lut_for(inp.dtype)
+
+        def every(q: np.ndarray, k_pages: np.ndarray, page_table: np.ndarray, lengths: np.ndarray,
+                  kscales: np.ndarray, indices: np.ndarray, counts: np.ndarray) -> None:
+            kernel(q, k_pages, page_table, lengths, kscales, k, k_min, sink, window, shared, top_p, scale, lut,
+                   indices, counts)
+
+        return every
 
     @classmethod
     def _mass_ranker(cls, inp: I.SelectTopkInputs) -> tuple[Any, np.ndarray, np.ndarray]:
