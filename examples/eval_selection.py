@@ -177,9 +177,10 @@ def teacher_forced(model, cache, feed) -> tuple[torch.Tensor, list[float]]:
     return torch.stack(logps, 1), times
 
 
-def eval_quality(model, tok, s: int, n_windows: int, batch: int, steps: int, cfgs: list[dict], save) -> list[dict]:
+def eval_quality(model, tok, s: int, n_windows: int, batch: int, steps: int, cfgs: list[dict], save,
+                 skip_windows: int = 0) -> list[dict]:
     patched = patch_model(copy.deepcopy(model), decode=dict(k=1))
-    ids_all = models.token_windows(tok, "english", s, n_windows, skip=0)
+    ids_all = models.token_windows(tok, "english", s, n_windows, skip=skip_windows * s)
     acc: dict[str, dict[str, Any]] = {}
     dense_nll_all, dense_top_all = [], []
 
@@ -222,7 +223,8 @@ def eval_quality(model, tok, s: int, n_windows: int, batch: int, steps: int, cfg
     rows = []
     for label, a in acc.items():
         nll, top, kl = torch.cat(a["nll"]), torch.cat(a["top"]), torch.cat(a["kl"])
-        rows.append(dict(context=s, config=label, opts=a["opts"], windows=n_windows, steps=steps,
+        rows.append(dict(context=s, config=label, opts=a["opts"], windows=n_windows, skip_windows=skip_windows,
+                         steps=steps,
                          dense_loss=float(dense_nll.mean()), delta_loss=float((nll - dense_nll).mean()),
                          delta_loss_per_window=[float(x) for x in (nll - dense_nll).mean(1)],
                          top1_agreement=float((top == dense_top).float().mean()), kl=float(kl.mean()),
@@ -404,6 +406,8 @@ def main() -> None:
     ap.add_argument("--sections", nargs="+", default=["quality", "attention"])
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--skip-windows", type=int, default=0,
+                    help="start after this many windows of the text (more windows for an earlier sample)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--div", type=int, default=50)
@@ -461,7 +465,7 @@ def main() -> None:
         if a.configs:
             cfgs = [c for c in cfgs if c["label"] in a.configs]
         if "quality" in a.sections:
-            rows = eval_quality(model, tok, s, a.windows, a.batch, a.steps, cfgs, lambda rows: None)
+            rows = eval_quality(model, tok, s, a.windows, a.batch, a.steps, cfgs, lambda rows: None, a.skip_windows)
             done = {r["config"] for r in rows}
             res["quality"] = [r for r in res.get("quality", []) if r["context"] != s or r["config"] not in done]
             res["quality"] += rows
