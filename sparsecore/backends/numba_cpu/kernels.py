@@ -727,7 +727,9 @@ def _take_top(score, free, k, chosen):
     k-th score are taken in position order. Long rows with a small ``k`` first estimate a threshold
     from a sample of every 16th score and select among the scores at or above it: when at least ``k``
     are, the k-th largest of the row is among them, so the result is the same as from every score
-    (otherwise every score is used)."""
+    (otherwise every score is used). Its buffers have the scores' dtype, so the float64 masses of the
+    adaptive budget and the mass ranking are compared at the precision the reference ranks them (in
+    float32, masses below about 1e-45 would all be 0 and tie, and close ones would round together)."""
     n = score.shape[0]
     c = 0
     for i in range(n):
@@ -743,7 +745,7 @@ def _take_top(score, free, k, chosen):
     lo = -np.inf
     stride = 16
     if c >= 2048 and k * 8 <= c:
-        smp = np.empty(-(-n // stride), np.float32)
+        smp = np.empty(-(-n // stride), score.dtype)
         m = 0
         for i in range(0, n, stride):
             if free[i]:
@@ -754,7 +756,7 @@ def _take_top(score, free, k, chosen):
         rank = min(m, want + 2 * int(math.sqrt(want)) + 8)
         if m > 0:
             lo = _kth_largest(smp[:m], rank)
-    cand = np.empty(n, np.float32)
+    cand = np.empty(n, score.dtype)
     pos = np.empty(n, np.int64)
     c = 0
     for i in range(n):
@@ -773,7 +775,7 @@ def _take_top(score, free, k, chosen):
                 cand[c] = v if v == v else -np.inf
                 pos[c] = i
                 c += 1
-    work = np.empty(c, np.float32)  # _kth_largest reorders its input; cand is read again below
+    work = np.empty(c, score.dtype)  # _kth_largest reorders its input; cand is read again below
     for i in range(c):
         work[i] = cand[i]
     thr = _kth_largest(work, k)
