@@ -406,8 +406,8 @@ CASES = [
                                                    "budget) or candidates; give one or leave it out"),
          lambda: sc.select_topk(q(), dkv(), 2, scale=0.5)),
     case("select_topk-candidates-below-k", V, lit("select_topk: candidates = 1 is below k = 2; allowed 0 (off) or "
-                                                 "k <= candidates <= 8 (the units ranked by their estimated "
-                                                 "attention mass)"),
+                                                 "an int >= k (the units ranked by their estimated attention "
+                                                 "mass; at least the cache's length: every key)"),
          lambda: sc.select_topk(q(), dkv(), 2, candidates=1)),
     case("select_topk-candidates-quest", V, lit("select_topk: candidates is only supported with method = 'exact' or "
                                                 "'int8' (method = 'quest')"),

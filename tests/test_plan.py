@@ -533,3 +533,59 @@ def test_adaptive_and_int8_plans_equal_the_public_calls(kind: str) -> None:
     short = sc.KeyCodes(conv(np.zeros((2, 40, 2, 8), np.int8)), conv(np.ones((2, 40, 2), np.float32)))
     with pytest.raises(ValueError, match="codes"):
         int8_p.run(conv(q), kv, codes=short)
+
+
+@pytest.mark.parametrize("method", ["exact", "int8"])
+def test_mass_ranking_of_every_key_in_a_longer_cache(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``candidates`` below the cache's capacity but at least every sequence's length (a static cache
+    is longer than the tokens in it), or above the capacity (a model's context: valid as the cache
+    grows), hold every key: the planned and the public call take numba_cpu's one pass over each
+    key's mass (its ranking of candidates is never called) and equal the reference's mass ranking,
+    fixed k and adaptive."""
+    from sparsecore.backends import numba_cpu
+
+    ranker = numba_cpu.SelectTopk._mass_ranker.__func__
+
+    def no_ranking(cls: Any, inp: Any) -> Any:
+        _, space = ranker(cls, inp)
+
+        def rank(*args: Any) -> None:
+            raise AssertionError("every key is a candidate: the one pass over each key's mass should run")
+        return rank, space
+
+    monkeypatch.setattr(numba_cpu.SelectTopk, "_mass_ranker", classmethod(no_ranking))
+    rng = np.random.default_rng(5)
+    k, v = (rng.standard_normal((2, 80, 2, 8)).astype(np.float32) for _ in range(2))
+    q = rng.standard_normal((2, 6, 8)).astype(np.float32)
+    kv = sc.DenseKV(k, v, np.array([61, 50], np.int32))
+    cd = {"codes": sc.quantize_keys(kv)} if method == "int8" else {}
+    for c, extra in ((61, {}), (61, dict(top_p=0.7, k_min=2)), (10**6, {}), (10**6, dict(top_p=0.7, k_min=2))):
+        opts = dict(method=method, sink=1, window=2, candidates=c, **extra, **cd)
+        want = sc.select_topk(q, kv, 9, backend="reference", **opts)
+        plan = sc.DecodePlan(q, kv, 9, backend="numba_cpu", **opts)
+        for _ in range(2):
+            plan.run(q, kv, **cd)
+            np.testing.assert_array_equal(plan.last_index.indices, want.indices)
+        got = sc.select_topk(q, kv, 9, backend="numba_cpu", **opts)
+        np.testing.assert_array_equal(got.indices, want.indices)
+        np.testing.assert_array_equal(got.counts, want.counts)
+
+
+@pytest.mark.parametrize("method", ["exact", "int8"])
+def test_mass_ranking_plan_follows_a_cache_grown_past_its_candidates(method: str) -> None:
+    """A plan of candidates = 50 made on a cache of 40 tokens (every key a candidate) runs on the
+    cache grown to 80: the candidates no longer hold every key, the ranking's workspace grows with
+    the cache, and each run equals the reference."""
+    rng = np.random.default_rng(6)
+    q = rng.standard_normal((2, 6, 8)).astype(np.float32)
+    k, v = (rng.standard_normal((2, 80, 2, 8)).astype(np.float32) for _ in range(2))
+    plan = None
+    for n, lengths in ((40, [40, 33]), (80, [80, 71]), (60, [60, 60])):
+        kv = sc.DenseKV(k[:, :n].copy(), v[:, :n].copy(), np.array(lengths, np.int32))
+        cd = {"codes": sc.quantize_keys(kv)} if method == "int8" else {}
+        opts = dict(method=method, sink=1, window=2, candidates=50, tail_sample=3)
+        if plan is None:
+            plan = sc.DecodePlan(q, kv, 9, backend="numba_cpu", **opts, **cd)
+        plan.run(q, kv, **cd)
+        want = sc.select_topk(q, kv, 9, backend="reference", **opts, **cd)
+        np.testing.assert_array_equal(plan.last_index.indices, want.indices)

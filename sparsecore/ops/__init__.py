@@ -186,7 +186,9 @@ def select_topk(q: Any, kv: KV, k: int, *, method: str = "exact", sink: int = 0,
     mass as in Twilight), and the ``k`` of highest mass are kept (with top_p: as few as cover it,
     as above). The other keys are scored per head only in that sample, so this costs about what the
     plain ranking does, and it keeps what the group's heads attend to rather than what their summed
-    scores favour.
+    scores favour. ``c`` at least a row's length (any value above the cache's capacity, e.g. the
+    model's context) ranks every key of the row by its mass: docs/selection.md's most accurate
+    fixed budget, each key scored once per query head.
 
     ``method="int8"``: exact ranking over the int8 copy ``codes`` of the keys (:func:`quantize_keys`),
     ``score[t] = scales[b, t, h // group] * (q[b, h] . codes[b, t, h // group])``; with ``rescore``

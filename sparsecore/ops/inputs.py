@@ -586,9 +586,10 @@ class SelectTopkInputs(OpInputs):
                           f"{self.kv.max_len} (candidates re-scored from the keys)")
 
     def _validate_candidates(self, k: int) -> None:
-        """Mass ranking over candidates: ``k <= candidates <= max_len`` (0: off), exact or int8 without
-        rescore; ``tail_sample`` (>= 0) with it only."""
-        c = check_int(self.OP, "candidates", self.candidates, lo=0, hi=self.kv.max_len)
+        """Mass ranking over candidates: ``candidates >= k`` (0: off; at least a row's length: every
+        key of the row, so a value above the cache's capacity stays valid as the cache grows), exact
+        or int8 without rescore; ``tail_sample`` (>= 0) with it only."""
+        c = check_int(self.OP, "candidates", self.candidates, lo=0, hi=MAX_TOKENS)
         if self.tail_sample is not None:
             if not c:
                 fail(self.OP, f"tail_sample = {self.tail_sample!r} is only used with candidates (the mass ranking "
@@ -597,8 +598,8 @@ class SelectTopkInputs(OpInputs):
         if not c:
             return
         if c < k:
-            fail(self.OP, f"candidates = {c} is below k = {k}; allowed 0 (off) or k <= candidates <= "
-                          f"{self.kv.max_len} (the units ranked by their estimated attention mass)")
+            fail(self.OP, f"candidates = {c} is below k = {k}; allowed 0 (off) or an int >= k (the units ranked "
+                          "by their estimated attention mass; at least the cache's length: every key)")
         if self.method not in ("exact", "int8"):
             fail(self.OP, f"candidates is only supported with method = 'exact' or 'int8' (method = {self.method!r})")
         if not isinstance(self.rescore, bool) and self.rescore != 0:

@@ -172,8 +172,8 @@ class TopKDecode:
         k_eff = min(self.k, -(-s // unit))
         if self.top_p is not None:
             opts.update(top_p=self.top_p, k_min=min(self.k_min, k_eff))
-        if self.candidates:
-            opts["candidates"] = min(self.candidates, -(-s // unit))
+        if self.candidates:  # as given: more than the cache holds is every key, one plan as the cache grows
+            opts["candidates"] = self.candidates
             if self.tail_sample is not None:
                 opts["tail_sample"] = self.tail_sample
         if self.method == "int8":

@@ -173,7 +173,9 @@ def patch_model(model: nn.Module, ffn: bool | dict | None = None, decode: bool |
     ``decode=dict(k=..., method="exact"|"quest"|"int8", sink=0, window=0, shared=True,
     page_size=None, top_p=None, k_min=0, rescore=0, candidates=0, tail_sample=None)`` (``top_p``: the
     adaptive budget of :func:`sparsecore.select_topk`, ``k`` then the most keys; ``candidates``: the
-    ``k`` kept ranked by attention mass among that many best by the shared ranking; ``method="int8"``: ranking over an
+    ``k`` kept ranked by attention mass among that many best by the shared ranking; as many as the
+    cache can hold, e.g. ``model.config.max_position_embeddings``: every key, ranked by the mean of
+    each query head's softmax, docs/selection.md's quality recommendation; ``method="int8"``: ranking over an
     int8 copy of the keys kept beside the cache, ``rescore`` candidates re-scored exactly) gives
     every attention layer a :class:`~sparsecore.torch.attention.TopKDecode` (the attribute
     ``sparsecore_decode``) and switches the model to the attention function

@@ -322,6 +322,21 @@ def test_decode_with_candidates_matches_topk_reference(method: str) -> None:
     assert state.read_fraction < 1
     with pytest.raises(ValueError, match="TopKDecode: candidates = 5"):
         _topk(attn, k=6, method=method, candidates=5)
+
+
+@pytest.mark.parametrize("method", ["exact", "int8"])
+def test_decode_ranking_every_key_by_mass_keeps_one_plan(method: str) -> None:
+    """candidates above the cache's length (a model's context): every key ranked by its mass, equal
+    to the reference; the growing (dynamic) cache keeps one plan, not one per step."""
+    attn, rope = _attention(2)
+    wrapped, state = _topk(attn, k=5, method=method, candidates=4096)
+    xs = torch.randn(2, 17, 64)
+    got = _run(wrapped, rope, xs, 12)[-1]
+    want = _reference_topk(attn, rope, xs, lambda q, kv: sc.select_topk(
+        q, kv, 5, method=method, scale=attn.scaling, candidates=4096, backend="reference",
+        **({"codes": sc.quantize_keys(kv)} if method == "int8" else {})))
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    assert len(state._plans) == 1, list(state._plans)
     with pytest.raises(ValueError, match="TopKDecode: tail_sample = 4"):
         _topk(attn, k=6, method=method, top_p=0.5, tail_sample=4)
 

@@ -103,6 +103,12 @@ def _max_len(kv: Any) -> int:
     return int(kv.k.shape[1])
 
 
+def _every_key(candidates: int, kv: Any) -> bool:
+    """Whether ``candidates`` hold every key of every row: at least the cache's capacity, or at least
+    each sequence's length (a static cache is longer than the tokens in it)."""
+    return candidates >= _max_len(kv) or candidates >= int(np.max(kv.lengths))
+
+
 def _f32_query(q: np.ndarray) -> np.ndarray:
     """A decode query as float32 (exact for 16-bit floats; float32 as is): the kernels that score int8
     codes then compile one variant for every query dtype."""
@@ -809,7 +815,7 @@ class SelectTopk(_NumbaCpu):
         if ps is None:
             exact = _k().select_topk_serial if cls._serial(inp) else _k().select_topk
             c = int(inp.candidates)
-            rank, cind, ccnt = cls._mass_ranker(inp) if c else (None, indices, counts)
+            rank, space = cls._mass_ranker(inp) if c else (None, None)
             every = cls._mass_of_every_key(inp) if c else None
 
             def launch_exact(q: np.ndarray, kv: Any, bounds: Any, indices: np.ndarray = indices,
@@ -817,9 +823,10 @@ class SelectTopk(_NumbaCpu):
                 k_pages, table = kv.k_pages if paged else kv.k, kv.page_table if paged else dense_table
                 if rank is None:
                     exact(_bits(q), _bits(k_pages), table, kv.lengths, k, sink, window, shared, lut, indices, counts)
-                elif c >= _max_len(kv):  # every key a candidate: one pass, each key's mass
+                elif _every_key(c, kv):  # every key a candidate: one pass, each key's mass
                     every(_bits(q), _bits(k_pages), table, kv.lengths, _NO_KSCALES, indices, counts)
                 else:  # the c best by the summed score, then the k of highest mass among them
+                    cind, ccnt = space(kv)
                     exact(_bits(q), _bits(k_pages), table, kv.lengths, c, sink, window, shared, lut, cind, ccnt)
                     rank(q, k_pages, table, kv.lengths, None, indices, counts)
                 return indices, counts
@@ -862,18 +869,19 @@ class SelectTopk(_NumbaCpu):
         rescore = int(inp.rescore)
         select = _k().select_int8_serial if cls._serial(inp) else _k().select_int8
         c = int(inp.candidates)
-        rank, cind, ccnt = cls._mass_ranker(inp) if c else (None, indices, counts)
+        rank, space = cls._mass_ranker(inp) if c else (None, None)
         every = cls._mass_of_every_key(inp) if c else None
 
         def launch(q: np.ndarray, kv: Any, codes: Any, indices: np.ndarray = indices,
                    counts: np.ndarray = counts) -> tuple[np.ndarray, np.ndarray]:
             k_pages, table = kv.k_pages if paged else kv.k, kv.page_table if paged else dense_table
-            if rank is not None and c >= _max_len(kv):  # every key a candidate: one pass, each key's mass
+            if rank is not None and _every_key(c, kv):  # every key a candidate: one pass, each key's mass
                 every(_f32_query(q), codes.codes, dense_table, kv.lengths, codes.scales, indices, counts)
             elif rank is None:
                 select(_bits(q), _bits(k_pages), table, kv.lengths, codes.codes, codes.scales, k, rescore, sink,
                        window, shared, lut, indices, counts)
             else:  # the c best by the summed int8 score, then the k of highest mass among them
+                cind, ccnt = space(kv)
                 select(_bits(q), _bits(k_pages), table, kv.lengths, codes.codes, codes.scales, c, 0, sink, window,
                        shared, lut, cind, ccnt)
                 rank(q, k_pages, table, kv.lengths, codes, indices, counts)
@@ -900,18 +908,26 @@ class SelectTopk(_NumbaCpu):
         return every
 
     @classmethod
-    def _mass_ranker(cls, inp: I.SelectTopkInputs) -> tuple[Any, np.ndarray, np.ndarray]:
-        """``(rank, cind, ccnt)`` of ``candidates``: ``rank(q, k_pages, page_table, lengths, codes, indices,
-        counts)`` ranks the candidate rows a ranking kernel wrote into ``cind``/``ccnt`` (the
-        workspace returned, ``candidates + sink + window`` wide) by their estimated attention mass and
-        writes the kept ones into ``indices``/``counts``; each unit scored per query head from the keys
-        (``codes`` None) or from the int8 codes (a float32 query, the codes as the dense cache they
-        are: one compiled variant for every query dtype)."""
+    def _mass_ranker(cls, inp: I.SelectTopkInputs) -> tuple[Any, Any]:
+        """``(rank, space)`` of ``candidates``: ``space(kv)`` is the workspace ``(cind, ccnt)`` a ranking
+        kernel writes the candidate rows of a call on ``kv`` into (``min(candidates + sink + window,
+        capacity)`` wide, grown with the cache); ``rank(q, k_pages, page_table, lengths, codes,
+        indices, counts)`` ranks those rows by their estimated attention mass and writes the kept ones
+        into ``indices``/``counts``; each unit scored per query head from the keys (``codes`` None) or
+        from the int8 codes (a float32 query, the codes as the dense cache they are: one compiled
+        variant for every query dtype)."""
         kernel = _k().rank_by_mass_serial if cls._serial(inp) else _k().rank_by_mass
         kv = inp.kv
         rows = kv.num_kv_heads if inp.shared else int(inp.q.shape[1])
-        cind = np.empty((kv.batch, rows, int(inp.candidates) + int(inp.sink) + int(inp.window)), np.int32)
-        ccnt = np.empty((kv.batch, rows), np.int32)
+        wide = int(inp.candidates) + int(inp.sink) + int(inp.window)
+        work = [np.empty((kv.batch, rows, min(wide, _max_len(kv))), np.int32), np.empty((kv.batch, rows), np.int32)]
+
+        def space(kv: Any) -> tuple[np.ndarray, np.ndarray]:
+            need = min(wide, _max_len(kv))
+            if work[0].shape[2] < need:  # a cache grown past the candidates the workspace holds
+                work[0] = np.empty(work[0].shape[:2] + (need,), np.int32)
+            return work[0], work[1]
+
         k, k_min, sink, window, shared = int(inp.k), int(inp.k_min), int(inp.sink), int(inp.window), inp.shared
         top_p = np.inf if inp.top_p is None else inp.top_p  # fixed k: the mass never reaches inf
         scale, lut = _scale(inp.scale, kv.head_dim), _lut_for(inp.dtype)
@@ -920,6 +936,7 @@ class SelectTopk(_NumbaCpu):
 
         def rank(q: np.ndarray, k_pages: np.ndarray, page_table: np.ndarray, lengths: np.ndarray, codes: Any,
                  indices: np.ndarray, counts: np.ndarray) -> None:
+            cind, ccnt = work
             if codes is None:
                 kernel(_bits(q), _bits(k_pages), page_table, lengths, _NO_KSCALES, k, k_min, sink, window, shared,
                        top_p, scale, tail, lut, cind, ccnt, indices, counts)
@@ -927,7 +944,7 @@ class SelectTopk(_NumbaCpu):
                 kernel(_f32_query(q), codes.codes, dense_table, lengths, codes.scales, k, k_min, sink, window,
                        shared, top_p, scale, tail, lut, cind, ccnt, indices, counts)
 
-        return rank, cind, ccnt
+        return rank, space
 
 
 #: decode splits each row so that a call has about this many tasks (a few per core on a 16-core host).
