@@ -151,18 +151,28 @@ def configs(s: int, div: int, top_ps: list[float], sink: int, window: int, page:
                     out.append(dict(label=f"{label} per-head", opts=dict(opts, shared=False), match=True))
                 for pool in pools:  # the pool's best by the shared ranking, ranked by mass, cut by top_p
                     extra = {} if tail_sample is None else dict(tail_sample=tail_sample)
-                    name = f"{label} pool{pool}x" + ("" if tail_sample is None else f" tail{tail_sample}")
-                    out.append(dict(label=name, opts=dict(opts, candidates=min(s, pool * budget), **extra),
+                    name = f"{label} {_pool_name(pool)}" + ("" if tail_sample is None else f" tail{tail_sample}")
+                    out.append(dict(label=name, opts=dict(opts, candidates=_pool_size(pool, budget, s), **extra),
                                     match=True))
     for pool in pools:  # a fixed budget ranked by mass among the pool
         extra = {} if tail_sample is None else dict(tail_sample=tail_sample)
         for method in ("exact", "int8"):
-            name = f"{method} mass pool{pool}x" + ("" if tail_sample is None else f" tail{tail_sample}")
-            opts = dict(k=budget, candidates=min(s, pool * budget), **extra)
+            name = f"{method} mass {_pool_name(pool)}" + ("" if tail_sample is None else f" tail{tail_sample}")
+            opts = dict(k=budget, candidates=_pool_size(pool, budget, s), **extra)
             if method != "exact":
                 opts["method"] = method
             out.append(dict(label=name, opts=opts))
     return out
+
+
+def _pool_name(pool: int) -> str:
+    return "every key" if pool == 0 else f"pool{pool}x"
+
+
+def _pool_size(pool: int, budget: int, s: int) -> int:
+    """``candidates`` of a pool of ``pool`` budgets (0: every key; twice the context, so also the keys
+    the decode steps add: TopKDecode clamps it to the cache)."""
+    return 2 * s if pool == 0 else min(s, pool * budget)
 
 
 @torch.no_grad()
@@ -426,7 +436,7 @@ def main() -> None:
                     help="also each adaptive budget per query head (shared=False)")
     ap.add_argument("--pool", type=int, nargs="+", default=[],
                     help="also rank by attention mass among this many budgets best by the summed score "
-                         "(select_topk's candidates), fixed and adaptive")
+                         "(select_topk's candidates), fixed and adaptive; 0: every key")
     ap.add_argument("--tail-sample", type=int, help="the mass ranking's sample of the other keys (tail_sample)")
     ap.add_argument("--configs", nargs="+", help="run only the methods with these labels (e.g. int8 quest)")
     ap.add_argument("--merge-from", type=Path, nargs="+",

@@ -568,7 +568,8 @@ def main(argv: list[str] | None = None) -> int:
             elif args.speed_method == "int8":
                 opts = dict(default, k=s // 50, method="int8")
             elif args.speed_method == "int8_mass":  # k = S/50 of highest attention mass over every key's int8 score
-                opts = dict(default, k=s // 50, method="int8", candidates=s)
+                # candidates above the cache's length (the prefill and every step): every key is one
+                opts = dict(default, k=s // 50, method="int8", candidates=2 * s)
             else:
                 opts = dict(default, method="quest", k=max(1, round(s / 50 / args.page_size)), page_size=args.page_size)
             res["speed"] = eval_speed(model, tok, s, args.speed_steps, args.threads, opts, cal,
