@@ -1189,21 +1189,25 @@ def _select_top_p_task(task, q, k_pages, page_table, lengths, kscales, k, k_min,
             heap[c] = mass[t]
             chosen[t] = False  # taken back below, in descending mass, as many as the budget needs
             c += 1
-    # the candidates by descending mass from a max-heap, until the kept mass reaches top_p (and
-    # k_min are taken): O(n_sel + taken * log n_sel), not a sort of all the k candidates
-    for i in range(n_sel // 2 - 1, -1, -1):
-        _sift_down(heap, pos, i, n_sel)
-    cum = forced_mass
-    size = n_sel
+    _take_by_mass(heap, pos, n_sel, forced_mass, n_sel, k_min, top_p, chosen)
+    _write_row(b, u, chosen, indices, counts)
+
+
+@njit(inline="always")
+def _take_by_mass(heap, pos, size, cum, k, k_min, top_p, keep):
+    """``keep[pos[i]] = True`` for the units of ``heap[:size]`` (their masses) in descending mass,
+    at most ``k``, until the kept mass (``cum`` to start: the forced units') reaches ``top_p`` and
+    ``k_min`` are taken: a max-heap, O(size + taken * log size), not a sort of every unit."""
+    for i in range(size // 2 - 1, -1, -1):
+        _sift_down(heap, pos, i, size)
     taken = 0
-    while size > 0 and (taken < k_min or cum < top_p):
-        chosen[pos[0]] = True
+    while size > 0 and taken < k and (taken < k_min or cum < top_p):
+        keep[pos[0]] = True
         cum += heap[0]
         taken += 1
         size -= 1
         heap[0], pos[0] = heap[size], pos[size]
         _sift_down(heap, pos, 0, size)
-    _write_row(b, u, chosen, indices, counts)
 
 
 @njit(inline="always")
@@ -1397,18 +1401,7 @@ def _rank_by_mass_task(task, q, k_pages, page_table, lengths, kscales, k, k_min,
             pos[c] = e
             heap[c] = mass[e]
             c += 1
-    for i in range(n_c // 2 - 1, -1, -1):
-        _sift_down(heap, pos, i, n_c)
-    cum = forced_mass
-    size = n_c
-    taken = 0
-    while size > 0 and taken < k and (taken < k_min or cum < top_p):
-        keep[pos[0]] = True
-        cum += heap[0]
-        taken += 1
-        size -= 1
-        heap[0], pos[0] = heap[size], pos[size]
-        _sift_down(heap, pos, 0, size)
+    _take_by_mass(heap, pos, n_c, forced_mass, k, k_min, top_p, keep)
     c = 0
     for e in range(n):  # in the candidates' ascending order
         if keep[e]:
