@@ -550,7 +550,10 @@ def main(argv: list[str] | None = None) -> int:
                     dict(label="quest+sink/window k=S/50",
                          opts=dict(default, method="quest", k=max(1, round(s / 50 / args.page_size)),
                                    page_size=args.page_size)),
-                    dict(label="exact k=S/50", opts=dict(k=s // 50))]
+                    dict(label="exact k=S/50", opts=dict(k=s // 50)),
+                    dict(label="int8 k=S/50", opts=dict(k=s // 50, method="int8")),
+                    # docs/selection.md's quality recommendation: every key ranked by its attention mass
+                    dict(label="int8 mass k=S/50", opts=dict(k=s // 50, method="int8", candidates=2 * s))]
             res["retrieval"] = eval_retrieval(model, tok, s, args.retrieval_trials, cfgs, args.seed, save)
         elif sec == "ffn":
             res["ffn"] = eval_ffn(model, tok, args.ffn_sparsity, 4, 256, args.ffn_eval_len, save,
