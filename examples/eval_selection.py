@@ -162,6 +162,9 @@ def configs(s: int, div: int, top_ps: list[float], sink: int, window: int, page:
             if method != "exact":
                 opts["method"] = method
             out.append(dict(label=name, opts=opts))
+            # the same budget with the sink and window forced, as exact+sink/win
+            out.append(dict(label=f"{name}+sink{sink}/win{window}",
+                            opts=dict(opts, k=max(1, budget - sink - window), sink=sink, window=window)))
     return out
 
 
