@@ -473,8 +473,8 @@ class PageBoundsInputs(OpInputs):
             fail(self.OP, f"start[{b}] = {st[b]}; allowed 0 <= start[b] <= lengths[{b}] = {ln[b]}")
 
 
-#: the mass ranking's default sample of the keys outside the candidates: every 16th (docs/ops.md)
-TAIL_SAMPLE = 16
+#: the mass ranking's default sample of the keys outside the candidates (the reference defines it)
+TAIL_SAMPLE = ref.TAIL_SAMPLE
 
 
 @op(lambda i: ref.select_topk(i.q, i.kv, i.k, method=i.method, sink=i.sink, window=i.window, shared=i.shared,

@@ -94,6 +94,10 @@ def forced_positions(length: int, sink: int, window: int, page_size: int | None 
     return t if page_size is None else np.unique(t // page_size)
 
 
+#: the mass ranking's default sample of the keys outside the candidates: every 16th (``tail_sample``)
+TAIL_SAMPLE = 16
+
+
 def softmax_mass(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """Each row's softmax of ``x[H, T]`` in float64, with non-finite scores given a meaning::
 
@@ -224,7 +228,7 @@ def select_topk(q: np.ndarray, kv: KV, k: int, *, method: str = "exact", sink: i
         for g in range(n_groups):
             order = cand[np.argsort(-s[g, cand], kind="stable")]
             if candidates:
-                tail = 16 if tail_sample is None else tail_sample
+                tail = TAIL_SAMPLE if tail_sample is None else tail_sample
                 order, mass, forced_mass = _mass_order(q[b], keys, codes, b, method, scale, group, shared, g, forced,
                                                        order[:candidates], tail)
                 n = min(k, len(order)) if top_p is None else top_p_count(mass, forced_mass, top_p, k_min, k)

@@ -875,11 +875,11 @@ class SelectTopk(_NumbaCpu):
         def launch(q: np.ndarray, kv: Any, codes: Any, indices: np.ndarray = indices,
                    counts: np.ndarray = counts) -> tuple[np.ndarray, np.ndarray]:
             k_pages, table = kv.k_pages if paged else kv.k, kv.page_table if paged else dense_table
-            if rank is not None and _every_key(c, kv):  # every key a candidate: one pass, each key's mass
-                every(_f32_query(q), codes.codes, dense_table, kv.lengths, codes.scales, indices, counts)
-            elif rank is None:
+            if rank is None:
                 select(_bits(q), _bits(k_pages), table, kv.lengths, codes.codes, codes.scales, k, rescore, sink,
                        window, shared, lut, indices, counts)
+            elif _every_key(c, kv):  # every key a candidate: one pass, each key's mass
+                every(_f32_query(q), codes.codes, dense_table, kv.lengths, codes.scales, indices, counts)
             else:  # the c best by the summed int8 score, then the k of highest mass among them
                 cind, ccnt = space(kv)
                 select(_bits(q), _bits(k_pages), table, kv.lengths, codes.codes, codes.scales, c, 0, sink, window,

@@ -1154,22 +1154,9 @@ def _select_top_p_task(task, q, k_pages, page_table, lengths, kscales, k, k_min,
     _head_scores(q, k_pages, page_table, b, h0, nh, kvh, length, scale, lut, kscales, x, mx)
     mass = np.zeros(length, np.float64)
     bits = np.empty(length, np.float32)
+    none = np.empty(0, np.float32)
     for i in range(nh):
-        m = mx[i]
-        if m == -np.inf:
-            continue
-        row = x[i]
-        if m == np.inf:  # an infinite score takes all of the head's mass
-            for t in range(length):
-                row[t] = 1.0 if row[t] == np.inf else 0.0
-        else:
-            _exp_shifted(row, m, length, bits)
-        z = 0.0
-        for t in range(length):
-            z += row[t]
-        inv = 1.0 / (z * nh)
-        for t in range(length):
-            mass[t] += row[t] * inv
+        _add_head_mass(x[i], length, none, 0, mx[i], np.float32(1), nh, mass, bits)
     free, chosen = _forced(length, length, 1, sink, window)
     forced_mass = 0.0
     for t in range(length):
@@ -1191,6 +1178,33 @@ def _select_top_p_task(task, q, k_pages, page_table, lengths, kscales, k, k_min,
             c += 1
     _take_by_mass(heap, pos, n_sel, forced_mass, n_sel, k_min, top_p, chosen)
     _write_row(b, u, chosen, indices, counts)
+
+
+@njit(inline="always")
+def _add_head_mass(row, n, srow, n_s, m, weight, nh, mass, bits):
+    """``mass[:n] += softmax(row[:n]) / nh`` for one query head, the softmax's sum also over the
+    sample ``srow[:n_s]`` with each sampled score counted ``weight`` times; ``m`` the maximum of both
+    (-inf: the head carries no mass; +inf: the +inf scores share it all). ``row`` and ``srow`` are
+    overwritten with their exponentials; ``bits``: float32 scratch of at least ``max(n, n_s)``."""
+    if m == -np.inf:
+        return
+    if m == np.inf:  # an infinite score takes all of the head's mass
+        for e in range(n):
+            row[e] = 1.0 if row[e] == np.inf else 0.0
+        for e in range(n_s):
+            srow[e] = 1.0 if srow[e] == np.inf else 0.0
+    else:
+        _exp_shifted(row, m, n, bits)
+        _exp_shifted(srow, m, n_s, bits)
+    z = 0.0
+    for e in range(n):
+        z += row[e]
+    zs = 0.0
+    for e in range(n_s):
+        zs += srow[e]
+    inv = 1.0 / ((z + weight * zs) * nh)
+    for e in range(n):
+        mass[e] += row[e] * inv
 
 
 @njit(inline="always")
@@ -1362,25 +1376,7 @@ def _rank_by_mass_task(task, q, k_pages, page_table, lengths, kscales, k, k_min,
             m = max(m, row[e])
         for e in range(n_s):
             m = max(m, srow[e])
-        if m == -np.inf:
-            continue
-        if m == np.inf:  # an infinite score takes all of the head's mass
-            for e in range(n):
-                row[e] = 1.0 if row[e] == np.inf else 0.0
-            for e in range(n_s):
-                srow[e] = 1.0 if srow[e] == np.inf else 0.0
-        else:
-            _exp_shifted(row, m, n, bits)
-            _exp_shifted(srow, m, n_s, bits)
-        z = 0.0
-        for e in range(n):
-            z += row[e]
-        zs = 0.0
-        for e in range(n_s):
-            zs += srow[e]
-        inv = 1.0 / ((z + weight * zs) * nh)
-        for e in range(n):
-            mass[e] += row[e] * inv
+        _add_head_mass(row, n, srow, n_s, m, weight, nh, mass, bits)
     # forced units stay; the candidates are taken back by descending mass (a max-heap) until the
     # kept mass reaches top_p and k_min are taken
     keep = _flags(n, False)
