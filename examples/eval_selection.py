@@ -110,27 +110,97 @@ class Tracked(TopKDecode):
         return self.mass_sum / max(self.mass_n, 1)
 
 
-def set_decode(model: torch.nn.Module, opts: dict[str, Any] | None, track: bool = True) -> list[Tracked]:
+class Oracle(Tracked):
+    """Not a sparsecore method: a selection made from the **dense** attention of the step (every
+    query head's softmax over every key, computed in torch), to bound what any ranking of keys can
+    reach at a budget of ``k`` keys per selection row. ``criterion`` ranks the keys of a KV group by:
+
+    - ``"mass"``: the group's mean attention mass (what ``candidates`` estimates);
+    - ``"max mass"``: the largest mass of any head of the group;
+    - ``"value-weighted mass"``: the mean over the group of ``p[h, t] * |v[t] - o[h]|``, each key's
+      first-order share of the output error if dropped (``o`` the dense output);
+    - ``"per-head mass"``: each query head its own ``k`` keys of highest mass (``shared=False``).
+
+    The step's output is the softmax attention over the kept keys, in float32."""
+
+    def __init__(self, criterion: str, **opts: Any) -> None:
+        super().__init__(**opts)
+        self.criterion = criterion
+
+    def attend(self, q, keys, values, lengths, *, scaling=None):  # type: ignore[override]
+        b, hkv, s, d = keys.shape
+        hq = q.shape[1]
+        g = hq // hkv
+        lens = torch.tensor([int(lengths)] * b if isinstance(lengths, int) else [int(n) for n in lengths])
+        scale = scaling if scaling is not None else d ** -0.5
+        kk, vv = keys.float().repeat_interleave(g, 1), values.float().repeat_interleave(g, 1)
+        valid = torch.arange(s)[None, None] < lens[:, None, None]
+        logits = (torch.einsum("bhd,bhsd->bhs", q.float(), kk) * scale).masked_fill(~valid, float("-inf"))
+        p = logits.softmax(-1)  # [b, hq, s]
+        k = min(self.k, int(lens.min()))
+        if self.criterion == "per-head mass":
+            keep = torch.zeros_like(p, dtype=torch.bool).scatter_(2, p.topk(k, -1).indices, True)
+            rows = hq
+        else:
+            grouped = p.view(b, hkv, g, s)
+            if self.criterion == "mass":
+                score = grouped.mean(2)
+            elif self.criterion == "max mass":
+                score = grouped.amax(2)
+            elif self.criterion == "value-weighted mass":
+                o = torch.einsum("bhs,bhsd->bhd", p, vv)
+                score = (p * (vv - o[:, :, None]).norm(dim=-1)).view(b, hkv, g, s).mean(2)
+            else:
+                raise ValueError(f"Oracle: criterion = {self.criterion!r}")
+            score = score.masked_fill(~valid[:, :1].expand(b, hkv, s), float("-inf"))
+            keep = torch.zeros_like(score, dtype=torch.bool).scatter_(2, score.topk(k, -1).indices, True)
+            keep = keep.repeat_interleave(g, 1)
+            rows = hkv
+        out = torch.einsum("bhs,bhsd->bhd", logits.masked_fill(~keep, float("-inf")).softmax(-1), vv)
+        self._keys_read_host += k * rows * b
+        self.keys_total += rows * int(lens.sum())
+        self.decode_steps += 1
+        if self.track_mass:
+            self.mass_sum += float((p * keep).sum(-1).mean())
+            self.mass_n += 1
+        return out.to(q.dtype)
+
+
+#: the oracle criteria (--oracle): labels "oracle <criterion>"
+ORACLES = ("mass", "max mass", "value-weighted mass", "per-head mass")
+
+
+def set_decode(model: torch.nn.Module, opts: dict[str, Any] | None, track: bool = True,
+               oracle: str | None = None, layers: set[int] | None = None) -> list[Tracked]:
+    """Give every patched attention layer a fresh :class:`Tracked` (or :class:`Oracle`) of ``opts``
+    (None: dense); with ``layers``, only those layers (counted from 0) decode sparsely and the
+    others densely. Returns the sparse layers' states."""
     states = []
+    layer = -1
     for m in model.modules():
         if isinstance(getattr(m, "sparsecore_decode", None), TopKDecode):
-            if opts is None:
+            layer += 1
+            if opts is None or (layers is not None and layer not in layers):
                 m.sparsecore_decode = Tracked(k=1)
                 m.sparsecore_decode.enabled = False
+            elif oracle is not None:
+                m.sparsecore_decode = Oracle(oracle, **opts)
             else:
                 m.sparsecore_decode = Tracked(**opts)
             m.sparsecore_decode.track_mass = track
-            states.append(m.sparsecore_decode)
+            if m.sparsecore_decode.enabled or opts is None:
+                states.append(m.sparsecore_decode)
     return states
 
 
 def configs(s: int, div: int, top_ps: list[float], sink: int, window: int, page: int, caps: tuple[int, ...] = (4,),
             top_p_methods: tuple[str, ...] = ("exact",), per_head: bool = False, pools: tuple[int, ...] = (),
-            tail_sample: int | None = None) -> list[dict[str, Any]]:
+            tail_sample: int | None = None, oracle: bool = False) -> list[dict[str, Any]]:
     """The methods at an average budget of ``s / div`` keys per selection row (the adaptive budget
     over the exact scores, and with ``"int8"`` in ``top_p_methods`` over the int8 codes' too; for
     each ``pools`` entry P, exact and int8 ranking by attention mass among the P budgets best by the
-    summed score, at the budget and as each adaptive budget: ``candidates``)."""
+    summed score, at the budget and as each adaptive budget: ``candidates``; with ``oracle``, the
+    :class:`Oracle` selections at the budget)."""
     budget = max(1, s // div)
     out = [dict(label="exact", opts=dict(k=budget)),
            dict(label=f"exact+sink{sink}/win{window}", opts=dict(k=max(1, budget - sink - window), sink=sink,
@@ -154,6 +224,8 @@ def configs(s: int, div: int, top_ps: list[float], sink: int, window: int, page:
                     name = f"{label} {_pool_name(pool)}" + ("" if tail_sample is None else f" tail{tail_sample}")
                     out.append(dict(label=name, opts=dict(opts, candidates=_pool_size(pool, budget, s), **extra),
                                     match=True))
+    if oracle:  # the dense attention's own choice at the budget (a bound, not a method)
+        out += [dict(label=f"oracle {c}", opts=dict(k=budget), oracle=c) for c in ORACLES]
     for pool in pools:  # a fixed budget ranked by mass among the pool
         extra = {} if tail_sample is None else dict(tail_sample=tail_sample)
         for method in ("exact", "int8"):
@@ -191,15 +263,19 @@ def teacher_forced(model, cache, feed) -> tuple[torch.Tensor, list[float]]:
 
 
 def eval_quality(model, tok, s: int, n_windows: int, batch: int, steps: int, cfgs: list[dict], save,
-                 skip_windows: int = 0) -> list[dict]:
+                 skip_windows: int = 0, each_layer: bool = False) -> list[dict]:
+    """The quality rows of ``cfgs`` (see the module's docstring); with ``each_layer``, also each
+    method with one layer sparse and the others dense, for every layer (what each layer costs)."""
     patched = patch_model(copy.deepcopy(model), decode=dict(k=1))
+    n_layers = len(set_decode(patched, None))
     ids_all = models.token_windows(tok, "english", s, n_windows, skip=skip_windows * s)
     acc: dict[str, dict[str, Any]] = {}
     dense_nll_all, dense_top_all = [], []
 
-    def run(label: str, opts: dict, cache0, feed, target, dense_lp, dense_nll, dense_top) -> dict:
+    def run(label: str, opts: dict, cache0, feed, target, dense_lp, dense_nll, dense_top,
+            oracle: str | None = None, layers: set[int] | None = None) -> dict:
         t = time.perf_counter()
-        states = set_decode(patched, opts)
+        states = set_decode(patched, opts, oracle=oracle, layers=layers)
         lp, _ = teacher_forced(patched, copy.deepcopy(cache0), feed)
         a = acc.setdefault(label, dict(opts=opts, nll=[], top=[], kl=[], read=[0, 0], mass=[]))
         a["nll"].append(-lp.gather(-1, target[..., None])[..., 0])
@@ -227,7 +303,11 @@ def eval_quality(model, tok, s: int, n_windows: int, batch: int, steps: int, cfg
         dense_nll_all.append(dense_nll)
         dense_top_all.append(dense_top)
         for cfg in cfgs:
-            r = run(cfg["label"], cfg["opts"], cache0, feed, target, dense_lp, dense_nll, dense_top)
+            r = run(cfg["label"], cfg["opts"], cache0, feed, target, dense_lp, dense_nll, dense_top,
+                    cfg.get("oracle"))
+            for layer in range(n_layers if each_layer else 0):  # this layer sparse, the others dense
+                run(f"{cfg['label']} [layer {layer} only]", cfg["opts"], cache0, feed, target, dense_lp, dense_nll,
+                    dense_top, cfg.get("oracle"), {layer})
             if cfg.get("match"):  # exact top-k at the budget the adaptive one really used (this batch)
                 k = max(1, round(r["read"] * s))
                 run(f"exact @ {cfg['label']}", dict(k=k), cache0, feed, target, dense_lp, dense_nll, dense_top)
@@ -236,10 +316,14 @@ def eval_quality(model, tok, s: int, n_windows: int, batch: int, steps: int, cfg
     rows = []
     for label, a in acc.items():
         nll, top, kl = torch.cat(a["nll"]), torch.cat(a["top"]), torch.cat(a["kl"])
+        per_window = (nll - dense_nll).mean(1)
         rows.append(dict(context=s, config=label, opts=a["opts"], windows=n_windows, skip_windows=skip_windows,
                          steps=steps,
                          dense_loss=float(dense_nll.mean()), delta_loss=float((nll - dense_nll).mean()),
-                         delta_loss_per_window=[float(x) for x in (nll - dense_nll).mean(1)],
+                         delta_loss_per_window=[float(x) for x in per_window],
+                         # the standard error of the mean loss change, windows as the samples
+                         delta_loss_se=float(per_window.std() / len(per_window) ** 0.5) if len(per_window) > 1
+                         else None,
                          top1_agreement=float((top == dense_top).float().mean()), kl=float(kl.mean()),
                          read_fraction=a["read"][0] / max(1, a["read"][1]),
                          mass_kept=float(np.mean(a["mass"]))))
@@ -283,6 +367,8 @@ def eval_attention(model, tok, s: int, cfgs: list[dict], rounds: int, quality_ro
     variants: dict[str, dict[str, Any]] = {}
     matched = {r["config"]: r for r in quality_rows if r["context"] == s}
     for cfg in cfgs:
+        if cfg.get("oracle"):  # computed from the dense attention: nothing to time
+            continue
         variants[cfg["label"]] = cfg["opts"]
         if cfg.get("match") and f"exact @ {cfg['label']}" in matched:
             variants[f"exact @ {cfg['label']}"] = matched[f"exact @ {cfg['label']}"]["opts"]
@@ -378,11 +464,13 @@ def tables(res: dict) -> str:
         r0 = rows[0]
         out.append(f"**Context {s}** ({r0['windows']} windows x {r0['steps']} teacher-forced steps; dense loss "
                    f"{r0['dense_loss']:.3f})\n")
-        out.append("| method | keys read | attention mass kept | loss change (nats) | top-1 agreement | KL |")
+        out.append("| method | keys read | attention mass kept | loss change (nats, ± s.e. over windows) | "
+                   "top-1 agreement | KL |")
         out.append("|---|---|---|---|---|---|")
         for r in rows:
+            se = "" if r.get("delta_loss_se") is None else f" ± {r['delta_loss_se']:.3f}"
             out.append(f"| {r['config']} | {100 * r['read_fraction']:.2f} % | {r['mass_kept']:.3f} | "
-                       f"{r['delta_loss']:+.4f} | {100 * r['top1_agreement']:.1f} % | {r['kl']:.4f} |")
+                       f"{r['delta_loss']:+.4f}{se} | {100 * r['top1_agreement']:.1f} % | {r['kl']:.4f} |")
         out.append("")
     att = res.get("attention", [])
     if att:
@@ -441,6 +529,10 @@ def main() -> None:
                     help="also rank by attention mass among this many budgets best by the summed score "
                          "(select_topk's candidates), fixed and adaptive; 0: every key")
     ap.add_argument("--tail-sample", type=int, help="the mass ranking's sample of the other keys (tail_sample)")
+    ap.add_argument("--oracle", action="store_true",
+                    help="also the selections of the dense attention itself (Oracle: a bound on any ranking)")
+    ap.add_argument("--each-layer", action="store_true",
+                    help="also each method with only one layer sparse, for every layer (labels '... [layer L only]')")
     ap.add_argument("--configs", nargs="+", help="run only the methods with these labels (e.g. int8 quest)")
     ap.add_argument("--merge-from", type=Path, nargs="+",
                     help="fold the rows of these results.json files into --out's (same context and method: theirs win)")
@@ -474,11 +566,12 @@ def main() -> None:
     model, tok = models.smollm2()
     for s in a.contexts:
         cfgs = configs(s, a.div, a.top_p, a.sink, a.window, a.page, tuple(a.top_p_cap), tuple(a.top_p_methods),
-                       a.per_head, tuple(a.pool), a.tail_sample)
+                       a.per_head, tuple(a.pool), a.tail_sample, a.oracle)
         if a.configs:
             cfgs = [c for c in cfgs if c["label"] in a.configs]
         if "quality" in a.sections:
-            rows = eval_quality(model, tok, s, a.windows, a.batch, a.steps, cfgs, lambda rows: None, a.skip_windows)
+            rows = eval_quality(model, tok, s, a.windows, a.batch, a.steps, cfgs, lambda rows: None, a.skip_windows,
+                                a.each_layer)
             done = {r["config"] for r in rows}
             res["quality"] = [r for r in res.get("quality", []) if r["context"] != s or r["config"] not in done]
             res["quality"] += rows

@@ -13,7 +13,8 @@ Writes ``results.json`` (and PNG plots) to ``--out``:
 3. **ffn**: training-free threshold sparsity of the SiLU MLPs (per-layer thresholds calibrated on
    English text) at sparsity 0.3, 0.5, 0.7, 0.9: loss against dense on held-out English and Python.
 4. **speed**: greedy decode tokens/s after a ``--speed-context`` prefill, dense (transformers sdpa)
-   against decode sparsity, FFN sparsity and both, with 1 and 2 threads.
+   against decode sparsity, FFN sparsity and both, with 1 and 2 threads; and where each variant's
+   step time goes (:func:`step_breakdown`).
 
 Example (the command behind docs/real_model.md)::
 
@@ -312,8 +313,12 @@ def eval_speed(model, tok, context, steps, threads, decode_opts, ffn_cal, save, 
                 runs[name].append(decode_speed(m, copy.deepcopy(cache0), ids[:, -1:], steps))
             log(f"  speed ctx {context} threads {n} round {r + 1}/{rounds}: "
                 + ", ".join(f"{k} {v[-1]:.2f}" for k, v in runs.items()) + f" tokens/s (load {os.getloadavg()[0]:.1f})")
+        parts = {name: step_breakdown(m, copy.deepcopy(cache0), ids[:, -1:], steps) for name, m in variants.items()}
+        log(f"  step breakdown, threads {n} (ms): " + "; ".join(
+            f"{name}: " + ", ".join(f"{k} {v:.1f}" for k, v in p.items()) for name, p in parts.items()))
         for name, v in runs.items():
             rows.append(dict(context=context, threads=n, variant=name, tokens_per_s=sorted(v)[len(v) // 2],
+                             step_ms=parts[name],
                              best_tokens_per_s=max(v), rounds=v, steps=steps, decode=decode_opts,
                              ffn_sparsity=ffn_cal["sparsity"], cache=cache_impl))
     for r in rows:
@@ -321,6 +326,59 @@ def eval_speed(model, tok, context, steps, threads, decode_opts, ffn_cal, save, 
         r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
     save()
     return rows
+
+
+@torch.no_grad()
+def step_breakdown(model, cache, first, n: int, warmup: int = 2) -> dict[str, float]:
+    """Milliseconds per greedy decode step of ``model`` and where they go: ``linear`` (every
+    ``nn.Linear`` outside the MLPs: the attention projections and the LM head), ``mlp`` (the MLP
+    modules, dense or sparse, with their own linears), ``attention`` (the attention function
+    transformers calls: sdpa, or sparsecore's top-k decode with its selection) and ``other`` (the
+    rest: norms, rotary embeddings, the cache update, transformers' Python). Timers wrap the
+    methods for the run (a few microseconds per step) and are removed after it."""
+    from transformers import AttentionInterface
+
+    spent = {"linear": 0.0, "mlp": 0.0, "attention": 0.0}
+    inside = [0]
+    mlp_types = {type(layer.mlp) for layer in model.model.layers}
+
+    def timed(fn, part):
+        def wrapper(*a, **kw):
+            t = time.perf_counter()
+            inside[0] += part == "mlp"
+            try:
+                return fn(*a, **kw)
+            finally:
+                inside[0] -= part == "mlp"
+                if part != "linear" or not inside[0]:
+                    spent[part] += time.perf_counter() - t
+        return wrapper
+
+    impl = model.config._attn_implementation
+    saved_attn = AttentionInterface()[impl]
+    saved = [(cls, cls.forward) for cls in mlp_types | {torch.nn.Linear}]
+    try:
+        AttentionInterface.register(impl, timed(saved_attn, "attention"))
+        for cls, fwd in saved:
+            cls.forward = timed(fwd, "linear" if cls is torch.nn.Linear else "mlp")
+        nxt = first
+        for i in range(warmup + n):
+            if i == warmup:
+                for key in spent:
+                    spent[key] = 0.0
+                t0 = time.perf_counter()
+            out = model(nxt, **models.cache_kwargs(model, cache), use_cache=True)
+            cache = models.output_cache(out)
+            nxt = out.logits[:, -1:].argmax(-1)
+        total = time.perf_counter() - t0
+    finally:
+        AttentionInterface.register(impl, saved_attn)
+        for cls, fwd in saved:
+            cls.forward = fwd
+    ms = {key: 1e3 * v / n for key, v in spent.items()}
+    ms["total"] = 1e3 * total / n
+    ms["other"] = ms["total"] - ms["linear"] - ms["mlp"] - ms["attention"]
+    return ms
 
 
 # ------------------------------------------------------------------------------------------ plots
@@ -445,6 +503,19 @@ def tables(res: dict) -> str:
             out.append(f"| {r['threads']} | {r['variant']} | {r['tokens_per_s']:.2f} ({r['best_tokens_per_s']:.2f}) | "
                        f"{r['speedup']:.2f}x |")
         out.append("")
+        timed = [r for r in speed if r.get("step_ms")]
+        if timed:
+            parts = ("linear", "mlp", "attention", "other", "total")
+            out.append("**Where a decode step's time goes** (ms per step, one timed run after the rounds; linear: "
+                       "the attention projections and the LM head; mlp: the MLPs with their own linears; "
+                       "attention: sdpa or sparsecore's selection + sparse attention; other: norms, rotary, cache, "
+                       "transformers' Python)\n")
+            out.append("| threads | model | " + " | ".join(parts) + " |")
+            out.append("|---:|---|" + "---:|" * len(parts))
+            for r in timed:
+                out.append(f"| {r['threads']} | {r['variant']} | "
+                           + " | ".join(f"{r['step_ms'][p]:.1f}" for p in parts) + " |")
+            out.append("")
     return "\n".join(out)
 
 
