@@ -267,6 +267,34 @@ def test_host_inputs_are_refused_without_touching_the_gpu() -> None:
     assert sc.pack(np.zeros((2, 8), np.float32), tile=8).shape == (2, 8)
 
 
+def test_selections_without_cuda_kernels_are_refused_with_their_reason() -> None:
+    """top_p, int8 and candidates have no CUDA C kernels yet: both launchers say so (on any inputs),
+    instead of running the exact kernel, which ignores them."""
+    import sparsecore as sc
+    from sparsecore.ops.dispatcher import implementations
+    from sparsecore.ops.inputs import SelectTopkInputs
+
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 2, 8)).astype(np.float32)
+    kv = sc.DenseKV(rng.standard_normal((1, 12, 1, 8)).astype(np.float32),
+                    rng.standard_normal((1, 12, 1, 8)).astype(np.float32), np.full(1, 12, np.int32))
+    cases = [(dict(top_p=0.9), "top_p (the adaptive budget) is not implemented in {} yet"),
+             (dict(method="int8", codes=sc.quantize_keys(kv)), "method = 'int8' (scoring over KeyCodes) is not "
+                                                              "implemented in {} yet"),
+             (dict(candidates=6), "candidates = 6 (ranking by attention mass) is not implemented in {} yet"),
+             (dict(candidates=40), "candidates = 40 (ranking by attention mass) is not implemented in {} yet")]
+    for opts, reason in cases:
+        inp = SelectTopkInputs(q, kv, 3, **opts)
+        inp.validate()
+        for c in implementations("select_topk")[:2]:
+            assert reason.format(c.NAME) in c.input_reasons(inp), (c.NAME, opts)
+    plain = SelectTopkInputs(q, kv, 3)
+    plain.validate()
+    for c in implementations("select_topk")[:2]:  # host arrays: only that
+        reasons = c.input_reasons(plain)
+        assert len(reasons) == 1 and reasons[0].startswith("takes ") and "the inputs are numpy" in reasons[0], reasons
+
+
 # ---- launch arguments against the kernels' C signatures (no GPU: a recording runtime) ---------------
 
 _KV_PARAMS = ("const void *kv_k, const void *kv_v, const int *kv_page_table, const int *kv_lengths, int kv_paged, "

@@ -254,15 +254,23 @@ def test_select_topk_quest(dtype, b, hkv, group, d, s, k, sink, window, shared, 
     _check_topk(got, q, kv, k, "quest", sink, window, shared, page_size)
 
 
-def test_select_topk_top_p_and_int8_are_refused_with_their_reason():
-    """The adaptive budget and int8 ranking are host-only for now: on device arrays the dispatcher
-    says so (numba_cuda's reason) instead of running a kernel that ignores them."""
+def test_select_topk_top_p_int8_and_candidates_are_refused_with_their_reason():
+    """The adaptive budget, int8 ranking and ranking by attention mass are host-only for now: on
+    device arrays the dispatcher says so (numba_cuda's reason) instead of running a kernel that
+    ignores them (the exact kernel ran for ``candidates`` before, a selection the reference does not
+    make)."""
     q, kv = _topk_case("float32", 1, 1, 2, 4, 10, False, 0)
     with pytest.raises(NotImplementedError, match="top_p .the adaptive budget. is not implemented in numba_cuda"):
         sc.select_topk(dev(q), dev(kv), 3, top_p=0.9)
     codes = sc.quantize_keys(kv)
     with pytest.raises(NotImplementedError, match="method = 'int8' .scoring over KeyCodes. is not implemented"):
         sc.select_topk(dev(q), dev(kv), 3, method="int8", codes=dev(codes))
+    for c in (3, 6, 10, 100):
+        with pytest.raises(NotImplementedError, match=f"candidates = {c} .ranking by attention mass. is not "
+                                                      "implemented in numba_cuda"):
+            sc.select_topk(dev(q), dev(kv), 3, candidates=c)
+        with pytest.raises(NotImplementedError, match="candidates"):
+            sc.DecodePlan(dev(q), dev(kv), 3, candidates=c)
 
 
 # ---- page_bounds and select_topk(bounds=) ---------------------------------------------------------

@@ -48,6 +48,9 @@ def _input_reasons(name: str, op: str, inp: Any, kinds: tuple[str, ...]) -> list
             reasons.append(f"top_p (the adaptive budget) is not implemented in {name} yet")
         if op == "select_topk" and inp.method == "int8":
             reasons.append(f"method = 'int8' (scoring over KeyCodes) is not implemented in {name} yet")
+        if op == "select_topk" and inp.candidates:
+            reasons.append(f"candidates = {inp.candidates} (ranking by attention mass) is not implemented in {name} "
+                           "yet")
     elif op == "page_bounds":
         if inp.kv.batch > 65535:
             reasons.append(f"batch = {inp.kv.batch}; {name} supports at most 65535 sequences per call")

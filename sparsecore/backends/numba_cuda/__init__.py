@@ -131,6 +131,9 @@ class SelectTopk(_NumbaCuda):
             reasons.append("top_p (the adaptive budget) is not implemented in numba_cuda yet")
         if inp.method == "int8":
             reasons.append("method = 'int8' (scoring over KeyCodes) is not implemented in numba_cuda yet")
+        if inp.candidates:
+            reasons.append(f"candidates = {inp.candidates} (ranking by attention mass) is not implemented in "
+                           "numba_cuda yet")
         return reasons
 
     @classmethod
