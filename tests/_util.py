@@ -114,3 +114,36 @@ def check_topk_against_reference(got: Any, want: Any, q: np.ndarray, kv: Any, *,
             if chosen and left:
                 lo, hi = s[g, chosen].min(), s[g, left].max()
                 assert lo >= hi - tol, f"row ({b}, {g}): chose a unit scoring {lo} over one scoring {hi}"
+
+
+def check_mass_ranking_against_reference(got: Any, q: np.ndarray, kv: Any, k: int, *, sink: int, window: int,
+                                         shared: bool, scale: float | None, rel_tol: float) -> None:
+    """A device ``select_topk(candidates=c)`` result ``got``, ``c`` covering every key, against the
+    reference on the same host inputs: the same index shape and counts, valid, the forced units kept,
+    and every freely chosen key of at least the attention mass of every key left (each query head's
+    ``softmax_mass`` of its scaled scores over every key, the mean over the group when shared), up to
+    ``rel_tol * (1 + that mass)`` (float32 masses on the device; ties may break either way)."""
+    from sparsecore import reference as ref
+    from sparsecore.reference.attention import forced_positions, head_scores, sequence_kv, softmax_mass
+
+    want = ref.select_topk(q, kv, k, sink=sink, window=window, shared=shared, candidates=10**9, scale=scale)
+    ind, cnt = to_host(got.indices), to_host(got.counts)
+    assert ind.shape == want.indices.shape, f"k_max: {ind.shape} != {want.indices.shape}"
+    np.testing.assert_array_equal(cnt, want.counts, err_msg="counts")
+    got.map_arrays(to_host).validate(lengths=kv.lengths)
+    group = q.shape[1] // kv.num_kv_heads
+    sc = 1.0 / np.sqrt(q.shape[2]) if scale is None else scale
+    for b in range(q.shape[0]):
+        keys, _ = sequence_kv(kv, b)
+        n = int(kv.lengths[b])
+        mass = softmax_mass(sc * head_scores(q[b], keys, group)) if n else np.zeros((q.shape[1], 0))
+        if shared:
+            mass = mass.reshape(mass.shape[0] // group, group, n).mean(axis=1)
+        forced = set(forced_positions(n, sink, window, None).tolist())
+        for g in range(ind.shape[1]):
+            sel = set(ind[b, g, :cnt[b, g]].tolist())
+            assert forced <= sel, f"row ({b}, {g}) lacks forced units {sorted(forced - sel)}"
+            chosen, left = sorted(sel - forced), sorted(set(range(n)) - sel)
+            if chosen and left:
+                lo, hi = mass[g, chosen].min(), mass[g, left].max()
+                assert lo >= hi - rel_tol * (1 + hi), f"row ({b}, {g}): chose a key of mass {lo} over one of {hi}"

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from sparsecore.backends import cuda as C
-from tests._util import check_topk_against_reference
+from tests._util import check_mass_ranking_against_reference, check_topk_against_reference
 from tests.cuda_emulate import CpuRuntime
 
 pytestmark = pytest.mark.compile
@@ -44,7 +44,7 @@ def threads_of(name: str) -> int:
     """Block size the launcher uses for a kernel (the kernels carry no __launch_bounds__, see common.cuh)."""
     fam = name.split("<", 1)[0]
     return {"pack_tiles": C.NT_PACK, "pack_overflow": C.NT_PACK, "unpack": C.NT_PACK, "pack_scan": C.NT_SCAN,
-            "topk_select": C.NT_SELECT, "fill_zero_f32": 256, "cast_from_f32": 256,
+            "topk_select": C.NT_SELECT, "mass_of_every_key": C.NT_SELECT, "fill_zero_f32": 256, "cast_from_f32": 256,
             "merge_attention": 256}.get(fam, C.NT_FFN)
 
 
@@ -268,8 +268,8 @@ def test_host_inputs_are_refused_without_touching_the_gpu() -> None:
 
 
 def test_selections_without_cuda_kernels_are_refused_with_their_reason() -> None:
-    """top_p, int8 and candidates have no CUDA C kernels yet: both launchers say so (on any inputs),
-    instead of running the exact kernel, which ignores them."""
+    """top_p, int8 and a pool of candidates (below the cache's capacity) have no CUDA C kernels yet:
+    both launchers say so (on any inputs), instead of running the exact kernel, which ignores them."""
     import sparsecore as sc
     from sparsecore.ops.dispatcher import implementations
     from sparsecore.ops.inputs import SelectTopkInputs
@@ -281,13 +281,19 @@ def test_selections_without_cuda_kernels_are_refused_with_their_reason() -> None
     cases = [(dict(top_p=0.9), "top_p (the adaptive budget) is not implemented in {} yet"),
              (dict(method="int8", codes=sc.quantize_keys(kv)), "method = 'int8' (scoring over KeyCodes) is not "
                                                               "implemented in {} yet"),
-             (dict(candidates=6), "candidates = 6 (ranking by attention mass) is not implemented in {} yet"),
-             (dict(candidates=40), "candidates = 40 (ranking by attention mass) is not implemented in {} yet")]
+             (dict(candidates=6), "candidates = 6 below the cache's capacity 12 (a pool ranked by attention "
+                                  "mass) is not implemented in {} yet; candidates >= the capacity ranks every key "
+                                  "by its mass")]
     for opts, reason in cases:
         inp = SelectTopkInputs(q, kv, 3, **opts)
         inp.validate()
         for c in implementations("select_topk")[:2]:
             assert reason.format(c.NAME) in c.input_reasons(inp), (c.NAME, opts)
+    for every in (SelectTopkInputs(q, kv, 3), SelectTopkInputs(q, kv, 3, candidates=12),
+                  SelectTopkInputs(q, kv, 3, candidates=40)):  # the mass of every key has kernels
+        every.validate()
+        for c in implementations("select_topk")[:2]:
+            assert not any("candidates" in r for r in c.input_reasons(every)), c.NAME
     plain = SelectTopkInputs(q, kv, 3)
     plain.validate()
     for c in implementations("select_topk")[:2]:  # host arrays: only that
@@ -410,6 +416,7 @@ def test_every_launch_matches_its_kernel_signature(dtype: str) -> None:
                 for method in ("exact", "quest"):
                     _ops.select_topk(rt, I.SelectTopkInputs(q, kv, 5, method, 2, 4, shared))
                 _ops.select_topk(rt, I.SelectTopkInputs(q, kv, 5, "quest", 2, 4, shared, None, bounds))
+                _ops.select_topk(rt, I.SelectTopkInputs(q, kv, 5, "exact", 2, 4, shared, candidates=10**6))
                 index = ref.select_topk(q, kv, 5, sink=2, window=4, shared=shared)
                 _ops.sparse_decode(rt, I.SparseDecodeInputs(q, kv, index))
             _ops.dense_decode(rt, I.DenseDecodeInputs(q, kv))
@@ -603,6 +610,38 @@ def test_emulated_topk_and_decode(dtype: str, hq: int, hkv: int, d: int) -> None
             _close(o, wo, tol, f"sparse_decode {method} shared={shared}")
             _close(lse, wl, 1e-5, f"sparse_decode lse {method} shared={shared}")
     assert np.isneginf(lse[2]).all() and not o.astype(np.float64)[2].any()  # length 0: out 0, lse -inf
+
+
+@pytest.mark.parametrize("dtype,hq,hkv,d", [("float32", 9, 3, 64), ("bfloat16", 4, 4, 40), ("float16", 8, 1, 16)],
+                         ids=["f32-gqa3-d64", "bf16-mha-d40", "f16-group8-d16"])
+def test_emulated_mass_ranking_of_every_key(dtype: str, hq: int, hkv: int, d: int) -> None:
+    """select_topk(candidates=c), c covering every key: each head's scores, each key's mass
+    (mass_of_every_key), the k of highest mass (topk_select), against the reference's masses."""
+    from sparsecore.backends.cuda import _ops
+    from sparsecore.ops import inputs as I
+
+    emu = _needs_emu()
+    rt = emu.CpuRuntime()
+    rng = np.random.default_rng(5)
+    kv = _kv_cache(rng, _np(dtype), [150, 1, 0, 37], 160, hkv, d, dtype != "float32")
+    q = (3 * rng.standard_normal((4, hq, d))).astype(_np(dtype))  # peaked softmaxes: masses far apart
+    for shared in (True, False):
+        for k, sink, window, c, scale in ((12, 3, 8, 160, None), (5, 0, 0, 10**6, 0.4), (0, 2, 2, 200, None)):
+            inp = I.SelectTopkInputs(q, kv, k, "exact", sink, window, shared, scale=scale, candidates=max(c, k))
+            inp.validate()
+            assert not any("candidates" in r for r in _reasons(inp))
+            got = _ops.select_topk(rt, inp)
+            check_mass_ranking_against_reference(got, q, kv, k, sink=sink, window=window, shared=shared,
+                                                 scale=scale, rel_tol=1e-5)
+    pool = I.SelectTopkInputs(q, kv, 5, candidates=40)
+    pool.validate()
+    assert any("candidates = 40 below the cache's capacity 160" in r for r in _reasons(pool))
+
+
+def _reasons(inp: Any) -> list[str]:
+    from sparsecore.ops.dispatcher import implementations
+
+    return [r for c in implementations("select_topk")[:2] for r in c.input_reasons(inp)]
 
 
 def _same_bits(got: Any, want: Any, what: str) -> None:

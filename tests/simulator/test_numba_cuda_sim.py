@@ -18,7 +18,7 @@ from sparsecore import reference as ref
 from sparsecore.ops import inputs as I
 from sparsecore.ops.dispatcher import select
 from sparsecore.reference.attention import sequence_kv
-from tests._util import assert_close, check_topk_against_reference
+from tests._util import assert_close, check_mass_ranking_against_reference, check_topk_against_reference
 
 from ._cases import DTYPES, NP, cdiv, dev, f64, host, kv_cache, random_index, sparse_dense, sparse_format, values
 from .conftest import SIM, SKIP_REASON
@@ -254,23 +254,75 @@ def test_select_topk_quest(dtype, b, hkv, group, d, s, k, sink, window, shared, 
     _check_topk(got, q, kv, k, "quest", sink, window, shared, page_size)
 
 
+def _check_mass_ranking(got, q, kv, k, sink, window, shared, scale=None) -> None:
+    check_mass_ranking_against_reference(got, q, kv, k, sink=sink, window=window, shared=shared, scale=scale,
+                                         rel_tol=1e-5)
+
+
+@dtypes
+@FEW
+@given(**_topk_args)
+@example(b=1, hkv=1, group=2, d=3, s=10, k=0, sink=2, window=2, shared=True, paged=False, seed=0)   # k = 0
+@example(b=2, hkv=1, group=1, d=2, s=9, k=9, sink=0, window=0, shared=False, paged=True, seed=1)    # k = length
+@example(b=1, hkv=2, group=2, d=4, s=1, k=1, sink=1, window=1, shared=True, paged=True, seed=2)     # length 1
+@example(b=1, hkv=1, group=3, d=4, s=20, k=4, sink=0, window=0, shared=True, paged=False, seed=3)   # group of 3
+def test_select_topk_mass_ranking_of_every_key(dtype, b, hkv, group, d, s, k, sink, window, shared, paged, seed):
+    q, kv = _topk_case(dtype, b, hkv, group, d, s, paged, seed)
+    k = min(k, kv.max_len)
+    # the capacity or more: every key is a candidate; the default scale or another
+    c, scale = (max(kv.max_len, k), None) if seed % 2 else (10**6, 0.3)
+    got = sc.select_topk(dev(q), dev(kv), k, sink=sink, window=window, shared=shared, candidates=c, scale=scale)
+    _check_mass_ranking(got, q, kv, k, sink, window, shared, scale)
+
+
+@pytest.mark.parametrize("poison", ["nan", "+inf", "-inf", "two +inf"])
+def test_select_topk_mass_ranking_follows_the_nonfinite_contract(poison):
+    """A NaN score carries no mass, +inf scores share all of their head's mass, -inf carries none
+    (reference.softmax_mass): keys with such scores are ranked as the reference ranks them."""
+    q, kv = _topk_case("float32", 1, 1, 3, 4, 16, False, 7, lengths=[16])
+    q = np.abs(q) + 0.1  # positive queries: a key of +inf / -inf components scores +inf / -inf
+    k = kv.k.copy()
+    if poison == "nan":
+        k[0, 5, 0, 1] = np.nan
+    elif poison == "+inf":
+        k[0, 5, 0, :] = np.inf
+    elif poison == "-inf":
+        k[0, 5, 0, :] = -np.inf
+    else:
+        k[0, 5, 0, :] = np.inf
+        k[0, 11, 0, :] = np.inf
+    kv = sc.DenseKV(k, kv.v, kv.lengths)
+    for shared in (True, False):
+        got = sc.select_topk(dev(q), dev(kv), 3, shared=shared, candidates=16)
+        _check_mass_ranking(got, q, kv, 3, 0, 0, shared)
+        sel = host(got.indices)[0]
+        if poison in ("+inf", "two +inf"):
+            assert all(5 in row for row in sel.tolist())
+        if poison == "two +inf":
+            assert all(11 in row for row in sel.tolist())
+        if poison in ("nan", "-inf"):
+            assert all(5 not in row for row in sel.tolist())
+
+
 def test_select_topk_top_p_int8_and_candidates_are_refused_with_their_reason():
-    """The adaptive budget, int8 ranking and ranking by attention mass are host-only for now: on
-    device arrays the dispatcher says so (numba_cuda's reason) instead of running a kernel that
-    ignores them (the exact kernel ran for ``candidates`` before, a selection the reference does not
-    make)."""
+    """The adaptive budget, int8 ranking and ranking a pool of candidates by attention mass are
+    host-only for now: on device arrays the dispatcher says so (numba_cuda's reason) instead of
+    running a kernel that ignores them (the exact kernel ran for ``candidates`` before, a selection
+    the reference does not make)."""
     q, kv = _topk_case("float32", 1, 1, 2, 4, 10, False, 0)
     with pytest.raises(NotImplementedError, match="top_p .the adaptive budget. is not implemented in numba_cuda"):
         sc.select_topk(dev(q), dev(kv), 3, top_p=0.9)
     codes = sc.quantize_keys(kv)
     with pytest.raises(NotImplementedError, match="method = 'int8' .scoring over KeyCodes. is not implemented"):
         sc.select_topk(dev(q), dev(kv), 3, method="int8", codes=dev(codes))
-    for c in (3, 6, 10, 100):
-        with pytest.raises(NotImplementedError, match=f"candidates = {c} .ranking by attention mass. is not "
-                                                      "implemented in numba_cuda"):
+    for c in (3, 6, 9):  # a pool short of the capacity (10): refused; at or past it, every key (tested above)
+        with pytest.raises(NotImplementedError, match=f"candidates = {c} below the cache's capacity 10 .a pool "
+                                                      "ranked by attention mass. is not implemented in numba_cuda"):
             sc.select_topk(dev(q), dev(kv), 3, candidates=c)
         with pytest.raises(NotImplementedError, match="candidates"):
             sc.DecodePlan(dev(q), dev(kv), 3, candidates=c)
+    for c in (10, 100):
+        sc.select_topk(dev(q), dev(kv), 3, candidates=c)
 
 
 # ---- page_bounds and select_topk(bounds=) ---------------------------------------------------------

@@ -125,7 +125,7 @@ def attention_names(dtype: str) -> list[str]:
 
 
 def attention_common_names() -> list[str]:
-    return [f"topk_select<{NT_SELECT}>"]
+    return [f"topk_select<{NT_SELECT}>", f"mass_of_every_key<{NT_SELECT}>"]
 
 
 def names_for(src: str, dtype: str) -> list[str]:

@@ -48,9 +48,10 @@ def _input_reasons(name: str, op: str, inp: Any, kinds: tuple[str, ...]) -> list
             reasons.append(f"top_p (the adaptive budget) is not implemented in {name} yet")
         if op == "select_topk" and inp.method == "int8":
             reasons.append(f"method = 'int8' (scoring over KeyCodes) is not implemented in {name} yet")
-        if op == "select_topk" and inp.candidates:
-            reasons.append(f"candidates = {inp.candidates} (ranking by attention mass) is not implemented in {name} "
-                           "yet")
+        if op == "select_topk" and inp.candidates and inp.candidates < inp.kv.max_len:
+            reasons.append(f"candidates = {inp.candidates} below the cache's capacity {inp.kv.max_len} (a pool ranked "
+                           f"by attention mass) is not implemented in {name} yet; candidates >= the capacity ranks "
+                           "every key by its mass")
     elif op == "page_bounds":
         if inp.kv.batch > 65535:
             reasons.append(f"batch = {inp.kv.batch}; {name} supports at most 65535 sequences per call")

@@ -339,9 +339,19 @@ def select_topk(rt: Runtime, inp: I.SelectTopkInputs) -> TopKIndex:
         else:
             bmin, bmax = rt.contig(bnd.kmin), rt.contig(bnd.kmax)
             ba, barr = [i32(1), p(rt, bmin), p(rt, bmax), i32(bnd.num_pages)], [bmin, bmax]
-        _go(rt, "attention.cu", dt, f"topk_scores<{t}, {NT_ATTN}, {vpl_for(d)}>", (cdiv(n_units, nw), g_rows, b),
-            NT_ATTN, [p(rt, q), i32(hq), *kva, i32(group), i32(int(per_head)), i32(int(ps is not None)), i32(ups),
-                      i32(n_units), *ba, _al(rt, [q, *kvarr, *barr], [d], dt), p(rt, scores)])
+        if inp.candidates:  # every key a candidate (the reasons refuse a pool): each head's scores, then the mass
+            ph = rt.empty((b, hq, n_units), "float32")
+            _go(rt, "attention.cu", dt, f"topk_scores<{t}, {NT_ATTN}, {vpl_for(d)}>", (cdiv(n_units, nw), hq, b),
+                NT_ATTN, [p(rt, q), i32(hq), *kva, i32(group), i32(1), i32(0), i32(1), i32(n_units), *ba,
+                          _al(rt, [q, *kvarr], [d], dt), p(rt, ph)])
+            scale = 1.0 / math.sqrt(d) if inp.scale is None else float(inp.scale)
+            _go(rt, "attention.cu", dt, f"mass_of_every_key<{NT_SELECT}>", (g_rows, b), NT_SELECT,
+                [p(rt, ph), i32(n_units), kva[3], i32(group), i32(int(not per_head)), f32(scale), p(rt, scores)])
+        else:
+            _go(rt, "attention.cu", dt, f"topk_scores<{t}, {NT_ATTN}, {vpl_for(d)}>",
+                (cdiv(n_units, nw), g_rows, b), NT_ATTN,
+                [p(rt, q), i32(hq), *kva, i32(group), i32(int(per_head)), i32(int(ps is not None)), i32(ups),
+                 i32(n_units), *ba, _al(rt, [q, *kvarr, *barr], [d], dt), p(rt, scores)])
     _go(rt, "attention.cu", dt, f"topk_select<{NT_SELECT}>", (g_rows, b), NT_SELECT,
         [p(rt, scores), i32(max(n_units, 1)), kva[3], i32(int(ps is not None)), i32(ups), i32(int(inp.k)),
          i32(int(inp.sink)), i32(inp.forced_window), i32(k_max), p(rt, indices), p(rt, counts)])

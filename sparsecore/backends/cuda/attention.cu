@@ -442,3 +442,63 @@ __global__ void SC_BOUNDS(NT) topk_select(const float* __restrict__ scores, int 
     for (int j = written + threadIdx.x; j < k_max; j += NT) out[j] = -1;
     if (threadIdx.x == 0) counts[row] = min(written, k_max);
 }
+
+// ---- mass ranking of every key (select_topk with candidates covering every key) ----------------------
+// Grid (G, B), NT threads: one selection row. mass[b, g, t] for t < lengths[b] = the mean over the row's
+// query heads (the group's when shared, query head g alone otherwise) of each head's softmax of
+// scale * ph[b, h, t] over every key of the sequence (ph[B, Hq, n_units]: topk_scores with per_head = 1,
+// each head's own q . k), as the reference's softmax_mass: a NaN score carries no mass, a head whose
+// maximum is +inf gives its mass to its +inf keys in equal shares, a head with every score -inf gives
+// none. float32 (masses under float32's smallest tie at 0, taken in position order); topk_select then
+// keeps the forced units and the k of highest mass.
+template <int NT>
+__device__ __forceinline__ float block_reduce(float v, bool take_max, float* red) {
+    red[threadIdx.x] = v;
+    __syncthreads();
+    for (int stride = NT / 2; stride > 0; stride >>= 1) {
+        if (threadIdx.x < stride) {
+            const float o = red[threadIdx.x + stride];
+            red[threadIdx.x] = take_max ? (o > red[threadIdx.x] ? o : red[threadIdx.x]) : red[threadIdx.x] + o;
+        }
+        __syncthreads();
+    }
+    const float r = red[0];
+    __syncthreads();
+    return r;
+}
+
+template <int NT>
+__global__ void SC_BOUNDS(NT) mass_of_every_key(const float* __restrict__ ph, int n_units,
+                                                        const int* __restrict__ lengths, int group, int shared,
+                                                        float scale, float* __restrict__ mass) {
+    __shared__ float red[NT];
+    const int g = blockIdx.x, b = blockIdx.y, G = gridDim.x;
+    const int hq = shared ? G * group : G;
+    const int nh = shared ? group : 1, h0 = shared ? g * group : g;
+    const int length = min(lengths[b], n_units);
+    float* out = mass + ((i64)b * G + g) * n_units;
+    for (int t = threadIdx.x; t < length; t += NT) out[t] = 0.0f;
+    for (int i = 0; i < nh; ++i) {
+        const float* row = ph + ((i64)b * hq + h0 + i) * n_units;
+        float m = -INFINITY;
+        for (int t = threadIdx.x; t < length; t += NT) {
+            const float v = scale * row[t];
+            if (v > m) m = v;  // NaN never is
+        }
+        m = block_reduce<NT>(m, true, red);
+        if (m == -INFINITY) continue;  // the same for every thread: no key of this head is known to matter
+        float z = 0.0f;
+        for (int t = threadIdx.x; t < length; t += NT) {
+            const float v = scale * row[t];
+            if (m == INFINITY) z += v == INFINITY ? 1.0f : 0.0f;
+            else if (v == v) z += expf(v - m);
+        }
+        z = block_reduce<NT>(z, false, red);
+        const float inv = 1.0f / (z * (float)nh);
+        for (int t = threadIdx.x; t < length; t += NT) {
+            const float v = scale * row[t];
+            const float p = m == INFINITY ? (v == INFINITY ? 1.0f : 0.0f) : (v == v ? expf(v - m) : 0.0f);
+            out[t] += p * inv;
+        }
+    }
+}

@@ -131,9 +131,10 @@ class SelectTopk(_NumbaCuda):
             reasons.append("top_p (the adaptive budget) is not implemented in numba_cuda yet")
         if inp.method == "int8":
             reasons.append("method = 'int8' (scoring over KeyCodes) is not implemented in numba_cuda yet")
-        if inp.candidates:
-            reasons.append(f"candidates = {inp.candidates} (ranking by attention mass) is not implemented in "
-                           "numba_cuda yet")
+        if inp.candidates and inp.candidates < inp.kv.max_len:
+            reasons.append(f"candidates = {inp.candidates} below the cache's capacity {inp.kv.max_len} (a pool "
+                           "ranked by attention mass) is not implemented in numba_cuda yet; candidates >= the "
+                           "capacity ranks every key by its mass")
         return reasons
 
     @classmethod

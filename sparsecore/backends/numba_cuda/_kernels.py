@@ -996,6 +996,83 @@ def _topk_select(scores, lengths, ups, sink, window, k, indices, counts):
         counts[b, g] = base
 
 
+_F1 = np.float32(1.0)
+_FINF = np.float32(np.inf)
+
+
+@cuda.jit(device=True, inline="always")
+def _block_reduce(red, tid, v, take_max):
+    """The max (``take_max``) or the sum of the float32 ``v`` over the block (a tree in
+    ``red[NT]``); every thread gets it. NaN never wins a max (the callers pass none)."""
+    red[tid] = v
+    cuda.syncthreads()
+    stride = NT // 2
+    while stride > 0:
+        if tid < stride:
+            o = red[tid + stride]
+            if take_max:
+                if o > red[tid]:
+                    red[tid] = o
+            else:
+                red[tid] += o
+        cuda.syncthreads()
+        stride //= 2
+    r = red[0]
+    cuda.syncthreads()
+    return r
+
+
+def _mass_of_every_key(ph, lengths, group, shared, scale, mass):
+    """Grid (G, B), one block per selection row: ``mass[b, g, t]`` for ``t < lengths[b]`` = the mean
+    over the row's query heads (the group's when ``shared``, else query head g alone) of each head's
+    softmax of ``scale * ph[b, h, t]`` over every key of the sequence (``ph[B, Hq, S]``: each query
+    head's own q . k, from topk_scores_exact with shared = 0), the reference's ``softmax_mass``:
+    NaN scores carry no mass, a head whose maximum is +inf gives its mass to its +inf keys in equal
+    shares, a head with every score -inf gives none. In float32 (the reference ranks float64
+    masses: masses under float32's smallest (about 1e-45) tie at 0 here, taken in position order).
+    ``topk_select`` then keeps the forced units and the ``k`` of highest mass:
+    ``select_topk(candidates=c)`` with ``c`` covering every key."""
+    g = cuda.blockIdx.x
+    b = cuda.blockIdx.y
+    tid = cuda.threadIdx.x
+    red = cuda.shared.array(NT, nt.float32)
+    length = lengths[b]
+    nh = group if shared != 0 else 1
+    h0 = g * group if shared != 0 else g
+    for t in range(tid, length, NT):
+        mass[b, g, t] = F0
+    for i in range(nh):
+        h = h0 + i
+        m = -_FINF
+        for t in range(tid, length, NT):
+            v = scale * ph[b, h, t]
+            if v > m:  # NaN never is
+                m = v
+        m = _block_reduce(red, tid, m, True)
+        if m == -_FINF:  # the same for every thread: no key of this head is known to matter
+            continue
+        z = F0
+        for t in range(tid, length, NT):
+            v = scale * ph[b, h, t]
+            if m == _FINF:
+                if v == _FINF:
+                    z += _F1
+            elif v == v:
+                z += math.exp(v - m)
+        z = _block_reduce(red, tid, z, False)
+        inv = _F1 / (z * nt.float32(nh))
+        for t in range(tid, length, NT):
+            v = scale * ph[b, h, t]
+            p = F0
+            if m == _FINF:
+                if v == _FINF:
+                    p = _F1
+            elif v == v:
+                p = math.exp(v - m)
+            mass[b, g, t] += p * inv
+
+
 fill = cuda.jit(_fill)
 topk_select = cuda.jit(_topk_select)
-COMMON_PY_FUNCS = {"fill": _fill, "topk_select": _topk_select}
+mass_of_every_key = cuda.jit(_mass_of_every_key)
+COMMON_PY_FUNCS = {"fill": _fill, "topk_select": _topk_select, "mass_of_every_key": _mass_of_every_key}

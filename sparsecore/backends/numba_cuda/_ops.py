@@ -232,7 +232,13 @@ def select_topk(inp: I.SelectTopkInputs) -> TopKIndex:
             shared = 1 if inp.shared else 0
             if inp.k > 0:  # with k == 0 only the forced units are kept and no score is read
                 grid = (_cdiv(n_units, nt), hkv, b)
-                if ps is None:
+                if inp.candidates:  # every key a candidate (input_reasons refuse a pool): ranked by mass
+                    _, ph = P.new((b, hq, max(n_units, 1)), "float32")
+                    P.launch(kern.topk_scores_exact, grid, nt, P.view(q), kk, pt, lengths, kv_ps, dense, group, 0,
+                             ph)
+                    scale = np.float32(1.0 / math.sqrt(kv.head_dim) if inp.scale is None else inp.scale)
+                    P.launch(common().mass_of_every_key, (g_rows, b), nt, ph, lengths, group, shared, scale, sv)
+                elif ps is None:
                     P.launch(kern.topk_scores_exact, grid, nt, P.view(q), kk, pt, lengths, kv_ps, dense, group,
                              shared, sv)
                 elif inp.bounds is not None:  # the pages' min/max from the bounds, not the keys

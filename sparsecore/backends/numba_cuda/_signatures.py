@@ -60,4 +60,5 @@ def common_signatures() -> dict[str, tuple[Any, ...]]:
     return {
         "fill": (_a(nt.float32, 1), nt.float32),
         "topk_select": (_a(nt.float32, 3), _a(nt.int32, 1), i64, i64, i64, i64, _a(nt.int32, 3), _a(nt.int32, 2)),
+        "mass_of_every_key": (_a(nt.float32, 3), _a(nt.int32, 1), i64, i64, nt.float32, _a(nt.float32, 3)),
     }
