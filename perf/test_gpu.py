@@ -110,21 +110,24 @@ def _paged_cache(ctx, seed=0):
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("method", ["exact", "quest", "quest_stored"])
+@pytest.mark.parametrize("method", ["exact", "mass", "quest", "quest_stored"])
 @pytest.mark.parametrize("ctx", [32768])
 def test_select_topk(benchmark, backend, method, ctx):
-    """Selection itself (often the bottleneck): exact reads every key, Quest on the fly too (page
+    """Selection itself (often the bottleneck): exact reads every key, mass ranking too (each query
+    head's score and softmax mass per key: candidates = every key), Quest on the fly too (page
     min/max from the keys), Quest with stored PageBounds 2 / PAGE of them. k = ctx / 50 tokens."""
     q, kv = _paged_cache(ctx)
     benchmark.group = f"select_topk bf16 B={B} Hq={HQ} Hkv={HKV} D={D} page={PAGE} ctx={ctx} k=ctx/50"
     benchmark.extra_info.update(op="select_topk", impl=f"{backend}_{method}")
     if method == "exact":
         fn = lambda: sc.select_topk(q, kv, ctx // 50, backend=backend)
+    elif method == "mass":
+        fn = lambda: sc.select_topk(q, kv, ctx // 50, candidates=ctx, backend=backend)
     else:
         bounds = sc.page_bounds(kv, PAGE, backend=backend) if method == "quest_stored" else None
         fn = lambda: sc.select_topk(q, kv, ctx // 50 // PAGE, method="quest", page_size=PAGE, bounds=bounds,
                                     backend=backend)
-    assert (fn().counts == (ctx // 50 if method == "exact" else ctx // 50 // PAGE)).all()
+    assert (fn().counts == (ctx // 50 if method in ("exact", "mass") else ctx // 50 // PAGE)).all()
     if method == "quest_stored":  # the same selection as bounds computed on the fly
         on_the_fly = sc.select_topk(q, kv, ctx // 50 // PAGE, method="quest", page_size=PAGE, backend=backend)
         assert torch.equal(fn().indices, on_the_fly.indices)

@@ -27,7 +27,7 @@ from sparsecore.formats.convert import csr_from_dense, tiled_ell_from_dense
 
 pytestmark = pytest.mark.gpu
 
-from tests._util import check_topk_against_reference  # noqa: E402
+from tests._util import check_mass_ranking_against_reference, check_topk_against_reference  # noqa: E402
 from tests.gpu._common import (  # noqa: E402
     DTYPES,
     LIBS,
@@ -175,6 +175,23 @@ def test_select_topk_and_sparse_decode(launcher, dtype, shared, paged, lib):
         close(out, w_out, dtype, _vmax(kv), f"sparse_decode {method}")
         close(lse, w_lse, "float32", 10.0, f"sparse_decode {method} lse")
     assert np.isneginf(host(lse)[2]).all() and not host(out).astype(np.float64)[2].any()  # length 0
+
+
+@requires_gpu
+@pytest.mark.parametrize("lib", LIBS)
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_head"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_select_topk_mass_ranking_of_every_key(launcher, dtype, shared, paged, lib):
+    """candidates covering every key: the k of highest attention mass (numba_cuda's and the CUDA C
+    mass_of_every_key), against the reference's float64 masses."""
+    rng, q, kv = _decode_inputs(dtype, paged)
+    qd, kvd = to_lib(q, lib), to_lib(kv, lib)
+    for k, sink, window, scale in ((50, 4, 16, None), (8, 0, 0, 0.3)):
+        got = sc.select_topk(qd, kvd, k, sink=sink, window=window, shared=shared, candidates=10**6, scale=scale)
+        check_kind(got.indices, lib)
+        check_mass_ranking_against_reference(got, q, kv, k, sink=sink, window=window, shared=shared, scale=scale,
+                                             rel_tol=1e-5)
 
 
 def _bits(x: Any) -> np.ndarray:
