@@ -156,6 +156,11 @@ class TopKDecode:
         rep = hkv if keys.is_contiguous() and values.is_contiguous() else 1
         seq_lens = tuple(n for n in lens for _ in range(rep))
         host = keys.is_cpu and not torch.compiler.is_compiling()
+        if self.method == "int8" and not keys.is_cpu:
+            raise NotImplementedError(
+                f"TopKDecode: method='int8' needs the KV cache in CPU memory (the int8 copy of the keys is "
+                f"built on the host), this cache is on {keys.device}; on a GPU use method='exact' (with "
+                "candidates >= the context to rank every key by its attention mass)")
         if host:  # zero-copy NumPy views, made every step (kept, they would keep the cache alive after its
             # owner let it go): the plan runs on NumPy (no torch call per op, no views to check)
             keys, values, q = to_numpy(keys), to_numpy(values), to_numpy(q)

@@ -290,6 +290,16 @@ def test_decode_with_int8_codes_matches_topk_reference_and_keeps_codes(monkeypat
         _topk(attn, k=3, rescore=4)
 
 
+def test_decode_with_int8_on_a_device_cache_says_what_to_use_instead() -> None:
+    """The int8 copy of the keys is built on the host: a cache anywhere else (a "meta" tensor stands
+    in for a GPU here) gets an error that names the device and the method to use there."""
+    state = TopKDecode(k=3, method="int8", candidates=64)
+    q, keys = torch.randn(1, 4, 8, device="meta"), torch.randn(1, 2, 16, 8, device="meta")
+    with pytest.raises(NotImplementedError, match=r"method='int8' needs the KV cache in CPU memory .* this cache "
+                                                  r"is on meta; on a GPU use method='exact'"):
+        state.attend(q, keys, keys, 16)
+
+
 def test_decode_with_int8_top_p_matches_topk_reference() -> None:
     """The adaptive budget over the int8 codes through TopKDecode (codes kept and updated per step):
     equal to the reference selection over codes built afresh, with the layer's own scale."""
