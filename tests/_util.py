@@ -108,12 +108,19 @@ def check_topk_against_reference(got: Any, want: Any, q: np.ndarray, kv: Any, *,
         forced = set(forced_positions(n, sink, window, ps).tolist())
         tol = rel_tol * (1.0 + np.abs(s).max()) if s.size else 0.0
         for g in range(ind.shape[1]):
-            sel = set(ind[b, g, :cnt[b, g]].tolist())
-            assert forced <= sel, f"row ({b}, {g}) lacks forced units {sorted(forced - sel)}"
-            chosen, left = sorted(sel - forced), sorted(set(range(units)) - sel)
-            if chosen and left:
-                lo, hi = s[g, chosen].min(), s[g, left].max()
-                assert lo >= hi - tol, f"row ({b}, {g}): chose a unit scoring {lo} over one scoring {hi}"
+            _check_row(ind[b, g, :cnt[b, g]], s[g], units, forced, lambda hi, t=tol: t, (b, g))
+
+
+def _check_row(sel_units: np.ndarray, score: np.ndarray, units: int, forced: set[int], tol: Any,
+               where: tuple[int, int]) -> None:
+    """One selection row: the forced units kept, and every freely chosen unit scoring at least every
+    unit left out, up to ``tol(highest score left)``."""
+    sel = set(sel_units.tolist())
+    assert forced <= sel, f"row {where} lacks forced units {sorted(forced - sel)}"
+    chosen, left = sorted(sel - forced), sorted(set(range(units)) - sel)
+    if chosen and left:
+        lo, hi = score[chosen].min(), score[left].max()
+        assert lo >= hi - tol(hi), f"row {where}: chose a unit scoring {lo} over one scoring {hi}"
 
 
 def check_mass_ranking_against_reference(got: Any, q: np.ndarray, kv: Any, k: int, *, sink: int, window: int,
@@ -141,9 +148,4 @@ def check_mass_ranking_against_reference(got: Any, q: np.ndarray, kv: Any, k: in
             mass = mass.reshape(mass.shape[0] // group, group, n).mean(axis=1)
         forced = set(forced_positions(n, sink, window, None).tolist())
         for g in range(ind.shape[1]):
-            sel = set(ind[b, g, :cnt[b, g]].tolist())
-            assert forced <= sel, f"row ({b}, {g}) lacks forced units {sorted(forced - sel)}"
-            chosen, left = sorted(sel - forced), sorted(set(range(n)) - sel)
-            if chosen and left:
-                lo, hi = mass[g, chosen].min(), mass[g, left].max()
-                assert lo >= hi - rel_tol * (1 + hi), f"row ({b}, {g}): chose a key of mass {lo} over one of {hi}"
+            _check_row(ind[b, g, :cnt[b, g]], mass[g], n, forced, lambda hi: rel_tol * (1 + hi), (b, g))

@@ -214,6 +214,17 @@ _topk_args = dict(b=st.integers(1, 2), hkv=st.integers(1, 2), group=st.sampled_f
                   shared=st.booleans(), paged=st.booleans(), seed=st.integers(0, 2**16))
 
 
+def _token_examples(test):
+    """The named edge cases of a token selection test: k = 0, k = the length, length 1, a plain
+    top-k over a group of 3."""
+    for case in (dict(b=1, hkv=1, group=2, d=3, s=10, k=0, sink=2, window=2, shared=True, paged=False, seed=0),
+                 dict(b=2, hkv=1, group=1, d=2, s=9, k=9, sink=0, window=0, shared=False, paged=True, seed=1),
+                 dict(b=1, hkv=2, group=2, d=4, s=1, k=1, sink=1, window=1, shared=True, paged=True, seed=2),
+                 dict(b=1, hkv=1, group=3, d=4, s=20, k=4, sink=0, window=0, shared=True, paged=False, seed=3)):
+        test = example(**case)(test)
+    return test
+
+
 def _topk_case(dtype, b, hkv, group, d, s, paged, seed, lengths=None):
     rng = np.random.default_rng(seed)
     lengths = lengths if lengths is not None else [int(rng.integers(0 if i else 1, s + 1)) for i in range(b)]
@@ -225,10 +236,7 @@ def _topk_case(dtype, b, hkv, group, d, s, paged, seed, lengths=None):
 @dtypes
 @FEW
 @given(**_topk_args)
-@example(b=1, hkv=1, group=2, d=3, s=10, k=0, sink=2, window=2, shared=True, paged=False, seed=0)   # k = 0
-@example(b=2, hkv=1, group=1, d=2, s=9, k=9, sink=0, window=0, shared=False, paged=True, seed=1)    # k = length
-@example(b=1, hkv=2, group=2, d=4, s=1, k=1, sink=1, window=1, shared=True, paged=True, seed=2)     # length 1
-@example(b=1, hkv=1, group=3, d=4, s=20, k=4, sink=0, window=0, shared=True, paged=False, seed=3)   # plain top-k
+@_token_examples
 def test_select_topk_exact(dtype, b, hkv, group, d, s, k, sink, window, shared, paged, seed):
     q, kv = _topk_case(dtype, b, hkv, group, d, s, paged, seed)
     k = min(k, kv.max_len)
@@ -262,10 +270,7 @@ def _check_mass_ranking(got, q, kv, k, sink, window, shared, scale=None) -> None
 @dtypes
 @FEW
 @given(**_topk_args)
-@example(b=1, hkv=1, group=2, d=3, s=10, k=0, sink=2, window=2, shared=True, paged=False, seed=0)   # k = 0
-@example(b=2, hkv=1, group=1, d=2, s=9, k=9, sink=0, window=0, shared=False, paged=True, seed=1)    # k = length
-@example(b=1, hkv=2, group=2, d=4, s=1, k=1, sink=1, window=1, shared=True, paged=True, seed=2)     # length 1
-@example(b=1, hkv=1, group=3, d=4, s=20, k=4, sink=0, window=0, shared=True, paged=False, seed=3)   # group of 3
+@_token_examples
 def test_select_topk_mass_ranking_of_every_key(dtype, b, hkv, group, d, s, k, sink, window, shared, paged, seed):
     q, kv = _topk_case(dtype, b, hkv, group, d, s, paged, seed)
     k = min(k, kv.max_len)
