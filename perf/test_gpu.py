@@ -110,7 +110,7 @@ def _paged_cache(ctx, seed=0):
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("method", ["exact", "mass", "quest", "quest_stored"])
+@pytest.mark.parametrize("method", ["exact", "mass", "top_p", "quest", "quest_stored"])
 @pytest.mark.parametrize("ctx", [32768])
 def test_select_topk(benchmark, backend, method, ctx):
     """Selection itself (often the bottleneck): exact reads every key, mass ranking too (each query
@@ -123,11 +123,18 @@ def test_select_topk(benchmark, backend, method, ctx):
         fn = lambda: sc.select_topk(q, kv, ctx // 50, backend=backend)
     elif method == "mass":
         fn = lambda: sc.select_topk(q, kv, ctx // 50, candidates=ctx, backend=backend)
+    elif method == "top_p":  # docs/selection.md's adaptive budget: k <= 2 ctx / 50, top_p 0.9
+        if backend != "numba_cuda":
+            pytest.skip(f"{backend} has no top_p kernel")
+        fn = lambda: sc.select_topk(q, kv, 2 * ctx // 50, top_p=0.9, k_min=ctx // 400, backend=backend)
     else:
         bounds = sc.page_bounds(kv, PAGE, backend=backend) if method == "quest_stored" else None
         fn = lambda: sc.select_topk(q, kv, ctx // 50 // PAGE, method="quest", page_size=PAGE, bounds=bounds,
                                     backend=backend)
-    assert (fn().counts == (ctx // 50 if method in ("exact", "mass") else ctx // 50 // PAGE)).all()
+    if method == "top_p":
+        assert ((fn().counts >= ctx // 400) & (fn().counts <= 2 * ctx // 50)).all()
+    else:
+        assert (fn().counts == (ctx // 50 if method in ("exact", "mass") else ctx // 50 // PAGE)).all()
     if method == "quest_stored":  # the same selection as bounds computed on the fly
         on_the_fly = sc.select_topk(q, kv, ctx // 50 // PAGE, method="quest", page_size=PAGE, backend=backend)
         assert torch.equal(fn().indices, on_the_fly.indices)

@@ -149,3 +149,42 @@ def check_mass_ranking_against_reference(got: Any, q: np.ndarray, kv: Any, k: in
         forced = set(forced_positions(n, sink, window, None).tolist())
         for g in range(ind.shape[1]):
             _check_row(ind[b, g, :cnt[b, g]], mass[g], n, forced, lambda hi: rel_tol * (1 + hi), (b, g))
+
+
+def check_adaptive_against_reference(got: Any, q: np.ndarray, kv: Any, k: int, *, top_p: float, k_min: int,
+                                     sink: int, window: int, shared: bool, scale: float | None,
+                                     tol: float = 1e-5) -> None:
+    """A device adaptive selection (``select_topk(top_p=...)``) against the meaning of the reference
+    (``top_p_count`` over the float64 masses), allowing float32's rounding of the masses and of
+    their running sum: per row the forced units kept; the freely chosen ones a top-n by mass; ``n``
+    within ``[min(k_min, k'), k']`` (``k' = min(k, free units)``); the kept mass reaching ``top_p``
+    unless ``n`` is ``k'``; and dropping the smallest chosen mass falling short of it unless ``n``
+    is ``k_min`` (both up to ``tol``)."""
+    from sparsecore import reference as ref
+    from sparsecore.reference.attention import forced_positions, head_scores, sequence_kv, softmax_mass
+
+    want = ref.select_topk(q, kv, k, sink=sink, window=window, shared=shared, top_p=top_p, k_min=k_min, scale=scale)
+    ind, cnt = to_host(got.indices), to_host(got.counts)
+    assert ind.shape == want.indices.shape, f"k_max: {ind.shape} != {want.indices.shape}"
+    got.map_arrays(to_host).validate(lengths=kv.lengths)
+    group = q.shape[1] // kv.num_kv_heads
+    sc = 1.0 / np.sqrt(q.shape[2]) if scale is None else scale
+    for b in range(q.shape[0]):
+        keys, _ = sequence_kv(kv, b)
+        n_len = int(kv.lengths[b])
+        mass = softmax_mass(sc * head_scores(q[b], keys, group)) if n_len else np.zeros((q.shape[1], 0))
+        if shared:
+            mass = mass.reshape(mass.shape[0] // group, group, n_len).mean(axis=1)
+        forced = set(forced_positions(n_len, sink, window, None).tolist())
+        for g in range(ind.shape[1]):
+            where = (b, g)
+            _check_row(ind[b, g, :cnt[b, g]], mass[g], n_len, forced, lambda hi: tol * (1 + hi), where)
+            chosen = sorted(set(ind[b, g, :cnt[b, g]].tolist()) - forced)
+            n, cap = len(chosen), min(k, n_len - len(forced))
+            assert min(k_min, cap) <= n <= cap, f"row {where}: {n} chosen, allowed [{min(k_min, cap)}, {cap}]"
+            kept = float(mass[g, sorted(forced)].sum() + mass[g, chosen].sum())
+            if n < cap and n > k_min:
+                assert kept >= top_p - tol, f"row {where}: kept mass {kept} < top_p {top_p} with {n} < {cap} chosen"
+            if n > k_min:
+                less = kept - float(mass[g, chosen].min())
+                assert less < top_p + tol, f"row {where}: {n} chosen, but {n - 1} already keep {less} >= {top_p}"

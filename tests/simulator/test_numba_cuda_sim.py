@@ -18,7 +18,12 @@ from sparsecore import reference as ref
 from sparsecore.ops import inputs as I
 from sparsecore.ops.dispatcher import select
 from sparsecore.reference.attention import sequence_kv
-from tests._util import assert_close, check_mass_ranking_against_reference, check_topk_against_reference
+from tests._util import (
+    assert_close,
+    check_adaptive_against_reference,
+    check_mass_ranking_against_reference,
+    check_topk_against_reference,
+)
 
 from ._cases import DTYPES, NP, cdiv, dev, f64, host, kv_cache, random_index, sparse_dense, sparse_format, values
 from .conftest import SIM, SKIP_REASON
@@ -280,6 +285,33 @@ def test_select_topk_mass_ranking_of_every_key(dtype, b, hkv, group, d, s, k, si
     _check_mass_ranking(got, q, kv, k, sink, window, shared, scale)
 
 
+@dtypes
+@FEW
+@given(**_topk_args, top_p=st.sampled_from([0.3, 0.7, 0.9, 0.99, 1.0]), k_min=st.integers(0, 3))
+@example(b=1, hkv=1, group=2, d=3, s=10, k=0, sink=2, window=2, shared=True, paged=False, seed=0, top_p=0.9,
+         k_min=0)                                                                                   # k = 0
+@example(b=2, hkv=1, group=1, d=2, s=9, k=9, sink=0, window=0, shared=False, paged=True, seed=1, top_p=1.0,
+         k_min=2)                                                                                   # every key
+@example(b=1, hkv=1, group=3, d=4, s=24, k=8, sink=1, window=2, shared=True, paged=False, seed=5, top_p=0.5,
+         k_min=0)                                                                                   # the forced cover
+def test_select_topk_adaptive_budget(dtype, b, hkv, group, d, s, k, sink, window, shared, paged, seed, top_p, k_min):
+    """top_p: the fewest of the k highest-mass units that bring the kept mass to top_p, at least
+    k_min (each key's mass from mass_of_every_key, the cut from top_p_cut)."""
+    q, kv = _topk_case(dtype, b, hkv, group, d, s, paged, seed)
+    q = q * 4  # sharper softmaxes: the budget varies between rows
+    k = min(k, kv.max_len)
+    k_min = min(k_min, k)
+    scale = None if seed % 2 else 0.3
+    got = sc.select_topk(dev(q), dev(kv), k, sink=sink, window=window, shared=shared, top_p=top_p, k_min=k_min,
+                         scale=scale)
+    check_adaptive_against_reference(got, q, kv, k, top_p=top_p, k_min=k_min, sink=sink, window=window, shared=shared,
+                                     scale=scale)
+    if k > 0:  # candidates covering every key with top_p: the same selection
+        every = sc.select_topk(dev(q), dev(kv), k, sink=sink, window=window, shared=shared, top_p=top_p,
+                               k_min=k_min, scale=scale, candidates=max(k, kv.max_len))
+        np.testing.assert_array_equal(host(every.indices), host(got.indices))
+
+
 @pytest.mark.parametrize("poison", ["nan", "+inf", "-inf", "two +inf"])
 def test_select_topk_mass_ranking_follows_the_nonfinite_contract(poison):
     """A NaN score carries no mass, +inf scores share all of their head's mass, -inf carries none
@@ -310,13 +342,15 @@ def test_select_topk_mass_ranking_follows_the_nonfinite_contract(poison):
 
 
 def test_select_topk_top_p_int8_and_candidates_are_refused_with_their_reason():
-    """The adaptive budget, int8 ranking and ranking a pool of candidates by attention mass are
-    host-only for now: on device arrays the dispatcher says so (numba_cuda's reason) instead of
+    """The adaptive budget of more than 2048 units, int8 ranking and ranking a pool of candidates
+    by attention mass are host-only for now: on device arrays the dispatcher says so (numba_cuda's reason) instead of
     running a kernel that ignores them (the exact kernel ran for ``candidates`` before, a selection
     the reference does not make)."""
     q, kv = _topk_case("float32", 1, 1, 2, 4, 10, False, 0)
-    with pytest.raises(NotImplementedError, match="top_p .the adaptive budget. is not implemented in numba_cuda"):
-        sc.select_topk(dev(q), dev(kv), 3, top_p=0.9)
+    q_long, kv_long = _topk_case("float32", 1, 1, 2, 4, 2100, False, 0, lengths=[2100])
+    with pytest.raises(NotImplementedError, match="top_p .the adaptive budget. with k . sink . window = 2049 > 2048 "
+                                                  "is not implemented in numba_cuda"):
+        sc.select_topk(dev(q_long), dev(kv_long), 2048, top_p=0.9, sink=1)
     codes = sc.quantize_keys(kv)
     with pytest.raises(NotImplementedError, match="method = 'int8' .scoring over KeyCodes. is not implemented"):
         sc.select_topk(dev(q), dev(kv), 3, method="int8", codes=dev(codes))

@@ -24,7 +24,7 @@ import numpy as np
 from numba import cuda
 from numba import types as nt
 
-from ._limits import MAX_GROUP, MAX_HEAD_DIM
+from ._limits import CUT_CAP, MAX_GROUP, MAX_HEAD_DIM
 
 
 def _simulator() -> bool:
@@ -1072,7 +1072,113 @@ def _mass_of_every_key(ph, lengths, group, shared, scale, mass):
             mass[b, g, t] += p * inv
 
 
+def _top_p_cut(mass, lengths, sink, window, top_p, k_min, n_sort, indices, counts):
+    """Grid (G, B), one block per selection row, after ``topk_select`` chose the forced units and
+    the ``k`` non-forced of highest ``mass[b, g, u]``: keep of those the fewest, in descending mass,
+    that bring the row's kept mass (the forced units' to start) to ``top_p``, at least ``k_min``
+    (the reference's ``top_p_count``), in place: ``indices`` stay ascending, padded with -1, and
+    ``counts`` is updated. The row's non-forced entries (at most ``n_sort`` <= CUT_CAP, a power of
+    two) are sorted by descending mass in shared memory (bitonic; ties by position), their running
+    sum taken in float32 on one thread."""
+    g = cuda.blockIdx.x
+    b = cuda.blockIdx.y
+    tid = cuda.threadIdx.x
+    sm = cuda.shared.array(CUT_CAP, nt.float32)
+    sp = cuda.shared.array(CUT_CAP, nt.int32)
+    keep = cuda.shared.array(CUT_CAP, nt.int32)
+    buf = cuda.shared.array(NT, nt.int64)
+    red = cuda.shared.array(NT, nt.float32)
+    shv = cuda.shared.array(1, nt.int32)
+    length = lengths[b]
+    n_sel = counts[b, g]
+    sink_end = min(sink, length)
+    win_start = max(length - window, 0)
+    # the forced entries' mass, and the non-forced entries (mass, place in the row) packed in front
+    fm = F0
+    base = 0
+    for e0 in range(0, n_sel, NT):
+        e = e0 + tid
+        isf = 0
+        free = 0
+        if e < n_sel:
+            u = indices[b, g, e]
+            if u < sink_end or (window > 0 and u >= win_start):
+                isf = 1
+                fm += mass[b, g, u]
+            else:
+                free = 1
+        pr, tot = _scan(buf, tid, free)
+        if free != 0:
+            sm[base + pr] = mass[b, g, indices[b, g, e]]
+            sp[base + pr] = e
+        base += tot
+        if e < n_sel:
+            keep[e] = isf
+    n_free = base
+    for i in range(n_free + tid, n_sort, NT):  # padding sorts last
+        sm[i] = -_FINF
+        sp[i] = CUT_CAP + i
+    fm = _block_reduce(red, tid, fm, False)
+    cuda.syncthreads()
+    # bitonic sort of n_sort entries: descending mass, ties by ascending place
+    size = 2
+    while size <= n_sort:
+        stride = size // 2
+        while stride > 0:
+            for i in range(tid, n_sort, NT):
+                j = i ^ stride
+                if j > i:
+                    first = (i & size) == 0  # this run is sorted descending (else ascending)
+                    mi, mj = sm[i], sm[j]
+                    before = mi > mj or (mi == mj and sp[i] < sp[j])  # i belongs before j (descending)
+                    if before != first:
+                        sm[i], sm[j] = mj, mi
+                        sp[i], sp[j] = sp[j], sp[i]
+            cuda.syncthreads()
+            stride //= 2
+        size *= 2
+    # how many: the fewest whose running sum reaches top_p, clamped to [k_min, n_free]
+    if tid == 0:
+        need = n_free
+        if fm >= top_p:
+            need = 0
+        else:
+            cum = fm
+            for i in range(n_free):
+                cum += sm[i]
+                if cum >= top_p:
+                    need = i + 1
+                    break
+        shv[0] = min(max(need, k_min), n_free)
+    cuda.syncthreads()
+    n = shv[0]
+    for i in range(tid, n_free, NT):
+        if i < n:
+            keep[sp[i]] = 1
+    cuda.syncthreads()
+    # compact the kept entries in place (ascending, as they were): reads before writes, chunk by chunk
+    out = 0
+    for e0 in range(0, n_sel, NT):
+        e = e0 + tid
+        kv_ = 0
+        u = -1
+        if e < n_sel:
+            kv_ = keep[e]
+            u = indices[b, g, e]
+        pr, tot = _scan(buf, tid, kv_)
+        if kv_ != 0:
+            indices[b, g, out + pr] = u
+        out += tot
+        cuda.syncthreads()
+    for e in range(out + tid, indices.shape[2], NT):
+        indices[b, g, e] = -1
+    if tid == 0:
+        counts[b, g] = out
+
+
 fill = cuda.jit(_fill)
 topk_select = cuda.jit(_topk_select)
 mass_of_every_key = cuda.jit(_mass_of_every_key)
-COMMON_PY_FUNCS = {"fill": _fill, "topk_select": _topk_select, "mass_of_every_key": _mass_of_every_key}
+top_p_cut = cuda.jit(_top_p_cut)
+COMMON_PY_FUNCS = {"fill": _fill, "topk_select": _topk_select, "mass_of_every_key": _mass_of_every_key,
+                   "top_p_cut": _top_p_cut}

@@ -5,3 +5,6 @@ MAX_HEAD_DIM = 256
 #: query heads per KV head (Hq / Hkv) staged together by select_topk, dense_decode and a shared
 #: sparse_decode.
 MAX_GROUP = 16
+#: the most units (k + sink + window) a row of the adaptive budget (top_p) may hold: one block sorts
+#: them in shared memory
+CUT_CAP = 2048

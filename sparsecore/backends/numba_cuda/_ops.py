@@ -232,7 +232,7 @@ def select_topk(inp: I.SelectTopkInputs) -> TopKIndex:
             shared = 1 if inp.shared else 0
             if inp.k > 0:  # with k == 0 only the forced units are kept and no score is read
                 grid = (_cdiv(n_units, nt), hkv, b)
-                if inp.candidates:  # every key a candidate (input_reasons refuse a pool): ranked by mass
+                if inp.candidates or inp.top_p is not None:  # every key's mass (input_reasons refuse a pool)
                     _, ph = P.new((b, hq, max(n_units, 1)), "float32")
                     P.launch(kern.topk_scores_exact, grid, nt, P.view(q), kk, pt, lengths, kv_ps, dense, group, 0,
                              ph)
@@ -249,6 +249,10 @@ def select_topk(inp: I.SelectTopkInputs) -> TopKIndex:
                              shared, ups, sv)
             P.launch(common().topk_select, (g_rows, b), nt, sv, lengths, ups, int(inp.sink), inp.forced_window,
                      int(inp.k), iv, cv)
+            if inp.top_p is not None and inp.k > 0:  # the adaptive budget: as few of the k as cover top_p
+                n_sort = 1 << (int(inp.k) - 1).bit_length()
+                P.launch(common().top_p_cut, (g_rows, b), nt, sv, lengths, int(inp.sink), inp.forced_window,
+                         np.float32(inp.top_p), int(inp.k_min), n_sort, iv, cv)
     return TopKIndex(indices, counts, "token" if ps is None else "page", ps)
 
 
