@@ -124,8 +124,6 @@ def test_select_topk(benchmark, backend, method, ctx):
     elif method == "mass":
         fn = lambda: sc.select_topk(q, kv, ctx // 50, candidates=ctx, backend=backend)
     elif method == "top_p":  # docs/selection.md's adaptive budget: k <= 2 ctx / 50, top_p 0.9
-        if backend != "numba_cuda":
-            pytest.skip(f"{backend} has no top_p kernel")
         fn = lambda: sc.select_topk(q, kv, 2 * ctx // 50, top_p=0.9, k_min=ctx // 400, backend=backend)
     else:
         bounds = sc.page_bounds(kv, PAGE, backend=backend) if method == "quest_stored" else None

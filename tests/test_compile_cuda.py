@@ -17,7 +17,11 @@ import numpy as np
 import pytest
 
 from sparsecore.backends import cuda as C
-from tests._util import check_mass_ranking_against_reference, check_topk_against_reference
+from tests._util import (
+    check_adaptive_against_reference,
+    check_mass_ranking_against_reference,
+    check_topk_against_reference,
+)
 from tests.cuda_emulate import CpuRuntime
 
 pytestmark = pytest.mark.compile
@@ -44,7 +48,8 @@ def threads_of(name: str) -> int:
     """Block size the launcher uses for a kernel (the kernels carry no __launch_bounds__, see common.cuh)."""
     fam = name.split("<", 1)[0]
     return {"pack_tiles": C.NT_PACK, "pack_overflow": C.NT_PACK, "unpack": C.NT_PACK, "pack_scan": C.NT_SCAN,
-            "topk_select": C.NT_SELECT, "mass_of_every_key": C.NT_SELECT, "fill_zero_f32": 256, "cast_from_f32": 256,
+            "topk_select": C.NT_SELECT, "mass_of_every_key": C.NT_SELECT, "top_p_cut": C.NT_SELECT,
+            "fill_zero_f32": 256, "cast_from_f32": 256,
             "merge_attention": 256}.get(fam, C.NT_FFN)
 
 
@@ -268,8 +273,9 @@ def test_host_inputs_are_refused_without_touching_the_gpu() -> None:
 
 
 def test_selections_without_cuda_kernels_are_refused_with_their_reason() -> None:
-    """top_p, int8 and a pool of candidates (below the cache's capacity) have no CUDA C kernels yet:
-    both launchers say so (on any inputs), instead of running the exact kernel, which ignores them."""
+    """top_p over more than 2048 units, int8 and a pool of candidates (below the cache's capacity)
+    have no CUDA C kernels yet: both launchers say so (on any inputs), instead of running the exact
+    kernel, which ignores them."""
     import sparsecore as sc
     from sparsecore.ops.dispatcher import implementations
     from sparsecore.ops.inputs import SelectTopkInputs
@@ -278,7 +284,14 @@ def test_selections_without_cuda_kernels_are_refused_with_their_reason() -> None
     q = rng.standard_normal((1, 2, 8)).astype(np.float32)
     kv = sc.DenseKV(rng.standard_normal((1, 12, 1, 8)).astype(np.float32),
                     rng.standard_normal((1, 12, 1, 8)).astype(np.float32), np.full(1, 12, np.int32))
-    cases = [(dict(top_p=0.9), "top_p (the adaptive budget) is not implemented in {} yet"),
+    long_kv = sc.DenseKV(np.zeros((1, 2100, 1, 8), np.float32), np.zeros((1, 2100, 1, 8), np.float32),
+                         np.full(1, 2100, np.int32))
+    inp = SelectTopkInputs(q, long_kv, 2048, top_p=0.9, sink=1)
+    inp.validate()
+    for c in implementations("select_topk")[:2]:
+        assert (f"top_p (the adaptive budget) with k + sink + window = 2049 > 2048 is not implemented in {c.NAME} "
+                "yet (one block sorts a row's units in shared memory)") in c.input_reasons(inp)
+    cases = [
              (dict(method="int8", codes=sc.quantize_keys(kv)), "method = 'int8' (scoring over KeyCodes) is not "
                                                               "implemented in {} yet"),
              (dict(candidates=6), "candidates = 6 below the cache's capacity 12 (a pool ranked by attention "
@@ -290,10 +303,10 @@ def test_selections_without_cuda_kernels_are_refused_with_their_reason() -> None
         for c in implementations("select_topk")[:2]:
             assert reason.format(c.NAME) in c.input_reasons(inp), (c.NAME, opts)
     for every in (SelectTopkInputs(q, kv, 3), SelectTopkInputs(q, kv, 3, candidates=12),
-                  SelectTopkInputs(q, kv, 3, candidates=40)):  # the mass of every key has kernels
+                  SelectTopkInputs(q, kv, 3, candidates=40), SelectTopkInputs(q, kv, 3, top_p=0.9)):  # kernels
         every.validate()
         for c in implementations("select_topk")[:2]:
-            assert not any("candidates" in r for r in c.input_reasons(every)), c.NAME
+            assert not any("candidates" in r or "top_p" in r for r in c.input_reasons(every)), c.NAME
     plain = SelectTopkInputs(q, kv, 3)
     plain.validate()
     for c in implementations("select_topk")[:2]:  # host arrays: only that
@@ -417,6 +430,7 @@ def test_every_launch_matches_its_kernel_signature(dtype: str) -> None:
                     _ops.select_topk(rt, I.SelectTopkInputs(q, kv, 5, method, 2, 4, shared))
                 _ops.select_topk(rt, I.SelectTopkInputs(q, kv, 5, "quest", 2, 4, shared, None, bounds))
                 _ops.select_topk(rt, I.SelectTopkInputs(q, kv, 5, "exact", 2, 4, shared, candidates=10**6))
+                _ops.select_topk(rt, I.SelectTopkInputs(q, kv, 5, "exact", 2, 4, shared, top_p=0.9, k_min=1))
                 index = ref.select_topk(q, kv, 5, sink=2, window=4, shared=shared)
                 _ops.sparse_decode(rt, I.SparseDecodeInputs(q, kv, index))
             _ops.dense_decode(rt, I.DenseDecodeInputs(q, kv))
@@ -636,6 +650,30 @@ def test_emulated_mass_ranking_of_every_key(dtype: str, hq: int, hkv: int, d: in
     pool = I.SelectTopkInputs(q, kv, 5, candidates=40)
     pool.validate()
     assert any("candidates = 40 below the cache's capacity 160" in r for r in _reasons(pool))
+
+
+@pytest.mark.parametrize("dtype,hq,hkv,d", [("float32", 9, 3, 64), ("bfloat16", 4, 4, 40), ("float16", 8, 1, 16)],
+                         ids=["f32-gqa3-d64", "bf16-mha-d40", "f16-group8-d16"])
+def test_emulated_adaptive_budget(dtype: str, hq: int, hkv: int, d: int) -> None:
+    """select_topk(top_p=...): every key's mass, the k of highest mass, top_p_cut keeps as few as
+    cover top_p (at least k_min), against the meaning of the reference's top_p_count."""
+    from sparsecore.backends.cuda import _ops
+    from sparsecore.ops import inputs as I
+
+    emu = _needs_emu()
+    rt = emu.CpuRuntime()
+    rng = np.random.default_rng(6)
+    kv = _kv_cache(rng, _np(dtype), [150, 1, 0, 37], 160, hkv, d, dtype != "float32")
+    q = (3 * rng.standard_normal((4, hq, d))).astype(_np(dtype))
+    for shared in (True, False):
+        for k, k_min, top_p, sink, window, scale in ((40, 2, 0.9, 3, 8, None), (160, 0, 0.5, 0, 0, 0.4),
+                                                     (12, 12, 0.99, 1, 1, None), (30, 0, 1.0, 0, 4, None)):
+            inp = I.SelectTopkInputs(q, kv, k, "exact", sink, window, shared, top_p=top_p, k_min=k_min, scale=scale)
+            inp.validate()
+            assert not any("top_p" in r for r in _reasons(inp))
+            got = _ops.select_topk(rt, inp)
+            check_adaptive_against_reference(got, q, kv, k, top_p=top_p, k_min=k_min, sink=sink, window=window,
+                                             shared=shared, scale=scale)
 
 
 def _reasons(inp: Any) -> list[str]:

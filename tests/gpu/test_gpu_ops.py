@@ -204,14 +204,9 @@ def test_select_topk_mass_ranking_of_every_key(launcher, dtype, shared, paged, l
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_head"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_select_topk_adaptive_budget(launcher, dtype, shared, paged, lib):
-    """top_p on the launchers that implement it (numba_cuda; the CUDA C ones refuse it with their
-    reason), against the meaning of the reference's top_p_count."""
+    """top_p on every launcher, against the meaning of the reference's top_p_count."""
     rng, q, kv = _decode_inputs(dtype, paged)
     qd, kvd = to_lib(q, lib), to_lib(kv, lib)
-    if launcher != "numba_cuda":
-        with pytest.raises(NotImplementedError, match="top_p"):
-            sc.select_topk(qd, kvd, 50, top_p=0.9)
-        return
     for k, k_min, top_p, sink, window in ((50, 4, 0.9, 4, 16), (300, 0, 0.5, 0, 0), (20, 20, 0.99, 1, 1)):
         got = sc.select_topk(qd, kvd, k, top_p=top_p, k_min=k_min, sink=sink, window=window, shared=shared)
         check_kind(got.indices, lib)

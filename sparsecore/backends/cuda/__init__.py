@@ -31,6 +31,9 @@ NT_SCAN = 1024
 NT_FFN = 128
 NT_ATTN = 128
 NT_SELECT = 256
+#: the most units (k + sink + window) a row of the adaptive budget (top_p) may hold: one block sorts
+#: them in shared memory (template argument CAP of top_p_cut)
+CUT_CAP = 2048
 #: head_dim variants: values per lane; a block serves D <= 32 * VPL.
 VPLS: tuple[int, ...] = (1, 2, 4, 8)
 #: query heads one decode block handles at once: 1 (per head) or up to 8 (a shared GQA group).
@@ -125,7 +128,7 @@ def attention_names(dtype: str) -> list[str]:
 
 
 def attention_common_names() -> list[str]:
-    return [f"topk_select<{NT_SELECT}>", f"mass_of_every_key<{NT_SELECT}>"]
+    return [f"topk_select<{NT_SELECT}>", f"mass_of_every_key<{NT_SELECT}>", f"top_p_cut<{NT_SELECT}, {CUT_CAP}>"]
 
 
 def names_for(src: str, dtype: str) -> list[str]:

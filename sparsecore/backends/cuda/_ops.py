@@ -20,6 +20,7 @@ from ...formats.tiled_ell import TiledELL
 from ...formats.topk import TopKIndex
 from ...ops import inputs as I
 from . import (
+    CUT_CAP,
     ITYPE,
     NT_ATTN,
     NT_FFN,
@@ -339,7 +340,7 @@ def select_topk(rt: Runtime, inp: I.SelectTopkInputs) -> TopKIndex:
         else:
             bmin, bmax = rt.contig(bnd.kmin), rt.contig(bnd.kmax)
             ba, barr = [i32(1), p(rt, bmin), p(rt, bmax), i32(bnd.num_pages)], [bmin, bmax]
-        if inp.candidates:  # every key a candidate (the reasons refuse a pool): each head's scores, then the mass
+        if inp.candidates or inp.top_p is not None:  # each head's scores, then every key's mass (no pool)
             ph = rt.empty((b, hq, n_units), "float32")
             _go(rt, "attention.cu", dt, f"topk_scores<{t}, {NT_ATTN}, {vpl_for(d)}>", (cdiv(n_units, nw), hq, b),
                 NT_ATTN, [p(rt, q), i32(hq), *kva, i32(group), i32(1), i32(0), i32(1), i32(n_units), *ba,
@@ -355,6 +356,11 @@ def select_topk(rt: Runtime, inp: I.SelectTopkInputs) -> TopKIndex:
     _go(rt, "attention.cu", dt, f"topk_select<{NT_SELECT}>", (g_rows, b), NT_SELECT,
         [p(rt, scores), i32(max(n_units, 1)), kva[3], i32(int(ps is not None)), i32(ups), i32(int(inp.k)),
          i32(int(inp.sink)), i32(inp.forced_window), i32(k_max), p(rt, indices), p(rt, counts)])
+    if inp.top_p is not None and inp.k > 0:  # the adaptive budget: as few of the k as cover top_p
+        _go(rt, "attention.cu", dt, f"top_p_cut<{NT_SELECT}, {CUT_CAP}>", (g_rows, b), NT_SELECT,
+            [p(rt, scores), i32(max(n_units, 1)), kva[3], i32(int(inp.sink)), i32(inp.forced_window),
+             f32(inp.top_p), i32(int(inp.k_min)), i32(1 << (int(inp.k) - 1).bit_length()), i32(k_max),
+             p(rt, indices), p(rt, counts)])
     return TopKIndex(indices, counts, "token" if ps is None else "page", ps)
 
 

@@ -502,3 +502,109 @@ __global__ void SC_BOUNDS(NT) mass_of_every_key(const float* __restrict__ ph, in
         }
     }
 }
+
+// ---- the adaptive budget (select_topk with top_p) ------------------------------------------------------
+// Grid (G, B), NT threads: one selection row, after topk_select chose the forced units and the k
+// non-forced units of highest mass[b, g, u] (mass_of_every_key): keep of those the fewest, in
+// descending mass, that bring the row's kept mass (the forced units' to start) to top_p, at least
+// k_min (the reference's top_p_count), in place: indices stay ascending, padded with -1, counts is
+// updated. The row's entries (at most CAP) and its non-forced ones (n_sort, a power of two >= k) are
+// sorted by descending mass in shared memory (bitonic; ties by position) and summed in float32 on
+// one thread.
+template <int NT, int CAP>
+__global__ void SC_BOUNDS(NT) top_p_cut(const float* __restrict__ mass, int n_units, const int* __restrict__ lengths,
+                                                int sink, int window, float top_p, int k_min, int n_sort, int k_max,
+                                                int* __restrict__ indices, int* __restrict__ counts) {
+    __shared__ float sm[CAP];
+    __shared__ int sp[CAP];
+    __shared__ int keep[CAP];
+    __shared__ int scratch[NT / 32];
+    __shared__ float red[NT];
+    __shared__ int s_n;
+    const int g = blockIdx.x, b = blockIdx.y, G = gridDim.x;
+    const i64 row = (i64)b * G + g;
+    const float* mr = mass + row * n_units;
+    int* out = indices + row * k_max;
+    const int length = lengths[b];
+    const int n_sel = counts[row];
+    // the forced entries' mass; the non-forced entries (mass, place in the row) packed in front
+    float fm = 0.0f;
+    int n_free = 0;
+    for (int e0 = 0; e0 < n_sel; e0 += NT) {
+        const int e = e0 + threadIdx.x;
+        int forced = 0, free = 0, u = -1;
+        if (e < n_sel) {
+            u = out[e];
+            forced = is_forced(u, 0, 1, length, sink, window);
+            free = !forced;
+            if (forced) fm += mr[u];
+            keep[e] = forced;
+        }
+        const int2 pos = sc::block_prefix<NT>(free, scratch);
+        if (free) {
+            sm[n_free + pos.x] = mr[u];
+            sp[n_free + pos.x] = e;
+        }
+        n_free += pos.y;
+    }
+    for (int i = n_free + threadIdx.x; i < n_sort; i += NT) {  // padding sorts last
+        sm[i] = -INFINITY;
+        sp[i] = CAP + i;
+    }
+    fm = block_reduce<NT>(fm, false, red);
+    // bitonic sort of n_sort entries: descending mass, ties by ascending place
+    for (int size = 2; size <= n_sort; size <<= 1) {
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            for (int i = threadIdx.x; i < n_sort; i += NT) {
+                const int j = i ^ stride;
+                if (j > i) {
+                    const bool descending = (i & size) == 0;
+                    const float mi = sm[i], mj = sm[j];
+                    const bool before = mi > mj || (mi == mj && sp[i] < sp[j]);
+                    if (before != descending) {
+                        sm[i] = mj;
+                        sm[j] = mi;
+                        const int t = sp[i];
+                        sp[i] = sp[j];
+                        sp[j] = t;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    }
+    // how many: the fewest whose running sum reaches top_p, clamped to [k_min, n_free]
+    if (threadIdx.x == 0) {
+        int need = n_free;
+        if (fm >= top_p) {
+            need = 0;
+        } else {
+            float cum = fm;
+            for (int i = 0; i < n_free; ++i) {
+                cum += sm[i];
+                if (cum >= top_p) {
+                    need = i + 1;
+                    break;
+                }
+            }
+        }
+        s_n = min(max(need, k_min), n_free);
+    }
+    __syncthreads();
+    const int n = s_n;
+    for (int i = threadIdx.x; i < n; i += NT) keep[sp[i]] = 1;
+    __syncthreads();
+    // compact the kept entries in place (ascending, as they were): reads before writes, chunk by chunk
+    int written = 0;
+    for (int e0 = 0; e0 < n_sel; e0 += NT) {
+        const int e = e0 + threadIdx.x;
+        const int kept = e < n_sel ? keep[e] : 0;
+        const int u = e < n_sel ? out[e] : -1;
+        const int2 pos = sc::block_prefix<NT>(kept, scratch);
+        if (kept) out[written + pos.x] = u;
+        written += pos.y;
+        __syncthreads();
+    }
+    for (int j = written + threadIdx.x; j < k_max; j += NT) out[j] = -1;
+    if (threadIdx.x == 0) counts[row] = written;
+}
