@@ -443,14 +443,8 @@ __global__ void SC_BOUNDS(NT) topk_select(const float* __restrict__ scores, int 
     if (threadIdx.x == 0) counts[row] = min(written, k_max);
 }
 
-// ---- mass ranking of every key (select_topk with candidates covering every key) ----------------------
-// Grid (G, B), NT threads: one selection row. mass[b, g, t] for t < lengths[b] = the mean over the row's
-// query heads (the group's when shared, query head g alone otherwise) of each head's softmax of
-// scale * ph[b, h, t] over every key of the sequence (ph[B, Hq, n_units]: topk_scores with per_head = 1,
-// each head's own q . k), as the reference's softmax_mass: a NaN score carries no mass, a head whose
-// maximum is +inf gives its mass to its +inf keys in equal shares, a head with every score -inf gives
-// none. float32 (masses under float32's smallest tie at 0, taken in position order); topk_select then
-// keeps the forced units and the k of highest mass.
+// The max (take_max) or the sum of v over the block, through red[NT]; every thread gets it (NaN never
+// wins a max: the callers pass none). A barrier per level and two more; every thread of the block must call it.
 template <int NT>
 __device__ __forceinline__ float block_reduce(float v, bool take_max, float* red) {
     red[threadIdx.x] = v;
@@ -467,6 +461,14 @@ __device__ __forceinline__ float block_reduce(float v, bool take_max, float* red
     return r;
 }
 
+// ---- mass ranking of every key (select_topk with candidates covering every key) ----------------------
+// Grid (G, B), NT threads: one selection row. mass[b, g, t] for t < lengths[b] = the mean over the row's
+// query heads (the group's when shared, query head g alone otherwise) of each head's softmax of
+// scale * ph[b, h, t] over every key of the sequence (ph[B, Hq, n_units]: topk_scores with per_head = 1,
+// each head's own q . k), as the reference's softmax_mass: a NaN score carries no mass, a head whose
+// maximum is +inf gives its mass to its +inf keys in equal shares, a head with every score -inf gives
+// none. float32 (masses under float32's smallest tie at 0, taken in position order); topk_select then
+// keeps the forced units and the k of highest mass.
 template <int NT>
 __global__ void SC_BOUNDS(NT) mass_of_every_key(const float* __restrict__ ph, int n_units,
                                                         const int* __restrict__ lengths, int group, int shared,
