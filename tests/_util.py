@@ -131,24 +131,33 @@ def check_mass_ranking_against_reference(got: Any, q: np.ndarray, kv: Any, k: in
     ``softmax_mass`` of its scaled scores over every key, the mean over the group when shared), up to
     ``rel_tol * (1 + that mass)`` (float32 masses on the device; ties may break either way)."""
     from sparsecore import reference as ref
-    from sparsecore.reference.attention import forced_positions, head_scores, sequence_kv, softmax_mass
 
     want = ref.select_topk(q, kv, k, sink=sink, window=window, shared=shared, candidates=10**9, scale=scale)
     ind, cnt = to_host(got.indices), to_host(got.counts)
     assert ind.shape == want.indices.shape, f"k_max: {ind.shape} != {want.indices.shape}"
     np.testing.assert_array_equal(cnt, want.counts, err_msg="counts")
     got.map_arrays(to_host).validate(lengths=kv.lengths)
-    group = q.shape[1] // kv.num_kv_heads
-    sc = 1.0 / np.sqrt(q.shape[2]) if scale is None else scale
     for b in range(q.shape[0]):
-        keys, _ = sequence_kv(kv, b)
-        n = int(kv.lengths[b])
-        mass = softmax_mass(sc * head_scores(q[b], keys, group)) if n else np.zeros((q.shape[1], 0))
-        if shared:
-            mass = mass.reshape(mass.shape[0] // group, group, n).mean(axis=1)
-        forced = set(forced_positions(n, sink, window, None).tolist())
+        mass, forced, n = _sequence_masses(q, kv, b, shared, scale, sink, window)
         for g in range(ind.shape[1]):
             _check_row(ind[b, g, :cnt[b, g]], mass[g], n, forced, lambda hi: rel_tol * (1 + hi), (b, g))
+
+
+def _sequence_masses(q: np.ndarray, kv: Any, b: int, shared: bool, scale: float | None, sink: int,
+                     window: int) -> tuple[np.ndarray, set[int], int]:
+    """``(mass[G, n], forced units, n)`` of sequence b: each query head's ``softmax_mass`` of its
+    scaled scores over the sequence's n keys (float64, the reference's), the mean over the group
+    when shared."""
+    from sparsecore.reference.attention import forced_positions, head_scores, sequence_kv, softmax_mass
+
+    group = q.shape[1] // kv.num_kv_heads
+    sc = 1.0 / np.sqrt(q.shape[2]) if scale is None else scale
+    keys, _ = sequence_kv(kv, b)
+    n = int(kv.lengths[b])
+    mass = softmax_mass(sc * head_scores(q[b], keys, group)) if n else np.zeros((q.shape[1], 0))
+    if shared:
+        mass = mass.reshape(mass.shape[0] // group, group, n).mean(axis=1)
+    return mass, set(forced_positions(n, sink, window, None).tolist()), n
 
 
 def check_adaptive_against_reference(got: Any, q: np.ndarray, kv: Any, k: int, *, top_p: float, k_min: int,
@@ -161,21 +170,13 @@ def check_adaptive_against_reference(got: Any, q: np.ndarray, kv: Any, k: int, *
     unless ``n`` is ``k'``; and dropping the smallest chosen mass falling short of it unless ``n``
     is ``k_min`` (both up to ``tol``)."""
     from sparsecore import reference as ref
-    from sparsecore.reference.attention import forced_positions, head_scores, sequence_kv, softmax_mass
 
     want = ref.select_topk(q, kv, k, sink=sink, window=window, shared=shared, top_p=top_p, k_min=k_min, scale=scale)
     ind, cnt = to_host(got.indices), to_host(got.counts)
     assert ind.shape == want.indices.shape, f"k_max: {ind.shape} != {want.indices.shape}"
     got.map_arrays(to_host).validate(lengths=kv.lengths)
-    group = q.shape[1] // kv.num_kv_heads
-    sc = 1.0 / np.sqrt(q.shape[2]) if scale is None else scale
     for b in range(q.shape[0]):
-        keys, _ = sequence_kv(kv, b)
-        n_len = int(kv.lengths[b])
-        mass = softmax_mass(sc * head_scores(q[b], keys, group)) if n_len else np.zeros((q.shape[1], 0))
-        if shared:
-            mass = mass.reshape(mass.shape[0] // group, group, n_len).mean(axis=1)
-        forced = set(forced_positions(n_len, sink, window, None).tolist())
+        mass, forced, n_len = _sequence_masses(q, kv, b, shared, scale, sink, window)
         for g in range(ind.shape[1]):
             where = (b, g)
             _check_row(ind[b, g, :cnt[b, g]], mass[g], n_len, forced, lambda hi: tol * (1 + hi), where)
