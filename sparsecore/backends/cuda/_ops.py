@@ -340,19 +340,15 @@ def select_topk(rt: Runtime, inp: I.SelectTopkInputs) -> TopKIndex:
         else:
             bmin, bmax = rt.contig(bnd.kmin), rt.contig(bnd.kmax)
             ba, barr = [i32(1), p(rt, bmin), p(rt, bmax), i32(bnd.num_pages)], [bmin, bmax]
-        if inp.candidates or inp.top_p is not None:  # each head's scores, then every key's mass (no pool)
-            ph = rt.empty((b, hq, n_units), "float32")
-            _go(rt, "attention.cu", dt, f"topk_scores<{t}, {NT_ATTN}, {vpl_for(d)}>", (cdiv(n_units, nw), hq, b),
-                NT_ATTN, [p(rt, q), i32(hq), *kva, i32(group), i32(1), i32(0), i32(1), i32(n_units), *ba,
-                          _al(rt, [q, *kvarr], [d], dt), p(rt, ph)])
+        mass = bool(inp.candidates) or inp.top_p is not None  # each head's scores, then every key's mass
+        rows, out = (hq, rt.empty((b, hq, n_units), "float32")) if mass else (g_rows, scores)
+        _go(rt, "attention.cu", dt, f"topk_scores<{t}, {NT_ATTN}, {vpl_for(d)}>", (cdiv(n_units, nw), rows, b),
+            NT_ATTN, [p(rt, q), i32(hq), *kva, i32(group), i32(int(per_head or mass)), i32(int(ps is not None)),
+                      i32(ups), i32(n_units), *ba, _al(rt, [q, *kvarr, *barr], [d], dt), p(rt, out)])
+        if mass:  # (the reasons refuse a pool of candidates: every key is one)
             scale = 1.0 / math.sqrt(d) if inp.scale is None else float(inp.scale)
             _go(rt, "attention.cu", dt, f"mass_of_every_key<{NT_SELECT}>", (g_rows, b), NT_SELECT,
-                [p(rt, ph), i32(n_units), kva[3], i32(group), i32(int(not per_head)), f32(scale), p(rt, scores)])
-        else:
-            _go(rt, "attention.cu", dt, f"topk_scores<{t}, {NT_ATTN}, {vpl_for(d)}>",
-                (cdiv(n_units, nw), g_rows, b), NT_ATTN,
-                [p(rt, q), i32(hq), *kva, i32(group), i32(int(per_head)), i32(int(ps is not None)), i32(ups),
-                 i32(n_units), *ba, _al(rt, [q, *kvarr, *barr], [d], dt), p(rt, scores)])
+                [p(rt, out), i32(n_units), kva[3], i32(group), i32(int(not per_head)), f32(scale), p(rt, scores)])
     _go(rt, "attention.cu", dt, f"topk_select<{NT_SELECT}>", (g_rows, b), NT_SELECT,
         [p(rt, scores), i32(max(n_units, 1)), kva[3], i32(int(ps is not None)), i32(ups), i32(int(inp.k)),
          i32(int(inp.sink)), i32(inp.forced_window), i32(k_max), p(rt, indices), p(rt, counts)])

@@ -232,15 +232,14 @@ def select_topk(inp: I.SelectTopkInputs) -> TopKIndex:
             shared = 1 if inp.shared else 0
             if inp.k > 0:  # with k == 0 only the forced units are kept and no score is read
                 grid = (_cdiv(n_units, nt), hkv, b)
-                if inp.candidates or inp.top_p is not None:  # every key's mass (input_reasons refuse a pool)
-                    _, ph = P.new((b, hq, max(n_units, 1)), "float32")
-                    P.launch(kern.topk_scores_exact, grid, nt, P.view(q), kk, pt, lengths, kv_ps, dense, group, 0,
-                             ph)
-                    scale = np.float32(1.0 / math.sqrt(kv.head_dim) if inp.scale is None else inp.scale)
-                    P.launch(common().mass_of_every_key, (g_rows, b), nt, ph, lengths, group, shared, scale, sv)
-                elif ps is None:
+                mass = bool(inp.candidates) or inp.top_p is not None  # each head's scores, then every key's mass
+                if ps is None:
+                    out = P.new((b, hq, max(n_units, 1)), "float32")[1] if mass else sv
                     P.launch(kern.topk_scores_exact, grid, nt, P.view(q), kk, pt, lengths, kv_ps, dense, group,
-                             shared, sv)
+                             0 if mass else shared, out)
+                    if mass:  # (input_reasons refuse a pool of candidates: every key is one)
+                        scale = np.float32(1.0 / math.sqrt(kv.head_dim) if inp.scale is None else inp.scale)
+                        P.launch(common().mass_of_every_key, (g_rows, b), nt, out, lengths, group, shared, scale, sv)
                 elif inp.bounds is not None:  # the pages' min/max from the bounds, not the keys
                     P.launch(kern.topk_scores_quest_bounds, grid, nt, P.view(q), P.view(inp.bounds.kmin),
                              P.view(inp.bounds.kmax), lengths, group, shared, ups, sv)
