@@ -273,9 +273,10 @@ def test_host_inputs_are_refused_without_touching_the_gpu() -> None:
 
 
 def test_selections_without_cuda_kernels_are_refused_with_their_reason() -> None:
-    """top_p over more than 2048 units, int8 and a pool of candidates (below the cache's capacity)
-    have no CUDA C kernels yet: both launchers say so (on any inputs), instead of running the exact
-    kernel, which ignores them."""
+    """int8 and a pool of candidates (below the cache's capacity) have no CUDA C kernels yet: both
+    launchers say so (on any inputs), instead of running the exact kernel, which ignores them; top_p
+    over more than the shared-memory sort's 2048 units is not refused (its sort runs in global
+    memory)."""
     import sparsecore as sc
     from sparsecore.ops.dispatcher import implementations
     from sparsecore.ops.inputs import SelectTopkInputs
@@ -289,8 +290,7 @@ def test_selections_without_cuda_kernels_are_refused_with_their_reason() -> None
     inp = SelectTopkInputs(q, long_kv, 2048, top_p=0.9, sink=1)
     inp.validate()
     for c in implementations("select_topk")[:2]:
-        assert (f"top_p (the adaptive budget) with k + sink + window = 2049 > 2048 is not implemented in {c.NAME} "
-                "yet (one block sorts a row's units in shared memory)") in c.input_reasons(inp)
+        assert not any("top_p" in r for r in c.input_reasons(inp))
     cases = [
              (dict(method="int8", codes=sc.quantize_keys(kv)), "method = 'int8' (scoring over KeyCodes) is not "
                                                               "implemented in {} yet"),
@@ -674,6 +674,51 @@ def test_emulated_adaptive_budget(dtype: str, hq: int, hkv: int, d: int) -> None
             got = _ops.select_topk(rt, inp)
             check_adaptive_against_reference(got, q, kv, k, top_p=top_p, k_min=k_min, sink=sink, window=window,
                                              shared=shared, scale=scale)
+
+
+def test_emulated_adaptive_budget_past_the_shared_sort() -> None:
+    """top_p rows past the 2048 units of top_p_cut's shared-memory sort (k = 2100, k + sink + window
+    = 2120; k_min 2050): their sort runs in the global workspace, against the meaning of the
+    reference's top_p_count."""
+    from sparsecore.backends.cuda import _ops
+    from sparsecore.ops import inputs as I
+
+    emu = _needs_emu()
+    rt = emu.CpuRuntime()
+    rng = np.random.default_rng(8)
+    kv = _kv_cache(rng, np.float32, [2300, 2150], 2300, 1, 16, False)
+    q = (2 * rng.standard_normal((2, 3, 16))).astype(np.float32)
+    for k, k_min, top_p, sink, window in ((2100, 0, 0.999, 4, 16), (2100, 2050, 0.5, 0, 0)):
+        inp = I.SelectTopkInputs(q, kv, k, "exact", sink, window, True, top_p=top_p, k_min=k_min)
+        inp.validate()
+        assert inp.k_max > _ops.CUT_SHARED and not any("top_p" in r for r in _reasons(inp))
+        got = _ops.select_topk(rt, inp)
+        check_adaptive_against_reference(got, q, kv, k, top_p=top_p, k_min=k_min, sink=sink, window=window,
+                                         shared=True, scale=None)
+
+
+@pytest.mark.parametrize("dtype,hq,hkv,d", [("float32", 6, 2, 16), ("bfloat16", 2, 2, 8)], ids=["f32-gqa3", "bf16-mha"])
+def test_emulated_adaptive_budget_sorts_in_global_memory(dtype: str, hq: int, hkv: int, d: int,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """top_p_cut with its workspace in global memory on small rows (the shared sort's limit lowered
+    to 8 units), against the meaning of the reference's top_p_count."""
+    from sparsecore.backends.cuda import _ops
+    from sparsecore.ops import inputs as I
+
+    emu = _needs_emu()
+    rt = emu.CpuRuntime()
+    rng = np.random.default_rng(9)
+    monkeypatch.setattr(_ops, "CUT_SHARED", 8)
+    kv = _kv_cache(rng, _np(dtype), [150, 1, 0, 37], 160, hkv, d, dtype != "float32")
+    q = (3 * rng.standard_normal((4, hq, d))).astype(_np(dtype))
+    for shared in (True, False):
+        for k, k_min, top_p, sink, window in ((40, 2, 0.9, 3, 8), (160, 0, 0.5, 0, 0), (5, 5, 0.99, 1, 1),
+                                              (30, 0, 1.0, 0, 4)):
+            inp = I.SelectTopkInputs(q, kv, k, "exact", sink, window, shared, top_p=top_p, k_min=k_min)
+            inp.validate()
+            got = _ops.select_topk(rt, inp)
+            check_adaptive_against_reference(got, q, kv, k, top_p=top_p, k_min=k_min, sink=sink, window=window,
+                                             shared=shared, scale=None)
 
 
 def _reasons(inp: Any) -> list[str]:

@@ -214,6 +214,23 @@ def test_select_topk_adaptive_budget(launcher, dtype, shared, paged, lib):
                                          shared=shared, scale=None)
 
 
+@requires_gpu
+@pytest.mark.parametrize("lib", LIBS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_select_topk_adaptive_budget_past_the_shared_sort(launcher, dtype, lib):
+    """top_p rows of more than 2048 units (the shared-memory sort's size): top_p_cut sorts them in
+    its global workspace."""
+    rng = np.random.default_rng(12)
+    kv = kv_cache(rng, dtype, [5000, 2200, 0], 5000, 2, 64, True)
+    q = rng.standard_normal((3, 6, 64)).astype(NP[dtype])
+    qd, kvd = to_lib(q, lib), to_lib(kv, lib)
+    for shared, k, k_min, top_p, sink, window in ((True, 4000, 0, 0.99, 4, 64), (False, 2100, 2049, 0.5, 0, 0)):
+        got = sc.select_topk(qd, kvd, k, top_p=top_p, k_min=k_min, sink=sink, window=window, shared=shared)
+        check_kind(got.indices, lib)
+        check_adaptive_against_reference(got, q, kv, k, top_p=top_p, k_min=k_min, sink=sink, window=window,
+                                         shared=shared, scale=None)
+
+
 def _bits(x: Any) -> np.ndarray:
     a = host(x)
     return a.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])

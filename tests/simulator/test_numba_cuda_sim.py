@@ -6,6 +6,7 @@ never by index equality (ties may be broken either way)."""
 from __future__ import annotations
 
 import dataclasses
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -294,9 +295,20 @@ def test_select_topk_mass_ranking_of_every_key(dtype, b, hkv, group, d, s, k, si
          k_min=2)                                                                                   # every key
 @example(b=1, hkv=1, group=3, d=4, s=24, k=8, sink=1, window=2, shared=True, paged=False, seed=5, top_p=0.5,
          k_min=0)                                                                                   # the forced cover
-def test_select_topk_adaptive_budget(dtype, b, hkv, group, d, s, k, sink, window, shared, paged, seed, top_p, k_min):
+@pytest.mark.parametrize("cut_shared", [None, 4], ids=["shared-sort", "global-sort"])
+def test_select_topk_adaptive_budget(dtype, cut_shared, b, hkv, group, d, s, k, sink, window, shared, paged, seed,
+                                     top_p, k_min):
     """top_p: the fewest of the k highest-mass units that bring the kept mass to top_p, at least
-    k_min (each key's mass from mass_of_every_key, the cut from top_p_cut)."""
+    k_min (each key's mass from mass_of_every_key, the cut from top_p_cut); with ``cut_shared`` the
+    shared-memory sort's limit lowered to that many units, so that rows of more sort in top_p_cut's
+    global workspace (the path of rows past 2048 units)."""
+    from sparsecore.backends.numba_cuda import _ops
+
+    with mock.patch.object(_ops, "CUT_SHARED", cut_shared or _ops.CUT_SHARED):
+        _adaptive_budget_case(dtype, b, hkv, group, d, s, k, sink, window, shared, paged, seed, top_p, k_min)
+
+
+def _adaptive_budget_case(dtype, b, hkv, group, d, s, k, sink, window, shared, paged, seed, top_p, k_min):
     q, kv = _topk_case(dtype, b, hkv, group, d, s, paged, seed)
     q = q * 4  # sharper softmaxes: the budget varies between rows
     k = min(k, kv.max_len)
@@ -341,16 +353,16 @@ def test_select_topk_mass_ranking_follows_the_nonfinite_contract(poison):
             assert all(5 not in row for row in sel.tolist())
 
 
-def test_select_topk_top_p_int8_and_candidates_are_refused_with_their_reason():
-    """The adaptive budget of more than 2048 units, int8 ranking and ranking a pool of candidates
-    by attention mass are host-only for now: on device arrays the dispatcher says so (numba_cuda's reason) instead of
-    running a kernel that ignores them (the exact kernel ran for ``candidates`` before, a selection
-    the reference does not make)."""
+def test_select_topk_int8_and_candidates_are_refused_with_their_reason():
+    """int8 ranking and ranking a pool of candidates by attention mass are host-only for now: on
+    device arrays the dispatcher says so (numba_cuda's reason) instead of running a kernel that
+    ignores them (the exact kernel ran for ``candidates`` before, a selection the reference does not
+    make). The adaptive budget past 2048 units is not refused (its sort runs in global memory)."""
     q, kv = _topk_case("float32", 1, 1, 2, 4, 10, False, 0)
     q_long, kv_long = _topk_case("float32", 1, 1, 2, 4, 2100, False, 0, lengths=[2100])
-    with pytest.raises(NotImplementedError, match="top_p .the adaptive budget. with k . sink . window = 2049 > 2048 "
-                                                  "is not implemented in numba_cuda"):
-        sc.select_topk(dev(q_long), dev(kv_long), 2048, top_p=0.9, sink=1)
+    inp = I.SelectTopkInputs(dev(q_long), dev(kv_long), 2048, top_p=0.9, sink=1)
+    inp.validate()
+    assert select(inp).NAME == "numba_cuda"
     codes = sc.quantize_keys(kv)
     with pytest.raises(NotImplementedError, match="method = 'int8' .scoring over KeyCodes. is not implemented"):
         sc.select_topk(dev(q), dev(kv), 3, method="int8", codes=dev(codes))

@@ -31,8 +31,9 @@ NT_SCAN = 1024
 NT_FFN = 128
 NT_ATTN = 128
 NT_SELECT = 256
-#: the most units (k + sink + window) a row of the adaptive budget (top_p) may hold: one block sorts
-#: them in shared memory (template argument CAP of top_p_cut)
+#: the size of the shared-memory sort of a row of the adaptive budget (top_p; template argument CAP
+#: of top_p_cut): rows of more units (k + sink + window, or k rounded up to a power of two) sort in a
+#: global-memory workspace instead
 CUT_CAP = 2048
 #: head_dim variants: values per lane; a block serves D <= 32 * VPL.
 VPLS: tuple[int, ...] = (1, 2, 4, 8)

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 from ..._arrays import dtype_name
 from ...formats.kv import PagedKV
 from ...ops.dispatcher import OPS, BackendOp
-from . import CUT_CAP, MAX_HEAD_DIM
+from . import MAX_HEAD_DIM
 from . import _arrays as A
 from . import _ops as ops
 
@@ -44,9 +44,6 @@ def _input_reasons(name: str, op: str, inp: Any, kinds: tuple[str, ...]) -> list
         reasons += _attention_reasons(name, inp.q, inp.kv)
         if int(inp.q.shape[0]) > 65535:
             reasons.append(f"batch = {int(inp.q.shape[0])}; {name} supports at most 65535 sequences per call")
-        if op == "select_topk" and inp.top_p is not None and inp.k_max > CUT_CAP:
-            reasons.append(f"top_p (the adaptive budget) with k + sink + window = {inp.k_max} > {CUT_CAP} is not "
-                           f"implemented in {name} yet (one block sorts a row's units in shared memory)")
         if op == "select_topk" and inp.method == "int8":
             reasons.append(f"method = 'int8' (scoring over KeyCodes) is not implemented in {name} yet")
         if op == "select_topk" and inp.candidates and inp.candidates < inp.kv.max_len:

@@ -57,6 +57,12 @@ class Runtime(Protocol):
     def read_int(self, x: Any, i: int) -> int: ...
 
 
+#: the most units (k rounded up to a power of two, and k + sink + window) a row of the adaptive
+#: budget sorts in shared memory (CUT_CAP); above it the sort runs in a global workspace (tests lower
+#: it to exercise that path on small rows)
+CUT_SHARED = CUT_CAP
+
+
 def p(rt: Runtime, x: Any) -> np.uint64:
     return np.uint64(rt.ptr(x))
 
@@ -353,10 +359,13 @@ def select_topk(rt: Runtime, inp: I.SelectTopkInputs) -> TopKIndex:
         [p(rt, scores), i32(max(n_units, 1)), kva[3], i32(int(ps is not None)), i32(ups), i32(int(inp.k)),
          i32(int(inp.sink)), i32(inp.forced_window), i32(k_max), p(rt, indices), p(rt, counts)])
     if inp.top_p is not None and inp.k > 0:  # the adaptive budget: as few of the k as cover top_p
+        n_sort = 1 << (int(inp.k) - 1).bit_length()
+        ws = [rt.empty((b * g_rows, n_sort), "float32"), rt.empty((b * g_rows, n_sort), "int32"),
+              rt.empty((b * g_rows, k_max), "int32")] if max(n_sort, k_max) > CUT_SHARED else []
         _go(rt, "attention.cu", dt, f"top_p_cut<{NT_SELECT}, {CUT_CAP}>", (g_rows, b), NT_SELECT,
             [p(rt, scores), i32(max(n_units, 1)), kva[3], i32(int(inp.sink)), i32(inp.forced_window),
-             f32(inp.top_p), i32(int(inp.k_min)), i32(1 << (int(inp.k) - 1).bit_length()), i32(k_max),
-             p(rt, indices), p(rt, counts)])
+             f32(inp.top_p), i32(int(inp.k_min)), i32(n_sort), i32(k_max), p(rt, indices), p(rt, counts),
+             *([p(rt, w) for w in ws] if ws else [np.uint64(0)] * 3)])
     return TopKIndex(indices, counts, "token" if ps is None else "page", ps)
 
 

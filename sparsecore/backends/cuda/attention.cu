@@ -510,16 +510,18 @@ __global__ void SC_BOUNDS(NT) mass_of_every_key(const float* __restrict__ ph, in
 // non-forced units of highest mass[b, g, u] (mass_of_every_key): keep of those the fewest, in
 // descending mass, that bring the row's kept mass (the forced units' to start) to top_p, at least
 // k_min (the reference's top_p_count), in place: indices stay ascending, padded with -1, counts is
-// updated. The row's entries (at most CAP) and its non-forced ones (n_sort, a power of two >= k) are
-// sorted by descending mass in shared memory (bitonic; ties by position) and summed in float32 on
-// one thread.
+// updated. The row's non-forced entries (n_sort, a power of two >= k) are sorted by descending mass
+// (bitonic; ties by position) and summed in float32 on one thread. The sort runs in shared memory
+// when ws_m is null (n_sort and the row's entries at most CAP), else in the row's slices of the
+// global workspaces ws_m, ws_p [B * G, n_sort] and ws_keep [B * G, k_max] (any size; slower).
 template <int NT, int CAP>
 __global__ void SC_BOUNDS(NT) top_p_cut(const float* __restrict__ mass, int n_units, const int* __restrict__ lengths,
                                                 int sink, int window, float top_p, int k_min, int n_sort, int k_max,
-                                                int* __restrict__ indices, int* __restrict__ counts) {
-    __shared__ float sm[CAP];
-    __shared__ int sp[CAP];
-    __shared__ int keep[CAP];
+                                                int* __restrict__ indices, int* __restrict__ counts,
+                                                float* ws_m, int* ws_p, int* ws_keep) {
+    __shared__ float sm_shared[CAP];
+    __shared__ int sp_shared[CAP];
+    __shared__ int keep_shared[CAP];
     __shared__ int scratch[NT / 32];
     __shared__ float red[NT];
     __shared__ int s_n;
@@ -529,6 +531,10 @@ __global__ void SC_BOUNDS(NT) top_p_cut(const float* __restrict__ mass, int n_un
     int* out = indices + row * k_max;
     const int length = lengths[b];
     const int n_sel = counts[row];
+    const bool global = ws_m != nullptr;
+    float* sm = global ? ws_m + row * n_sort : sm_shared;
+    int* sp = global ? ws_p + row * n_sort : sp_shared;
+    int* keep = global ? ws_keep + row * k_max : keep_shared;
     // the forced entries' mass; the non-forced entries (mass, place in the row) packed in front
     float fm = 0.0f;
     int n_free = 0;
@@ -551,7 +557,7 @@ __global__ void SC_BOUNDS(NT) top_p_cut(const float* __restrict__ mass, int n_un
     }
     for (int i = n_free + threadIdx.x; i < n_sort; i += NT) {  // padding sorts last
         sm[i] = -INFINITY;
-        sp[i] = CAP + i;
+        sp[i] = n_sort + i;
     }
     fm = block_reduce<NT>(fm, false, red);
     // bitonic sort of n_sort entries: descending mass, ties by ascending place

@@ -127,9 +127,6 @@ class SelectTopk(_NumbaCuda):
     @classmethod
     def input_reasons(cls, inp: I.SelectTopkInputs) -> list[str]:
         reasons = cls._attention_reasons(inp.q, inp.kv, grouped=True)
-        if inp.top_p is not None and inp.k_max > _limits.CUT_CAP:
-            reasons.append(f"top_p (the adaptive budget) with k + sink + window = {inp.k_max} > {_limits.CUT_CAP} is "
-                           "not implemented in numba_cuda yet (one block sorts a row's units in shared memory)")
         if inp.method == "int8":
             reasons.append("method = 'int8' (scoring over KeyCodes) is not implemented in numba_cuda yet")
         if inp.candidates and inp.candidates < inp.kv.max_len:

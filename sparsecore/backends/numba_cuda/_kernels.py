@@ -1072,20 +1072,29 @@ def _mass_of_every_key(ph, lengths, group, shared, scale, mass):
             mass[b, g, t] += p * inv
 
 
-def _top_p_cut(mass, lengths, sink, window, top_p, k_min, n_sort, indices, counts):
+def _top_p_cut(mass, lengths, sink, window, top_p, k_min, n_sort, indices, counts, ws_m, ws_p, ws_keep, use_ws):
     """Grid (G, B), one block per selection row, after ``topk_select`` chose the forced units and
     the ``k`` non-forced of highest ``mass[b, g, u]``: keep of those the fewest, in descending mass,
     that bring the row's kept mass (the forced units' to start) to ``top_p``, at least ``k_min``
     (the reference's ``top_p_count``), in place: ``indices`` stay ascending, padded with -1, and
-    ``counts`` is updated. The row's non-forced entries (at most ``n_sort`` <= CUT_CAP, a power of
-    two) are sorted by descending mass in shared memory (bitonic; ties by position), their running
-    sum taken in float32 on one thread."""
+    ``counts`` is updated. The row's non-forced entries (``n_sort``, a power of two, at least as
+    many) are sorted by descending mass (bitonic; ties by position), their running sum taken in
+    float32 on one thread. The sort runs in shared memory when ``use_ws == 0`` (``n_sort`` and the
+    row's units <= CUT_CAP), else in the row's slices of the workspaces ``ws_m``/``ws_p``
+    ``[B * G, >= n_sort]`` and ``ws_keep`` ``[B * G, >= k + sink + window]`` in global memory
+    (any size; slower)."""
     g = cuda.blockIdx.x
     b = cuda.blockIdx.y
     tid = cuda.threadIdx.x
-    sm = cuda.shared.array(CUT_CAP, nt.float32)
-    sp = cuda.shared.array(CUT_CAP, nt.int32)
-    keep = cuda.shared.array(CUT_CAP, nt.int32)
+    if use_ws != 0:
+        row = b * cuda.gridDim.x + g
+        sm = ws_m[row]
+        sp = ws_p[row]
+        keep = ws_keep[row]
+    else:
+        sm = cuda.shared.array(CUT_CAP, nt.float32)
+        sp = cuda.shared.array(CUT_CAP, nt.int32)
+        keep = cuda.shared.array(CUT_CAP, nt.int32)
     buf = cuda.shared.array(NT, nt.int64)
     red = cuda.shared.array(NT, nt.float32)
     shv = cuda.shared.array(1, nt.int32)
@@ -1117,7 +1126,7 @@ def _top_p_cut(mass, lengths, sink, window, top_p, k_min, n_sort, indices, count
     n_free = base
     for i in range(n_free + tid, n_sort, NT):  # padding sorts last
         sm[i] = -_FINF
-        sp[i] = CUT_CAP + i
+        sp[i] = n_sort + i
     fm = _block_reduce(red, tid, fm, False)
     cuda.syncthreads()
     # bitonic sort of n_sort entries: descending mass, ties by ascending place

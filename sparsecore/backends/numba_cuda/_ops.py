@@ -14,7 +14,13 @@ from ...formats.kv import DenseKV, PageBounds, PagedKV
 from ...formats.tiled_ell import TiledELL
 from ...formats.topk import TopKIndex
 from ...ops import inputs as I
+from ._limits import CUT_CAP
 from ._runtime import Place, common, kernels
+
+#: the most units (k rounded up to a power of two, and k + sink + window) a row of the adaptive
+#: budget sorts in shared memory; above it the sort runs in a global workspace (tests lower it to
+#: exercise that path on small rows)
+CUT_SHARED = CUT_CAP
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -250,8 +256,13 @@ def select_topk(inp: I.SelectTopkInputs) -> TopKIndex:
                      int(inp.k), iv, cv)
             if inp.top_p is not None and inp.k > 0:  # the adaptive budget: as few of the k as cover top_p
                 n_sort = 1 << (int(inp.k) - 1).bit_length()
+                if max(n_sort, k_max) > CUT_SHARED:  # the row's sort in global memory
+                    ws = (P.new((b * g_rows, n_sort), "float32")[1], P.new((b * g_rows, n_sort), "int32")[1],
+                          P.new((b * g_rows, k_max), "int32")[1], 1)
+                else:
+                    ws = (P.new((1, 1), "float32")[1], P.new((1, 1), "int32")[1], P.new((1, 1), "int32")[1], 0)
                 P.launch(common().top_p_cut, (g_rows, b), nt, sv, lengths, int(inp.sink), inp.forced_window,
-                         np.float32(inp.top_p), int(inp.k_min), n_sort, iv, cv)
+                         np.float32(inp.top_p), int(inp.k_min), n_sort, iv, cv, *ws)
     return TopKIndex(indices, counts, "token" if ps is None else "page", ps)
 
 

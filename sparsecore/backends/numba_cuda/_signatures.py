@@ -62,5 +62,5 @@ def common_signatures() -> dict[str, tuple[Any, ...]]:
         "topk_select": (_a(nt.float32, 3), _a(nt.int32, 1), i64, i64, i64, i64, _a(nt.int32, 3), _a(nt.int32, 2)),
         "mass_of_every_key": (_a(nt.float32, 3), _a(nt.int32, 1), i64, i64, nt.float32, _a(nt.float32, 3)),
         "top_p_cut": (_a(nt.float32, 3), _a(nt.int32, 1), i64, i64, nt.float32, i64, i64, _a(nt.int32, 3),
-                      _a(nt.int32, 2)),
+                      _a(nt.int32, 2), _a(nt.float32, 2), _a(nt.int32, 2), _a(nt.int32, 2), i64),
     }
