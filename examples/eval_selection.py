@@ -121,7 +121,10 @@ class Oracle(Tracked):
       first-order share of the output error if dropped (``o`` the dense output);
     - ``"per-head mass"``: each query head its own ``k`` keys of highest mass (``shared=False``).
 
-    The step's output is the softmax attention over the kept keys, in float32."""
+    The step's output is the softmax attention over the kept keys, in float32; with the suffix
+    ``" + tail mean"`` (:data:`TAIL`), the kept keys' dense probabilities times their values plus
+    the mass of the dropped keys times the mean of their values (an estimate of the dropped part
+    instead of renormalising the kept one)."""
 
     def __init__(self, criterion: str, **opts: Any) -> None:
         super().__init__(**opts)
@@ -131,6 +134,7 @@ class Oracle(Tracked):
         b, hkv, s, d = keys.shape
         hq = q.shape[1]
         g = hq // hkv
+        criterion = self.criterion.removesuffix(TAIL)
         lens = torch.tensor([int(lengths)] * b if isinstance(lengths, int) else [int(n) for n in lengths])
         scale = scaling if scaling is not None else d ** -0.5
         kk, vv = keys.float().repeat_interleave(g, 1), values.float().repeat_interleave(g, 1)
@@ -138,16 +142,16 @@ class Oracle(Tracked):
         logits = (torch.einsum("bhd,bhsd->bhs", q.float(), kk) * scale).masked_fill(~valid, float("-inf"))
         p = logits.softmax(-1)  # [b, hq, s]
         k = min(self.k, int(lens.min()))
-        if self.criterion == "per-head mass":
+        if criterion == "per-head mass":
             keep = torch.zeros_like(p, dtype=torch.bool).scatter_(2, p.topk(k, -1).indices, True)
             rows = hq
         else:
             grouped = p.view(b, hkv, g, s)
-            if self.criterion == "mass":
+            if criterion == "mass":
                 score = grouped.mean(2)
-            elif self.criterion == "max mass":
+            elif criterion == "max mass":
                 score = grouped.amax(2)
-            elif self.criterion == "value-weighted mass":
+            elif criterion == "value-weighted mass":
                 o = torch.einsum("bhs,bhsd->bhd", p, vv)
                 score = (p * (vv - o[:, :, None]).norm(dim=-1)).view(b, hkv, g, s).mean(2)
             else:
@@ -156,7 +160,13 @@ class Oracle(Tracked):
             keep = torch.zeros_like(score, dtype=torch.bool).scatter_(2, score.topk(k, -1).indices, True)
             keep = keep.repeat_interleave(g, 1)
             rows = hkv
-        out = torch.einsum("bhs,bhsd->bhd", logits.masked_fill(~keep, float("-inf")).softmax(-1), vv)
+        if self.criterion.endswith(TAIL):  # the kept keys' exact share; the rest on the others' mean value
+            rest = (valid & ~keep).float()
+            mean = torch.einsum("bhs,bhsd->bhd", rest, vv) / rest.sum(-1, keepdim=True).clamp_min(1)
+            kept = p * keep
+            out = torch.einsum("bhs,bhsd->bhd", kept, vv) + (1 - kept.sum(-1, keepdim=True)) * mean
+        else:
+            out = torch.einsum("bhs,bhsd->bhd", logits.masked_fill(~keep, float("-inf")).softmax(-1), vv)
         self._keys_read_host += k * rows * b
         self.keys_total += rows * int(lens.sum())
         self.decode_steps += 1
@@ -166,15 +176,81 @@ class Oracle(Tracked):
         return out.to(q.dtype)
 
 
+class MassCurve(Oracle):
+    """Dense decode steps (every key kept) that record, per layer, the mean over selection rows of
+    the group-mean attention masses sorted in descending order (the first ``k`` entries): the mass
+    a ranking by mass keeps at each budget, for :func:`layer_budgets`."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__("mass", k=k)
+        self.curve, self.rows = torch.zeros(k, dtype=torch.float64), 0
+
+    def attend(self, q, keys, values, lengths, *, scaling=None):  # type: ignore[override]
+        b, hkv, s, d = keys.shape
+        g = q.shape[1] // hkv
+        lens = torch.tensor([int(lengths)] * b if isinstance(lengths, int) else [int(n) for n in lengths])
+        scale = scaling if scaling is not None else d ** -0.5
+        kk, vv = keys.float().repeat_interleave(g, 1), values.float().repeat_interleave(g, 1)
+        valid = torch.arange(s)[None, None] < lens[:, None, None]
+        p = (torch.einsum("bhd,bhsd->bhs", q.float(), kk) * scale).masked_fill(~valid, float("-inf")).softmax(-1)
+        top = p.view(b, hkv, g, s).mean(2).sort(-1, descending=True).values[..., :self.k]
+        self.curve[:top.shape[-1]] += top.double().sum((0, 1))
+        self.rows += b * hkv
+        return torch.einsum("bhs,bhsd->bhd", p, vv).to(q.dtype)
+
+
+def layer_budgets(model, ids: torch.Tensor, k: int, steps: int, most: int, least: int, rule: str) -> list[int]:
+    """Per-layer budgets with mean ``k`` (each in ``[least, most]``) from the mean sorted mass curves
+    of :class:`MassCurve` on the text ``ids`` ([n, S]: a prefill of S - steps - 1 tokens, then
+    ``steps`` dense decode steps). ``rule="greedy"``: the most mass kept in all (the budget goes,
+    key by key, to the layer whose next key holds the most mass: the L * k largest entries of all
+    layers' curves); ``"cover"``: every layer the fewest keys that keep the same mass ``tau``, the
+    largest ``tau`` within the budget (a static, per-layer top_p)."""
+    patched = patch_model(copy.deepcopy(model), decode=dict(k=1))
+    set_decode(patched, None)
+    with torch.no_grad():
+        cache = models.output_cache(patched(ids[:, :-steps - 1], use_cache=True))
+    curves = []
+    for m in patched.modules():
+        if isinstance(getattr(m, "sparsecore_decode", None), TopKDecode):
+            m.sparsecore_decode = MassCurve(most)
+            curves.append(m.sparsecore_decode)
+    teacher_forced(patched, cache, ids[:, -steps - 1:-1])
+    c = torch.stack([mc.curve / max(mc.rows, 1) for mc in curves])  # [L, most]
+    n_layers = c.shape[0]
+    if rule == "cover":
+        cum = c.cumsum(1)
+
+        def need(tau: float) -> list[int]:
+            return [min(most, max(least, int((row < tau).sum()) + 1)) for row in cum]
+
+        lo, hi = 0.0, 1.0
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if sum(need(mid)) <= n_layers * k else (lo, mid)
+        log(f"layer budgets (cover): tau {lo:.4f}")
+        return need(lo)
+    budgets = [least] * n_layers
+    gains = c[:, least:].flatten()
+    order = gains.argsort(descending=True)[:max(0, n_layers * k - n_layers * least)]
+    for i in order.tolist():
+        budgets[i // (most - least)] += 1
+    return budgets
+
+
 #: the oracle criteria (--oracle): labels "oracle <criterion>"
 ORACLES = ("mass", "max mass", "value-weighted mass", "per-head mass")
+#: an oracle criterion with this suffix puts the mass of the keys it drops on their mean value
+TAIL = " + tail mean"
 
 
 def set_decode(model: torch.nn.Module, opts: dict[str, Any] | None, track: bool = True,
-               oracle: str | None = None, layers: set[int] | None = None) -> list[Tracked]:
+               oracle: str | None = None, layers: set[int] | None = None,
+               budgets: list[int] | None = None) -> list[Tracked]:
     """Give every patched attention layer a fresh :class:`Tracked` (or :class:`Oracle`) of ``opts``
     (None: dense); with ``layers``, only those layers (counted from 0) decode sparsely and the
-    others densely. Returns the sparse layers' states."""
+    others densely; with ``budgets``, layer L's ``k`` is ``budgets[L]``. Returns the sparse layers'
+    states."""
     states = []
     layer = -1
     for m in model.modules():
@@ -183,10 +259,9 @@ def set_decode(model: torch.nn.Module, opts: dict[str, Any] | None, track: bool 
             if opts is None or (layers is not None and layer not in layers):
                 m.sparsecore_decode = Tracked(k=1)
                 m.sparsecore_decode.enabled = False
-            elif oracle is not None:
-                m.sparsecore_decode = Oracle(oracle, **opts)
             else:
-                m.sparsecore_decode = Tracked(**opts)
+                o = opts if budgets is None else dict(opts, k=budgets[layer])
+                m.sparsecore_decode = Tracked(**o) if oracle is None else Oracle(oracle, **o)
             m.sparsecore_decode.track_mass = track
             if m.sparsecore_decode.enabled or opts is None:
                 states.append(m.sparsecore_decode)
@@ -225,7 +300,7 @@ def configs(s: int, div: int, top_ps: list[float], sink: int, window: int, page:
                     out.append(dict(label=name, opts=dict(opts, candidates=_pool_size(pool, budget, s), **extra),
                                     match=True))
     if oracle:  # the dense attention's own choice at the budget (a bound, not a method)
-        out += [dict(label=f"oracle {c}", opts=dict(k=budget), oracle=c) for c in ORACLES]
+        out += [dict(label=f"oracle {c}", opts=dict(k=budget), oracle=c) for c in ORACLES + (f"mass{TAIL}",)]
     for pool in pools:  # a fixed budget ranked by mass among the pool
         extra = {} if tail_sample is None else dict(tail_sample=tail_sample)
         for method in ("exact", "int8"):
@@ -263,9 +338,11 @@ def teacher_forced(model, cache, feed) -> tuple[torch.Tensor, list[float]]:
 
 
 def eval_quality(model, tok, s: int, n_windows: int, batch: int, steps: int, cfgs: list[dict], save,
-                 skip_windows: int = 0, each_layer: bool = False) -> list[dict]:
+                 skip_windows: int = 0, each_layer: bool = False,
+                 budgets: dict[str, list[int]] | None = None) -> list[dict]:
     """The quality rows of ``cfgs`` (see the module's docstring); with ``each_layer``, also each
-    method with one layer sparse and the others dense, for every layer (what each layer costs)."""
+    method with one layer sparse and the others dense, for every layer (what each layer costs);
+    ``budgets``: the per-layer ``k`` of each rule, for the configs marked ``layered`` with it."""
     patched = patch_model(copy.deepcopy(model), decode=dict(k=1))
     n_layers = len(set_decode(patched, None))
     ids_all = models.token_windows(tok, "english", s, n_windows, skip=skip_windows * s)
@@ -273,9 +350,10 @@ def eval_quality(model, tok, s: int, n_windows: int, batch: int, steps: int, cfg
     dense_nll_all, dense_top_all = [], []
 
     def run(label: str, opts: dict, cache0, feed, target, dense_lp, dense_nll, dense_top,
-            oracle: str | None = None, layers: set[int] | None = None) -> dict:
+            oracle: str | None = None, layers: set[int] | None = None, layered: str | None = None) -> dict:
         t = time.perf_counter()
-        states = set_decode(patched, opts, oracle=oracle, layers=layers)
+        states = set_decode(patched, opts, oracle=oracle, layers=layers,
+                            budgets=budgets[layered] if layered else None)
         lp, _ = teacher_forced(patched, copy.deepcopy(cache0), feed)
         a = acc.setdefault(label, dict(opts=opts, nll=[], top=[], kl=[], read=[0, 0], mass=[]))
         a["nll"].append(-lp.gather(-1, target[..., None])[..., 0])
@@ -304,7 +382,7 @@ def eval_quality(model, tok, s: int, n_windows: int, batch: int, steps: int, cfg
         dense_top_all.append(dense_top)
         for cfg in cfgs:
             r = run(cfg["label"], cfg["opts"], cache0, feed, target, dense_lp, dense_nll, dense_top,
-                    cfg.get("oracle"))
+                    cfg.get("oracle"), layered=cfg.get("layered"))
             for layer in range(n_layers if each_layer else 0):  # this layer sparse, the others dense
                 run(f"{cfg['label']} [layer {layer} only]", cfg["opts"], cache0, feed, target, dense_lp, dense_nll,
                     dense_top, cfg.get("oracle"), {layer})
@@ -533,6 +611,11 @@ def main() -> None:
                     help="also the selections of the dense attention itself (Oracle: a bound on any ranking)")
     ap.add_argument("--each-layer", action="store_true",
                     help="also each method with only one layer sparse, for every layer (labels '... [layer L only]')")
+    ap.add_argument("--layered", nargs="+", default=[], choices=["greedy", "cover"],
+                    help="also each fixed-budget method with per-layer budgets of the same mean by these rules, "
+                         "calibrated on other text (layer_budgets; labels '... layered <rule>')")
+    ap.add_argument("--calib-kind", default="python", choices=["english", "python"],
+                    help="the text --layered calibrates on")
     ap.add_argument("--configs", nargs="+", help="run only the methods with these labels (e.g. int8 quest)")
     ap.add_argument("--merge-from", type=Path, nargs="+",
                     help="fold the rows of these results.json files into --out's (same context and method: theirs win)")
@@ -567,11 +650,22 @@ def main() -> None:
     for s in a.contexts:
         cfgs = configs(s, a.div, a.top_p, a.sink, a.window, a.page, tuple(a.top_p_cap), tuple(a.top_p_methods),
                        a.per_head, tuple(a.pool), a.tail_sample, a.oracle)
+        fixed = [c for c in cfgs if c.get("match") is None and "sink" not in c["opts"] and "rescore" not in
+                 c["opts"] and c["opts"].get("method") != "quest" and "oracle" not in c]
+        cfgs += [dict(c, label=f"{c['label']} layered {rule}", layered=rule) for rule in a.layered for c in fixed]
         if a.configs:
             cfgs = [c for c in cfgs if c["label"] in a.configs]
+        budgets = {}
+        for rule in sorted({c["layered"] for c in cfgs if c.get("layered")}):
+            k = max(1, s // a.div)
+            log(f"layer budgets ({rule}): calibrating on {a.calib_kind} text, {s} tokens...")
+            budgets[rule] = layer_budgets(model, models.token_windows(tok, a.calib_kind, s, 2), k, 16,
+                                          (8 if rule == "greedy" else 4) * k, max(1, k // 4), rule)
+            log(f"layer budgets ({rule}, mean {sum(budgets[rule]) / len(budgets[rule]):.1f}): {budgets[rule]}")
+            res.setdefault("layer_budgets", {}).setdefault(str(s), {})[rule] = budgets[rule]
         if "quality" in a.sections:
             rows = eval_quality(model, tok, s, a.windows, a.batch, a.steps, cfgs, lambda rows: None, a.skip_windows,
-                                a.each_layer)
+                                a.each_layer, budgets)
             done = {r["config"] for r in rows}
             res["quality"] = [r for r in res.get("quality", []) if r["context"] != s or r["config"] not in done]
             res["quality"] += rows

@@ -105,6 +105,54 @@ def test_set_decode_layers_sparsifies_only_those() -> None:
     assert [s.decode_steps for s in layers] == [0, 2, 0]
 
 
+def test_oracle_tail_mean_is_dense_over_every_key_and_differs_from_renormalising() -> None:
+    ev = _load("eval_selection")
+    model = _model()
+    ids = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(6))
+    dense = _decode_logits(model, ids, 3)
+    patched = patch_model(copy.deepcopy(model), decode=dict(k=1))
+    ev.set_decode(patched, dict(k=64), oracle="mass" + ev.TAIL)
+    torch.testing.assert_close(_decode_logits(patched, ids, 3), dense, rtol=1e-4, atol=1e-4)
+    ev.set_decode(patched, dict(k=3), oracle="mass" + ev.TAIL)
+    tail = _decode_logits(patched, ids, 3)
+    ev.set_decode(patched, dict(k=3), oracle="mass")
+    renorm = _decode_logits(patched, ids, 3)
+    assert not torch.allclose(tail, dense, atol=1e-3) and not torch.allclose(tail, renorm, atol=1e-3)
+
+
+def test_mass_curve_decodes_densely_and_records_sorted_masses() -> None:
+    ev = _load("eval_selection")
+    model = _model(seed=5)
+    ids = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(7))
+    dense = _decode_logits(model, ids, 3)
+    patched = patch_model(copy.deepcopy(model), decode=dict(k=1))
+    curves = []
+    for m in patched.modules():
+        if hasattr(m, "sparsecore_decode"):
+            m.sparsecore_decode = ev.MassCurve(64)
+            curves.append(m.sparsecore_decode)
+    torch.testing.assert_close(_decode_logits(patched, ids, 3), dense, rtol=1e-4, atol=1e-4)
+    for mc in curves:
+        assert mc.rows == 3 * 2 * 2  # steps x sequences x KV groups
+        c = mc.curve / mc.rows
+        assert (c[:-1] >= c[1:] - 1e-12).all() and float(c.sum()) == pytest.approx(1.0)  # every key: all mass
+        assert float(c[40:].abs().max()) == 0.0  # at most 37 + 3 keys in the cache
+
+
+@pytest.mark.parametrize("rule", ["greedy", "cover"])
+def test_layer_budgets_keep_the_mean_and_bounds(rule: str) -> None:
+    ev = _load("eval_selection")
+    model = _model(seed=2)
+    ids = torch.randint(0, 96, (2, 64), generator=torch.Generator().manual_seed(8))
+    budgets = ev.layer_budgets(model, ids, 6, 4, 24, 2, rule)
+    assert len(budgets) == 3 and all(2 <= k <= 24 for k in budgets)
+    assert sum(budgets) <= 3 * 6 and (rule == "cover" or sum(budgets) == 3 * 6)
+    assert len(set(budgets)) > 1  # the layers' attention differs: so do their budgets
+    patched = patch_model(copy.deepcopy(model), decode=dict(k=1))
+    states = ev.set_decode(patched, dict(k=6), budgets=budgets)
+    assert [s.k for s in states] == budgets
+
+
 @pytest.mark.parametrize("variant", ["dense", "decode", "both"])
 def test_step_breakdown_times_every_part_and_removes_its_timers(variant: str) -> None:
     from sparsecore.torch.modules import calibrate_thresholds
