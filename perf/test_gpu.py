@@ -98,6 +98,12 @@ def test_decode(benchmark, impl, sparsity, ctx):
     _timed(benchmark, fn)
 
 
+def _device_codes(kv):
+    """The int8 copy of a device cache's keys: quantize_keys on a host copy, moved back."""
+    host = kv.map_arrays(lambda a: a.cpu())
+    return sc.quantize_keys(host).map_arrays(lambda a: a.to(DEV))
+
+
 def _paged_cache(ctx, seed=0):
     g = torch.Generator(device=DEV).manual_seed(seed)
     n_pages = B * ctx // PAGE
@@ -110,19 +116,24 @@ def _paged_cache(ctx, seed=0):
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("method", ["exact", "mass", "top_p", "top_p_4x", "quest", "quest_stored"])
+@pytest.mark.parametrize("method", ["exact", "mass", "top_p", "top_p_4x", "int8", "int8_mass", "quest", "quest_stored"])
 @pytest.mark.parametrize("ctx", [32768])
 def test_select_topk(benchmark, backend, method, ctx):
     """Selection itself (often the bottleneck): exact reads every key, mass ranking too (each query
     head's score and softmax mass per key: candidates = every key), Quest on the fly too (page
     min/max from the keys), Quest with stored PageBounds 2 / PAGE of them. k = ctx / 50 tokens; the
     adaptive budget at most 2 k (top_p) or 4 k (top_p_4x: 2621 units at 32K, past the 2048 of the
-    shared-memory sort, so its sort runs in global memory)."""
+    shared-memory sort, so its sort runs in global memory); int8 and int8_mass rank from the int8 copy of
+    the keys (built on the host, moved to the device: the build is not timed)."""
     q, kv = _paged_cache(ctx)
     benchmark.group = f"select_topk bf16 B={B} Hq={HQ} Hkv={HKV} D={D} page={PAGE} ctx={ctx} k=ctx/50"
     benchmark.extra_info.update(op="select_topk", impl=f"{backend}_{method}")
     if method == "exact":
         fn = lambda: sc.select_topk(q, kv, ctx // 50, backend=backend)
+    elif method.startswith("int8"):
+        codes = _device_codes(kv)
+        extra = dict(candidates=ctx) if method == "int8_mass" else {}
+        fn = lambda: sc.select_topk(q, kv, ctx // 50, method="int8", codes=codes, backend=backend, **extra)
     elif method == "mass":
         fn = lambda: sc.select_topk(q, kv, ctx // 50, candidates=ctx, backend=backend)
     elif method.startswith("top_p"):  # docs/selection.md's adaptive budget: k <= 2 ctx / 50, top_p 0.9
@@ -135,7 +146,8 @@ def test_select_topk(benchmark, backend, method, ctx):
     if method.startswith("top_p"):
         assert ((fn().counts >= ctx // 400) & (fn().counts <= cap * ctx // 50)).all()
     else:
-        assert (fn().counts == (ctx // 50 if method in ("exact", "mass") else ctx // 50 // PAGE)).all()
+        assert (fn().counts == (ctx // 50 if method in ("exact", "mass", "int8", "int8_mass")
+                                else ctx // 50 // PAGE)).all()
     if method == "quest_stored":  # the same selection as bounds computed on the fly
         on_the_fly = sc.select_topk(q, kv, ctx // 50 // PAGE, method="quest", page_size=PAGE, backend=backend)
         assert torch.equal(fn().indices, on_the_fly.indices)

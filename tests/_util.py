@@ -123,6 +123,21 @@ def _check_row(sel_units: np.ndarray, score: np.ndarray, units: int, forced: set
         assert lo >= hi - tol(hi), f"row {where}: chose a unit scoring {lo} over one scoring {hi}"
 
 
+def dequantized_kv(kv: Any, codes: Any) -> Any:
+    """The cache (dense, float32, on the host) whose keys are what ``codes`` (a KeyCodes of ``kv``) stand
+    for, ``codes * scales``: ``select_topk(method="int8", codes=codes)`` on ``kv`` is exact ranking on
+    this cache, so the exact checkers hold int8 ranking to the reference."""
+    from sparsecore import reference as ref
+    from sparsecore.formats.kv import DenseKV
+
+    host = codes.map_arrays(to_host)
+    lengths = to_host(kv.lengths)
+    s = host.max_len
+    k = np.stack([np.pad(ref.attention.int8_keys(host, b, int(lengths[b])),
+                         ((0, s - int(lengths[b])), (0, 0), (0, 0))) for b in range(kv.batch)]).astype(np.float32)
+    return DenseKV(k, k, np.asarray(lengths))
+
+
 def check_mass_ranking_against_reference(got: Any, q: np.ndarray, kv: Any, k: int, *, sink: int, window: int,
                                          shared: bool, scale: float | None, rel_tol: float) -> None:
     """A device ``select_topk(candidates=c)`` result ``got``, ``c`` covering every key, against the

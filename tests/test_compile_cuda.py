@@ -21,6 +21,7 @@ from tests._util import (
     check_adaptive_against_reference,
     check_mass_ranking_against_reference,
     check_topk_against_reference,
+    dequantized_kv,
 )
 from tests.cuda_emulate import CpuRuntime
 
@@ -273,10 +274,10 @@ def test_host_inputs_are_refused_without_touching_the_gpu() -> None:
 
 
 def test_selections_without_cuda_kernels_are_refused_with_their_reason() -> None:
-    """int8 and a pool of candidates (below the cache's capacity) have no CUDA C kernels yet: both
-    launchers say so (on any inputs), instead of running the exact kernel, which ignores them; top_p
-    over more than the shared-memory sort's 2048 units is not refused (its sort runs in global
-    memory)."""
+    """int8 with rescore and a pool of candidates (below the cache's capacity) have no CUDA C kernels
+    yet: both launchers say so (on any inputs), instead of running the exact kernel, which ignores
+    them; top_p over more than the shared-memory sort's 2048 units and int8 ranking without rescore
+    are not refused."""
     import sparsecore as sc
     from sparsecore.ops.dispatcher import implementations
     from sparsecore.ops.inputs import SelectTopkInputs
@@ -292,8 +293,9 @@ def test_selections_without_cuda_kernels_are_refused_with_their_reason() -> None
     for c in implementations("select_topk")[:2]:
         assert not any("top_p" in r for r in c.input_reasons(inp))
     cases = [
-             (dict(method="int8", codes=sc.quantize_keys(kv)), "method = 'int8' (scoring over KeyCodes) is not "
-                                                              "implemented in {} yet"),
+             (dict(method="int8", codes=sc.quantize_keys(kv), rescore=6),
+              "rescore = 6 (int8 candidates re-scored from the keys) is not implemented in {} yet; int8 ranking "
+              "without it is"),
              (dict(candidates=6), "candidates = 6 below the cache's capacity 12 (a pool ranked by attention "
                                   "mass) is not implemented in {} yet; candidates >= the capacity ranks every key "
                                   "by its mass")]
@@ -302,11 +304,16 @@ def test_selections_without_cuda_kernels_are_refused_with_their_reason() -> None
         inp.validate()
         for c in implementations("select_topk")[:2]:
             assert reason.format(c.NAME) in c.input_reasons(inp), (c.NAME, opts)
+    codes = sc.quantize_keys(kv)
     for every in (SelectTopkInputs(q, kv, 3), SelectTopkInputs(q, kv, 3, candidates=12),
-                  SelectTopkInputs(q, kv, 3, candidates=40), SelectTopkInputs(q, kv, 3, top_p=0.9)):  # kernels
+                  SelectTopkInputs(q, kv, 3, candidates=40), SelectTopkInputs(q, kv, 3, top_p=0.9),
+                  SelectTopkInputs(q, kv, 3, method="int8", codes=codes),
+                  SelectTopkInputs(q, kv, 3, method="int8", codes=codes, candidates=12),
+                  SelectTopkInputs(q, kv, 3, method="int8", codes=codes, top_p=0.9)):  # kernels
         every.validate()
         for c in implementations("select_topk")[:2]:
-            assert not any("candidates" in r or "top_p" in r for r in c.input_reasons(every)), c.NAME
+            assert not any(w in r for w in ("candidates", "top_p", "int8", "rescore")
+                           for r in c.input_reasons(every)), c.NAME
     plain = SelectTopkInputs(q, kv, 3)
     plain.validate()
     for c in implementations("select_topk")[:2]:  # host arrays: only that
@@ -391,6 +398,7 @@ def test_every_launch_matches_its_kernel_signature(dtype: str) -> None:
     from sparsecore import reference as ref
     from sparsecore._arrays import BFLOAT16
     from sparsecore.backends.cuda import _ops
+    from sparsecore.formats.codes import quantize_keys as ref_codes
     from sparsecore.formats.convert import csr_from_dense, tiled_ell_from_dense
     from sparsecore.formats.kv import DenseKV, PagedKV
     from sparsecore.ops import inputs as I
@@ -431,6 +439,9 @@ def test_every_launch_matches_its_kernel_signature(dtype: str) -> None:
                 _ops.select_topk(rt, I.SelectTopkInputs(q, kv, 5, "quest", 2, 4, shared, None, bounds))
                 _ops.select_topk(rt, I.SelectTopkInputs(q, kv, 5, "exact", 2, 4, shared, candidates=10**6))
                 _ops.select_topk(rt, I.SelectTopkInputs(q, kv, 5, "exact", 2, 4, shared, top_p=0.9, k_min=1))
+                codes = ref_codes(kv)
+                for extra in ({}, dict(candidates=10**6), dict(top_p=0.9, k_min=1)):
+                    _ops.select_topk(rt, I.SelectTopkInputs(q, kv, 5, "int8", 2, 4, shared, codes=codes, **extra))
                 index = ref.select_topk(q, kv, 5, sink=2, window=4, shared=shared)
                 _ops.sparse_decode(rt, I.SparseDecodeInputs(q, kv, index))
             _ops.dense_decode(rt, I.DenseDecodeInputs(q, kv))
@@ -674,6 +685,54 @@ def test_emulated_adaptive_budget(dtype: str, hq: int, hkv: int, d: int) -> None
             got = _ops.select_topk(rt, inp)
             check_adaptive_against_reference(got, q, kv, k, top_p=top_p, k_min=k_min, sink=sink, window=window,
                                              shared=shared, scale=scale)
+
+
+@pytest.mark.parametrize("dtype,hq,hkv,d,paged", [("float32", 9, 3, 64, False), ("bfloat16", 4, 2, 40, True)],
+                         ids=["f32-gqa3-d64", "bf16-gqa2-d40-paged"])
+def test_emulated_int8_ranking(dtype: str, hq: int, hkv: int, d: int, paged: bool) -> None:
+    """select_topk(method="int8") over KeyCodes (topk_scores_int8): the plain top-k, the mass ranking of
+    every key and the adaptive budget, each held to the reference on the keys the codes stand for;
+    a key with a NaN component (scale NaN) is never freely chosen."""
+    import sparsecore as sc
+    from sparsecore import reference as ref
+    from sparsecore.backends.cuda import _ops
+    from sparsecore.ops import inputs as I
+
+    emu = _needs_emu()
+    rt = emu.CpuRuntime()
+    rng = np.random.default_rng(11)
+    kv = _kv_cache(rng, _np(dtype), [60, 1, 0, 37], 64, hkv, d, paged)
+    codes = sc.quantize_keys(kv)
+    deq = dequantized_kv(kv, codes)
+    q = (3 * rng.standard_normal((4, hq, d))).astype(_np(dtype))
+    for shared in (True, False):
+        inp = I.SelectTopkInputs(q, kv, 12, "int8", 3, 8, shared, codes=codes)
+        inp.validate()
+        got = _ops.select_topk(rt, inp)
+        want = ref.select_topk(q, kv, 12, method="int8", codes=codes, sink=3, window=8, shared=shared)
+        check_topk_against_reference(got, want, q, deq, shared=shared, sink=3, window=8, rel_tol=1e-2)
+        inp = I.SelectTopkInputs(q, kv, 12, "int8", 0, 4, shared, codes=codes, candidates=10**6, scale=0.4)
+        inp.validate()
+        check_mass_ranking_against_reference(_ops.select_topk(rt, inp), q, deq, 12, sink=0, window=4, shared=shared,
+                                             scale=0.4, rel_tol=1e-5)
+        inp = I.SelectTopkInputs(q, kv, 20, "int8", 3, 8, shared, codes=codes, top_p=0.9, k_min=2)
+        inp.validate()
+        check_adaptive_against_reference(_ops.select_topk(rt, inp), q, deq, 20, top_p=0.9, k_min=2, sink=3,
+                                         window=8, shared=shared, scale=None)
+    # a key with a NaN component (its scale NaN) inside a sequence is never freely chosen, whatever
+    # its codes (0): by the plain ranking nor by mass
+    k = deq.k.astype(_np(dtype))
+    k[0, 30, 0, 3] = np.nan
+    poisoned = type(deq)(k, k, np.asarray(kv.lengths))
+    pc = sc.quantize_keys(poisoned)
+    assert np.isnan(pc.scales[0, 30, 0])
+    for opts in (dict(), dict(candidates=10**6), dict(top_p=0.99)):
+        inp = I.SelectTopkInputs(q, poisoned, 59, "int8", 0, 0, True, codes=pc, **opts)
+        inp.validate()
+        got = _ops.select_topk(rt, inp)
+        want = ref.select_topk(q, poisoned, 59, method="int8", codes=pc, **opts)
+        np.testing.assert_array_equal(np.asarray(got.counts), want.counts)
+        assert 30 not in np.asarray(got.indices)[0, 0].tolist(), opts
 
 
 def test_emulated_adaptive_budget_past_the_shared_sort() -> None:

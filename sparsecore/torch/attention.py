@@ -158,9 +158,10 @@ class TopKDecode:
         host = keys.is_cpu and not torch.compiler.is_compiling()
         if self.method == "int8" and not keys.is_cpu:
             raise NotImplementedError(
-                f"TopKDecode: method='int8' needs the KV cache in CPU memory (the int8 copy of the keys is "
-                f"built on the host), this cache is on {keys.device}; on a GPU use method='exact' (with "
-                "candidates >= the context to rank every key by its attention mass)")
+                f"TopKDecode: method='int8' needs the KV cache in CPU memory (quantize_keys builds the int8 "
+                f"copy of the keys on the host), this cache is on {keys.device}; on a GPU use method='exact' "
+                "(with candidates >= the context to rank every key by its attention mass), or call "
+                "select_topk(method='int8', codes=...) with codes you keep on the device")
         if host:  # zero-copy NumPy views, made every step (kept, they would keep the cache alive after its
             # owner let it go): the plan runs on NumPy (no torch call per op, no views to check)
             keys, values, q = to_numpy(keys), to_numpy(values), to_numpy(q)

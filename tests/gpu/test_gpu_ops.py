@@ -31,6 +31,7 @@ from tests._util import (  # noqa: E402
     check_adaptive_against_reference,
     check_mass_ranking_against_reference,
     check_topk_against_reference,
+    dequantized_kv,
 )
 from tests.gpu._common import (  # noqa: E402
     DTYPES,
@@ -212,6 +213,29 @@ def test_select_topk_adaptive_budget(launcher, dtype, shared, paged, lib):
         check_kind(got.indices, lib)
         check_adaptive_against_reference(got, q, kv, k, top_p=top_p, k_min=k_min, sink=sink, window=window,
                                          shared=shared, scale=None)
+
+
+@requires_gpu
+@pytest.mark.parametrize("lib", LIBS)
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_head"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_select_topk_int8(launcher, dtype, shared, paged, lib):
+    """method="int8" on every launcher, codes built on the host and moved: plain, by mass over every
+    key, adaptive; held to the reference on the keys the codes stand for."""
+    rng, q, kv = _decode_inputs(dtype, paged)
+    codes = sc.quantize_keys(kv)
+    deq = dequantized_kv(kv, codes)
+    qd, kvd, cd = to_lib(q, lib), to_lib(kv, lib), codes.map_arrays(lambda a: to_lib(a, lib))
+    got = sc.select_topk(qd, kvd, 50, method="int8", codes=cd, sink=4, window=16, shared=shared)
+    check_kind(got.indices, lib)
+    want = ref.select_topk(q, kv, 50, method="int8", codes=codes, sink=4, window=16, shared=shared)
+    check_topk_against_reference(got, want, q, deq, shared=shared, sink=4, window=16, rel_tol=1e-4)
+    got = sc.select_topk(qd, kvd, 50, method="int8", codes=cd, shared=shared, candidates=10**6)
+    check_mass_ranking_against_reference(got, q, deq, 50, sink=0, window=0, shared=shared, scale=None, rel_tol=1e-5)
+    got = sc.select_topk(qd, kvd, 100, method="int8", codes=cd, shared=shared, top_p=0.9, k_min=4)
+    check_adaptive_against_reference(got, q, deq, 100, top_p=0.9, k_min=4, sink=0, window=0, shared=shared,
+                                     scale=None)
 
 
 @requires_gpu

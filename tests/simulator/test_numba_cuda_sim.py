@@ -24,6 +24,7 @@ from tests._util import (
     check_adaptive_against_reference,
     check_mass_ranking_against_reference,
     check_topk_against_reference,
+    dequantized_kv,
 )
 
 from ._cases import DTYPES, NP, cdiv, dev, f64, host, kv_cache, random_index, sparse_dense, sparse_format, values
@@ -353,19 +354,48 @@ def test_select_topk_mass_ranking_follows_the_nonfinite_contract(poison):
             assert all(5 not in row for row in sel.tolist())
 
 
-def test_select_topk_int8_and_candidates_are_refused_with_their_reason():
-    """int8 ranking and ranking a pool of candidates by attention mass are host-only for now: on
-    device arrays the dispatcher says so (numba_cuda's reason) instead of running a kernel that
+@dtypes
+@FEW
+@pytest.mark.parametrize("mode", ["plain", "mass", "top_p"])
+@given(**_topk_args)
+@_token_examples
+def test_select_topk_int8(dtype, mode, b, hkv, group, d, s, k, sink, window, shared, paged, seed):
+    """method="int8" over KeyCodes (topk_scores_int8; the codes are in token order for a paged cache
+    too): the plain top-k, the mass ranking of every key and the adaptive budget, each held to the
+    reference on the keys the codes stand for (tests._util.dequantized_kv)."""
+    q, kv = _topk_case(dtype, b, hkv, group, d, s, paged, seed)
+    k = min(k, kv.max_len)
+    codes = sc.quantize_keys(kv)
+    deq = dequantized_kv(kv, codes)
+    opts = dict(method="int8", codes=dev(codes), sink=sink, window=window, shared=shared)
+    if mode == "plain":
+        got = sc.select_topk(dev(q), dev(kv), k, **opts)
+        want = ref.select_topk(q, kv, k, method="int8", codes=codes, sink=sink, window=window, shared=shared)
+        check_topk_against_reference(got, want, q, deq, shared=shared, sink=sink, window=window, rel_tol=1e-4)
+    elif mode == "mass":
+        got = sc.select_topk(dev(q), dev(kv), k, candidates=max(k, kv.max_len), **opts)
+        _check_mass_ranking(got, q, deq, k, sink, window, shared)
+    else:
+        got = sc.select_topk(dev(q), dev(kv), k, top_p=0.8, k_min=min(1, k), **opts)
+        check_adaptive_against_reference(got, q, deq, k, top_p=0.8, k_min=min(1, k), sink=sink, window=window,
+                                         shared=shared, scale=None)
+
+
+def test_select_topk_int8_rescore_and_candidates_are_refused_with_their_reason():
+    """int8 with rescore and ranking a pool of candidates by attention mass are host-only for now:
+    on device arrays the dispatcher says so (numba_cuda's reason) instead of running a kernel that
     ignores them (the exact kernel ran for ``candidates`` before, a selection the reference does not
-    make). The adaptive budget past 2048 units is not refused (its sort runs in global memory)."""
+    make). The adaptive budget past 2048 units and int8 ranking without rescore are not refused."""
     q, kv = _topk_case("float32", 1, 1, 2, 4, 10, False, 0)
     q_long, kv_long = _topk_case("float32", 1, 1, 2, 4, 2100, False, 0, lengths=[2100])
     inp = I.SelectTopkInputs(dev(q_long), dev(kv_long), 2048, top_p=0.9, sink=1)
     inp.validate()
     assert select(inp).NAME == "numba_cuda"
     codes = sc.quantize_keys(kv)
-    with pytest.raises(NotImplementedError, match="method = 'int8' .scoring over KeyCodes. is not implemented"):
-        sc.select_topk(dev(q), dev(kv), 3, method="int8", codes=dev(codes))
+    with pytest.raises(NotImplementedError, match="rescore = 6 .int8 candidates re-scored from the keys. is not "
+                                                  "implemented in numba_cuda yet"):
+        sc.select_topk(dev(q), dev(kv), 3, method="int8", codes=dev(codes), rescore=6)
+    sc.select_topk(dev(q), dev(kv), 3, method="int8", codes=dev(codes))
     for c in (3, 6, 9):  # a pool short of the capacity (10): refused; at or past it, every key (tested above)
         with pytest.raises(NotImplementedError, match=f"candidates = {c} below the cache's capacity 10 .a pool "
                                                       "ranked by attention mass. is not implemented in numba_cuda"):

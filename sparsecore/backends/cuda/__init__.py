@@ -125,6 +125,7 @@ def attention_names(dtype: str) -> list[str]:
         for g in GMAXS:
             names.append(f"decode_split<{t}, {NT_ATTN}, {vpl}, {g}>")
         names.append(f"topk_scores<{t}, {NT_ATTN}, {vpl}>")
+        names.append(f"topk_scores_int8<{t}, {NT_ATTN}, {vpl}>")
     return names
 
 

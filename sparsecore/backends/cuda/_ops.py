@@ -348,9 +348,16 @@ def select_topk(rt: Runtime, inp: I.SelectTopkInputs) -> TopKIndex:
             ba, barr = [i32(1), p(rt, bmin), p(rt, bmax), i32(bnd.num_pages)], [bmin, bmax]
         mass = bool(inp.candidates) or inp.top_p is not None  # each head's scores, then every key's mass
         rows, out = (hq, rt.empty((b, hq, n_units), "float32")) if mass else (g_rows, scores)
-        _go(rt, "attention.cu", dt, f"topk_scores<{t}, {NT_ATTN}, {vpl_for(d)}>", (cdiv(n_units, nw), rows, b),
-            NT_ATTN, [p(rt, q), i32(hq), *kva, i32(group), i32(int(per_head or mass)), i32(int(ps is not None)),
-                      i32(ups), i32(n_units), *ba, _al(rt, [q, *kvarr, *barr], [d], dt), p(rt, out)])
+        if inp.method == "int8":  # the keys' int8 copy (codes in token order, paged cache or not)
+            cc, cs = rt.contig(inp.codes.codes), rt.contig(inp.codes.scales)
+            _go(rt, "attention.cu", dt, f"topk_scores_int8<{t}, {NT_ATTN}, {vpl_for(d)}>",
+                (cdiv(n_units, nw), rows, b), NT_ATTN,
+                [p(rt, q), i32(hq), p(rt, cc), p(rt, cs), kva[3], i32(int(cc.shape[1])), i32(hkv), i32(d),
+                 i32(group), i32(int(per_head or mass)), i32(n_units), _al(rt, [q], [d], dt), p(rt, out)])
+        else:
+            _go(rt, "attention.cu", dt, f"topk_scores<{t}, {NT_ATTN}, {vpl_for(d)}>", (cdiv(n_units, nw), rows, b),
+                NT_ATTN, [p(rt, q), i32(hq), *kva, i32(group), i32(int(per_head or mass)), i32(int(ps is not None)),
+                          i32(ups), i32(n_units), *ba, _al(rt, [q, *kvarr, *barr], [d], dt), p(rt, out)])
         if mass:  # (the reasons refuse a pool of candidates: every key is one)
             scale = 1.0 / math.sqrt(d) if inp.scale is None else float(inp.scale)
             _go(rt, "attention.cu", dt, f"mass_of_every_key<{NT_SELECT}>", (g_rows, b), NT_SELECT,

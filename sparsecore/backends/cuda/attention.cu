@@ -349,6 +349,46 @@ __global__ void SC_BOUNDS(NT) topk_scores(const T* __restrict__ q, int Hq, SC_KV
     if (lane == 0) scores[((i64)b * G + g) * n_units + u] = s;
 }
 
+// topk_scores over the int8 copy of the keys (KeyCodes: codes[B, S, Hkv, D] int8 in token order,
+// kscales[B, S, Hkv] float32): token t stands for codes[b, t, kvh] * kscales[b, t, kvh], so the
+// score is kscales[b, t, kvh] * (q . codes[b, t, kvh]) summed over the row's heads; a NaN scale (a
+// non-finite key) gives NaN. Same grid and layout as topk_scores (exact, tokens only).
+template <typename T, int NT, int VPL>
+__global__ void SC_BOUNDS(NT) topk_scores_int8(const T* __restrict__ q, int Hq, const signed char* __restrict__ codes,
+                                                       const float* __restrict__ kscales,
+                                                       const int* __restrict__ lengths, int S, int Hkv, int D,
+                                                       int group, int per_head, int n_units, int aligned,
+                                                       float* __restrict__ scores) {
+    constexpr int NW = NT / 32;
+    const int g = blockIdx.y, b = blockIdx.z, G = gridDim.y;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int u = blockIdx.x * NW + warp;
+    if (u >= n_units) return;  // whole warp
+    const int kvh = per_head ? g / group : g;
+    const int h0 = per_head ? g : g * group;
+    const int nh = per_head ? 1 : group;
+    const int d0 = lane * VPL, dn = max(min(VPL, D - d0), 0);
+    float s = -INFINITY;  // tokens past the sequence: never candidates (the select kernel skips them)
+    if (u < lengths[b]) {
+        const i64 row = ((i64)b * S + u) * Hkv + kvh;
+        const signed char* c = codes + row * D + d0;
+        float kr[VPL];
+#pragma unroll
+        for (int j = 0; j < VPL; ++j) kr[j] = j < dn ? (float)c[j] : 0.0f;
+        float part = 0.0f;
+        for (int h = 0; h < nh; ++h) {
+            float qv[VPL];
+#pragma unroll
+            for (int j = 0; j < VPL; ++j) qv[j] = 0.0f;
+            if (dn > 0) sc::load_vec_n<T, VPL>(q + ((i64)b * Hq + h0 + h) * D + d0, dn, aligned, qv);
+#pragma unroll
+            for (int j = 0; j < VPL; ++j) part += qv[j] * kr[j];
+        }
+        s = sc::warp_sum(part) * kscales[row];
+    }
+    if (lane == 0) scores[((i64)b * G + g) * n_units + u] = s;
+}
+
 // Is unit u (token, or page of ipage tokens) of a sequence of `length` tokens forced (sink/window)?
 __device__ __forceinline__ bool is_forced(int u, int quest, int ipage, int length, int sink, int window) {
     if (!quest) return u < sink || (window > 0 && u >= length - window);

@@ -550,6 +550,32 @@ def build(dtype: str) -> SimpleNamespace:
         if shared != 0:
             scores[b, kvh, t] = tot
 
+    def topk_scores_int8(q, codes, kscales, lengths, group, shared, scores):
+        """topk_scores_exact over the int8 copy of the keys (KeyCodes: codes[B, S, Hkv, D] int8 in
+        token order, kscales[B, S, Hkv] float32): the key t stands for codes[b, t, kvh] *
+        kscales[b, t, kvh], so scores[b, g, t] = kscales[b, t, kvh] * (q . codes[b, t, kvh]),
+        summed over the group (shared) or per query head; a NaN scale (a non-finite key) gives NaN."""
+        b = cuda.blockIdx.z
+        kvh = cuda.blockIdx.y
+        tid = cuda.threadIdx.x
+        t = cuda.blockIdx.x * NT + tid
+        qs = cuda.shared.array(_QS, nt.float32)
+        d_n = stage_queries(q, qs, b, kvh, group, tid)
+        if t >= lengths[b]:
+            return
+        ks = kscales[b, t, kvh]
+        tot = F0
+        for j in range(group):
+            a = F0
+            for d in range(d_n):
+                a += qs[j * d_n + d] * nt.float32(codes[b, t, kvh, d])
+            if shared != 0:
+                tot += a
+            else:
+                scores[b, kvh * group + j, t] = a * ks
+        if shared != 0:
+            scores[b, kvh, t] = tot * ks
+
     def topk_scores_quest(q, k, page_table, lengths, ps, dense, group, shared, ups, scores):
         """Grid (ceil(U / NT), Hkv, B); thread per Quest page u of ``ups`` tokens (< lengths[b]):
         scores[b, g, u] = sum_d max(q_d * min_d, q_d * max_d) over the page's valid keys."""
@@ -867,7 +893,8 @@ def build(dtype: str) -> SimpleNamespace:
         "pack_tiles": pack_tiles, "pack_scan": pack_scan, "pack_overflow": pack_overflow, "unpack": unpack,
         "spmm_ell": spmm_ell, "spmm_csr": spmm_csr, "sddmm_ell": sddmm_ell, "sddmm_csr": sddmm_csr,
         "spmm_t_ell": spmm_t_ell, "spmm_t_csr": spmm_t_csr, "gated_ell": gated_ell, "gated_csr": gated_csr,
-        "topk_scores_exact": topk_scores_exact, "topk_scores_quest": topk_scores_quest,
+        "topk_scores_exact": topk_scores_exact, "topk_scores_int8": topk_scores_int8,
+        "topk_scores_quest": topk_scores_quest,
         "topk_scores_quest_bounds": topk_scores_quest_bounds, "page_bounds": page_bounds,
         "decode_split": decode_split, "decode_merge": decode_merge, "merge": merge, "cast_out": cast_out,
     }

@@ -241,8 +241,12 @@ def select_topk(inp: I.SelectTopkInputs) -> TopKIndex:
                 mass = bool(inp.candidates) or inp.top_p is not None  # each head's scores, then every key's mass
                 if ps is None:
                     out = P.new((b, hq, max(n_units, 1)), "float32")[1] if mass else sv
-                    P.launch(kern.topk_scores_exact, grid, nt, P.view(q), kk, pt, lengths, kv_ps, dense, group,
-                             0 if mass else shared, out)
+                    if inp.method == "int8":  # the keys' int8 copy (codes in token order, paged or not)
+                        P.launch(kern.topk_scores_int8, grid, nt, P.view(q), P.view(inp.codes.codes),
+                                 P.view(inp.codes.scales), lengths, group, 0 if mass else shared, out)
+                    else:
+                        P.launch(kern.topk_scores_exact, grid, nt, P.view(q), kk, pt, lengths, kv_ps, dense, group,
+                                 0 if mass else shared, out)
                     if mass:  # (input_reasons refuse a pool of candidates: every key is one)
                         scale = np.float32(1.0 / math.sqrt(kv.head_dim) if inp.scale is None else inp.scale)
                         P.launch(common().mass_of_every_key, (g_rows, b), nt, out, lengths, group, shared, scale, sv)
