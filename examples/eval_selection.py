@@ -339,13 +339,14 @@ def teacher_forced(model, cache, feed) -> tuple[torch.Tensor, list[float]]:
 
 def eval_quality(model, tok, s: int, n_windows: int, batch: int, steps: int, cfgs: list[dict], save,
                  skip_windows: int = 0, each_layer: bool = False,
-                 budgets: dict[str, list[int]] | None = None) -> list[dict]:
+                 budgets: dict[str, list[int]] | None = None, text: str = "english") -> list[dict]:
     """The quality rows of ``cfgs`` (see the module's docstring); with ``each_layer``, also each
     method with one layer sparse and the others dense, for every layer (what each layer costs);
-    ``budgets``: the per-layer ``k`` of each rule, for the configs marked ``layered`` with it."""
+    ``budgets``: the per-layer ``k`` of each rule, for the configs marked ``layered`` with it;
+    ``text``: which of :func:`sparsecore.models.real_text` the windows come from."""
     patched = patch_model(copy.deepcopy(model), decode=dict(k=1))
     n_layers = len(set_decode(patched, None))
-    ids_all = models.token_windows(tok, "english", s, n_windows, skip=skip_windows * s)
+    ids_all = models.token_windows(tok, text, s, n_windows, skip=skip_windows * s)
     acc: dict[str, dict[str, Any]] = {}
     dense_nll_all, dense_top_all = [], []
 
@@ -396,7 +397,7 @@ def eval_quality(model, tok, s: int, n_windows: int, batch: int, steps: int, cfg
         nll, top, kl = torch.cat(a["nll"]), torch.cat(a["top"]), torch.cat(a["kl"])
         per_window = (nll - dense_nll).mean(1)
         rows.append(dict(context=s, config=label, opts=a["opts"], windows=n_windows, skip_windows=skip_windows,
-                         steps=steps,
+                         text=text, steps=steps,
                          dense_loss=float(dense_nll.mean()), delta_loss=float((nll - dense_nll).mean()),
                          delta_loss_per_window=[float(x) for x in per_window],
                          # the standard error of the mean loss change, windows as the samples
@@ -614,6 +615,8 @@ def main() -> None:
     ap.add_argument("--layered", nargs="+", default=[], choices=["greedy", "cover"],
                     help="also each fixed-budget method with per-layer budgets of the same mean by these rules, "
                          "calibrated on other text (layer_budgets; labels '... layered <rule>')")
+    ap.add_argument("--text", default="english", choices=["english", "python"],
+                    help="the text of the quality section's windows")
     ap.add_argument("--calib-kind", default="python", choices=["english", "python"],
                     help="the text --layered calibrates on")
     ap.add_argument("--configs", nargs="+", help="run only the methods with these labels (e.g. int8 quest)")
@@ -665,7 +668,7 @@ def main() -> None:
             res.setdefault("layer_budgets", {}).setdefault(str(s), {})[rule] = budgets[rule]
         if "quality" in a.sections:
             rows = eval_quality(model, tok, s, a.windows, a.batch, a.steps, cfgs, lambda rows: None, a.skip_windows,
-                                a.each_layer, budgets)
+                                a.each_layer, budgets, a.text)
             done = {r["config"] for r in rows}
             res["quality"] = [r for r in res.get("quality", []) if r["context"] != s or r["config"] not in done]
             res["quality"] += rows
