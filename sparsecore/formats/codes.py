@@ -77,7 +77,7 @@ def _tokens(kv: DenseKV | PagedKV, b: int, lo: int, hi: int) -> np.ndarray:
 
 
 def quantize_keys(kv: DenseKV | PagedKV, *, out: KeyCodes | None = None, start: Any = None) -> KeyCodes:
-    """The int8 copy of ``kv``'s keys (a conversion on the host: NumPy or CPU torch arrays)::
+    """The int8 copy of ``kv``'s keys, as arrays of ``kv``'s kind and place::
 
         amax = max over D of |K[b, t, h]|;  scale = float32(amax / 127)  (1 where amax == 0)
         codes[b, t, h] = clip(rint(K[b, t, h] / scale), -127, 127)   (in float64)
@@ -87,14 +87,27 @@ def quantize_keys(kv: DenseKV | PagedKV, *, out: KeyCodes | None = None, start: 
     array kind. With ``out`` (codes of this cache from an earlier call): positions ``start[b]`` (0
     without ``start``) to ``lengths[b] - 1`` are rewritten in place, e.g. only the new token of a
     decode step, and ``out`` is returned.
+
+    Host arrays (NumPy, CPU torch) are converted by one compiled pass (NumPy without numba). A cache
+    of torch CUDA tensors or CuPy arrays is converted on its device by the same float64 arithmetic
+    in the array library's own operations (:func:`_quantize_on_device`: the same codes and scales,
+    bit for bit; it reads ``lengths`` and ``start`` on the host, a synchronisation, and a decode step
+    of one new key per sequence is one gather, one conversion and one scatter). numba device arrays
+    are refused: pass CuPy or torch arrays.
     """
     w = "quantize_keys"
     if not isinstance(kv, (DenseKV, PagedKV)):
         fail(w, f"kv must be a DenseKV or a PagedKV, got {type(kv).__name__}", TypeError)
-    kind = kind_of(kv.k if isinstance(kv, DenseKV) else kv.k_pages)
-    if kind not in ("numpy", "torch") or (kind == "torch" and
-                                          (kv.k if isinstance(kv, DenseKV) else kv.k_pages).device.type != "cpu"):
-        fail(w, f"kv holds {kind} arrays on a device; quantize_keys converts host arrays (NumPy or CPU torch)")
+    keys_arr = kv.k if isinstance(kv, DenseKV) else kv.k_pages
+    kind = kind_of(keys_arr)
+    if kind == "cupy" or (kind == "torch" and keys_arr.device.type == "cuda"):
+        if out is not None and not isinstance(out, KeyCodes):
+            fail(w, f"out must be a KeyCodes, got {type(out).__name__}", TypeError)
+        return _quantize_on_device(w, kv, out, start, kind)
+    if not (kind == "numpy" or (kind == "torch" and keys_arr.device.type == "cpu")):
+        where = f"torch tensors on {keys_arr.device}" if kind == "torch" else f"{kind} arrays"
+        fail(w, f"kv holds {where}; quantize_keys converts NumPy arrays, torch tensors on the CPU or a CUDA "
+                "device, and CuPy arrays")
     if out is None:
         shape = (kv.batch, kv.max_len, kv.num_kv_heads, kv.head_dim)
         codes, scales = np.zeros(shape, np.int8), np.zeros(shape[:3], np.float32)
@@ -181,3 +194,108 @@ def _quantize(k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32).astype(np.float64)  # as stored
         c = np.where(finite[..., None], np.clip(np.rint(k / scale[..., None]), -127, 127), 0.0)
     return c.astype(np.int8), np.where(finite, scale, np.nan).astype(np.float32)
+
+
+def _quantize_torch(k: Any) -> tuple[Any, Any]:
+    """:func:`_quantize` in torch operations, on ``k``'s device (``k`` float64): the same arithmetic
+    (``torch.round`` rounds half to even, as ``np.rint``; NaN propagates through ``amax``)."""
+    import torch
+
+    amax = k.abs().amax(dim=-1)
+    finite = torch.isfinite(k).all(dim=-1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)).to(torch.float32).to(torch.float64)
+    c = torch.where(finite[..., None], torch.clamp(torch.round(k / scale[..., None]), -127, 127),
+                    torch.zeros_like(k))
+    return c.to(torch.int8), torch.where(finite, scale, torch.full_like(scale, float("nan"))).to(torch.float32)
+
+
+def _quantize_cupy(k: Any) -> tuple[Any, Any]:
+    """:func:`_quantize` in CuPy operations, on ``k``'s device (``k`` float64)."""
+    import cupy
+
+    amax = cupy.abs(k).max(axis=-1)
+    finite = cupy.isfinite(k).all(axis=-1)
+    scale = cupy.where(amax > 0, amax / 127.0, 1.0).astype(np.float32).astype(np.float64)
+    c = cupy.where(finite[..., None], cupy.clip(cupy.rint(k / scale[..., None]), -127, 127), 0.0)
+    return c.astype(np.int8), cupy.where(finite, scale, np.nan).astype(np.float32)
+
+
+def _as_f64(x: Any, kind: str) -> Any:
+    """A float64 copy of device keys (bfloat16 CuPy arrays through their bits: CuPy has no bfloat16
+    arithmetic; a bfloat16 is the top half of a float32)."""
+    if kind == "torch":
+        import torch
+
+        return x.to(torch.float64)
+    if str(x.dtype) == "bfloat16":
+        import cupy
+
+        return (x.view(cupy.uint16).astype(cupy.uint32) << 16).view(cupy.float32).astype(cupy.float64)
+    return x.astype(np.float64)
+
+
+def _quantize_on_device(w: str, kv: DenseKV | PagedKV, out: KeyCodes | None, start: Any, kind: str) -> KeyCodes:
+    """:func:`quantize_keys` of a cache of torch CUDA tensors or CuPy arrays, on its device."""
+    keys_arr = kv.k if isinstance(kv, DenseKV) else kv.k_pages
+    if kind == "torch":
+        import torch
+
+        conv, dev = _quantize_torch, keys_arr.device
+
+        def zeros(shape: tuple[int, ...], dtype: str) -> Any:
+            return torch.zeros(shape, dtype=getattr(torch, dtype), device=dev)
+
+        def index(a: Any) -> Any:
+            return torch.as_tensor(a, dtype=torch.int64, device=dev)
+    else:
+        import cupy
+
+        conv = _quantize_cupy
+
+        def zeros(shape: tuple[int, ...], dtype: str) -> Any:
+            return cupy.zeros(shape, dtype=dtype)
+
+        def index(a: Any) -> Any:
+            return cupy.asarray(a, dtype=np.int64)
+    if out is None:
+        shape = (kv.batch, kv.max_len, kv.num_kv_heads, kv.head_dim)
+        res = KeyCodes(zeros(shape, "int8"), zeros(shape[:3], "float32"))
+    else:
+        out.check_matches(w, "out", kv)
+        if kind_of(out.codes) != kind or kind_of(out.scales) != kind:
+            fail(w, f"out holds {kind_of(out.codes)} arrays but kv holds {kind} arrays; keep them together")
+        res = out
+    lengths = to_host(kv.lengths).astype(np.int64)
+    first = np.zeros(kv.batch, np.int64) if start is None else to_host(start).astype(np.int64)
+    if first.shape != (kv.batch,) or (first < 0).any() or (first > lengths).any():
+        fail(w, f"start = {first.tolist()}; expected {kv.batch} ints with 0 <= start[b] <= lengths[b] = "
+                f"{lengths.tolist()}")
+    paged = isinstance(kv, PagedKV)
+    table = kv.page_table if paged else None
+
+    def rows(bs: np.ndarray, ts: np.ndarray) -> Any:
+        """The keys of (sequence bs[i], token ts[i]), ``[n, Hkv, D]``, gathered on the device."""
+        if not paged:
+            return keys_arr[index(bs), index(ts)]
+        ps = kv.page_size
+        pages = table[index(bs), index(ts // ps)]
+        return keys_arr[pages.long() if kind == "torch" else pages.astype(np.int64), index(ts % ps)]
+
+    n_new = lengths - first
+    if (n_new <= 1).all():  # a decode step (or nothing): one gather, one conversion, one scatter
+        bs = np.flatnonzero(n_new == 1)
+        if bs.size:
+            c, sc = conv(_as_f64(rows(bs, first[bs]), kind))
+            ib, it = index(bs), index(first[bs])
+            res.codes[ib, it] = c
+            res.scales[ib, it] = sc
+        return res
+    for b in range(kv.batch):
+        lo, hi = int(first[b]), int(lengths[b])
+        if hi <= lo:
+            continue
+        ts = np.arange(lo, hi)
+        c, sc = conv(_as_f64(rows(np.full(hi - lo, b), ts), kind))
+        res.codes[b, lo:hi] = c
+        res.scales[b, lo:hi] = sc
+    return res

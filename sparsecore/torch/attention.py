@@ -156,12 +156,11 @@ class TopKDecode:
         rep = hkv if keys.is_contiguous() and values.is_contiguous() else 1
         seq_lens = tuple(n for n in lens for _ in range(rep))
         host = keys.is_cpu and not torch.compiler.is_compiling()
-        if self.method == "int8" and not keys.is_cpu:
+        if self.method == "int8" and keys.device.type not in ("cpu", "cuda"):
             raise NotImplementedError(
-                f"TopKDecode: method='int8' needs the KV cache in CPU memory (quantize_keys builds the int8 "
-                f"copy of the keys on the host), this cache is on {keys.device}; on a GPU use method='exact' "
-                "(with candidates >= the context to rank every key by its attention mass), or call "
-                "select_topk(method='int8', codes=...) with codes you keep on the device")
+                f"TopKDecode: method='int8' keeps an int8 copy of the keys on the cache's device, CPU or CUDA; "
+                f"this cache is on {keys.device}: use method='exact' (with candidates >= the context to rank "
+                "every key by its attention mass)")
         if host:  # zero-copy NumPy views, made every step (kept, they would keep the cache alive after its
             # owner let it go): the plan runs on NumPy (no torch call per op, no views to check)
             keys, values, q = to_numpy(keys), to_numpy(values), to_numpy(q)

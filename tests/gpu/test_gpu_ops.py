@@ -226,7 +226,12 @@ def test_select_topk_int8(launcher, dtype, shared, paged, lib):
     rng, q, kv = _decode_inputs(dtype, paged)
     codes = sc.quantize_keys(kv)
     deq = dequantized_kv(kv, codes)
-    qd, kvd, cd = to_lib(q, lib), to_lib(kv, lib), codes.map_arrays(lambda a: to_lib(a, lib))
+    qd, kvd = to_lib(q, lib), to_lib(kv, lib)
+    cd = sc.quantize_keys(kvd)  # built on the device: the host's bits
+    check_kind(cd.codes, lib)
+    for b, n in enumerate(kv.lengths.tolist()):
+        np.testing.assert_array_equal(host(cd.codes)[b, :n], codes.codes[b, :n])
+        np.testing.assert_array_equal(host(cd.scales)[b, :n].view(np.int32), codes.scales[b, :n].view(np.int32))
     got = sc.select_topk(qd, kvd, 50, method="int8", codes=cd, sink=4, window=16, shared=shared)
     check_kind(got.indices, lib)
     want = ref.select_topk(q, kv, 50, method="int8", codes=codes, sink=4, window=16, shared=shared)
@@ -236,6 +241,28 @@ def test_select_topk_int8(launcher, dtype, shared, paged, lib):
     got = sc.select_topk(qd, kvd, 100, method="int8", codes=cd, shared=shared, top_p=0.9, k_min=4)
     check_adaptive_against_reference(got, q, deq, 100, top_p=0.9, k_min=4, sink=0, window=0, shared=shared,
                                      scale=None)
+
+
+@requires_gpu
+def test_topk_decode_int8_on_a_cuda_cache_matches_the_cpu():
+    """TopKDecode(method="int8") keeps its codes on the cache's CUDA device (quantize_keys' device
+    path, updated one key per step) and selects there: the same outputs as on the CPU cache."""
+    import torch
+
+    from sparsecore.torch.attention import TopKDecode
+
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(2, 3, 300, 64, generator=g)
+    values = torch.randn(2, 3, 300, 64, generator=g)
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        state = TopKDecode(k=12, method="int8", candidates=4096)
+        got = []
+        for n in (290, 291, 292):  # a growing cache: the codes are updated, not rebuilt
+            q = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(n))
+            got.append(state.attend(q.to(dev), keys[:, :, :n].to(dev), values[:, :, :n].to(dev), n).cpu())
+        outs[dev] = torch.stack(got)
+    torch.testing.assert_close(outs["cuda"], outs["cpu"], rtol=1e-4, atol=1e-4)
 
 
 @requires_gpu

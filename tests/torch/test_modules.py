@@ -290,13 +290,13 @@ def test_decode_with_int8_codes_matches_topk_reference_and_keeps_codes(monkeypat
         _topk(attn, k=3, rescore=4)
 
 
-def test_decode_with_int8_on_a_device_cache_says_what_to_use_instead() -> None:
-    """The int8 copy of the keys is built on the host: a cache anywhere else (a "meta" tensor stands
-    in for a GPU here) gets an error that names the device and the method to use there."""
+def test_decode_with_int8_on_another_device_says_what_to_use_instead() -> None:
+    """The int8 copy of the keys is kept on the CPU or a CUDA device: a cache anywhere else (a "meta"
+    tensor here) gets an error that names the device and the method to use there."""
     state = TopKDecode(k=3, method="int8", candidates=64)
     q, keys = torch.randn(1, 4, 8, device="meta"), torch.randn(1, 2, 16, 8, device="meta")
-    with pytest.raises(NotImplementedError, match=r"method='int8' needs the KV cache in CPU memory .* this cache "
-                                                  r"is on meta; on a GPU use method='exact'"):
+    with pytest.raises(NotImplementedError, match=r"method='int8' keeps an int8 copy of the keys on the cache's "
+                                                  r"device, CPU or CUDA; this cache is on meta: use method='exact'"):
         state.attend(q, keys, keys, 16)
 
 
