@@ -118,11 +118,7 @@ def quantize_keys(kv: DenseKV | PagedKV, *, out: KeyCodes | None = None, start: 
         out.check_matches(w, "out", kv)
         codes, scales = to_host(out.codes), to_host(out.scales)  # views of host arrays: written in place
         res = out
-    lengths = to_host(kv.lengths).astype(np.int64)
-    first = np.zeros(kv.batch, np.int64) if start is None else to_host(start).astype(np.int64)
-    if first.shape != (kv.batch,) or (first < 0).any() or (first > lengths).any():
-        fail(w, f"start = {first.tolist()}; expected {kv.batch} ints with 0 <= start[b] <= lengths[b] = "
-                f"{lengths.tolist()}")
+    lengths, first = _span(w, kv, start)
     if isinstance(kv, DenseKV) and lengths.max(initial=0) <= kv.max_len:
         keys = to_host(kv.k)
         fast = _compiled() if keys.dtype == np.float32 and codes.flags.writeable and scales.flags.writeable else None
@@ -145,6 +141,17 @@ def quantize_keys(kv: DenseKV | PagedKV, *, out: KeyCodes | None = None, start: 
     if dtype_name(res.codes) != "int8":  # unreachable: constructed above
         fail(w, "internal: codes are not int8")
     return res
+
+
+def _span(w: str, kv: DenseKV | PagedKV, start: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(lengths, first)`` on the host, int64: the positions ``first[b] <= t < lengths[b]`` to
+    (re)write; ``start`` None is 0 (every token)."""
+    lengths = to_host(kv.lengths).astype(np.int64)
+    first = np.zeros(kv.batch, np.int64) if start is None else to_host(start).astype(np.int64)
+    if first.shape != (kv.batch,) or (first < 0).any() or (first > lengths).any():
+        fail(w, f"start = {first.tolist()}; expected {kv.batch} ints with 0 <= start[b] <= lengths[b] = "
+                f"{lengths.tolist()}")
+    return lengths, first
 
 
 @functools.cache
@@ -265,11 +272,7 @@ def _quantize_on_device(w: str, kv: DenseKV | PagedKV, out: KeyCodes | None, sta
         if kind_of(out.codes) != kind or kind_of(out.scales) != kind:
             fail(w, f"out holds {kind_of(out.codes)} arrays but kv holds {kind} arrays; keep them together")
         res = out
-    lengths = to_host(kv.lengths).astype(np.int64)
-    first = np.zeros(kv.batch, np.int64) if start is None else to_host(start).astype(np.int64)
-    if first.shape != (kv.batch,) or (first < 0).any() or (first > lengths).any():
-        fail(w, f"start = {first.tolist()}; expected {kv.batch} ints with 0 <= start[b] <= lengths[b] = "
-                f"{lengths.tolist()}")
+    lengths, first = _span(w, kv, start)
     paged = isinstance(kv, PagedKV)
     table = kv.page_table if paged else None
 
