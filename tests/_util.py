@@ -123,6 +123,34 @@ def _check_row(sel_units: np.ndarray, score: np.ndarray, units: int, forced: set
         assert lo >= hi - tol(hi), f"row {where}: chose a unit scoring {lo} over one scoring {hi}"
 
 
+def check_rescore_against_reference(got: Any, want: Any, q: np.ndarray, kv: Any, *, shared: bool, sink: int,
+                                    window: int, rel_tol: float) -> None:
+    """A device ``select_topk(method="int8", rescore=r)`` result ``got`` against the reference's ``want``
+    (the k best by the exact score among the r best by the int8 score): the same counts, valid, the
+    forced units kept, and per row the freely chosen units' exact scores, sorted, the reference's up
+    to ``rel_tol * (1 + max |score|)`` (ties may pick other units of the same score)."""
+    from sparsecore.reference.attention import forced_positions, head_scores, sequence_kv
+
+    ind, cnt = to_host(got.indices), to_host(got.counts)
+    assert ind.shape == want.indices.shape, f"k_max: {ind.shape} != {want.indices.shape}"
+    np.testing.assert_array_equal(cnt, want.counts, err_msg="counts")
+    got.map_arrays(to_host).validate(lengths=kv.lengths)
+    group = q.shape[1] // kv.num_kv_heads
+    for b in range(q.shape[0]):
+        keys, _ = sequence_kv(kv, b)
+        s = head_scores(q[b], keys, group)
+        if shared:
+            s = s.reshape(s.shape[0] // group, group, s.shape[1]).sum(axis=1)
+        forced = set(forced_positions(int(kv.lengths[b]), sink, window, None).tolist())
+        tol = rel_tol * (1.0 + np.abs(s).max()) if s.size else 0.0
+        for g in range(ind.shape[1]):
+            mine = set(ind[b, g, :cnt[b, g]].tolist())
+            theirs = set(want.indices[b, g, :want.counts[b, g]].tolist())
+            assert forced <= mine, f"row {(b, g)} lacks forced units {sorted(forced - mine)}"
+            a, w = np.sort(s[g, sorted(mine - forced)]), np.sort(s[g, sorted(theirs - forced)])
+            np.testing.assert_allclose(a, w, rtol=0, atol=tol, err_msg=f"row {(b, g)}: chosen exact scores")
+
+
 def dequantized_kv(kv: Any, codes: Any) -> Any:
     """The cache (dense, float32, on the host) whose keys are what ``codes`` (a KeyCodes of ``kv``) stand
     for, ``codes * scales``: ``select_topk(method="int8", codes=codes)`` on ``kv`` is exact ranking on

@@ -20,6 +20,7 @@ from sparsecore.backends import cuda as C
 from tests._util import (
     check_adaptive_against_reference,
     check_mass_ranking_against_reference,
+    check_rescore_against_reference,
     check_topk_against_reference,
     dequantized_kv,
 )
@@ -274,10 +275,9 @@ def test_host_inputs_are_refused_without_touching_the_gpu() -> None:
 
 
 def test_selections_without_cuda_kernels_are_refused_with_their_reason() -> None:
-    """int8 with rescore and a pool of candidates (below the cache's capacity) have no CUDA C kernels
-    yet: both launchers say so (on any inputs), instead of running the exact kernel, which ignores
-    them; top_p over more than the shared-memory sort's 2048 units and int8 ranking without rescore
-    are not refused."""
+    """A pool of candidates (below the cache's capacity) has no CUDA C kernel yet: both launchers say
+    so (on any inputs), instead of running the exact kernel, which ignores it; top_p over more than
+    the shared-memory sort's 2048 units and int8 ranking (with or without rescore) are not refused."""
     import sparsecore as sc
     from sparsecore.ops.dispatcher import implementations
     from sparsecore.ops.inputs import SelectTopkInputs
@@ -293,9 +293,6 @@ def test_selections_without_cuda_kernels_are_refused_with_their_reason() -> None
     for c in implementations("select_topk")[:2]:
         assert not any("top_p" in r for r in c.input_reasons(inp))
     cases = [
-             (dict(method="int8", codes=sc.quantize_keys(kv), rescore=6),
-              "rescore = 6 (int8 candidates re-scored from the keys) is not implemented in {} yet; int8 ranking "
-              "without it is"),
              (dict(candidates=6), "candidates = 6 below the cache's capacity 12 (a pool ranked by attention "
                                   "mass) is not implemented in {} yet; candidates >= the capacity ranks every key "
                                   "by its mass")]
@@ -309,7 +306,8 @@ def test_selections_without_cuda_kernels_are_refused_with_their_reason() -> None
                   SelectTopkInputs(q, kv, 3, candidates=40), SelectTopkInputs(q, kv, 3, top_p=0.9),
                   SelectTopkInputs(q, kv, 3, method="int8", codes=codes),
                   SelectTopkInputs(q, kv, 3, method="int8", codes=codes, candidates=12),
-                  SelectTopkInputs(q, kv, 3, method="int8", codes=codes, top_p=0.9)):  # kernels
+                  SelectTopkInputs(q, kv, 3, method="int8", codes=codes, top_p=0.9),
+                  SelectTopkInputs(q, kv, 3, method="int8", codes=codes, rescore=6)):  # kernels
         every.validate()
         for c in implementations("select_topk")[:2]:
             assert not any(w in r for w in ("candidates", "top_p", "int8", "rescore")
@@ -440,7 +438,7 @@ def test_every_launch_matches_its_kernel_signature(dtype: str) -> None:
                 _ops.select_topk(rt, I.SelectTopkInputs(q, kv, 5, "exact", 2, 4, shared, candidates=10**6))
                 _ops.select_topk(rt, I.SelectTopkInputs(q, kv, 5, "exact", 2, 4, shared, top_p=0.9, k_min=1))
                 codes = ref_codes(kv)
-                for extra in ({}, dict(candidates=10**6), dict(top_p=0.9, k_min=1)):
+                for extra in ({}, dict(candidates=10**6), dict(top_p=0.9, k_min=1), dict(rescore=9)):
                     _ops.select_topk(rt, I.SelectTopkInputs(q, kv, 5, "int8", 2, 4, shared, codes=codes, **extra))
                 index = ref.select_topk(q, kv, 5, sink=2, window=4, shared=shared)
                 _ops.sparse_decode(rt, I.SparseDecodeInputs(q, kv, index))
@@ -711,6 +709,21 @@ def test_emulated_int8_ranking(dtype: str, hq: int, hkv: int, d: int, paged: boo
         got = _ops.select_topk(rt, inp)
         want = ref.select_topk(q, kv, 12, method="int8", codes=codes, sink=3, window=8, shared=shared)
         check_topk_against_reference(got, want, q, deq, shared=shared, sink=3, window=8, rel_tol=1e-2)
+        inp = I.SelectTopkInputs(q, kv, 12, "int8", 3, 8, shared, codes=codes, rescore=30)
+        inp.validate()
+        want = ref.select_topk(q, kv, 12, method="int8", codes=codes, sink=3, window=8, shared=shared, rescore=30)
+        check_rescore_against_reference(_ops.select_topk(rt, inp), want, q, kv, shared=shared, sink=3, window=8,
+                                        rel_tol=1e-4)
+        # every score negative: the units outside the pool must still lose to the pool's worst
+        neg_q = -np.abs(q.astype(np.float32)).astype(q.dtype)
+        pos = dequantized_kv(kv, codes)
+        pos = type(pos)(np.abs(pos.k).astype(_np(dtype)), np.abs(pos.v).astype(_np(dtype)), pos.lengths)
+        pc = sc.quantize_keys(pos)
+        inp = I.SelectTopkInputs(neg_q, pos, 8, "int8", 0, 0, shared, codes=pc, rescore=20)
+        inp.validate()
+        want = ref.select_topk(neg_q, pos, 8, method="int8", codes=pc, shared=shared, rescore=20)
+        check_rescore_against_reference(_ops.select_topk(rt, inp), want, neg_q, pos, shared=shared, sink=0, window=0,
+                                        rel_tol=1e-4)
         inp = I.SelectTopkInputs(q, kv, 12, "int8", 0, 4, shared, codes=codes, candidates=10**6, scale=0.4)
         inp.validate()
         check_mass_ranking_against_reference(_ops.select_topk(rt, inp), q, deq, 12, sink=0, window=4, shared=shared,

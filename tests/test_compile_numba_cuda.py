@@ -58,8 +58,8 @@ def _toolchain_problem() -> str | None:
 def _cases() -> list[tuple[str, str]]:
     names = ["pack_tiles", "pack_scan", "pack_overflow", "unpack", "spmm_ell", "spmm_csr", "sddmm_ell", "sddmm_csr",
              "spmm_t_ell", "spmm_t_csr", "gated_ell", "gated_csr", "topk_scores_exact", "topk_scores_int8",
-             "topk_scores_quest", "topk_scores_quest_bounds", "page_bounds", "decode_split", "decode_merge", "merge",
-             "cast_out"]
+             "rescore_pool", "topk_scores_quest", "topk_scores_quest_bounds", "page_bounds", "decode_split",
+             "decode_merge", "merge", "cast_out"]
     common = ("fill", "topk_select", "mass_of_every_key", "top_p_cut")
     return [("any", n) for n in common] + [(dt, n) for dt in DTYPES for n in names]
 

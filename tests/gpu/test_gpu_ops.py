@@ -30,6 +30,7 @@ pytestmark = pytest.mark.gpu
 from tests._util import (  # noqa: E402
     check_adaptive_against_reference,
     check_mass_ranking_against_reference,
+    check_rescore_against_reference,
     check_topk_against_reference,
     dequantized_kv,
 )
@@ -221,8 +222,8 @@ def test_select_topk_adaptive_budget(launcher, dtype, shared, paged, lib):
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_head"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_select_topk_int8(launcher, dtype, shared, paged, lib):
-    """method="int8" on every launcher, codes built on the host and moved: plain, by mass over every
-    key, adaptive; held to the reference on the keys the codes stand for."""
+    """method="int8" on every launcher, codes built on the device: plain, re-scored, by mass over every
+    key, adaptive; held to the reference (on the keys the codes stand for; re-scored: on the keys)."""
     rng, q, kv = _decode_inputs(dtype, paged)
     codes = sc.quantize_keys(kv)
     deq = dequantized_kv(kv, codes)
@@ -236,6 +237,9 @@ def test_select_topk_int8(launcher, dtype, shared, paged, lib):
     check_kind(got.indices, lib)
     want = ref.select_topk(q, kv, 50, method="int8", codes=codes, sink=4, window=16, shared=shared)
     check_topk_against_reference(got, want, q, deq, shared=shared, sink=4, window=16, rel_tol=1e-4)
+    got = sc.select_topk(qd, kvd, 50, method="int8", codes=cd, sink=4, window=16, shared=shared, rescore=120)
+    want = ref.select_topk(q, kv, 50, method="int8", codes=codes, sink=4, window=16, shared=shared, rescore=120)
+    check_rescore_against_reference(got, want, q, kv, shared=shared, sink=4, window=16, rel_tol=1e-4)
     got = sc.select_topk(qd, kvd, 50, method="int8", codes=cd, shared=shared, candidates=10**6)
     check_mass_ranking_against_reference(got, q, deq, 50, sink=0, window=0, shared=shared, scale=None, rel_tol=1e-5)
     got = sc.select_topk(qd, kvd, 100, method="int8", codes=cd, shared=shared, top_p=0.9, k_min=4)

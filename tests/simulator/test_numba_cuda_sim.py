@@ -23,6 +23,7 @@ from tests._util import (
     assert_close,
     check_adaptive_against_reference,
     check_mass_ranking_against_reference,
+    check_rescore_against_reference,
     check_topk_against_reference,
     dequantized_kv,
 )
@@ -354,15 +355,40 @@ def test_select_topk_mass_ranking_follows_the_nonfinite_contract(poison):
             assert all(5 not in row for row in sel.tolist())
 
 
+@pytest.mark.parametrize("method", ["exact", "quest", "int8"])
+def test_select_topk_ranks_a_nan_score_last(method):
+    """A NaN score ranks below every other score, -inf included (the reference's argsort of -score),
+    for the plain top-k of every method: topk_select's order key once put a positive NaN above
+    +inf, and a key with a NaN component was chosen first (found by this session's rescore test)."""
+    q, kv = _topk_case("float32", 1, 1, 2, 4, 16, False, 3, lengths=[16])
+    q = np.abs(q) + 0.1  # positive queries: the -inf key scores -inf
+    k = kv.k.copy()
+    k[0, 5, 0, 1] = np.nan
+    k[0, 9, 0, :] = -np.inf  # -inf (int8: a NaN scale, as NaN), still chosen before the NaN key
+    kv = sc.DenseKV(k, kv.v, kv.lengths)
+    opts = dict(method="int8", codes=sc.quantize_keys(kv)) if method == "int8" else dict(method=method)
+    kk = {"exact": 15, "int8": 14, "quest": 4}[method]  # int8: the -inf key's scale is NaN too: both last
+    if method == "quest":
+        opts["page_size"] = 1  # one key a page: the page bound is the key
+    for shared in (True, False):
+        got = sc.select_topk(dev(q), dev(kv), kk, shared=shared,
+                             **{n: dev(v) if n == "codes" else v for n, v in opts.items()})
+        want = ref.select_topk(q, kv, kk, shared=shared, **opts)
+        np.testing.assert_array_equal(host(got.counts), want.counts)
+        if method != "quest":
+            assert all(5 not in row for row in host(got.indices)[0].tolist()), (method, shared)
+
+
 @dtypes
 @FEW
-@pytest.mark.parametrize("mode", ["plain", "mass", "top_p"])
+@pytest.mark.parametrize("mode", ["plain", "mass", "top_p", "rescore"])
 @given(**_topk_args)
 @_token_examples
 def test_select_topk_int8(dtype, mode, b, hkv, group, d, s, k, sink, window, shared, paged, seed):
     """method="int8" over KeyCodes (topk_scores_int8; the codes are in token order for a paged cache
-    too): the plain top-k, the mass ranking of every key and the adaptive budget, each held to the
-    reference on the keys the codes stand for (tests._util.dequantized_kv)."""
+    too): the plain top-k, the mass ranking of every key, the adaptive budget and re-scoring a pool
+    from the keys (rescore_pool), each held to the reference (on the keys the codes stand for,
+    tests._util.dequantized_kv; the re-scored ones on the keys)."""
     q, kv = _topk_case(dtype, b, hkv, group, d, s, paged, seed)
     k = min(k, kv.max_len)
     codes = sc.quantize_keys(kv)
@@ -375,27 +401,38 @@ def test_select_topk_int8(dtype, mode, b, hkv, group, d, s, k, sink, window, sha
     elif mode == "mass":
         got = sc.select_topk(dev(q), dev(kv), k, candidates=max(k, kv.max_len), **opts)
         _check_mass_ranking(got, q, deq, k, sink, window, shared)
+    elif mode == "rescore":  # the rescore best by the int8 score, the k best of them by the exact one
+        pos = sc.DenseKV(np.abs(deq.k).astype(NP[dtype]), np.abs(deq.v).astype(NP[dtype]), deq.lengths)
+        neg_q = -np.abs(f64(q)).astype(NP[dtype])  # also every score negative: outside the pool must lose
+        for qq, cache in ((q, kv), (neg_q, pos)):
+            r = min(cache.max_len, 2 * k + 1)
+            c = sc.quantize_keys(cache)
+            got = sc.select_topk(dev(qq), dev(cache), k, **dict(opts, codes=dev(c)), rescore=r)
+            want = ref.select_topk(qq, cache, k, method="int8", codes=c, sink=sink, window=window, shared=shared,
+                                   rescore=r)
+            check_rescore_against_reference(got, want, qq, cache, shared=shared, sink=sink, window=window,
+                                            rel_tol=1e-4)
     else:
         got = sc.select_topk(dev(q), dev(kv), k, top_p=0.8, k_min=min(1, k), **opts)
         check_adaptive_against_reference(got, q, deq, k, top_p=0.8, k_min=min(1, k), sink=sink, window=window,
                                          shared=shared, scale=None)
 
 
-def test_select_topk_int8_rescore_and_candidates_are_refused_with_their_reason():
-    """int8 with rescore and ranking a pool of candidates by attention mass are host-only for now:
-    on device arrays the dispatcher says so (numba_cuda's reason) instead of running a kernel that
-    ignores them (the exact kernel ran for ``candidates`` before, a selection the reference does not
-    make). The adaptive budget past 2048 units and int8 ranking without rescore are not refused."""
+def test_select_topk_candidates_pool_is_refused_with_its_reason():
+    """Ranking a pool of candidates by attention mass is host-only for now: on device arrays the
+    dispatcher says so (numba_cuda's reason) instead of running a kernel that ignores it (the exact
+    kernel ran for ``candidates`` before, a selection the reference does not make). The adaptive
+    budget past 2048 units and int8 ranking, with or without rescore, are not refused."""
     q, kv = _topk_case("float32", 1, 1, 2, 4, 10, False, 0)
     q_long, kv_long = _topk_case("float32", 1, 1, 2, 4, 2100, False, 0, lengths=[2100])
     inp = I.SelectTopkInputs(dev(q_long), dev(kv_long), 2048, top_p=0.9, sink=1)
     inp.validate()
     assert select(inp).NAME == "numba_cuda"
     codes = sc.quantize_keys(kv)
-    with pytest.raises(NotImplementedError, match="rescore = 6 .int8 candidates re-scored from the keys. is not "
-                                                  "implemented in numba_cuda yet"):
-        sc.select_topk(dev(q), dev(kv), 3, method="int8", codes=dev(codes), rescore=6)
-    sc.select_topk(dev(q), dev(kv), 3, method="int8", codes=dev(codes))
+    for r in (0, 6):
+        inp = I.SelectTopkInputs(dev(q), dev(kv), 3, method="int8", codes=dev(codes), rescore=r)
+        inp.validate()
+        assert select(inp).NAME == "numba_cuda"
     for c in (3, 6, 9):  # a pool short of the capacity (10): refused; at or past it, every key (tested above)
         with pytest.raises(NotImplementedError, match=f"candidates = {c} below the cache's capacity 10 .a pool "
                                                       "ranked by attention mass. is not implemented in numba_cuda"):

@@ -120,7 +120,7 @@ def ffn_common_names() -> list[str]:
 def attention_names(dtype: str) -> list[str]:
     t = value_ctype(dtype)
     names = [f"decode_merge<{t}, {NT_ATTN}>", f"merge_attention<{t}, float>", f"merge_attention<{t}, double>",
-             f"page_bounds<{t}, {NT_ATTN}>"]
+             f"page_bounds<{t}, {NT_ATTN}>", f"rescore_pool<{t}, {NT_SELECT}>"]
     for vpl in VPLS:
         for g in GMAXS:
             names.append(f"decode_split<{t}, {NT_ATTN}, {vpl}, {g}>")

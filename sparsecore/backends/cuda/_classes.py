@@ -44,9 +44,6 @@ def _input_reasons(name: str, op: str, inp: Any, kinds: tuple[str, ...]) -> list
         reasons += _attention_reasons(name, inp.q, inp.kv)
         if int(inp.q.shape[0]) > 65535:
             reasons.append(f"batch = {int(inp.q.shape[0])}; {name} supports at most 65535 sequences per call")
-        if op == "select_topk" and inp.method == "int8" and inp.rescore:
-            reasons.append(f"rescore = {inp.rescore} (int8 candidates re-scored from the keys) is not implemented in "
-                           f"{name} yet; int8 ranking without it is")
         if op == "select_topk" and inp.candidates and inp.candidates < inp.kv.max_len:
             reasons.append(f"candidates = {inp.candidates} below the cache's capacity {inp.kv.max_len} (a pool ranked "
                            f"by attention mass) is not implemented in {name} yet; candidates >= the capacity ranks "

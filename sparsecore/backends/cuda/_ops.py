@@ -17,7 +17,7 @@ from ..._arrays import dtype_name
 from ...formats.csr import CSR
 from ...formats.kv import DenseKV, PageBounds, PagedKV
 from ...formats.tiled_ell import TiledELL
-from ...formats.topk import TopKIndex
+from ...formats.topk import TopKIndex, topk_capacity
 from ...ops import inputs as I
 from . import (
     CUT_CAP,
@@ -358,6 +358,15 @@ def select_topk(rt: Runtime, inp: I.SelectTopkInputs) -> TopKIndex:
             _go(rt, "attention.cu", dt, f"topk_scores<{t}, {NT_ATTN}, {vpl_for(d)}>", (cdiv(n_units, nw), rows, b),
                 NT_ATTN, [p(rt, q), i32(hq), *kva, i32(group), i32(int(per_head or mass)), i32(int(ps is not None)),
                           i32(ups), i32(n_units), *ba, _al(rt, [q, *kvarr, *barr], [d], dt), p(rt, out)])
+        if inp.method == "int8" and inp.rescore > inp.k:  # the pool's exact scores, NaN elsewhere
+            pool_max = topk_capacity(int(inp.rescore), int(inp.sink), inp.forced_window, kv.max_len, None)
+            pool, pool_counts = rt.empty((b, g_rows, pool_max), "int32"), rt.empty((b, g_rows), "int32")
+            _go(rt, "attention.cu", dt, f"topk_select<{NT_SELECT}>", (g_rows, b), NT_SELECT,
+                [p(rt, scores), i32(max(n_units, 1)), kva[3], i32(0), i32(1), i32(int(inp.rescore)),
+                 i32(int(inp.sink)), i32(inp.forced_window), i32(pool_max), p(rt, pool), p(rt, pool_counts)])
+            _go(rt, "attention.cu", dt, f"rescore_pool<{t}, {NT_SELECT}>", (g_rows, b), NT_SELECT,
+                [p(rt, q), i32(hq), *kva, i32(group), i32(int(per_head)), i32(int(inp.sink)), i32(inp.forced_window),
+                 p(rt, pool), p(rt, pool_counts), i32(pool_max), i32(max(n_units, 1)), p(rt, scores)])
         if mass:  # (the reasons refuse a pool of candidates: every key is one)
             scale = 1.0 / math.sqrt(d) if inp.scale is None else float(inp.scale)
             _go(rt, "attention.cu", dt, f"mass_of_every_key<{NT_SELECT}>", (g_rows, b), NT_SELECT,

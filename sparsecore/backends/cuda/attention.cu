@@ -389,6 +389,44 @@ __global__ void SC_BOUNDS(NT) topk_scores_int8(const T* __restrict__ q, int Hq, 
     if (lane == 0) scores[((i64)b * G + g) * n_units + u] = s;
 }
 
+// int8 ranking with rescore: after topk_select chose the row's pool (pool[B, G, pool_max], the
+// `rescore` best by the int8 score, forced units included), the row's scores become NaN (ranked
+// below every score) except the pool's non-forced units, which get their exact score from the keys
+// (q . k summed over the row's heads); topk_select of these keeps the k best of the pool. Grid (G,
+// B), NT threads: one row, a thread per pool entry.
+template <typename T, int NT>
+__global__ void SC_BOUNDS(NT) rescore_pool(const T* __restrict__ q, int Hq, SC_KV_PARAMS, int group, int per_head,
+                                                   int sink, int window, const int* __restrict__ pool,
+                                                   const int* __restrict__ pool_counts, int pool_max, int n_units,
+                                                   float* __restrict__ scores) {
+    SC_KV_MAKE;
+    const int g = blockIdx.x, b = blockIdx.y, G = gridDim.x;
+    const i64 row = (i64)b * G + g;
+    float* sr = scores + row * n_units;
+    for (int t = threadIdx.x; t < n_units; t += NT) sr[t] = SC_NAN;
+    __syncthreads();
+    const int D = kv.D;
+    const int kvh = per_head ? g / group : g;
+    const int h0 = per_head ? g : g * group;
+    const int nh = per_head ? 1 : group;
+    const int length = kv.lengths[b];
+    const T* K = static_cast<const T*>(kv.k);
+    const int n = pool_counts[row];
+    for (int e = threadIdx.x; e < n; e += NT) {
+        const int t = pool[row * pool_max + e];
+        if (t < sink || (window > 0 && t >= length - window)) continue;
+        const i64 off = kv_row<T>(kv, b, t, kvh);
+        float tot = 0.0f;
+        for (int h = 0; h < nh; ++h) {
+            const T* qr = q + ((i64)b * Hq + h0 + h) * D;
+            float a = 0.0f;
+            for (int d = 0; d < D; ++d) a += sc::to_f(qr[d]) * sc::to_f(K[off + d]);
+            tot += a;
+        }
+        sr[t] = tot;
+    }
+}
+
 // Is unit u (token, or page of ipage tokens) of a sequence of `length` tokens forced (sink/window)?
 __device__ __forceinline__ bool is_forced(int u, int quest, int ipage, int length, int sink, int window) {
     if (!quest) return u < sink || (window > 0 && u >= length - window);

@@ -127,9 +127,6 @@ class SelectTopk(_NumbaCuda):
     @classmethod
     def input_reasons(cls, inp: I.SelectTopkInputs) -> list[str]:
         reasons = cls._attention_reasons(inp.q, inp.kv, grouped=True)
-        if inp.method == "int8" and inp.rescore:
-            reasons.append(f"rescore = {inp.rescore} (int8 candidates re-scored from the keys) is not implemented in "
-                           "numba_cuda yet; int8 ranking without it is")
         if inp.candidates and inp.candidates < inp.kv.max_len:
             reasons.append(f"candidates = {inp.candidates} below the cache's capacity {inp.kv.max_len} (a pool "
                            "ranked by attention mass) is not implemented in numba_cuda yet; candidates >= the "

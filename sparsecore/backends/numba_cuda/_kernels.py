@@ -56,6 +56,7 @@ _SC = MAX_GROUP * NT
 _OD = MAX_GROUP * DPT
 
 F0 = np.float32(0.0)
+_FNAN = np.float32(np.nan)
 F1 = np.float32(1.0)
 NEG_INF = np.float32(-np.inf)
 POS_INF = np.float32(np.inf)
@@ -120,7 +121,11 @@ def _st_f16(f):
 
 @cuda.jit(device=True, inline="always")
 def _key(f):
-    """Order-preserving map of a float32 onto 0 .. 2**32 - 1 (as int64): a > b iff key(a) > key(b)."""
+    """Order-preserving map of a float32 onto 0 .. 2**32 - 1 (as int64): a > b iff key(a) > key(b);
+    NaN maps to 0, below -inf, as the reference's argsort of -score puts NaN last (and the CUDA C
+    ``order_key``). Its bits alone would put a positive NaN above +inf."""
+    if f != f:
+        return 0
     u = _fbits(f)
     if u >= 0x80000000:
         return u ^ 0xFFFFFFFF
@@ -576,6 +581,37 @@ def build(dtype: str) -> SimpleNamespace:
         if shared != 0:
             scores[b, kvh, t] = tot * ks
 
+    def rescore_pool(q, k, page_table, lengths, ps, dense, group, shared, sink, window, pool, pool_counts,
+                     scores):
+        """Grid (G, B), one block per selection row: the exact score (q . k from the keys, summed over
+        the group when shared) of each non-forced unit of the row's pool (``pool``/``pool_counts``:
+        topk_select's rows of the ``rescore`` best by the int8 score) into ``scores[b, g, t]``, after
+        setting the row to NaN (ranked below every score: units outside the pool are never chosen
+        over one in it). Forced units are left NaN: topk_select keeps them by position."""
+        g = cuda.blockIdx.x
+        b = cuda.blockIdx.y
+        tid = cuda.threadIdx.x
+        for t in range(tid, scores.shape[2], NT):
+            scores[b, g, t] = _FNAN
+        cuda.syncthreads()
+        length = lengths[b]
+        kvh = g if shared != 0 else g // group
+        h0 = g * group if shared != 0 else g
+        nh = group if shared != 0 else 1
+        d_n = q.shape[2]
+        for e in range(tid, pool_counts[b, g], NT):
+            t = pool[b, g, e]
+            if t < sink or (window > 0 and t >= length - window):
+                continue
+            page, row = _kv_page_row(dense, page_table, b, t, ps)
+            tot = F0
+            for j in range(nh):
+                a = F0
+                for d in range(d_n):
+                    a += ld(q[b, h0 + j, d]) * ld(k[page, row, kvh, d])
+                tot += a
+            scores[b, g, t] = tot
+
     def topk_scores_quest(q, k, page_table, lengths, ps, dense, group, shared, ups, scores):
         """Grid (ceil(U / NT), Hkv, B); thread per Quest page u of ``ups`` tokens (< lengths[b]):
         scores[b, g, u] = sum_d max(q_d * min_d, q_d * max_d) over the page's valid keys."""
@@ -893,7 +929,7 @@ def build(dtype: str) -> SimpleNamespace:
         "pack_tiles": pack_tiles, "pack_scan": pack_scan, "pack_overflow": pack_overflow, "unpack": unpack,
         "spmm_ell": spmm_ell, "spmm_csr": spmm_csr, "sddmm_ell": sddmm_ell, "sddmm_csr": sddmm_csr,
         "spmm_t_ell": spmm_t_ell, "spmm_t_csr": spmm_t_csr, "gated_ell": gated_ell, "gated_csr": gated_csr,
-        "topk_scores_exact": topk_scores_exact, "topk_scores_int8": topk_scores_int8,
+        "topk_scores_exact": topk_scores_exact, "topk_scores_int8": topk_scores_int8, "rescore_pool": rescore_pool,
         "topk_scores_quest": topk_scores_quest,
         "topk_scores_quest_bounds": topk_scores_quest_bounds, "page_bounds": page_bounds,
         "decode_split": decode_split, "decode_merge": decode_merge, "merge": merge, "cast_out": cast_out,

@@ -12,7 +12,7 @@ from ..._arrays import dtype_name
 from ...formats.csr import CSR
 from ...formats.kv import DenseKV, PageBounds, PagedKV
 from ...formats.tiled_ell import TiledELL
-from ...formats.topk import TopKIndex
+from ...formats.topk import TopKIndex, topk_capacity
 from ...ops import inputs as I
 from ._limits import CUT_CAP
 from ._runtime import Place, common, kernels
@@ -256,6 +256,13 @@ def select_topk(inp: I.SelectTopkInputs) -> TopKIndex:
                 else:
                     P.launch(kern.topk_scores_quest, grid, nt, P.view(q), kk, pt, lengths, kv_ps, dense, group,
                              shared, ups, sv)
+                if inp.method == "int8" and inp.rescore > inp.k:  # the pool's exact scores; NaN elsewhere
+                    pool_max = topk_capacity(int(inp.rescore), int(inp.sink), inp.forced_window, kv.max_len, None)
+                    pv, pcv = P.new((b, g_rows, pool_max), "int32")[1], P.new((b, g_rows), "int32")[1]
+                    P.launch(common().topk_select, (g_rows, b), nt, sv, lengths, 1, int(inp.sink), inp.forced_window,
+                             int(inp.rescore), pv, pcv)
+                    P.launch(kern.rescore_pool, (g_rows, b), nt, P.view(q), kk, pt, lengths, kv_ps, dense, group,
+                             shared, int(inp.sink), inp.forced_window, pv, pcv, sv)
             P.launch(common().topk_select, (g_rows, b), nt, sv, lengths, ups, int(inp.sink), inp.forced_window,
                      int(inp.k), iv, cv)
             if inp.top_p is not None and inp.k > 0:  # the adaptive budget: as few of the k as cover top_p

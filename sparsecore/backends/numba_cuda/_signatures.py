@@ -45,6 +45,7 @@ def signatures(dtype: str) -> dict[str, tuple[Any, ...]]:
         "gated_csr": (v2, i32_1, i32_1, v1, v2, v2, v2),
         "topk_scores_exact": (v3, *kv, i64, i64, f3),
         "topk_scores_int8": (v3, _a(nt.int8, 4), f3, i32_1, i64, i64, f3),
+        "rescore_pool": (v3, *kv, i64, i64, i64, i64, i32_3, i32_2, f3),
         "topk_scores_quest": (v3, *kv, i64, i64, i64, f3),
         "topk_scores_quest_bounds": (v3, v4, v4, i32_1, i64, i64, i64, f3),
         "page_bounds": (*kv, i64, i32_1, i64, i64, v4, v4),
