@@ -748,6 +748,37 @@ def test_emulated_int8_ranking(dtype: str, hq: int, hkv: int, d: int, paged: boo
         assert 30 not in np.asarray(got.indices)[0, 0].tolist(), opts
 
 
+@pytest.mark.parametrize("method", ["exact", "quest", "quest_stored", "int8"])
+def test_emulated_plain_selection_ranks_nan_below_minus_inf(method: str) -> None:
+    """A key with a NaN component scores NaN and ranks below every other score, -inf included (the
+    reference's argsort of -score puts NaN last): the same keys as the reference at every k. Quest's
+    page bounds computed on the fly once dropped the NaN (fminf/fmaxf), unlike stored page_bounds."""
+    import sparsecore as sc
+    from sparsecore import reference as ref
+    from sparsecore.backends.cuda import _ops
+    from sparsecore.formats.kv import DenseKV
+    from sparsecore.ops import inputs as I
+
+    emu = _needs_emu()
+    rt = emu.CpuRuntime()
+    rng = np.random.default_rng(0)
+    k = rng.standard_normal((1, 8, 1, 4)).astype(np.float32)
+    k[0, 2, 0, 1] = np.nan
+    k[0, 5, 0, :] = -np.inf
+    kv = DenseKV(k, k, np.array([8], np.int32))
+    q = (np.abs(rng.standard_normal((1, 2, 4))) + 0.1).astype(np.float32)  # the -inf key scores -inf
+    opts = {"int8": dict(method="int8", codes=sc.quantize_keys(kv)), "exact": dict(method="exact"),
+            "quest": dict(method="quest", page_size=1),
+            "quest_stored": dict(method="quest", page_size=1, bounds=ref.page_bounds(kv, 1))}[method]
+    for kk in range(1, 8):
+        for shared in (True, False):
+            inp = I.SelectTopkInputs(q, kv, kk, shared=shared, **opts)
+            inp.validate()
+            got = _ops.select_topk(rt, inp)
+            want = ref.select_topk(q, kv, kk, shared=shared, **opts)
+            np.testing.assert_array_equal(np.asarray(got.indices), want.indices, err_msg=f"k={kk} shared={shared}")
+
+
 def test_emulated_adaptive_budget_past_the_shared_sort() -> None:
     """top_p rows past the 2048 units of top_p_cut's shared-memory sort (k = 2100, k + sink + window
     = 2120; k_min 2050): their sort runs in the global workspace, against the meaning of the

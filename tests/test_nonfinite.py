@@ -277,3 +277,26 @@ def test_decode_bits_do_not_depend_on_the_core_count(op: str, monkeypatch: pytes
         assert out.tobytes() == results[0][0].tobytes() and lse.tobytes() == results[0][1].tobytes()
     assert numba_cpu._n_split(4, 4096, 2 * 4 * 16 * 4096 * 2) > 1  # the dense case really splits
     assert numba_cpu._n_split(4, 4096, numba_cpu.SPLIT_MIN_WORK - 1) == 1  # decode sizes do not
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", ["exact", "int8", "quest"])
+def test_plain_selection_ranks_nan_below_minus_inf(backend: str, method: str) -> None:
+    """The plain top-k ranks a NaN score below every other, -inf included (the reference's argsort
+    of -score puts NaN last), so at every k the same keys as the reference: numba_cpu once ranked
+    NaN as -inf and kept a NaN key (a NaN output) where the reference kept the -inf one."""
+    rng = np.random.default_rng(0)
+    k = rng.standard_normal((1, 8, 1, 4)).astype(np.float32)
+    k[0, 2, 0, 1] = np.nan
+    k[0, 5, 0, :] = -np.inf
+    kv = sc.DenseKV(k, k, np.array([8], np.int32))
+    q = (np.abs(rng.standard_normal((1, 2, 4))) + 0.1).astype(np.float32)  # the -inf key scores -inf
+    opts = dict(method="int8", codes=sc.quantize_keys(kv)) if method == "int8" else dict(method=method)
+    if method == "quest":
+        opts["page_size"] = 1  # one key a page: the page's bound is its key
+    for kk in range(1, 8):
+        for shared in (True, False):
+            want = sc.select_topk(q, kv, kk, shared=shared, backend="reference", **opts)
+            got = sc.select_topk(q, kv, kk, shared=shared, backend=backend, **opts)
+            np.testing.assert_array_equal(got.counts, want.counts)
+            np.testing.assert_array_equal(got.indices, want.indices, err_msg=f"{method} k={kk} shared={shared}")

@@ -289,6 +289,9 @@ __global__ void SC_BOUNDS(NT) page_bounds(SC_KV_PARAMS, int ipage, int P, int ha
 }
 
 // ---- select_topk ---------------------------------------------------------------------------------
+// max(x, y) that is NaN when either is, as np.maximum (fmaxf drops a NaN).
+__device__ __forceinline__ float nan_max(float x, float y) { return (x > y || x != x) ? x : y; }
+
 // Scores of every unit (token or page) for each selection row g: scores[B, G, n_units] float32.
 // Exact (quest == 0): q . k summed over the heads of the row. Quest (quest == 1, unit = `ipage`
 // tokens): sum_i max(q_i * min_i, q_i * max_i) over the page's valid tokens, summed over the heads;
@@ -330,7 +333,10 @@ __global__ void SC_BOUNDS(NT) topk_scores(const T* __restrict__ q, int Hq, SC_KV
             for (int t = u * ipage; t < t1; ++t) {
                 sc::load_vec_n<T, VPL>(K + kv_row<T>(kv, b, t, kvh) + d0, dn, aligned, kr);
 #pragma unroll
-                for (int j = 0; j < VPL; ++j) { lo[j] = fminf(lo[j], kr[j]); hi[j] = fmaxf(hi[j], kr[j]); }
+                for (int j = 0; j < VPL; ++j) {  // NaN propagates, as NumPy's min/max and page_bounds
+                    if (lo[j] == lo[j] && (kr[j] < lo[j] || kr[j] != kr[j])) lo[j] = kr[j];
+                    if (hi[j] == hi[j] && (kr[j] > hi[j] || kr[j] != kr[j])) hi[j] = kr[j];
+                }
             }
         }
         float part = 0.0f;
@@ -341,7 +347,7 @@ __global__ void SC_BOUNDS(NT) topk_scores(const T* __restrict__ q, int Hq, SC_KV
             if (dn > 0) sc::load_vec_n<T, VPL>(q + ((i64)b * Hq + h0 + h) * D + d0, dn, aligned, qv);
 #pragma unroll
             for (int j = 0; j < VPL; ++j) {
-                if (j < dn) part += quest ? fmaxf(qv[j] * lo[j], qv[j] * hi[j]) : qv[j] * kr[j];
+                if (j < dn) part += quest ? nan_max(qv[j] * lo[j], qv[j] * hi[j]) : qv[j] * kr[j];
             }
         }
         s = sc::warp_sum(part);

@@ -723,8 +723,8 @@ def _kth_largest(a, k):
 
 @njit(**_OPTS)
 def _take_top(score, free, k, chosen):
-    """Mark in ``chosen`` the ``k`` free positions of highest score (NaN counts as -inf); ties at the
-    k-th score are taken in position order. Long rows with a small ``k`` first estimate a threshold
+    """Mark in ``chosen`` the ``k`` free positions of highest score, NaN below -inf (the reference's
+    argsort of -score puts NaN last); ties at the k-th score are taken in position order. Long rows with a small ``k`` first estimate a threshold
     from a sample of every 16th score and select among the scores at or above it: when at least ``k``
     are, the k-th largest of the row is among them, so the result is the same as from every score
     (otherwise every score is used). Its buffers have the scores' dtype, so the float64 masses of the
@@ -784,12 +784,19 @@ def _take_top(score, free, k, chosen):
         if cand[i] > thr:
             chosen[pos[i]] = True
             taken += 1
-    for i in range(c):
+    for i in range(c):  # ties at the threshold; at -inf the true -inf scores before the NaN ones
         if taken == k:
             break
-        if cand[i] == thr:
+        if cand[i] == thr and (thr != -np.inf or score[pos[i]] == score[pos[i]]):
             chosen[pos[i]] = True
             taken += 1
+    if thr == -np.inf:
+        for i in range(c):
+            if taken == k:
+                break
+            if score[pos[i]] != score[pos[i]]:
+                chosen[pos[i]] = True
+                taken += 1
 
 
 @njit(**_TASK)
@@ -948,15 +955,18 @@ def _select_quest_task(task, q, k_pages, page_table, lengths, k, sink, window, s
                 hi[j] = -np.inf
             for t in range(p * unit, min((p + 1) * unit, length)):
                 pg, r = _kv_row(page_table, b, t, page_size)
-                for j in range(d):
+                for j in range(d):  # NaN propagates, as NumPy's min/max (and page_bounds) do
                     kv_ = load(k_pages, (pg, r, kvh, j), lut)
-                    lo[j] = min(lo[j], kv_)
-                    hi[j] = max(hi[j], kv_)
+                    if lo[j] == lo[j] and (kv_ < lo[j] or kv_ != kv_):
+                        lo[j] = kv_
+                    if hi[j] == hi[j] and (kv_ > hi[j] or kv_ != kv_):
+                        hi[j] = kv_
         bound = np.float32(0)
         for i in range(nh):
             for j in range(d):
                 qj = load(q, (b, h0 + i, j), lut)
-                bound += max(qj * lo[j], qj * hi[j])
+                x, y = qj * lo[j], qj * hi[j]
+                bound += x if (x > y or x != x) else y  # np.maximum: NaN if either is NaN
         score[p] = bound
     _select_write(b, u, length, unit, k, sink, window, score, indices, counts)
 
