@@ -280,7 +280,7 @@ def test_decode_bits_do_not_depend_on_the_core_count(op: str, monkeypatch: pytes
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("method", ["exact", "int8", "quest"])
+@pytest.mark.parametrize("method", ["exact", "int8", "quest", "quest_stored", "quest_zero_query"])
 def test_plain_selection_ranks_nan_below_minus_inf(backend: str, method: str) -> None:
     """The plain top-k ranks a NaN score below every other, -inf included (the reference's argsort
     of -score puts NaN last), so at every k the same keys as the reference: numba_cpu once ranked
@@ -291,10 +291,15 @@ def test_plain_selection_ranks_nan_below_minus_inf(backend: str, method: str) ->
     k[0, 5, 0, :] = -np.inf
     kv = sc.DenseKV(k, k, np.array([8], np.int32))
     q = (np.abs(rng.standard_normal((1, 2, 4))) + 0.1).astype(np.float32)  # the -inf key scores -inf
-    opts = dict(method="int8", codes=sc.quantize_keys(kv)) if method == "int8" else dict(method=method)
-    if method == "quest":
-        opts["page_size"] = 1  # one key a page: the page's bound is its key
-    for kk in range(1, 8):
+    if method == "quest_zero_query":  # 0 * -inf in a bound is NaN (np.maximum keeps it): page 3 ranks last
+        q[:, :, 3] = 0.0
+        k[0, 6, 0, 3] = -np.inf  # page 3 (keys 6, 7, pages of 2): lo -inf, hi finite
+    opts = dict(method="int8", codes=sc.quantize_keys(kv)) if method == "int8" else dict(method="exact")
+    if method.startswith("quest"):  # one key a page: the page's bound is its key
+        opts = dict(method="quest", page_size=2 if method == "quest_zero_query" else 1)
+        if method == "quest_stored":
+            opts["bounds"] = sc.page_bounds(kv, 1, backend="reference")
+    for kk in range(1, 8 if method != "quest_zero_query" else 4):
         for shared in (True, False):
             want = sc.select_topk(q, kv, kk, shared=shared, backend="reference", **opts)
             got = sc.select_topk(q, kv, kk, shared=shared, backend=backend, **opts)

@@ -81,7 +81,8 @@ def quest_bounds(q: np.ndarray, lo: np.ndarray, hi: np.ndarray, group: int) -> n
     ``kvh = h // group``: at least ``q[h] . k`` for every key ``k`` of page ``j``."""
     heads = np.arange(q.shape[0]) // group
     q64 = q.astype(np.float64)[None]  # [1, Hq, D]
-    return np.maximum(q64 * lo[:, heads], q64 * hi[:, heads]).sum(axis=2).T  # [Hq, n_pages]
+    with np.errstate(invalid="ignore"):  # 0 * inf and a NaN bound are NaN: the page ranks last
+        return np.maximum(q64 * lo[:, heads], q64 * hi[:, heads]).sum(axis=2).T  # [Hq, n_pages]
 
 
 def forced_positions(length: int, sink: int, window: int, page_size: int | None = None) -> np.ndarray:

@@ -724,12 +724,13 @@ def _kth_largest(a, k):
 @njit(**_OPTS)
 def _take_top(score, free, k, chosen):
     """Mark in ``chosen`` the ``k`` free positions of highest score, NaN below -inf (the reference's
-    argsort of -score puts NaN last); ties at the k-th score are taken in position order. Long rows with a small ``k`` first estimate a threshold
-    from a sample of every 16th score and select among the scores at or above it: when at least ``k``
-    are, the k-th largest of the row is among them, so the result is the same as from every score
-    (otherwise every score is used). Its buffers have the scores' dtype, so the float64 masses of the
-    adaptive budget and the mass ranking are compared at the precision the reference ranks them (in
-    float32, masses below about 1e-45 would all be 0 and tie, and close ones would round together)."""
+    argsort of -score puts NaN last); ties at the k-th score are taken in position order. Long rows
+    with a small ``k`` first estimate a threshold from a sample of every 16th score and select among
+    the scores at or above it: when at least ``k`` are, the k-th largest of the row is among them, so
+    the result is the same as from every score (otherwise every score is used). Its buffers have the
+    scores' dtype, so the float64 masses of the adaptive budget and the mass ranking are compared at
+    the precision the reference ranks them (in float32, masses below about 1e-45 would all be 0 and
+    tie, and close ones would round together)."""
     n = score.shape[0]
     c = 0
     for i in range(n):
@@ -944,6 +945,17 @@ def _select_quest_task(task, q, k_pages, page_table, lengths, k, sink, window, s
     score = np.empty(n_units, np.float32)
     lo = np.empty(d, np.float32)
     hi = np.empty(d, np.float32)
+    # NumPy's max(q * lo, q * hi) is NaN when a product is: a NaN query or bound, or 0 * inf; the
+    # bound loop below uses plain max (vector code), so these cases are found apart and give NaN
+    q_nan = 0
+    q_zero = np.zeros(d, np.int32)
+    any_zero = 0
+    for i in range(nh):
+        for j in range(d):
+            qj = load(q, (b, h0 + i, j), lut)
+            q_nan += qj != qj
+            q_zero[j] |= qj == 0
+            any_zero |= qj == 0
     for p in range(n_units):
         if bmin.shape[0] > 0:
             for j in range(d):
@@ -953,21 +965,28 @@ def _select_quest_task(task, q, k_pages, page_table, lengths, k, sink, window, s
             for j in range(d):
                 lo[j] = np.inf
                 hi[j] = -np.inf
+        bad = q_nan  # a NaN key component (NumPy's min/max keep it), a NaN bound, or 0 * inf
+        if bmin.shape[0] == 0:
             for t in range(p * unit, min((p + 1) * unit, length)):
                 pg, r = _kv_row(page_table, b, t, page_size)
-                for j in range(d):  # NaN propagates, as NumPy's min/max (and page_bounds) do
+                for j in range(d):  # plain min/max (vector code), NaNs counted on the side
                     kv_ = load(k_pages, (pg, r, kvh, j), lut)
-                    if lo[j] == lo[j] and (kv_ < lo[j] or kv_ != kv_):
-                        lo[j] = kv_
-                    if hi[j] == hi[j] and (kv_ > hi[j] or kv_ != kv_):
-                        hi[j] = kv_
+                    lo[j] = kv_ if kv_ < lo[j] else lo[j]
+                    hi[j] = kv_ if kv_ > hi[j] else hi[j]
+                    bad += kv_ != kv_
+        for j in range(d):
+            bad += (lo[j] != lo[j]) | (hi[j] != hi[j])
+        if any_zero:  # 0 * inf
+            for j in range(d):
+                inf = (lo[j] == np.inf) | (lo[j] == -np.inf) | (hi[j] == np.inf) | (hi[j] == -np.inf)
+                bad += q_zero[j] & inf
         bound = np.float32(0)
         for i in range(nh):
             for j in range(d):
                 qj = load(q, (b, h0 + i, j), lut)
                 x, y = qj * lo[j], qj * hi[j]
-                bound += x if (x > y or x != x) else y  # np.maximum: NaN if either is NaN
-        score[p] = bound
+                bound += x if x > y else y
+        score[p] = bound if bad == 0 else np.float32(np.nan)
     _select_write(b, u, length, unit, k, sink, window, score, indices, counts)
 
 
