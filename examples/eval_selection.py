@@ -176,13 +176,13 @@ class Oracle(Tracked):
         return out.to(q.dtype)
 
 
-class MassCurve(Oracle):
+class MassCurve(Tracked):
     """Dense decode steps (every key kept) that record, per layer, the mean over selection rows of
     the group-mean attention masses sorted in descending order (the first ``k`` entries): the mass
     a ranking by mass keeps at each budget, for :func:`layer_budgets`."""
 
     def __init__(self, k: int) -> None:
-        super().__init__("mass", k=k)
+        super().__init__(k=k)
         self.curve, self.rows = torch.zeros(k, dtype=torch.float64), 0
 
     def attend(self, q, keys, values, lengths, *, scaling=None):  # type: ignore[override]

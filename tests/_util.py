@@ -84,6 +84,22 @@ def backend_takes(backend: str, dtype: str) -> str:
     return backend
 
 
+def _host_index(got: Any, want: Any, kv: Any, counts: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """``got``'s indices and counts on the host, after checking its shape against ``want`` (and its
+    counts, with ``counts``) and validating it against the cache's lengths."""
+    ind, cnt = to_host(got.indices), to_host(got.counts)
+    assert ind.shape == want.indices.shape, f"k_max: {ind.shape} != {want.indices.shape}"
+    if counts:
+        np.testing.assert_array_equal(cnt, want.counts, err_msg="counts")
+    got.map_arrays(to_host).validate(lengths=kv.lengths)
+    return ind, cnt
+
+
+def _row_sums(s: np.ndarray, group: int, shared: bool) -> np.ndarray:
+    """Per-head scores ``[Hq, n]`` as the selection rows see them: summed over each group when shared."""
+    return s.reshape(s.shape[0] // group, group, s.shape[1]).sum(axis=1) if shared else s
+
+
 def check_topk_against_reference(got: Any, want: Any, q: np.ndarray, kv: Any, *, shared: bool, sink: int,
                                  window: int, rel_tol: float) -> None:
     """A device ``select_topk`` result ``got`` (any array kind) against the reference's ``want`` on the same
@@ -92,17 +108,13 @@ def check_topk_against_reference(got: Any, want: Any, q: np.ndarray, kv: Any, *,
     either way, so indices are never compared)."""
     from sparsecore.reference.attention import forced_positions, head_scores, page_key_bounds, quest_bounds, sequence_kv
 
-    ind, cnt = to_host(got.indices), to_host(got.counts)
-    assert ind.shape == want.indices.shape, f"k_max: {ind.shape} != {want.indices.shape}"
-    np.testing.assert_array_equal(cnt, want.counts, err_msg="counts")
-    got.map_arrays(to_host).validate(lengths=kv.lengths)
+    ind, cnt = _host_index(got, want, kv)
     group = q.shape[1] // kv.num_kv_heads
     ps = want.page_size
     for b in range(q.shape[0]):
         keys, _ = sequence_kv(kv, b)
-        s = head_scores(q[b], keys, group) if ps is None else quest_bounds(q[b], *page_key_bounds(keys, ps), group)
-        if shared:
-            s = s.reshape(s.shape[0] // group, group, s.shape[1]).sum(axis=1)
+        s = _row_sums(head_scores(q[b], keys, group) if ps is None else
+                      quest_bounds(q[b], *page_key_bounds(keys, ps), group), group, shared)
         n = int(kv.lengths[b])
         units = n if ps is None else -(-n // ps)
         forced = set(forced_positions(n, sink, window, ps).tolist())
@@ -131,16 +143,11 @@ def check_rescore_against_reference(got: Any, want: Any, q: np.ndarray, kv: Any,
     to ``rel_tol * (1 + max |score|)`` (ties may pick other units of the same score)."""
     from sparsecore.reference.attention import forced_positions, head_scores, sequence_kv
 
-    ind, cnt = to_host(got.indices), to_host(got.counts)
-    assert ind.shape == want.indices.shape, f"k_max: {ind.shape} != {want.indices.shape}"
-    np.testing.assert_array_equal(cnt, want.counts, err_msg="counts")
-    got.map_arrays(to_host).validate(lengths=kv.lengths)
+    ind, cnt = _host_index(got, want, kv)
     group = q.shape[1] // kv.num_kv_heads
     for b in range(q.shape[0]):
         keys, _ = sequence_kv(kv, b)
-        s = head_scores(q[b], keys, group)
-        if shared:
-            s = s.reshape(s.shape[0] // group, group, s.shape[1]).sum(axis=1)
+        s = _row_sums(head_scores(q[b], keys, group), group, shared)
         forced = set(forced_positions(int(kv.lengths[b]), sink, window, None).tolist())
         tol = rel_tol * (1.0 + np.abs(s).max()) if s.size else 0.0
         for g in range(ind.shape[1]):
@@ -176,10 +183,7 @@ def check_mass_ranking_against_reference(got: Any, q: np.ndarray, kv: Any, k: in
     from sparsecore import reference as ref
 
     want = ref.select_topk(q, kv, k, sink=sink, window=window, shared=shared, candidates=10**9, scale=scale)
-    ind, cnt = to_host(got.indices), to_host(got.counts)
-    assert ind.shape == want.indices.shape, f"k_max: {ind.shape} != {want.indices.shape}"
-    np.testing.assert_array_equal(cnt, want.counts, err_msg="counts")
-    got.map_arrays(to_host).validate(lengths=kv.lengths)
+    ind, cnt = _host_index(got, want, kv)
     for b in range(q.shape[0]):
         mass, forced, n = _sequence_masses(q, kv, b, shared, scale, sink, window)
         for g in range(ind.shape[1]):
@@ -215,9 +219,7 @@ def check_adaptive_against_reference(got: Any, q: np.ndarray, kv: Any, k: int, *
     from sparsecore import reference as ref
 
     want = ref.select_topk(q, kv, k, sink=sink, window=window, shared=shared, top_p=top_p, k_min=k_min, scale=scale)
-    ind, cnt = to_host(got.indices), to_host(got.counts)
-    assert ind.shape == want.indices.shape, f"k_max: {ind.shape} != {want.indices.shape}"
-    got.map_arrays(to_host).validate(lengths=kv.lengths)
+    ind, cnt = _host_index(got, want, kv, counts=False)
     for b in range(q.shape[0]):
         mass, forced, n_len = _sequence_masses(q, kv, b, shared, scale, sink, window)
         for g in range(ind.shape[1]):

@@ -270,8 +270,8 @@ def select_topk(inp: I.SelectTopkInputs) -> TopKIndex:
                 if max(n_sort, k_max) > CUT_SHARED:  # the row's sort in global memory
                     ws = (P.new((b * g_rows, n_sort), "float32")[1], P.new((b * g_rows, n_sort), "int32")[1],
                           P.new((b * g_rows, k_max), "int32")[1], 1)
-                else:
-                    ws = (P.new((1, 1), "float32")[1], P.new((1, 1), "int32")[1], P.new((1, 1), "int32")[1], 0)
+                else:  # never read: this row's own buffers stand in, no allocation
+                    ws = (sv[0], iv[0], iv[0], 0)
                 P.launch(common().top_p_cut, (g_rows, b), nt, sv, lengths, int(inp.sink), inp.forced_window,
                          np.float32(inp.top_p), int(inp.k_min), n_sort, iv, cv, *ws)
     return TopKIndex(indices, counts, "token" if ps is None else "page", ps)
