@@ -535,7 +535,11 @@ def _kv_row(page_table, b, t, page_size):
 @njit(**_TASK)
 def _decode_task(task, q, k_pages, v_pages, page_table, lengths, indices, counts, unit, dense, shared,
                  scale, n_split, lut, o_part, lse_part):
-    """One task of :func:`decode_partial`: (sequence b, selection row u, split s)."""
+    """One task of :func:`decode_partial`: (sequence b, selection row u, split s), in three passes
+    over the split's tokens: every head's score of every token (the K rows read back to back, so
+    their cache misses overlap), each head's maximum and weights ``exp(score - max)``, then the
+    weighted sum of the V rows (each read once for the row's heads). One pass with a running
+    maximum made each V read wait on its key's score: 2-3 memory latencies per selected key."""
     bsz, hq, d = q.shape
     page_size = k_pages.shape[1]
     hkv = k_pages.shape[2]
@@ -556,29 +560,54 @@ def _decode_task(task, q, k_pages, v_pages, page_table, lengths, indices, counts
     for i in range(nh):
         for j in range(d):
             qv[i * d + j] = load(q, (b, h0 + i, j), lut) * scale
-    acc = _f32(nh * d, 0)
-    mx = _f32(nh, -np.inf)
-    den = _f32(nh, 0)
+    n = 0  # the split's tokens, their K/V rows in pg/rw
+    for e in range(e0, e1):
+        first = e * unit if dense else indices[b, u, e] * unit
+        n += min(first + unit, length) - first
+    pg = np.empty(n, np.int64)
+    rw = np.empty(n, np.int64)
+    c = 0
     for e in range(e0, e1):
         first = e * unit if dense else indices[b, u, e] * unit
         for t in range(first, min(first + unit, length)):
-            pg, r = _kv_row(page_table, b, t, page_size)
-            for i in range(nh):
-                sc = np.float32(0)
-                for j in range(d):
-                    sc += qv[i * d + j] * load(k_pages, (pg, r, kvh, j), lut)
-                if sc > mx[i]:  # a new maximum (never NaN); +inf: exp(inf - inf) is NaN
-                    corr = np.float32(math.exp(mx[i] - sc))
-                    p = np.float32(1) if sc != np.inf else np.float32(np.nan)
-                    mx[i] = sc
-                    den[i] = den[i] * corr + p
-                    for j in range(d):
-                        acc[i * d + j] = acc[i * d + j] * corr + p * load(v_pages, (pg, r, kvh, j), lut)
-                else:  # NaN gives p = NaN; -inf a weight of 0 (also while the maximum is -inf)
-                    p = np.float32(0) if sc == -np.inf else np.float32(math.exp(sc - mx[i]))
-                    den[i] += p
-                    for j in range(d):
-                        acc[i * d + j] += p * load(v_pages, (pg, r, kvh, j), lut)
+            pg[c], rw[c] = _kv_row(page_table, b, t, page_size)
+            c += 1
+    w = np.empty(nh * n, np.float32)  # [nh, n]: the scores, then the weights
+    for c in range(n):
+        kr = k_pages[pg[c], rw[c], kvh]
+        for i in range(nh):
+            sc = np.float32(0)
+            for j in range(d):
+                sc += qv[i * d + j] * load(kr, j, lut)
+            w[i * n + c] = sc
+    acc = _f32(nh * d, 0)
+    mx = _f32(nh, -np.inf)
+    den = _f32(nh, 0)
+    for i in range(nh):
+        wi = w[i * n:(i + 1) * n]
+        m = np.float32(-np.inf)
+        bad = False  # a NaN or +inf score: the row's out and lse are NaN (+inf: exp(inf - inf))
+        for c in range(n):
+            x = wi[c]
+            bad |= (x != x) | (x == np.inf)
+            m = max(m, x)
+        if bad:
+            den[i] = np.nan
+            continue
+        mx[i] = m
+        tot = np.float32(0)
+        for c in range(n):  # -inf: weight exactly 0 (also when every score is -inf)
+            x = wi[c]
+            p = np.float32(0) if x == -np.inf else np.float32(math.exp(x - m))
+            wi[c] = p
+            tot += p
+        den[i] = tot
+    for c in range(n):  # every selected value enters as weight * v (0 * inf is NaN)
+        vr = v_pages[pg[c], rw[c], kvh]
+        for i in range(nh):
+            p = w[i * n + c]
+            for j in range(d):
+                acc[i * d + j] += p * load(vr, j, lut)
     for i in range(nh):
         _finish_row(acc[i * d:(i + 1) * d], den[i], mx[i], o_part[b, h0 + i, s], lse_part[b, h0 + i, s:s + 1])
 
@@ -586,7 +615,7 @@ def _decode_task(task, q, k_pages, v_pages, page_table, lengths, indices, counts
 @njit(**_PAR)
 def decode_partial(q, k_pages, v_pages, page_table, lengths, indices, counts, unit, dense, shared,
                    scale, n_split, lut, o_part, lse_part):
-    """Softmax attention over one split of each selection row, with an online (running max) softmax.
+    """Softmax attention over one split of each selection row: scores, then weights, then values.
 
     A task is (sequence b, selection row u, split s). A shared row serves the ``group`` query heads
     of KV head u, so every selected K and V row is read once for the whole group. ``unit`` is the
@@ -611,7 +640,7 @@ def decode_partial_serial(q, k_pages, v_pages, page_table, lengths, indices, cou
 
 @njit(inline="always")
 def _finish_row(acc, den, mx, out, lse):
-    """Normalise one online-softmax state (docs/ops.md, non-finite values): den > 0 the softmax;
+    """Normalise one softmax state (docs/ops.md, non-finite values): den > 0 the softmax;
     den == 0 (no key, or every score -inf) out = acc (0, or NaN from 0 * a non-finite value) and
     lse = -inf; den NaN (a NaN or +inf score) out = lse = NaN."""
     if den > 0:
