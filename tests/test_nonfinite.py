@@ -279,6 +279,45 @@ def test_decode_bits_do_not_depend_on_the_core_count(op: str, monkeypatch: pytes
     assert numba_cpu._n_split(4, 4096, numba_cpu.SPLIT_MIN_WORK - 1) == 1  # decode sizes do not
 
 
+def _long_row_scores(pattern: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Scores of one long selection row (D = 1 keys, q = 1: each key's value is its score)."""
+    x = rng.standard_normal(n).astype(np.float32)
+    if pattern == "ties":  # five levels: the k-th score is tied many times over
+        x = rng.integers(0, 5, n).astype(np.float32)
+    elif pattern == "sample_holds_the_best":  # every 16th key, the ones a threshold is sampled from
+        x[::16] = 100 + np.arange(len(x[::16]), dtype=np.float32)
+    elif pattern == "sample_is_nan":
+        x[::16] = np.nan
+    elif pattern == "mostly_nonfinite":
+        pick = rng.random(n)
+        x[pick < 0.5] = np.nan
+        x[(pick >= 0.5) & (pick < 0.75)] = -np.inf
+        x[pick > 0.995] = np.inf
+    return x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pattern", ["normal", "ties", "sample_holds_the_best", "sample_is_nan", "mostly_nonfinite"])
+def test_long_rows_select_the_references_keys(backend: str, pattern: str) -> None:
+    """Rows of thousands of keys, where numba_cpu's top-k first sets a threshold from every 16th score
+    and ranks only the scores at or above it: the same keys as the reference's argsort at every k
+    (ties in position order, NaN below -inf), also when the sample holds the best scores (the
+    threshold passes too few: every score is ranked) or only NaN (no threshold)."""
+    rng = np.random.default_rng(len(pattern))
+    lengths = np.array([4100, 2500], np.int32)
+    k = np.zeros((2, 4100, 1, 1), np.float32)
+    for b, n in enumerate(lengths):
+        k[b, :n, 0, 0] = _long_row_scores(pattern, int(n), rng)
+    kv = sc.DenseKV(k, k, lengths)
+    q = np.ones((2, 1, 1), np.float32)
+    for kk in (1, 16, 100, 300):
+        for sink, window in ((0, 0), (4, 40)):  # forced keys are not ranked again
+            want = sc.select_topk(q, kv, kk, sink=sink, window=window, backend="reference")
+            got = sc.select_topk(q, kv, kk, sink=sink, window=window, backend=backend)
+            np.testing.assert_array_equal(got.counts, want.counts)
+            np.testing.assert_array_equal(got.indices, want.indices, err_msg=f"{pattern} k={kk} window={window}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("method", ["exact", "int8", "quest", "quest_stored", "quest_zero_query"])
 def test_plain_selection_ranks_nan_below_minus_inf(backend: str, method: str) -> None:

@@ -789,15 +789,17 @@ def _take_top(score, free, k, chosen):
     cand = np.empty(n, score.dtype)
     pos = np.empty(n, np.int64)
     c = 0
-    for i in range(n):
-        if free[i]:
+    if lo > -np.inf:  # NaN and -inf never reach a finite threshold: one compare per score
+        lo_t = np.empty(1, score.dtype)  # the threshold in the scores' own dtype (no conversion per score)
+        lo_t[0] = lo
+        thr_lo = lo_t[0]
+        for i in range(n):
             v = score[i]
-            v = v if v == v else -np.inf
-            if v >= lo:
+            if v >= thr_lo and free[i]:
                 cand[c] = v
                 pos[c] = i
                 c += 1
-    if c < k:  # the sample's threshold was too high: every free score
+    if c < k:  # no sample, or its threshold was too high: every free score
         c = 0
         for i in range(n):
             if free[i]:
