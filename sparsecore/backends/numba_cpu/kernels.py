@@ -1223,6 +1223,9 @@ def _select_top_p_task(task, q, k_pages, page_table, lengths, kscales, k, k_min,
         if chosen[t]:
             forced_mass += mass[t]
     _take_top(mass, free, k, chosen)  # the k candidates of highest mass; the budget is a prefix of them
+    if top_p == np.inf and k_min <= k:  # a fixed budget (the mass ranking): all k of them, no heap
+        _write_row(b, u, chosen, indices, counts)
+        return
     n_sel = 0
     for t in range(length):
         if chosen[t] and free[t]:
